@@ -1,0 +1,125 @@
+"""Adapter I/O: the one boundary through which model state leaves a node.
+
+`adapter_state` is everything needed to rebuild the adapter (LoRA A and B, the head copy);
+`trainable_state` is the part training changes (in FFA-LoRA mode, without the frozen A):
+what a client sends each round. Both are ordered name -> numpy mappings keyed exactly
+like peft's own `get_peft_model_state_dict`, so a PEFT adapter directory written here
+loads with stock `PeftModel.from_pretrained(base, dir)`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedtune.errors import ModelError
+
+AdapterState = "OrderedDict[str, np.ndarray]"
+
+
+def _state_key(parameter_name: str, adapter_name: str = "default") -> str:
+    """peft state-dict key of a parameter: the adapter name drops out of the path."""
+    return parameter_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
+
+
+def adapter_state(model: PeftModel) -> "OrderedDict[str, np.ndarray]":
+    """All adapter tensors (LoRA A, B and the head copy) as name -> numpy, in peft order."""
+    return OrderedDict(
+        (name, tensor.detach().cpu().numpy().copy()) for name, tensor in get_peft_model_state_dict(model).items()
+    )
+
+
+def trainable_keys(model: PeftModel) -> list[str]:
+    """peft state keys of the parameters that train (what a node releases each round)."""
+    trainable = {_state_key(n) for n, p in model.named_parameters() if p.requires_grad}
+    keys = [k for k in get_peft_model_state_dict(model) if k in trainable]
+    if len(keys) != len(trainable):  # a trainable parameter outside the adapter: a bug
+        raise RuntimeError(f"trainable parameters outside the peft state: {sorted(trainable - set(keys))}")
+    return keys
+
+
+def trainable_state(model: PeftModel) -> "OrderedDict[str, np.ndarray]":
+    full = adapter_state(model)
+    return OrderedDict((k, full[k]) for k in trainable_keys(model))
+
+
+def state_nbytes(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(array.nbytes for array in state.values()))
+
+
+def state_num_parameters(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(array.size for array in state.values()))
+
+
+def load_state(model: PeftModel, state: Mapping[str, np.ndarray], partial: bool = False) -> None:
+    """Write `state` into the model's adapter.
+
+    Without `partial`, `state` must hold exactly the adapter's tensors; with it, a subset
+    (e.g. only B in FFA-LoRA). Names, shapes and dtypes must match; nothing is written
+    when any of them does not.
+    """
+    current = get_peft_model_state_dict(model)
+    unknown = [k for k in state if k not in current]
+    missing = [k for k in current if k not in state]
+    if unknown or (missing and not partial):
+        raise ModelError(f"adapter state does not match the model: unknown {unknown[:3]}, missing {missing[:3]}")
+    for key, array in state.items():
+        if tuple(array.shape) != tuple(current[key].shape):
+            raise ModelError(f"adapter tensor {key}: shape {tuple(array.shape)}, model has {tuple(current[key].shape)}")
+    tensors = {
+        k: torch.as_tensor(np.asarray(v), dtype=current[k].dtype).to(current[k].device) for k, v in state.items()
+    }
+    if partial:
+        tensors = {**{k: v for k, v in current.items() if k not in tensors}, **tensors}
+    result = set_peft_model_state_dict(model, tensors)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelError(f"peft refused adapter tensors: {result.unexpected_keys[:3]}")
+
+
+def save_adapter_dir(model: PeftModel, directory: str | Path, extra_files: Mapping[str, str] = {}) -> Path:
+    """Save a stock PEFT adapter directory (plus `extra_files`, e.g. the label map).
+
+    Written to a temporary sibling and renamed into place, so a crash leaves either the
+    old directory or the new one.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(staging)
+        for name, text in extra_files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_adapter_dir(base_model, directory: str | Path) -> PeftModel:
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise ModelError(f"{directory}: not a PEFT adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(base_model, directory)
+
+
+def save_merged(model: PeftModel, directory: str | Path, tokenizer=None) -> Path:
+    """Merge LoRA into the base weights and save a plain transformers model.
+
+    Merging rewrites the wrapped base weights, so call it on a model you are done with.
+    """
+    directory = Path(directory)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,198 @@
+"""The `fedtune` command line.
+
+Every user mistake (a `FedtuneError`) is printed as one line, `fedtune: error: ...`, with
+exit code 2 and no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fedtune.errors import FedtuneError
+
+# CLI flag -> (config key, value transform). Flags are shortcuts for `--set key=value`.
+TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {
+    "dataset": ("data.dataset", "named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes)", str),
+    "data": ("data.path", "local CSV / JSONL / Parquet file (instead of --dataset)", str),
+    "text_column": ("data.text_column", "text column of --data", str),
+    "label_column": ("data.label_column", "label column of --data", str),
+    "eval_data": ("data.eval_path", "separate evaluation file (instead of a split)", str),
+    "max_examples": ("data.max_examples", "use at most N examples (0 = all)", int),
+    "model": ("model.path", "local transformers model folder (default: bundled all-MiniLM-L6-v2)", str),
+    "task": ("model.task", "classification or causal-lm", str),
+    "max_seq_len": ("model.max_seq_len", "tokens per example", int),
+    "device": ("model.device", "auto, cpu or cuda[:N]", str),
+    "epsilon": ("dp.target_epsilon", "target epsilon for the whole planned training", float),
+    "delta": ("dp.delta", "delta (0 = automatic, 1/(10 n))", float),
+    "noise_multiplier": ("dp.noise_multiplier", "fixed noise multiplier (0 = calibrate from --epsilon)", float),
+    "max_grad_norm": ("dp.max_grad_norm", "per-example clipping norm", float),
+    "accountant": ("dp.accountant", "rdp or prv", str),
+    "grad_sample_mode": ("dp.grad_sample_mode", "hooks or ghost", str),
+    "rank": ("lora.rank", "LoRA rank", int),
+    "alpha": ("lora.alpha", "LoRA alpha", float),
+    "epochs": ("training.epochs", "local epochs per call", int),
+    "rounds": ("training.rounds", "planned training calls (noise is calibrated for all)", int),
+    "batch_size": ("training.batch_size", "expected (Poisson) batch size", int),
+    "lr": ("training.learning_rate", "learning rate", float),
+    "optimizer": ("training.optimizer", "adamw or sgd", str),
+    "seed": ("training.seed", "seed", int),
+}
+
+
+def _add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-local",
+        help="fine-tune one node privately (DP-SGD + LoRA) on a file or a named dataset",
+        description="Fine-tune a LoRA adapter under DP-SGD on local data. Defaults: bbc-news, "
+        "bundled all-MiniLM-L6-v2, epsilon 8. Config precedence: defaults < --config < flags < --set.",
+    )
+    parser.add_argument("--config", help="TOML config file ([model] [lora] [dp] [training] [data])")
+    for name, (key, text, kind) in TRAIN_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"{text} ({key})")
+    parser.add_argument("--ffa", action="store_true", default=None, help="FFA-LoRA: freeze A, train only B (lora.ffa)")
+    parser.add_argument("--freeze-head", action="store_true", default=None, help="do not train the head (lora.train_head=false)")
+    parser.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (a labelled baseline)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
+    parser.add_argument("--out", help="run directory (default: runs/train-local-<time>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_privacy_parser(subparsers) -> None:
+    parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon of a mechanism, noise for a budget")
+    sub = parser.add_subparsers(dest="privacy_command", required=True)
+    eps = sub.add_parser("epsilon", help="epsilon of Poisson-subsampled Gaussian steps (Opacus accountant)")
+    eps.add_argument("--noise-multiplier", type=float, required=True)
+    plan = sub.add_parser("plan", help="smallest noise multiplier that fits a target epsilon")
+    plan.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    for p in (eps, plan):
+        p.add_argument("--sample-rate", type=float, help="Poisson sample rate q (or give --examples and --batch-size)")
+        p.add_argument("--examples", type=int, help="training examples n (q = 1/ceil(n/B))")
+        p.add_argument("--batch-size", type=int, help="expected batch size B")
+        p.add_argument("--steps", type=int, help="optimizer steps (or give --epochs [--rounds])")
+        p.add_argument("--epochs", type=int, help="epochs per round")
+        p.add_argument("--rounds", type=int, default=1, help="rounds (default 1)")
+        p.add_argument("--delta", type=float, required=True)
+        p.add_argument("--accountant", default="rdp", help="rdp or prv")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Private federated fine-tuning of LoRA adapters.")
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(subparsers)
+    _add_privacy_parser(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from fedtune import __version__
+
+    return f"fedtune {__version__}"
+
+
+def config_from_args(args) -> "Config":
+    from fedtune.config import load_config, parse_override
+
+    overrides = []
+    for name, (key, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            section, field = key.split(".")
+            overrides.append((section, field, value))
+    if getattr(args, "ffa", None):
+        overrides.append(("lora", "ffa", True))
+    if getattr(args, "freeze_head", None):
+        overrides.append(("lora", "train_head", False))
+    if getattr(args, "no_dp", False):
+        overrides.append(("dp", "enabled", False))
+    if getattr(args, "data", None):
+        overrides.append(("data", "dataset", ""))
+    overrides.extend(parse_override(text) for text in args.set)
+    return load_config(args.config, overrides)
+
+
+def _run_train_local(args) -> int:
+    from fedtune.local import prepare_node, train_local
+
+    config = config_from_args(args)
+    node = prepare_node(config)  # every input check happens here, before any write
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("train-local-%Y%m%d-%H%M%S")
+    train_local(node, out, progress=not args.no_progress)
+    return 0
+
+
+def _mechanism(args) -> tuple[float, int]:
+    import math
+
+    from fedtune.errors import ConfigError
+
+    if args.sample_rate is not None:
+        q = args.sample_rate
+        steps_per_epoch = math.ceil(1 / q) if q and q > 0 else 0
+    elif args.examples and args.batch_size:
+        if args.batch_size <= 0 or args.examples < args.batch_size:
+            raise ConfigError(f"--batch-size = {args.batch_size}: expected 1 to --examples = {args.examples}")
+        steps_per_epoch = math.ceil(args.examples / args.batch_size)
+        q = 1.0 / steps_per_epoch
+    else:
+        raise ConfigError("give --sample-rate, or --examples and --batch-size")
+    if args.steps is not None:
+        steps = args.steps
+    elif args.epochs:
+        steps = steps_per_epoch * args.epochs * args.rounds
+    else:
+        raise ConfigError("give --steps, or --epochs (and --rounds)")
+    return q, steps
+
+
+def _run_privacy(args) -> int:
+    from opacus import __version__ as opacus_version
+
+    from fedtune.privacy import compute_epsilon, noise_for_budget
+
+    q, steps = _mechanism(args)
+    inputs = f"sample_rate={q:.6g} steps={steps} delta={args.delta:g} accountant={args.accountant} (opacus {opacus_version})"
+    if args.privacy_command == "epsilon":
+        eps = compute_epsilon(args.noise_multiplier, q, steps, args.delta, args.accountant)
+        print(f"epsilon = {eps:.6f}  for noise_multiplier={args.noise_multiplier:g} {inputs}")
+    else:
+        sigma = noise_for_budget(args.epsilon, args.delta, q, steps, args.accountant)
+        achieved = compute_epsilon(sigma, q, steps, args.delta, args.accountant)
+        print(f"noise_multiplier = {sigma:.6f}  gives epsilon {achieved:.6f} <= target {args.epsilon:g} for {inputs}")
+    return 0
+
+
+def quiet_known_warnings() -> None:
+    """Silence warnings STACK.md lists as harmless, so real ones stand out."""
+    import logging
+    import warnings
+
+    for pattern in ("Full backward hook", "Optimal order", "Secure RNG", "Using a non-full backward hook"):
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train-local":
+            return _run_train_local(args)
+        if args.command == "privacy":
+            return _run_privacy(args)
+    except FedtuneError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Typed, validated configuration: model, LoRA, DP, training and data.
+
+One frozen dataclass per section; every field's comment says what it means and why the
+default is what it is. A config is validated once, on construction; checks that need the
+data (delta < 1/n, batch <= n) run in `check_against_data`. Every error names the key and
+the value, in one line.
+
+Sources, later wins: built-in defaults < TOML file < CLI `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from fedtune.errors import ConfigError
+
+TASKS = ("classification", "causal-lm")
+OPTIMIZERS = ("adamw", "sgd")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Local directory of a transformers model; "" means the bundled all-MiniLM-L6-v2.
+    path: str = ""
+    # "classification" (sequence classification) or "causal-lm" (next-token loss).
+    task: str = "classification"
+    # Tokens per example. 64 keeps a CPU node fast (a news lead, a tweet, most of a
+    # review); raise it for long documents: time per step grows about linearly.
+    max_seq_len: int = 64
+    # "auto" picks CUDA when present, else CPU.
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            _fail("model.task", self.task, f"one of {', '.join(TASKS)}")
+        if not 8 <= self.max_seq_len <= 8192:
+            _fail("model.max_seq_len", self.max_seq_len, "a whole number in [8, 8192]")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            _fail("model.device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    # LoRA rank. 8 is the common default for BERT-size encoders (Hu et al. 2021).
+    rank: int = 8
+    # Scaling numerator: the update is scaled by alpha / rank.
+    alpha: float = 16.0
+    # Dropout on the LoRA input. 0 by default: DP noise already regularises.
+    dropout: float = 0.0
+    # Module names to adapt; empty means peft's default for the architecture.
+    target_modules: tuple[str, ...] = ()
+    # Train the classification head (classification only). A fresh head must train
+    # unless it was trained before; freezing it is for ablations.
+    train_head: bool = True
+    # FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains, so
+    # federated averaging is exact and half the tensors travel.
+    ffa: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            _fail("lora.rank", self.rank, "a whole number > 0")
+        if not self.alpha > 0:
+            _fail("lora.alpha", self.alpha, "a number > 0")
+        if not 0 <= self.dropout < 1:
+            _fail("lora.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    # DP-SGD on (true) or a NON-PRIVATE baseline (false). Non-private runs must be
+    # asked for explicitly and are labelled NON-PRIVATE in every output.
+    enabled: bool = True
+    # Budget for everything this node will ever release (all rounds x local epochs).
+    target_epsilon: float = 8.0
+    # 0 means automatic: 1 / (10 n) for n training examples, well under 1/n.
+    delta: float = 0.0
+    # Fixed noise multiplier; 0 means calibrate it from target_epsilon for the planned run.
+    noise_multiplier: float = 0.0
+    # Per-example clipping norm C (Opacus max_grad_norm).
+    max_grad_norm: float = 1.0
+    # "rdp" or "prv" (Opacus accountants).
+    accountant: str = "rdp"
+    # "hooks" (default; cheapest for LoRA) or "ghost" (ghost clipping, two backwards).
+    grad_sample_mode: str = "hooks"
+    # Opacus secure_mode (cryptographic noise RNG; slower; for production nodes).
+    secure_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.target_epsilon > 0 or math.isinf(self.target_epsilon):
+            _fail("dp.target_epsilon", self.target_epsilon, "a finite number > 0")
+        if not 0 <= self.delta < 1:
+            _fail("dp.delta", self.delta, "a number in (0, 1/n), or 0 for automatic")
+        if self.noise_multiplier < 0:
+            _fail("dp.noise_multiplier", self.noise_multiplier, "a number > 0, or 0 to calibrate")
+        if not self.max_grad_norm > 0:
+            _fail("dp.max_grad_norm", self.max_grad_norm, "a number > 0")
+        if self.accountant not in ACCOUNTANTS:
+            _fail("dp.accountant", self.accountant, f"one of {', '.join(ACCOUNTANTS)}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            _fail("dp.grad_sample_mode", self.grad_sample_mode, f"one of {', '.join(GRAD_SAMPLE_MODES)}")
+
+    def resolved_delta(self, n_train: int) -> float:
+        return self.delta if self.delta > 0 else 1.0 / (10.0 * n_train)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    # Local epochs per training call (per federated round).
+    epochs: int = 3
+    # Planned training calls (federated rounds); the noise is calibrated for all of them.
+    rounds: int = 1
+    # Expected batch size; with Poisson sampling the real size varies around it.
+    batch_size: int = 32
+    # AdamW / SGD learning rate. LoRA under DP likes large rates (Yu et al. 2022).
+    learning_rate: float = 1e-2
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    # Seeds LoRA init, the split, Poisson sampling and the DP noise (unless secure_mode).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            _fail("training.epochs", self.epochs, "a whole number > 0")
+        if self.rounds <= 0:
+            _fail("training.rounds", self.rounds, "a whole number > 0")
+        if self.batch_size <= 0:
+            _fail("training.batch_size", self.batch_size, "a whole number > 0")
+        if not self.learning_rate > 0:
+            _fail("training.learning_rate", self.learning_rate, "a number > 0")
+        if self.optimizer not in OPTIMIZERS:
+            _fail("training.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        if self.weight_decay < 0:
+            _fail("training.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes) ...
+    dataset: str = "bbc-news"
+    # ... or a local CSV / JSONL / Parquet file (takes precedence when set).
+    path: str = ""
+    text_column: str = "text"
+    # Ignored for causal-lm.
+    label_column: str = "label"
+    # Held-out share for validation, split with training.seed.
+    val_fraction: float = 0.15
+    # Optional separate evaluation file (same columns); replaces the split when set.
+    eval_path: str = ""
+    # Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.
+    max_examples: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.dataset and not self.path:
+            _fail("data.dataset", self.dataset, "a dataset name, or data.path set to a file")
+        if not self.text_column:
+            _fail("data.text_column", self.text_column, "a column name")
+        if not 0 < self.val_fraction < 1:
+            _fail("data.val_fraction", self.val_fraction, "a number in (0, 1)")
+        if self.max_examples < 0:
+            _fail("data.max_examples", self.max_examples, "a whole number >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    dp: DPConfig = field(default_factory=DPConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return {f.name: _section_dict(getattr(self, f.name)) for f in fields(self)}
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.append("")
+        return "\n".join(lines)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def _section_dict(section: Any) -> dict:
+    return {f.name: list(v) if isinstance(v := getattr(section, f.name), tuple) else v for f in fields(section)}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}
+_SECTION_TYPES = {name: get_type_hints(Config)[name] for name in SECTIONS}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one raw value against its field's type; ints may stand for floats."""
+    origin = get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            _fail(key, value, "a list of strings")
+        return tuple(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "a whole number")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")  # a bug, not user input
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested {section: {key: value}} mapping into a `Config`."""
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}] (expected one of {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of key = value")
+        section_type = _SECTION_TYPES[name]
+        hints = get_type_hints(section_type)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{source}: unknown key {name}.{key} (known: {', '.join(hints)})"
+                )
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = section_type(**kwargs)
+    return Config(**sections)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse `section.key=value`; the value is read as TOML, else taken as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. dp.target_epsilon=3")
+    dotted, raw_value = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return section, key, value
+
+
+def merge_overrides(raw: dict[str, Any], overrides: list[tuple[str, str, Any]]) -> dict[str, Any]:
+    merged = {name: dict(values) if isinstance(values, dict) else values for name, values in raw.items()}
+    for section, key, value in overrides:
+        merged.setdefault(section, {})
+        if not isinstance(merged[section], dict):
+            raise ConfigError(f"[{section}] must be a table of key = value")
+        merged[section][key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str, Any]] = ()) -> Config:
+    raw = load_toml(path) if path else {}
+    return build_config(merge_overrides(raw, list(overrides)), source=str(path) if path else "config")
+
+
+def check_against_data(config: Config, n_train: int) -> None:
+    """Checks that need the training-set size."""
+    if config.training.batch_size > n_train:
+        _fail("training.batch_size", config.training.batch_size, f"at most the {n_train} training examples")
+    if config.dp.enabled and config.dp.delta > 0 and config.dp.delta >= 1.0 / n_train:
+        _fail("dp.delta", config.dp.delta, f"less than 1/n = {1.0 / n_train:.3g} for n = {n_train} training examples")

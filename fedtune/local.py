@@ -1,0 +1,168 @@
+"""One node's private fine-tuning end to end: what `fedtune train-local` runs.
+
+`prepare_node` does everything that can fail on user input (config, data, model) before
+anything is written, so a bad input leaves no half-made run directory. `train_local`
+then trains epoch by epoch, logging metrics and the epsilon spent, and writes the run
+directory: resolved config, metrics JSONL, ledger, label map and a PEFT adapter dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedtune.adapter import save_adapter_dir, state_nbytes, state_num_parameters, trainable_state
+from fedtune.atomic import append_jsonl, atomic_write_json, atomic_write_text
+from fedtune.config import Config, check_against_data
+from fedtune.data import LabelMap, TokenCache, load_table, read_table, subsample, to_dataset, train_val_split
+from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
+from fedtune.errors import FedtuneError
+from fedtune.evaluate import evaluate, majority_baseline
+from fedtune.model import attach_lora, load_base_model, load_tokenizer, resolve_device, resolve_model_path
+from fedtune.privacy import PrivacyLedger
+
+NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
+
+
+@dataclass
+class NodeData:
+    train: TensorDataset
+    val: TensorDataset
+    label_map: LabelMap | None
+    majority_accuracy: float | None
+
+
+@dataclass
+class PreparedNode:
+    config: Config
+    model: object
+    tokenizer: object
+    data: NodeData
+    plan: DPPlan
+
+
+def privacy_label(plan: DPPlan, epsilon: float) -> str:
+    if not plan.private:
+        return NON_PRIVATE_LABEL
+    return f"epsilon={epsilon:.3f} (delta={plan.delta:.3g}, target {plan.target_epsilon:g})"
+
+
+def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None) -> NodeData:
+    """Read, split, label-encode and tokenize the node's data (all checks, no writes)."""
+    task = config.model.task
+    cache = cache or TokenCache()
+    table = subsample(load_table(config.data, task), config.data.max_examples, config.training.seed)
+    if config.data.eval_path:
+        label_column = config.data.label_column if task == "classification" else None
+        train_table, val_table = table, read_table(config.data.eval_path, config.data.text_column, label_column)
+    else:
+        train_table, val_table = train_val_split(table, config.data.val_fraction, config.training.seed)
+    label_map = train_ids = val_ids = majority = None
+    if task == "classification":
+        label_map = LabelMap.from_labels(train_table.labels, source=train_table.source)
+        train_ids = label_map.encode(train_table.labels, source=train_table.source)
+        val_ids = label_map.encode(val_table.labels, source=f"{val_table.source} (evaluation)")
+        majority = majority_baseline(val_ids)
+    length = config.model.max_seq_len
+    train = to_dataset(cache.tokenize(tokenizer, train_table.texts, length), train_ids)
+    val = to_dataset(cache.tokenize(tokenizer, val_table.texts, length), val_ids)
+    check_against_data(config, len(train))
+    return NodeData(train, val, label_map, majority)
+
+
+def prepare_node(config: Config) -> PreparedNode:
+    model_path = resolve_model_path(config.model)
+    device = resolve_device(config.model.device)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare_data(config, tokenizer)
+    plan = plan_training(config, len(data.train))
+    num_labels = len(data.label_map) if data.label_map else None
+    base = load_base_model(model_path, config.model.task, num_labels, tokenizer.pad_token_id)
+    model = attach_lora(base, config.lora, config.model.task, config.training.seed).to(device)
+    return PreparedNode(config, model, tokenizer, data, plan)
+
+
+def _progress(total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True)
+
+
+def train_local(
+    node: PreparedNode, run_dir: str | Path, echo: Callable[[str], None] = print, progress: bool = True
+) -> dict:
+    """Train for `training.rounds` calls of `training.epochs` epochs; write the run dir."""
+    config, model, plan = node.config, node.model, node.plan
+    run_dir = Path(run_dir)
+    if (run_dir / "ledger.json").exists():
+        raise FedtuneError(f"{run_dir}: already holds a run (ledger.json); choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    atomic_write_json(run_dir / "plan.json", plan.to_dict())
+    if node.data.label_map:
+        node.data.label_map.save(run_dir / "label_map.json")
+    ledger = new_ledger(config, plan)
+    ledger_path = run_dir / "ledger.json"
+    ledger.save(ledger_path)
+    metrics_path = run_dir / "metrics.jsonl"
+    sent = trainable_state(model)
+    echo(
+        f"fedtune train-local: {len(node.data.train)} train / {len(node.data.val)} validation examples, "
+        f"{state_num_parameters(sent):,} trainable adapter parameters ({state_nbytes(sent) / 1e6:.2f} MB), "
+        + (f"DP-SGD sigma={plan.noise_multiplier:.4f} C={plan.max_grad_norm} q={plan.sample_rate:.4g}, "
+           f"target epsilon {plan.target_epsilon:g} at delta {plan.delta:.3g}" if plan.private else NON_PRIVATE_LABEL)
+    )
+    if node.data.majority_accuracy is not None:
+        echo(f"majority-class baseline accuracy on validation: {node.data.majority_accuracy:.4f}")
+    record = {}
+    for call in range(1, plan.planned_calls + 1):
+        for epoch in range(1, plan.epochs + 1):
+            bar = _progress(plan.steps_per_epoch, f"call {call} epoch {epoch}") if progress else None
+            one_epoch = _one_epoch_plan(plan)
+            result = train_call(
+                model, node.data.train, config, one_epoch, ledger, ledger_path,
+                label=f"call {call} epoch {epoch}",
+                on_step=(lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
+            )
+            if bar:
+                bar.close()
+            metrics = evaluate(model, node.data.val, config.model.task, num_classes=len(node.data.label_map) if node.data.label_map else None)
+            record = {
+                "call": call,
+                "epoch": epoch,
+                "train_loss": result.mean_loss,
+                "steps": result.steps,
+                **{f"val_{k}": v for k, v in metrics.items()},
+                "epsilon": result.epsilon if math.isfinite(result.epsilon) else "inf",
+                "delta": plan.delta,
+                "private": plan.private,
+                "privacy": privacy_label(plan, result.epsilon),
+                "seconds": round(result.seconds, 3),
+            }
+            append_jsonl(metrics_path, record)
+            shown = ", ".join(
+                f"{k[4:]} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)
+            )
+            echo(f"call {call} epoch {epoch}: train loss {result.mean_loss:.4f}, {shown}, {privacy_label(plan, result.epsilon)}")
+    extra = {"label_map.json": json.dumps(node.data.label_map.to_dict(), indent=2)} if node.data.label_map else {}
+    extra["fedtune_privacy.json"] = json.dumps(
+        {"private": plan.private, "epsilon": record.get("epsilon"), "delta": plan.delta, "ledger": ledger.to_dict()}, indent=2
+    )
+    save_adapter_dir(model, run_dir / "adapter", extra)
+    echo(f"wrote {run_dir}/ (config.toml, metrics.jsonl, ledger.json, adapter/)")
+    return record
+
+
+def _one_epoch_plan(plan: DPPlan) -> DPPlan:
+    """The same mechanism, charged one epoch at a time so metrics follow each epoch."""
+    from dataclasses import replace
+
+    return replace(plan, epochs=1)

@@ -1,0 +1,245 @@
+"""Privacy accounting: the planner and the per-node ledger.
+
+Every epsilon fedtune prints comes from Opacus's own accountants (`RDPAccountant`,
+`PRVAccountant`) fed with the history of (noise_multiplier, sample_rate, steps) that the
+ledger logs, so anyone can reproduce it from the ledger file alone:
+
+    acc = opacus.accountants.RDPAccountant(); acc.history = ledger["history"]
+    acc.get_epsilon(delta=ledger["delta"])
+
+The ledger is charged *before* a training call runs (write-ahead), so a crash during or
+after training can only over-count the budget, never refund it (DESIGN.md, contract 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedtune.atomic import atomic_write_json
+from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
+
+ACCOUNTANTS = ("rdp", "prv")
+LEDGER_FORMAT = 1
+
+# Relative slack when comparing a planned epsilon with its target: the planner's own
+# bisection lands a hair under the target, and float round-off must not refuse it.
+_BUDGET_SLACK = 1e-9
+
+
+def _check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise ConfigError(f"accountant = {name!r}: expected one of {', '.join(ACCOUNTANTS)}")
+    return name
+
+
+def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
+        raise ConfigError(f"noise_multiplier = {noise_multiplier!r}: expected a number > 0")
+    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+        raise ConfigError(f"sample_rate = {sample_rate!r}: expected a number in (0, 1]")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"steps = {steps!r}: expected a whole number >= 0")
+
+
+def _check_delta(delta: float) -> None:
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ConfigError(f"delta = {delta!r}: expected a number in (0, 1)")
+
+
+def make_accountant(name: str, history: list[tuple[float, float, int]] = ()) -> IAccountant:
+    """A fresh Opacus accountant of kind `name` holding `history`."""
+    accountant = RDPAccountant() if _check_accountant(name) == "rdp" else PRVAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return accountant
+
+
+def _epsilon_of(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    if not any(steps for _, _, steps in history):
+        return 0.0
+    return float(make_accountant(name, history).get_epsilon(delta=delta))
+
+
+def compute_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps, by Opacus's accountant."""
+    _check_mechanism(noise_multiplier, sample_rate, steps)
+    _check_delta(delta)
+    return _epsilon_of(accountant, [(noise_multiplier, sample_rate, steps)], delta)
+
+
+def noise_for_budget(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """The smallest noise multiplier (to Opacus's 0.01 tolerance) that keeps `steps`
+    steps at `sample_rate` within `target_epsilon`."""
+    if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
+        raise ConfigError(f"target_epsilon = {target_epsilon!r}: expected a number > 0")
+    _check_delta(delta)
+    _check_mechanism(1.0, sample_rate, steps)
+    if steps == 0:
+        raise ConfigError("steps = 0: there is nothing to plan noise for")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=_check_accountant(accountant),
+        )
+    )
+
+
+@dataclass
+class PrivacyLedger:
+    """All privacy a node has spent, composable across training calls and restarts.
+
+    `history` uses Opacus's own format (consecutive calls with the same noise and sample
+    rate merge, as Opacus's step hook does), so it loads straight into an accountant.
+    `non_private_steps` counts steps taken without DP: once it is non-zero the node's
+    epsilon is infinite forever, which is the honest statement.
+    """
+
+    accountant: str
+    delta: float
+    target_epsilon: float | None
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    non_private_steps: int = 0
+    calls: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_accountant(self.accountant)
+        _check_delta(self.delta)
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ConfigError(f"target_epsilon = {self.target_epsilon!r}: expected a number > 0")
+
+    # -- reading ---------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history) + self.non_private_steps
+
+    @property
+    def is_private(self) -> bool:
+        return self.non_private_steps == 0
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at this ledger's delta (inf after any non-private step)."""
+        if not self.is_private:
+            return math.inf
+        return _epsilon_of(self.accountant, self.history, self.delta)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon the ledger would show after one more call of `steps` steps."""
+        _check_mechanism(noise_multiplier, sample_rate, steps)
+        if not self.is_private:
+            return math.inf
+        return _epsilon_of(self.accountant, _merged(self.history, noise_multiplier, sample_rate, steps), self.delta)
+
+    def remaining_fits(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
+        if self.target_epsilon is None:
+            return True
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        return after <= self.target_epsilon * (1 + _BUDGET_SLACK)
+
+    def to_opacus(self) -> IAccountant:
+        """An Opacus accountant holding this ledger's history (for independent checks)."""
+        return make_accountant(self.accountant, self.history)
+
+    # -- spending --------------------------------------------------------------------
+    def charge(self, noise_multiplier: float, sample_rate: float, steps: int, label: str = "") -> float:
+        """Record a DP training call of `steps` steps; refuse it if it breaks the budget.
+
+        Returns the epsilon after the charge. Raises `BudgetExhaustedError` and records
+        nothing when the call would go past `target_epsilon`.
+        """
+        if not self.remaining_fits(noise_multiplier, sample_rate, steps):
+            raise BudgetExhaustedError(
+                f"privacy budget exhausted: epsilon would reach "
+                f"{self.epsilon_after(noise_multiplier, sample_rate, steps):.4f} > target "
+                f"{self.target_epsilon} (spent {self.epsilon():.4f} at delta={self.delta:g})"
+            )
+        self.history = _merged(self.history, noise_multiplier, sample_rate, steps)
+        eps = self.epsilon()
+        self.calls.append(
+            {
+                "label": label,
+                "time": time.time(),
+                "noise_multiplier": float(noise_multiplier),
+                "sample_rate": float(sample_rate),
+                "steps": int(steps),
+                "epsilon_after": eps,
+            }
+        )
+        return eps
+
+    def charge_non_private(self, steps: int, label: str = "") -> None:
+        """Record a NON-PRIVATE call: epsilon becomes infinite and stays so."""
+        self.non_private_steps += int(steps)
+        self.calls.append({"label": label, "time": time.time(), "steps": int(steps), "non_private": True})
+
+    # -- persistence -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": LEDGER_FORMAT,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "history": [list(entry) for entry in self.history],
+            "non_private_steps": self.non_private_steps,
+            "epsilon": _json_float(self.epsilon()),
+            "calls": self.calls,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "ledger") -> "PrivacyLedger":
+        try:
+            if data.get("format") != LEDGER_FORMAT:
+                raise FedtuneError(f"{source}: unsupported ledger format {data.get('format')!r}")
+            return cls(
+                accountant=data["accountant"],
+                delta=float(data["delta"]),
+                target_epsilon=None if data["target_epsilon"] is None else float(data["target_epsilon"]),
+                history=[(float(s), float(q), int(n)) for s, q, n in data["history"]],
+                non_private_steps=int(data.get("non_private_steps", 0)),
+                calls=list(data.get("calls", [])),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FedtuneError(f"{source}: not a fedtune privacy ledger ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically and durably (temp file, fsync, rename)."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrivacyLedger":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FedtuneError(f"{path}: no privacy ledger there") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FedtuneError(f"{path}: privacy ledger is not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _merged(history, noise_multiplier, sample_rate, steps):
+    """`history` plus one entry, merged into the last like Opacus's step hook does."""
+    out = [tuple(entry) for entry in history]
+    if steps == 0:
+        return out
+    if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:
+        out[-1] = (out[-1][0], out[-1][1], out[-1][2] + steps)
+    else:
+        out.append((float(noise_multiplier), float(sample_rate), int(steps)))
+    return out
+
+
+def _json_float(value: float) -> float | str:
+    return "inf" if math.isinf(value) else value
