@@ -97,10 +97,13 @@ def load_table(config: DataConfig, task: str) -> Table:
 
 # -- labels -------------------------------------------------------------------------
 def _normalise_label(label):
+    """Integers stay integers whatever the file type (CSV has only strings): "3" == 3."""
     if isinstance(label, bool):
         return str(label)
     if isinstance(label, float) and label.is_integer():
         return int(label)
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        return int(label.strip())
     return label
 
 

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny random-init transformers models saved to local folders (with the
+bundled MiniLM tokenizer, so nothing is downloaded) and small labelled data files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+POSITIVE = "great wonderful superb lovely excellent happy".split()
+NEGATIVE = "terrible awful dreadful poor horrible sad".split()
+FILLER = "the a film story plot actor scene music we it was and".split()
+
+
+def make_texts(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.choices(FILLER, k=6) + rng.choices(POSITIVE if label == "pos" else NEGATIVE, k=3)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fedtune-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    from fedtune.model import bundled_model_path
+
+    return bundled_model_path()
+
+
+def _save_tiny(kind: str, directory: Path, tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128))
+    elif kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                             pad_token_id=tokenizer.pad_token_id))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                           pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer_dir) -> Path:
+    return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> Path:
+    return _save_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(make_texts(120))
+    return path
+
+
+def tiny_config(model_dir: Path, data_path: Path, **sections):
+    """A fast config on a tiny model: sections override defaults, e.g. dp={"enabled": False}."""
+    from fedtune.config import build_config
+
+    raw = {
+        "model": {"path": str(model_dir), "max_seq_len": 16},
+        "training": {"epochs": 1, "batch_size": 16, "learning_rate": 0.01},
+        "data": {"path": str(data_path)},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return build_config(raw)

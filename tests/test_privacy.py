@@ -1,0 +1,102 @@
+"""The planner and the ledger agree with Opacus's own accountants, compose across calls
+and restarts, and refuse to overspend."""
+
+import math
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import PRVAccountant, RDPAccountant
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
+from fedtune.privacy import PrivacyLedger, compute_epsilon, noise_for_budget
+
+
+@pytest.mark.parametrize("name, cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
+def test_compute_epsilon_equals_opacus_accountant(name, cls):
+    accountant = cls()
+    accountant.history = [(1.1, 0.01, 500)]
+    assert compute_epsilon(1.1, 0.01, 500, 1e-5, accountant=name) == accountant.get_epsilon(delta=1e-5)
+
+
+def test_epsilon_equals_a_real_opacus_training_run():
+    """Prepare: a real PrivacyEngine trains a linear model for 7 steps.
+    Assert: compute_epsilon from the logged (sigma, q, steps) gives its epsilon exactly."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    model = torch.nn.Linear(4, 2)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8), noise_multiplier=0.9, max_grad_norm=1.0,
+    )
+    steps = 0
+    for x, y in loader:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        steps += 1
+    assert compute_epsilon(0.9, 1 / 8, steps, 1e-5) == pytest.approx(engine.get_epsilon(1e-5), rel=0, abs=0)
+
+
+def test_noise_for_budget_is_tight_and_within_target():
+    sigma = noise_for_budget(3.0, 1e-5, 0.02, 1000)
+    assert compute_epsilon(sigma, 0.02, 1000, 1e-5) <= 3.0
+    assert compute_epsilon(sigma * 0.97, 0.02, 1000, 1e-5) > 3.0
+
+
+def test_ledger_save_load_continue_equals_uninterrupted(tmp_path):
+    for accountant in ("rdp", "prv"):
+        kept = PrivacyLedger(accountant=accountant, delta=1e-5, target_epsilon=50)
+        restarted = PrivacyLedger(accountant=accountant, delta=1e-5, target_epsilon=50)
+        for call in range(3):
+            kept.charge(1.0, 0.05, 40)
+            restarted.charge(1.0, 0.05, 40)
+            restarted.save(tmp_path / f"{accountant}.json")
+            restarted = PrivacyLedger.load(tmp_path / f"{accountant}.json")
+        restarted.charge(1.3, 0.05, 10)
+        kept.charge(1.3, 0.05, 10)
+        assert restarted.epsilon() == kept.epsilon()
+        assert restarted.history == kept.history == [(1.0, 0.05, 120), (1.3, 0.05, 10)]
+        assert restarted.epsilon() == kept.to_opacus().get_epsilon(delta=1e-5)
+
+
+def test_budget_refusal_leaves_ledger_unchanged():
+    sigma = noise_for_budget(2.0, 1e-5, 0.1, 100)
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=2.0)
+    ledger.charge(sigma, 0.1, 50)
+    ledger.charge(sigma, 0.1, 50)
+    before = (list(ledger.history), ledger.epsilon())
+    with pytest.raises(BudgetExhaustedError, match="exhausted"):
+        ledger.charge(sigma, 0.1, 1)
+    assert (ledger.history, ledger.epsilon()) == before
+    assert ledger.epsilon() <= 2.0
+
+
+def test_non_private_ledger_is_infinite_forever():
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None)
+    ledger.charge_non_private(10)
+    assert math.isinf(ledger.epsilon()) and not ledger.is_private
+    assert ledger.to_dict()["epsilon"] == "inf"
+
+
+def test_bad_inputs_are_rejected_with_the_value():
+    with pytest.raises(ConfigError, match="delta = 1.5"):
+        compute_epsilon(1.0, 0.1, 10, 1.5)
+    with pytest.raises(ConfigError, match="sample_rate = 0"):
+        compute_epsilon(1.0, 0, 10, 1e-5)
+    with pytest.raises(ConfigError, match="target_epsilon = -1"):
+        noise_for_budget(-1, 1e-5, 0.1, 10)
+    with pytest.raises(ConfigError, match="accountant = 'gdp2'"):
+        compute_epsilon(1.0, 0.1, 10, 1e-5, accountant="gdp2")
+
+
+def test_corrupt_ledger_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text("{not json")
+    with pytest.raises(FedtuneError, match="not valid JSON"):
+        PrivacyLedger.load(path)
+    path.write_text('{"format": 1}')
+    with pytest.raises(FedtuneError, match="not a fedtune privacy ledger"):
+        PrivacyLedger.load(path)
