@@ -1,0 +1,148 @@
+"""DP-SGD step time / non-private step time, LoRA on all-MiniLM-L6-v2, side by side.
+
+Three copies of the same LoRA model (non-private; Opacus hooks; Opacus ghost clipping)
+take optimizer steps on *the same* batches, interleaved in rotating order, so machine
+noise hits every mode alike. Batches are fixed-size (32) BBC News articles at sequence
+128 (padding kept: every step does the full 32 x 128 work). Reports the median step
+time per mode and the ratios to non-private, plus the machine.
+
+    python benchmarks/dp_overhead.py [--steps 12] [--batch-size 32] [--seq-len 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from opacus import PrivacyEngine  # noqa: E402
+
+from fedtune.cli import quiet_known_warnings  # noqa: E402
+from fedtune.config import LoraSettings  # noqa: E402
+from fedtune.data import LabelMap, TokenCache, load_builtin  # noqa: E402
+from fedtune.losses import PerExampleLoss  # noqa: E402
+from fedtune.model import attach_lora, bundled_model_path, load_base_model, load_tokenizer, trainable_named_parameters  # noqa: E402
+
+
+def machine() -> dict:
+    import opacus
+    import peft
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+class Mode:
+    """One model + optimizer (+ Opacus) that can take a step on a given batch."""
+
+    def __init__(self, name: str, base_path: Path, num_labels: int, pad_id: int, batch_size: int, device):
+        self.name = name
+        base = load_base_model(base_path, "classification", num_labels, pad_id)
+        self.model = attach_lora(base, LoraSettings(rank=8, alpha=16), "classification", seed=0).to(device)
+        self.model.train()
+        params = [p for _, p in trainable_named_parameters(self.model)]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-3)
+        self.criterion = PerExampleLoss("classification")
+        if name == "non-private":
+            return
+        dummy = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(batch_size * 10)), batch_size=batch_size)
+        prepared = PrivacyEngine().make_private(
+            module=self.model, optimizer=self.optimizer, criterion=self.criterion, data_loader=dummy,
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=name, wrap_model=False,
+        )
+        self.optimizer = prepared[1]
+        if name == "ghost":
+            self.criterion = prepared[2]
+
+    def step(self, input_ids, mask, labels) -> float:
+        started = time.perf_counter()
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        loss = self.criterion(logits, labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="measured steps per mode")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    quiet_known_warnings()
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    path = bundled_model_path()
+    tokenizer = load_tokenizer(path)
+    table = load_builtin("bbc-news")
+    label_map = LabelMap.from_labels(table.labels)
+    n = args.batch_size * (args.steps + args.warmup)
+    order = torch.randperm(len(table), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    encoded = TokenCache().tokenize(tokenizer, [table.texts[i] for i in order], args.seq_len)
+    labels = torch.as_tensor(label_map.encode([table.labels[i] for i in order]))
+
+    modes = [Mode(name, path, len(label_map), tokenizer.pad_token_id, args.batch_size, device)
+             for name in ("non-private", "hooks", "ghost")]
+    times: dict[str, list[float]] = {m.name: [] for m in modes}
+    for step in range(args.steps + args.warmup):
+        batch = slice(step * args.batch_size, (step + 1) * args.batch_size)
+        tensors = [t[batch].to(device) for t in (encoded["input_ids"], encoded["attention_mask"], labels)]
+        rotation = modes[step % 3:] + modes[: step % 3]  # rotate who goes first
+        for mode in rotation:
+            elapsed = mode.step(*tensors)
+            if step >= args.warmup:
+                times[mode.name].append(elapsed)
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    result = {
+        "benchmark": "dp_overhead",
+        "workload": f"all-MiniLM-L6-v2 + LoRA r=8 (query, value) + head, batch {args.batch_size}, seq {args.seq_len}, "
+                    f"AdamW, {args.steps} measured steps per mode, interleaved",
+        "median_step_seconds": median,
+        "ratio_hooks": median["hooks"] / median["non-private"],
+        "ratio_ghost": median["ghost"] / median["non-private"],
+        "goal_hooks": 1.10,
+        "machine": machine(),
+    }
+    print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} threads), GPU: {result['machine']['gpu']}")
+    print(f"workload: {result['workload']}")
+    for name, seconds in median.items():
+        print(f"  {name:12s} median step {seconds * 1000:8.1f} ms")
+    print(f"DP hooks / non-private = {result['ratio_hooks']:.3f}x (goal <= 1.10x)")
+    print(f"DP ghost / non-private = {result['ratio_ghost']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
