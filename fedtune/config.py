@@ -159,6 +159,9 @@ class DataConfig:
     eval_path: str = ""
     # Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.
     max_examples: int = 0
+    # The label set, in id order. Empty: inferred from the training data (one node).
+    # A federation must fix it so that every node maps labels to the same ids.
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.dataset and not self.path:
@@ -171,6 +174,59 @@ class DataConfig:
             _fail("data.max_examples", self.max_examples, "a whole number >= 0 (0 = all)")
 
 
+SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
+PARTITIONERS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    # Clients sampled per round, and the fewest valid replies a round may aggregate.
+    clients_per_round: int = 3
+    min_clients: int = 2
+    # Reject replies whose update (reply - global) has a larger L2 norm; 0 = no bound.
+    max_update_norm: float = 100.0
+    # "fedavg", or a server optimizer on the averaged update (Reddi et al. 2021).
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float = 0.01
+    # FedProx mu: after each local step, pull the adapter towards the round's global
+    # (a decoupled proximal step: post-processing of the DP gradient, privacy-free).
+    proximal_mu: float = 0.0
+    # User-level DP (DP-FedAvg): clip each client update to this norm (0 = off) ...
+    user_dp_clip: float = 0.0
+    # ... and add Gaussian noise of this multiplier x clip to the sum.
+    user_dp_noise: float = 0.0
+    # Simulation: virtual clients and how the dataset is split among them.
+    num_clients: int = 3
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    # Seconds the server waits for a round's replies.
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round <= 0:
+            _fail("federation.clients_per_round", self.clients_per_round, "a whole number > 0")
+        if not 0 < self.min_clients <= self.clients_per_round:
+            _fail("federation.min_clients", self.min_clients, f"a whole number in [1, clients_per_round = {self.clients_per_round}]")
+        if self.max_update_norm < 0:
+            _fail("federation.max_update_norm", self.max_update_norm, "a number >= 0 (0 = no bound)")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            _fail("federation.server_optimizer", self.server_optimizer, f"one of {', '.join(SERVER_OPTIMIZERS)}")
+        if not self.server_learning_rate > 0:
+            _fail("federation.server_learning_rate", self.server_learning_rate, "a number > 0")
+        if self.proximal_mu < 0:
+            _fail("federation.proximal_mu", self.proximal_mu, "a number >= 0")
+        if self.user_dp_clip < 0 or self.user_dp_noise < 0 or (self.user_dp_noise > 0 and self.user_dp_clip == 0):
+            _fail("federation.user_dp_noise", self.user_dp_noise, "a number >= 0, with user_dp_clip > 0 when noise is on")
+        if self.num_clients < self.clients_per_round:
+            _fail("federation.num_clients", self.num_clients, f"at least clients_per_round = {self.clients_per_round}")
+        if self.partitioner not in PARTITIONERS:
+            _fail("federation.partitioner", self.partitioner, f"one of {', '.join(PARTITIONERS)}")
+        if not self.dirichlet_alpha > 0:
+            _fail("federation.dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
+        if not self.round_timeout > 0:
+            _fail("federation.round_timeout", self.round_timeout, "a number of seconds > 0")
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,6 +234,11 @@ class Config:
     dp: DPConfig = field(default_factory=DPConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    @property
+    def task_is_classification(self) -> bool:
+        return self.model.task == "classification"
 
     def to_dict(self) -> dict:
         return {f.name: _section_dict(getattr(self, f.name)) for f in fields(self)}
@@ -292,6 +353,13 @@ def merge_overrides(raw: dict[str, Any], overrides: list[tuple[str, str, Any]]) 
             raise ConfigError(f"[{section}] must be a table of key = value")
         merged[section][key] = value
     return merged
+
+
+def config_from_toml_text(text: str, source: str = "config") -> Config:
+    try:
+        return build_config(tomllib.loads(text), source=source)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML ({exc})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, str, Any]] = ()) -> Config:

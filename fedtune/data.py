@@ -117,6 +117,15 @@ class LabelMap:
     labels: tuple
 
     @classmethod
+    def from_config(cls, labels: tuple[str, ...]) -> "LabelMap":
+        """A fixed label set (a federation's), normalised like inferred ones."""
+        values = [_normalise_label(x) for x in labels]
+        ordered = tuple(values) if all(isinstance(v, int) for v in values) else tuple(str(v) for v in values)
+        if len(set(ordered)) < 2 or len(set(ordered)) != len(ordered):
+            raise DataError(f"data.labels = {list(labels)!r}: expected at least two distinct labels")
+        return cls(ordered)
+
+    @classmethod
     def from_labels(cls, labels: list, source: str = "data") -> "LabelMap":
         values = {_normalise_label(x) for x in labels}
         if all(isinstance(v, int) for v in values):

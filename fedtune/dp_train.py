@@ -178,6 +178,19 @@ def train_call(
     )
 
 
+def _proximal_step(parameters, anchors, config: Config) -> None:
+    """FedProx as a decoupled proximal pull towards the round's global adapter:
+    w <- w - lr * mu * (w - w_global). It touches no data, so under DP it is
+    post-processing and costs no privacy."""
+    mu = config.federation.proximal_mu
+    if mu <= 0:
+        return
+    step = config.training.learning_rate * mu
+    with torch.no_grad():
+        for parameter, anchor in zip(parameters, anchors):
+            parameter.sub_(step * (parameter - anchor))
+
+
 def _forward_loss(model, batch, criterion, task, device):
     input_ids, attention_mask, labels = trim_batch(*batch, task)
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
@@ -190,6 +203,7 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     task = config.model.task
     criterion = PerExampleLoss(task)
     parameters = [p for _, p in trainable_named_parameters(model)]
+    anchors = [p.detach().clone() for p in parameters]
     optimizer = _optimizer(config, parameters)
     loader = DataLoader(dataset, batch_size=config.training.batch_size)
     engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=config.dp.secure_mode)
@@ -220,6 +234,7 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
                 loss.backward()
                 dp_optimizer.step()
                 dp_optimizer.zero_grad(set_to_none=True)
+                _proximal_step(parameters, anchors, config)
                 step += 1
                 seen += len(labels)
                 if len(labels):
@@ -243,6 +258,7 @@ def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_st
     task = config.model.task
     criterion = PerExampleLoss(task)
     parameters = [p for _, p in trainable_named_parameters(model)]
+    anchors = [p.detach().clone() for p in parameters]
     optimizer = _optimizer(config, parameters)
     loader = DataLoader(dataset, batch_size=config.training.batch_size, shuffle=True)
     model.train()
@@ -254,6 +270,7 @@ def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_st
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            _proximal_step(parameters, anchors, config)
             step += 1
             seen += len(labels)
             losses.append(float(loss.item()))

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
 from torch.utils.data import TensorDataset
 
 from fedtune.adapter import save_adapter_dir, state_nbytes, state_num_parameters, trainable_state
 from fedtune.atomic import append_jsonl, atomic_write_json, atomic_write_text
 from fedtune.config import Config, check_against_data
 from fedtune.data import LabelMap, TokenCache, load_table, read_table, subsample, to_dataset, train_val_split
+from fedtune.datasets_builtin import Table
 from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
 from fedtune.errors import FedtuneError
 from fedtune.evaluate import evaluate, majority_baseline
 from fedtune.model import attach_lora, load_base_model, load_tokenizer, resolve_device, resolve_model_path
-from fedtune.privacy import PrivacyLedger
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 
@@ -55,11 +52,15 @@ def privacy_label(plan: DPPlan, epsilon: float) -> str:
     return f"epsilon={epsilon:.3f} (delta={plan.delta:.3g}, target {plan.target_epsilon:g})"
 
 
-def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None) -> NodeData:
-    """Read, split, label-encode and tokenize the node's data (all checks, no writes)."""
+def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, table: Table | None = None) -> NodeData:
+    """Read, split, label-encode and tokenize the node's data (all checks, no writes).
+
+    `table` replaces the configured source (a simulation passes a client's partition).
+    """
     task = config.model.task
     cache = cache or TokenCache()
-    table = subsample(load_table(config.data, task), config.data.max_examples, config.training.seed)
+    if table is None:
+        table = subsample(load_table(config.data, task), config.data.max_examples, config.training.seed)
     if config.data.eval_path:
         label_column = config.data.label_column if task == "classification" else None
         train_table, val_table = table, read_table(config.data.eval_path, config.data.text_column, label_column)
@@ -67,7 +68,8 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None) -> 
         train_table, val_table = train_val_split(table, config.data.val_fraction, config.training.seed)
     label_map = train_ids = val_ids = majority = None
     if task == "classification":
-        label_map = LabelMap.from_labels(train_table.labels, source=train_table.source)
+        label_map = (LabelMap.from_config(config.data.labels) if config.data.labels
+                     else LabelMap.from_labels(train_table.labels, source=train_table.source))
         train_ids = label_map.encode(train_table.labels, source=train_table.source)
         val_ids = label_map.encode(val_table.labels, source=f"{val_table.source} (evaluation)")
         majority = majority_baseline(val_ids)
@@ -78,15 +80,19 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None) -> 
     return NodeData(train, val, label_map, majority)
 
 
+def build_model(config: Config, tokenizer, num_labels: int | None):
+    """Base model (frozen) + seeded LoRA adapter on the configured device."""
+    base = load_base_model(resolve_model_path(config.model), config.model.task, num_labels, tokenizer.pad_token_id)
+    model = attach_lora(base, config.lora, config.model.task, config.training.seed)
+    return model.to(resolve_device(config.model.device))
+
+
 def prepare_node(config: Config) -> PreparedNode:
-    model_path = resolve_model_path(config.model)
-    device = resolve_device(config.model.device)
-    tokenizer = load_tokenizer(model_path)
+    resolve_device(config.model.device)
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
     data = prepare_data(config, tokenizer)
     plan = plan_training(config, len(data.train))
-    num_labels = len(data.label_map) if data.label_map else None
-    base = load_base_model(model_path, config.model.task, num_labels, tokenizer.pad_token_id)
-    model = attach_lora(base, config.lora, config.model.task, config.training.seed).to(device)
+    model = build_model(config, tokenizer, len(data.label_map) if data.label_map else None)
     return PreparedNode(config, model, tokenizer, data, plan)
 
 

@@ -1,0 +1,166 @@
+"""The server's side of a federation, independent of Flower: state, rounds, checkpoints.
+
+`FederationServer` holds the global adapter and everything a restarted server needs. Each
+round it takes the clients' replies, leaves out refusals (budget exhausted) and invalid
+replies with their reasons, aggregates the rest (FedAvg / FedAdam / FedYogi, optional
+user-level DP), writes an atomic checkpoint and appends one line to metrics.jsonl.
+`server/server_app.py` only moves messages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedtune.aggregate import ServerOptimizer, check_update, dp_fedavg, weighted_mean
+from fedtune.atomic import append_jsonl
+from fedtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtune.config import Config, config_from_toml_text
+from fedtune.errors import FedtuneError
+from fedtune.privacy import PrivacyLedger
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RoundFailedError(FedtuneError):
+    """Too few valid replies to aggregate a round."""
+
+
+@dataclass
+class ClientReply:
+    node_id: int
+    status: str  # "ok", "budget-exhausted" or "error"
+    arrays: dict | None = None
+    num_examples: int = 0
+    epsilon: float = math.nan
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+    nbytes: int = 0
+
+
+class FederationServer:
+    def __init__(self, config: Config, run_dir: str | Path, adapter: "OrderedDict[str, np.ndarray]",
+                 travel_keys: list[str], round_done: int = 0):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.adapter = OrderedDict(adapter)
+        self.travel_keys = list(travel_keys)
+        self.round_done = round_done
+        fed = config.federation
+        self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_learning_rate)
+        self.node_epsilon: dict[str, float] = {}
+        self.history: list[dict] = []
+        self.user_ledger = (
+            PrivacyLedger("rdp", delta=1.0 / (10 * fed.num_clients), target_epsilon=None)
+            if fed.user_dp_noise > 0 else None
+        )
+        self.rng = np.random.default_rng(config.training.seed + 7919 * (round_done + 1))
+
+    # -- start / resume --------------------------------------------------------------
+    @classmethod
+    def start_or_resume(cls, config: Config, run_dir: str | Path, adapter, travel_keys) -> "FederationServer":
+        path = Path(run_dir) / CHECKPOINT_FILE
+        if not path.exists():
+            return cls(config, run_dir, adapter, travel_keys)
+        checkpoint = load_checkpoint(path)
+        saved = config_from_toml_text(checkpoint.meta["config"], source=str(path))
+        if saved.model != config.model or saved.lora != config.lora:
+            raise FedtuneError(f"{path}: checkpoint was made for another model or LoRA config; use a new run dir")
+        server = cls(config, run_dir, checkpoint.adapter, travel_keys, round_done=checkpoint.round)
+        server.optimizer.load_state_arrays(checkpoint.optimizer)
+        server.node_epsilon = dict(checkpoint.meta.get("node_epsilon", {}))
+        server.history = list(checkpoint.meta.get("history", []))
+        if checkpoint.meta.get("user_ledger"):
+            server.user_ledger = PrivacyLedger.from_dict(checkpoint.meta["user_ledger"], source=str(path))
+        return server
+
+    # -- what goes out ---------------------------------------------------------------
+    def payload(self, server_round: int) -> "OrderedDict[str, np.ndarray]":
+        """Round 1 (or no FFA): the whole adapter. FFA-LoRA later: only what trains;
+        every node rebuilds the frozen A from the shared seed."""
+        if server_round == 1 or not self.config.lora.ffa:
+            return OrderedDict(self.adapter)
+        return OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
+
+    # -- one round -------------------------------------------------------------------
+    def finish_round(self, server_round: int, replies: list[ClientReply], started: float, bytes_sent: int,
+                     evaluate: "Callable[[OrderedDict], dict] | None" = None) -> dict:
+        """Validate, aggregate, evaluate the new global (`evaluate(adapter)`), checkpoint, log."""
+        fed = self.config.federation
+        reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
+        bound = fed.max_update_norm or None
+        accepted, rejected, refused = [], [], []
+        for reply in replies:
+            if reply.status == "budget-exhausted":
+                refused.append({"node": reply.node_id, "reason": reply.message})
+            elif reply.status != "ok" or reply.arrays is None:
+                rejected.append({"node": reply.node_id, "reason": reply.message or "error reply"})
+            elif (reason := check_update(reply.arrays, reference, bound)) is not None:
+                rejected.append({"node": reply.node_id, "reason": reason})
+            elif reply.num_examples <= 0:
+                rejected.append({"node": reply.node_id, "reason": f"num-examples = {reply.num_examples}"})
+            else:
+                accepted.append(reply)
+            if math.isfinite(reply.epsilon) or reply.epsilon == math.inf:
+                self.node_epsilon[str(reply.node_id)] = reply.epsilon
+        if len(accepted) < fed.min_clients:
+            raise RoundFailedError(
+                f"round {server_round}: {len(accepted)} valid replies, need min_clients = {fed.min_clients} "
+                f"(rejected: {rejected}; refused: {[r['node'] for r in refused]})"
+            )
+        states = [r.arrays for r in accepted]
+        if self.user_ledger is not None:
+            aggregate = dp_fedavg(states, reference, fed.user_dp_clip, fed.user_dp_noise, fed.clients_per_round, self.rng)
+            self.user_ledger.charge(fed.user_dp_noise, fed.clients_per_round / fed.num_clients, 1, label=f"round {server_round}")
+        else:
+            aggregate = weighted_mean(states, [r.num_examples for r in accepted])
+        self.adapter.update(self.optimizer.apply(reference, aggregate))
+        self.round_done = server_round
+        evaluation = evaluate(self.adapter) if evaluate else {}
+        epsilons = [e for e in self.node_epsilon.values() if not math.isnan(e)]
+        record = {
+            "round": server_round,
+            **{k: v for k, v in (evaluation or {}).items()},
+            "train_loss": _weighted([r.metrics.get("train_loss", math.nan) for r in accepted], [r.num_examples for r in accepted]),
+            "clients_accepted": [r.node_id for r in accepted],
+            "clients_rejected": rejected,
+            "clients_refused": refused,
+            "epsilon_max": _finite_or_inf(max(epsilons)) if epsilons else None,
+            "epsilon_mean": _finite_or_inf(sum(epsilons) / len(epsilons)) if epsilons else None,
+            "user_epsilon": self.user_ledger.epsilon() if self.user_ledger else None,
+            "bytes_sent": bytes_sent,
+            "bytes_received": sum(r.nbytes for r in replies),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        self.history.append(record)
+        self.checkpoint()
+        append_jsonl(self.run_dir / METRICS_FILE, record)
+        return record
+
+    def checkpoint(self) -> None:
+        meta = {
+            "config": self.config.to_toml(),
+            "node_epsilon": self.node_epsilon,
+            "history": self.history,
+            "user_ledger": self.user_ledger.to_dict() if self.user_ledger else None,
+        }
+        save_checkpoint(self.run_dir / CHECKPOINT_FILE,
+                        Checkpoint(self.round_done, self.adapter, self.optimizer.state_arrays(), meta))
+
+
+def _weighted(values, weights) -> float | None:
+    pairs = [(v, w) for v, w in zip(values, weights) if v is not None and math.isfinite(v)]
+    if not pairs:
+        return None
+    return sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1)
+
+
+def _finite_or_inf(value: float):
+    return "inf" if math.isinf(value) else value

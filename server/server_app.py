@@ -1,0 +1,144 @@
+"""Flower ServerApp: samples nodes, moves messages, and hands the rest to
+`fedtune.federation.FederationServer` (validation, aggregation, checkpoints, metrics).
+
+Run config (`[tool.flwr.app.config]` or `--run-config`):
+    config    path of the federation's fedtune TOML (default: built-in defaults)
+    run-dir   where checkpoints, metrics and the exported adapter go (default: runs/federation)
+A restarted ServerApp with the same run-dir resumes after the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
+from fedtune.atomic import atomic_write_text
+from fedtune.config import Config, load_config
+from fedtune.data import LabelMap
+from fedtune.federation import ClientReply, FederationServer
+from fedtune.local import build_model
+from fedtune.model import load_tokenizer, resolve_model_path
+
+
+def _arrays_record(state) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def _reply(message: Message) -> ClientReply:
+    node = message.metadata.src_node_id
+    if message.has_error():
+        return ClientReply(node, "error", message=f"client error: {message.error.reason}")
+    content = message.content
+    metrics = dict(content["metrics"]) if "metrics" in content else {}
+    status = content["status"] if "status" in content else {}
+    arrays = content["arrays"] if "arrays" in content else None
+    return ClientReply(
+        node_id=node,
+        status=str(status.get("status", "ok")),
+        arrays={k: a.numpy() for k, a in arrays.items()} if arrays is not None else None,
+        num_examples=int(metrics.pop("num-examples", 0)),
+        epsilon=float(metrics.pop("epsilon", math.nan)),
+        metrics=metrics,
+        message=str(status.get("message", "")),
+        nbytes=arrays.count_bytes() if arrays is not None else 0,
+    )
+
+
+def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= needed or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print) -> FederationServer:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fed = config.federation
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    num_labels = len(config.data.labels) if config.task_is_classification else None
+    model = build_model(config, tokenizer, num_labels)
+    server = FederationServer.start_or_resume(config, run_dir, adapter_state(model), trainable_keys(model))
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    if server.round_done:
+        log(f"resuming after round {server.round_done} from {run_dir / 'checkpoint.safetensors'}")
+
+    def send(node_ids, message_type, arrays, server_round):
+        record = ConfigRecord({"server-round": server_round, "fedtune-config": config.to_toml(),
+                               "state-root": str((run_dir / "clients").resolve())})
+        messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,
+                            message_type=message_type) for n in node_ids]
+        return list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+
+    for server_round in range(server.round_done + 1, config.training.rounds + 1):
+        started = time.perf_counter()
+        nodes = _wait_for_nodes(grid, fed.min_clients, timeout=fed.round_timeout)
+        rng = np.random.default_rng(config.training.seed * 100_003 + server_round)
+        picks = rng.choice(len(nodes), size=min(fed.clients_per_round, len(nodes)), replace=False)
+        sampled = sorted(int(nodes[i]) for i in picks)  # node ids exceed int64: never via numpy
+        payload = _arrays_record(server.payload(server_round))
+        replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]
+        answered = {r.node_id for r in replies}
+        replies += [ClientReply(n, "error", message="no reply before round_timeout") for n in sampled if n not in answered]
+
+        def federated_evaluation(adapter):
+            answers = [_reply(m) for m in send(sampled, MessageType.EVALUATE, _arrays_record(adapter), server_round)]
+            answers = [a for a in answers if a.status == "ok" and a.num_examples > 0]
+            total = sum(a.num_examples for a in answers)
+            keys = {k for a in answers for k in a.metrics}
+            return {k: sum(a.metrics.get(k, 0.0) * a.num_examples for a in answers) / total for k in sorted(keys)} if total else {}
+
+        record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
+                                     evaluate=federated_evaluation)
+        log(_round_line(record))
+
+    load_state(model, server.adapter)
+    extra = {}
+    if num_labels:
+        extra = {"label_map.json": json.dumps(LabelMap.from_config(config.data.labels).to_dict(), indent=2)}
+    save_adapter_dir(model, run_dir / "adapter", extra)
+    log(f"exported the global adapter to {run_dir / 'adapter'}")
+    return server
+
+
+def _round_line(record: dict) -> str:
+    parts = [f"round {record['round']}"]
+    for key in ("accuracy", "loss", "perplexity"):
+        if isinstance(record.get(key), float):
+            parts.append(f"{key} {record[key]:.4f}")
+    if record.get("epsilon_max") is not None:
+        parts.append(f"epsilon max {record['epsilon_max'] if isinstance(record['epsilon_max'], str) else round(record['epsilon_max'], 3)}")
+    if record["clients_rejected"] or record["clients_refused"]:
+        parts.append(f"rejected {len(record['clients_rejected'])}, refused {len(record['clients_refused'])}")
+    parts.append(f"{record['seconds']:.1f}s")
+    return ", ".join(parts)
+
+
+def make_server_app(config: Config, run_dir: str | Path) -> ServerApp:
+    """A ServerApp bound to a config object (simulation harness, tests)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config, run_dir)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    config = load_config(run_config.get("config") or None)
+    run_federation(grid, config, run_config.get("run-dir", "runs/federation"))
