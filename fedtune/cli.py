@@ -42,6 +42,17 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {
 }
 
 
+def _add_config_flags(parser, flags: dict, config_help: str) -> None:
+    """--config, one flag per config key in `flags`, and the switches both commands share."""
+    parser.add_argument("--config", help=config_help)
+    for name, (key, text, kind) in flags.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"{text} ({key})")
+    parser.add_argument("--ffa", action="store_true", default=None, help="FFA-LoRA: freeze A, train only B (lora.ffa)")
+    parser.add_argument("--freeze-head", action="store_true", default=None, help="do not train the head (lora.train_head=false)")
+    parser.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (a labelled baseline)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
+
+
 def _add_train_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train-local",
@@ -49,15 +60,32 @@ def _add_train_parser(subparsers) -> None:
         description="Fine-tune a LoRA adapter under DP-SGD on local data. Defaults: bbc-news, "
         "bundled all-MiniLM-L6-v2, epsilon 8. Config precedence: defaults < --config < flags < --set.",
     )
-    parser.add_argument("--config", help="TOML config file ([model] [lora] [dp] [training] [data])")
-    for name, (key, text, kind) in TRAIN_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"{text} ({key})")
-    parser.add_argument("--ffa", action="store_true", default=None, help="FFA-LoRA: freeze A, train only B (lora.ffa)")
-    parser.add_argument("--freeze-head", action="store_true", default=None, help="do not train the head (lora.train_head=false)")
-    parser.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (a labelled baseline)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
+    _add_config_flags(parser, TRAIN_FLAGS, "TOML config file ([model] [lora] [dp] [training] [data])")
     parser.add_argument("--out", help="run directory (default: runs/train-local-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
+    "num_clients": ("federation.num_clients", "virtual clients", int),
+    "clients_per_round": ("federation.clients_per_round", "clients sampled per round", int),
+    "min_clients": ("federation.min_clients", "fewest valid replies a round may aggregate", int),
+    "partitioner": ("federation.partitioner", "iid or dirichlet", str),
+    "alpha": ("federation.dirichlet_alpha", "Dirichlet concentration", float),
+    "server_optimizer": ("federation.server_optimizer", "fedavg, fedadam or fedyogi", str),
+}
+
+
+def _add_simulate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="federated fine-tuning of virtual clients on this host (Flower simulation engine)",
+        description="Run a federation of virtual clients with Flower's simulation engine. With no "
+        "arguments: simulations/default.toml (BBC News, 10 clients, 5 per round, 5 rounds, epsilon 8).",
+    )
+    _add_config_flags(parser, {**TRAIN_FLAGS, **SIMULATE_FLAGS}, "TOML config (default: simulations/default.toml)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="Ray GPU fraction per virtual client")
+    parser.add_argument("--out", help="run directory (default: runs/simulate-<time>)")
 
 
 def _add_privacy_parser(subparsers) -> None:
@@ -83,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
+    _add_simulate_parser(subparsers)
     _add_privacy_parser(subparsers)
     return parser
 
@@ -93,11 +122,11 @@ def _version() -> str:
     return f"fedtune {__version__}"
 
 
-def config_from_args(args) -> "Config":
+def config_from_args(args, default_file: str | None = None) -> "Config":
     from fedtune.config import load_config, parse_override
 
     overrides = []
-    for name, (key, _, _) in TRAIN_FLAGS.items():
+    for name, (key, _, _) in {**TRAIN_FLAGS, **SIMULATE_FLAGS}.items():
         value = getattr(args, name, None)
         if value is not None:
             section, field = key.split(".")
@@ -111,7 +140,7 @@ def config_from_args(args) -> "Config":
     if getattr(args, "data", None):
         overrides.append(("data", "dataset", ""))
     overrides.extend(parse_override(text) for text in args.set)
-    return load_config(args.config, overrides)
+    return load_config(args.config or default_file, overrides)
 
 
 def _run_train_local(args) -> int:
@@ -121,6 +150,18 @@ def _run_train_local(args) -> int:
     node = prepare_node(config)  # every input check happens here, before any write
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-local-%Y%m%d-%H%M%S")
     train_local(node, out, progress=not args.no_progress)
+    return 0
+
+
+def _run_simulate(args) -> int:
+    from simulations.run import simulate
+
+    import simulations
+
+    default = Path(simulations.__file__).resolve().parent / "default.toml"
+    config = config_from_args(args, default_file=str(default))
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    simulate(config, out, args.cpus_per_client, args.gpus_per_client)
     return 0
 
 
@@ -182,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train-local":
             return _run_train_local(args)
+        if args.command == "simulate":
+            return _run_simulate(args)
         if args.command == "privacy":
             return _run_privacy(args)
     except FedtuneError as exc:
