@@ -21,9 +21,6 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedtune.errors import ModelError
 
-AdapterState = "OrderedDict[str, np.ndarray]"
-
-
 def _state_key(parameter_name: str, adapter_name: str = "default") -> str:
     """peft state-dict key of a parameter: the adapter name drops out of the path."""
     return parameter_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")

@@ -108,7 +108,7 @@ class FederationServer:
                 rejected.append({"node": reply.node_id, "reason": f"num-examples = {reply.num_examples}"})
             else:
                 accepted.append(reply)
-            if math.isfinite(reply.epsilon) or reply.epsilon == math.inf:
+            if not math.isnan(reply.epsilon):  # inf (non-private) is reported, NaN means unknown
                 self.node_epsilon[str(reply.node_id)] = reply.epsilon
         if len(accepted) < fed.min_clients:
             raise RoundFailedError(
