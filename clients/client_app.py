@@ -55,7 +55,9 @@ def _arrays(msg: Message) -> dict:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, state_dir, table = node_config(msg, context)
-    outcome = train_round(config, _arrays(msg), int(msg.content["config"]["server-round"]), state_dir, table)
+    record = msg.content["config"]
+    validation = str(record.get("evaluation", "federated")) != "central"  # central: no split needed
+    outcome = train_round(config, _arrays(msg), int(record["server-round"]), state_dir, table, validation)
     content = RecordDict({
         "status": ConfigRecord({"status": outcome.status, "message": outcome.message}),
         "metrics": MetricRecord({"num-examples": outcome.num_examples, "epsilon": float(outcome.epsilon),

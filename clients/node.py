@@ -79,10 +79,10 @@ class NodeState:
         atomic_write_json(self.info_path, info)
 
 
-def _node_data(config: Config, table: Table | None):
+def _node_data(config: Config, table: Table | None, validation: bool = True):
     num_labels = len(config.data.labels) if config.task_is_classification else None
     model, tokenizer = MODELS.get(config, num_labels)
-    data: NodeData = prepare_data(config, tokenizer, MODELS.tokens, table)
+    data: NodeData = prepare_data(config, tokenizer, MODELS.tokens, table, validation=validation)
     return model, data
 
 
@@ -92,15 +92,17 @@ def train_round(
     server_round: int,
     state_dir: str | Path,
     table: Table | None = None,
+    validation: bool = True,
 ) -> TrainOutcome:
     """One round of local DP training from the global adapter.
 
     `global_arrays` may be the full adapter or, in FFA-LoRA mode, only what travels (B
     and the head): the frozen A is rebuilt from the shared seed. The ledger is charged
-    and saved before training; a budget-exhausted node does not train.
+    and saved before training; a budget-exhausted node does not train. `validation=False`
+    (the server evaluates centrally) trains on all the node's rows.
     """
     state = NodeState(state_dir)
-    model, data = _node_data(config, table)
+    model, data = _node_data(config, table, validation)
     plan = plan_training(config, len(data.train))
     ledger = state.ledger(config, plan)
     load_state(model, global_arrays, partial=config.lora.ffa)

@@ -175,7 +175,7 @@ class DataConfig:
 
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "natural", "files")
 
 
 @dataclass(frozen=True)
@@ -197,10 +197,25 @@ class FederationConfig:
     user_dp_noise: float = 0.0
     # Simulation: virtual clients and how the dataset is split among them.
     num_clients: int = 3
+    # "iid", "dirichlet" (over labels, alpha below), "natural" (one client per value of
+    # partition_column, e.g. a hospital id) or "files" (one client per file in client_files).
+    # With natural and files the number of clients is the number of values / files.
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
+    partition_column: str = ""
+    # A folder of per-client data files (.csv / .jsonl / .parquet), taken in name order.
+    client_files: str = ""
+    # Ray: "" starts a local Ray for the simulation; "auto" or "HOST:PORT" attaches to a
+    # running Ray cluster (its workers must have fedtune installed).
+    ray_address: str = ""
     # Seconds the server waits for a round's replies.
     round_timeout: float = 3600.0
+    # Central evaluation (the server scores each new global adapter on one held-out set):
+    # a file the operator owns (same columns as the clients' data) ...
+    central_eval_path: str = ""
+    # ... or, in simulation, this share of the dataset kept back before partitioning.
+    # With neither, evaluation is federated (sampled clients' validation splits).
+    central_holdout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.clients_per_round <= 0:
@@ -221,10 +236,16 @@ class FederationConfig:
             _fail("federation.num_clients", self.num_clients, f"at least clients_per_round = {self.clients_per_round}")
         if self.partitioner not in PARTITIONERS:
             _fail("federation.partitioner", self.partitioner, f"one of {', '.join(PARTITIONERS)}")
+        if self.partitioner == "natural" and not self.partition_column:
+            _fail("federation.partition_column", self.partition_column, "a column name when partitioner = 'natural'")
+        if self.partitioner == "files" and not self.client_files:
+            _fail("federation.client_files", self.client_files, "a folder of per-client files when partitioner = 'files'")
         if not self.dirichlet_alpha > 0:
             _fail("federation.dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
         if not self.round_timeout > 0:
             _fail("federation.round_timeout", self.round_timeout, "a number of seconds > 0")
+        if not 0 <= self.central_holdout < 1:
+            _fail("federation.central_holdout", self.central_holdout, "a number in [0, 1) (0 = none)")
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class FederationServer:
 
     # -- one round -------------------------------------------------------------------
     def finish_round(self, server_round: int, replies: list[ClientReply], started: float, bytes_sent: int,
-                     evaluate: "Callable[[OrderedDict], dict] | None" = None) -> dict:
+                     evaluate: "Callable[[OrderedDict], dict] | None" = None, evaluation: str = "federated") -> dict:
         """Validate, aggregate, evaluate the new global (`evaluate(adapter)`), checkpoint, log."""
         fed = self.config.federation
         reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
@@ -123,11 +123,12 @@ class FederationServer:
             aggregate = weighted_mean(states, [r.num_examples for r in accepted])
         self.adapter.update(self.optimizer.apply(reference, aggregate))
         self.round_done = server_round
-        evaluation = evaluate(self.adapter) if evaluate else {}
+        scores = evaluate(self.adapter) if evaluate else {}
         epsilons = [e for e in self.node_epsilon.values() if not math.isnan(e)]
         record = {
             "round": server_round,
-            **{k: v for k, v in (evaluation or {}).items()},
+            "evaluation": evaluation,
+            **{k: v for k, v in (scores or {}).items()},
             "train_loss": _weighted([r.metrics.get("train_loss", math.nan) for r in accepted], [r.num_examples for r in accepted]),
             "clients_accepted": [r.node_id for r in accepted],
             "clients_rejected": rejected,

@@ -32,7 +32,7 @@ NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 @dataclass
 class NodeData:
     train: TensorDataset
-    val: TensorDataset
+    val: TensorDataset | None  # None when the node keeps no validation split
     label_map: LabelMap | None
     majority_accuracy: float | None
 
@@ -52,16 +52,21 @@ def privacy_label(plan: DPPlan, epsilon: float) -> str:
     return f"epsilon={epsilon:.3f} (delta={plan.delta:.3g}, target {plan.target_epsilon:g})"
 
 
-def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, table: Table | None = None) -> NodeData:
+def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, table: Table | None = None,
+                 validation: bool = True) -> NodeData:
     """Read, split, label-encode and tokenize the node's data (all checks, no writes).
 
     `table` replaces the configured source (a simulation passes a client's partition).
+    `validation=False` trains on every row and keeps no split: a federated node whose
+    server evaluates centrally has no use for one.
     """
     task = config.model.task
     cache = cache or TokenCache()
     if table is None:
         table = subsample(load_table(config.data, task), config.data.max_examples, config.training.seed)
-    if config.data.eval_path:
+    if not validation:
+        train_table, val_table = table, None
+    elif config.data.eval_path:
         label_column = config.data.label_column if task == "classification" else None
         train_table, val_table = table, read_table(config.data.eval_path, config.data.text_column, label_column)
     else:
@@ -71,11 +76,12 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
         label_map = (LabelMap.from_config(config.data.labels) if config.data.labels
                      else LabelMap.from_labels(train_table.labels, source=train_table.source))
         train_ids = label_map.encode(train_table.labels, source=train_table.source)
-        val_ids = label_map.encode(val_table.labels, source=f"{val_table.source} (evaluation)")
-        majority = majority_baseline(val_ids)
+        if val_table is not None:
+            val_ids = label_map.encode(val_table.labels, source=f"{val_table.source} (evaluation)")
+            majority = majority_baseline(val_ids)
     length = config.model.max_seq_len
     train = to_dataset(cache.tokenize(tokenizer, train_table.texts, length), train_ids)
-    val = to_dataset(cache.tokenize(tokenizer, val_table.texts, length), val_ids)
+    val = to_dataset(cache.tokenize(tokenizer, val_table.texts, length), val_ids) if val_table is not None else None
     check_against_data(config, len(train))
     return NodeData(train, val, label_map, majority)
 

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
 from fedtune.atomic import atomic_write_text
+from fedtune.central import CentralEvaluator, central_table
 from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.federation import ClientReply, FederationServer
@@ -60,7 +61,12 @@ def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print) -> FederationServer:
+def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, eval_table=None) -> FederationServer:
+    """Rounds until `training.rounds`, resuming from the run dir's checkpoint.
+
+    Evaluation is central when there is a held-out table (`eval_table`, from a simulation's
+    holdout, or the operator's `federation.central_eval_path`), federated otherwise.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = config.federation
@@ -69,11 +75,17 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print) -
     model = build_model(config, tokenizer, num_labels)
     server = FederationServer.start_or_resume(config, run_dir, adapter_state(model), trainable_keys(model))
     atomic_write_text(run_dir / "config.toml", config.to_toml())
+    eval_table = eval_table if eval_table is not None else central_table(config)
+    central = CentralEvaluator(config, model, tokenizer, eval_table) if eval_table is not None else None
+    if central is not None:
+        baseline = f", majority-class accuracy {central.majority_accuracy:.4f}" if central.majority_accuracy is not None else ""
+        log(f"central evaluation on {central.size} held-out examples{baseline}")
     if server.round_done:
         log(f"resuming after round {server.round_done} from {run_dir / 'checkpoint.safetensors'}")
 
     def send(node_ids, message_type, arrays, server_round):
         record = ConfigRecord({"server-round": server_round, "fedtune-config": config.to_toml(),
+                               "evaluation": "central" if central else "federated",
                                "state-root": str((run_dir / "clients").resolve())})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,
                             message_type=message_type) for n in node_ids]
@@ -98,7 +110,8 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print) -
             return {k: sum(a.metrics.get(k, 0.0) * a.num_examples for a in answers) / total for k in sorted(keys)} if total else {}
 
         record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
-                                     evaluate=federated_evaluation)
+                                     evaluate=central or federated_evaluation,
+                                     evaluation="central" if central else "federated")
         log(_round_line(record))
 
     load_state(model, server.adapter)
@@ -123,13 +136,13 @@ def _round_line(record: dict) -> str:
     return ", ".join(parts)
 
 
-def make_server_app(config: Config, run_dir: str | Path) -> ServerApp:
+def make_server_app(config: Config, run_dir: str | Path, eval_table=None, log=print) -> ServerApp:
     """A ServerApp bound to a config object (simulation harness, tests)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir)
+        run_federation(grid, config, run_dir, log=log, eval_table=eval_table)
 
     return app
 

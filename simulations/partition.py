@@ -1,46 +1,121 @@
 """Split one dataset among virtual clients with flwr-datasets partitioners.
 
-IID or Dirichlet(alpha) over labels, seeded. Each worker process partitions a dataset
-once (cached) and hands a client its rows as a fedtune `Table`.
+IID, Dirichlet(alpha) over labels, natural by a column (one client per value, e.g. a
+hospital id or a drug-review condition) and pre-split per-client files (one client per
+file, partitioned naturally by file). Seeded. When `federation.central_holdout` is set, that
+share of the dataset is kept back for the server's central evaluation *before*
+partitioning, so no client ever trains on it. Each worker process partitions once (cached).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
+from pathlib import Path
 
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedtune.config import Config
-from fedtune.data import load_table, subsample
+from fedtune.data import SUPPORTED_SUFFIXES, load_table, read_table, select, subsample, train_val_split
 from fedtune.datasets_builtin import Table
+from fedtune.errors import ConfigError, DataError
+
+FILE_COLUMN = "__client_file__"
 
 
-def _partitioner(kind: str, num_partitions: int, alpha: float, seed: int):
-    if kind == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
+def _client_files(folder: str) -> list[Path]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"federation.client_files = {folder!r}: not a folder")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no .csv, .jsonl or .parquet files (one per client expected)")
+    return files
+
+
+def _source_table(config: Config) -> Table:
+    """The whole dataset; for pre-split files, their concatenation tagged with the file."""
+    fed = config.federation
+    if fed.partitioner != "files":
+        return subsample(load_table(config.data, config.model.task), config.data.max_examples, config.training.seed)
+    label_column = config.data.label_column if config.task_is_classification else None
+    texts, labels, tags = [], [], []
+    for number, path in enumerate(_client_files(fed.client_files)):
+        part = read_table(path, config.data.text_column, label_column)
+        texts += part.texts
+        labels += part.labels
+        tags += [f"{number:05d}"] * len(part)
+    return Table(texts, labels, {FILE_COLUMN: tags}, fed.client_files)
+
+
+def _partitioner(config: Config, table: Table):
+    fed, seed = config.federation, config.training.seed
+    if fed.partitioner == "dirichlet":
+        return DirichletPartitioner(num_partitions=fed.num_clients, partition_by="label", alpha=fed.dirichlet_alpha,
                                     min_partition_size=2, self_balancing=True, seed=seed)
-    return IidPartitioner(num_partitions=num_partitions)
+    if fed.partitioner in ("natural", "files"):
+        return NaturalIdPartitioner(partition_by="group")
+    return IidPartitioner(num_partitions=fed.num_clients)
+
+
+def _group_column(config: Config, table: Table) -> list[str] | None:
+    fed = config.federation
+    column = FILE_COLUMN if fed.partitioner == "files" else fed.partition_column
+    if fed.partitioner not in ("natural", "files"):
+        return None
+    if column not in table.extra:
+        raise DataError(f"{table.source}: federation.partition_column = {column!r} is not a column "
+                        f"(columns: {', '.join(table.extra) or 'none besides text and label'})")
+    return table.extra[column]
 
 
 @lru_cache(maxsize=4)
-def _partitioned(config: Config) -> tuple[Table, object]:
-    table = subsample(load_table(config.data, config.model.task), config.data.max_examples, config.training.seed)
+def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
+    table = _source_table(config)
+    held_out = None
+    if config.federation.central_holdout > 0:
+        table, held_out = train_val_split(table, config.federation.central_holdout, config.training.seed + 1)
     labels = [str(x) for x in table.labels] if table.labels else [""] * len(table)
-    dataset = Dataset.from_dict({"row": list(range(len(table))), "label": labels})
-    fed = config.federation
-    partitioner = _partitioner(fed.partitioner, fed.num_clients, fed.dirichlet_alpha, config.training.seed)
+    columns = {"row": list(range(len(table))), "label": labels}
+    groups = _group_column(config, table)
+    if groups is not None:
+        columns["group"] = groups
+    # flwr-datasets' IidPartitioner cuts contiguous shards: without a seeded shuffle, a
+    # dataset stored by label (as most are) would give each "IID" client one or two labels.
+    dataset = Dataset.from_dict(columns).shuffle(seed=config.training.seed)
+    partitioner = _partitioner(config, table)
     partitioner.dataset = dataset
-    return table, partitioner
+    return table, held_out, partitioner
+
+
+def count_partitions(config: Config) -> int:
+    """How many clients the configured partitioning yields (natural / files: the data says)."""
+    return _partitioned(config)[2].num_partitions
+
+
+def with_partition_count(config: Config) -> Config:
+    """Natural and file partitioning fix the number of clients; set it (and check the cohort)."""
+    if config.federation.partitioner not in ("natural", "files"):
+        return config
+    count = count_partitions(config)
+    fed = config.federation
+    if fed.clients_per_round > count:
+        raise ConfigError(f"federation.clients_per_round = {fed.clients_per_round}: the {fed.partitioner} "
+                          f"partitioning yields only {count} clients")
+    return config.replace(federation=dataclasses.replace(fed, num_clients=count))
 
 
 def client_table(config: Config, partition_id: int) -> Table:
     """Rows of virtual client `partition_id` (0-based)."""
-    from fedtune.data import select
-
-    table, partitioner = _partitioned(config)
+    table, _, partitioner = _partitioned(config)
     rows = partitioner.load_partition(partition_id)["row"]
     return select(table, rows)
+
+
+def held_out_table(config: Config) -> Table | None:
+    """The server's central evaluation set (None without `federation.central_holdout`)."""
+    return _partitioned(config)[1]
 
 
 def partition_report(config: Config) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Every virtual client is a real Flower ClientApp (`clients.client_app.app`); each keeps
 its ledger in `RUN_DIR/clients/client-NNNNN/`, exactly as a deployed node keeps its
-`state-dir`, so privacy state persists across the ephemeral ClientApps.
+`state-dir`, so privacy state persists across the ephemeral ClientApps. Ray runs locally
+unless `federation.ray_address` names a running cluster to attach to.
 """
 
 from __future__ import annotations
@@ -14,36 +15,56 @@ from pathlib import Path
 
 from fedtune.atomic import atomic_write_json
 from fedtune.config import Config
-from fedtune.data import LabelMap, load_table, subsample
+from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 
 
 def with_labels(config: Config) -> Config:
     """Fix the federation's label set from the whole dataset when not configured."""
+    from simulations.partition import _source_table
+
     if not config.task_is_classification or config.data.labels:
         return config
-    table = subsample(load_table(config.data, config.model.task), config.data.max_examples, config.training.seed)
+    table = _source_table(config)
     labels = tuple(str(x) for x in LabelMap.from_labels(table.labels, source=table.source).labels)
     return config.replace(data=dataclasses.replace(config.data, labels=labels))
 
 
-def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float = 0.0) -> Path:
+def prepare_simulation(config: Config) -> Config:
+    """Resolve what the data decides (labels, client count) before anything runs."""
+    from simulations.partition import with_partition_count
+
+    if config.data.path == "" and not config.data.dataset and config.federation.partitioner != "files":
+        raise ConfigError("data.dataset: a simulation needs a dataset to partition")
+    return with_partition_count(with_labels(config))
+
+
+def ray_backend(config: Config, num_cpus_per_client: float, num_gpus_per_client: float) -> dict:
+    """Flower's Ray backend config: client resources, and a local Ray or a cluster address."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
+    init_args: dict = {"include_dashboard": False}
+    if config.federation.ray_address:
+        init_args["address"] = config.federation.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
+            "init_args": init_args}
+
+
+def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float = 0.0,
+             log=print) -> Path:
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
     from server.server_app import make_server_app
-    from simulations.partition import partition_report
+    from simulations.partition import held_out_table, partition_report
 
-    if config.data.path == "" and not config.data.dataset:
-        raise ConfigError("data.dataset: a simulation needs a dataset to partition")
+    config = prepare_simulation(config)
     run_dir = Path(run_dir)
-    config = with_labels(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
-    backend = {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
-               "init_args": {"include_dashboard": False, "num_cpus": os.cpu_count() or 1}}
-    run_simulation(server_app=make_server_app(config, run_dir), client_app=client_app,
-                   num_supernodes=config.federation.num_clients, backend_config=backend)
+    run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log),
+                   client_app=client_app, num_supernodes=config.federation.num_clients,
+                   backend_config=ray_backend(config, num_cpus_per_client, num_gpus_per_client))
     return run_dir

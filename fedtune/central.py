@@ -1,0 +1,53 @@
+"""Central evaluation: the server scores each new global adapter on one held-out set.
+
+Federated evaluation averages the sampled clients' small validation splits, so its
+figure moves with the sample as much as with the model. A fixed held-out set (a file the
+operator owns, or a share of the dataset kept back before a simulation partitions it)
+gives one comparable number per round. It never touches client data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from fedtune.adapter import load_state
+from fedtune.config import Config
+from fedtune.data import LabelMap, TokenCache, read_table, to_dataset
+from fedtune.datasets_builtin import Table
+from fedtune.errors import ConfigError
+from fedtune.evaluate import evaluate, majority_baseline
+
+
+def central_table(config: Config) -> Table | None:
+    """The operator's held-out file (`federation.central_eval_path`), if configured."""
+    path = config.federation.central_eval_path
+    if not path:
+        return None
+    label_column = config.data.label_column if config.task_is_classification else None
+    return read_table(path, config.data.text_column, label_column)
+
+
+class CentralEvaluator:
+    """Tokenizes the held-out table once; each call loads an adapter and evaluates it."""
+
+    def __init__(self, config: Config, model, tokenizer, table: Table, cache: TokenCache | None = None):
+        if config.task_is_classification and not config.data.labels:
+            raise ConfigError("data.labels: central evaluation needs the federation's label set")
+        self.config = config
+        self.model = model
+        self.size = len(table)
+        label_ids = None
+        self.majority_accuracy = None
+        if config.task_is_classification:
+            label_ids = LabelMap.from_config(config.data.labels).encode(table.labels, source=f"{table.source} (central evaluation)")
+            self.majority_accuracy = majority_baseline(label_ids)
+        encoded = (cache or TokenCache()).tokenize(tokenizer, table.texts, config.model.max_seq_len)
+        self.dataset = to_dataset(encoded, label_ids)
+
+    def __call__(self, adapter: "OrderedDict[str, np.ndarray]") -> dict:
+        load_state(self.model, adapter)
+        num_classes = len(self.config.data.labels) or None
+        metrics = evaluate(self.model, self.dataset, self.config.model.task, num_classes=num_classes)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
