@@ -50,4 +50,7 @@ class CentralEvaluator:
         load_state(self.model, adapter)
         num_classes = len(self.config.data.labels) or None
         metrics = evaluate(self.model, self.dataset, self.config.model.task, num_classes=num_classes)
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scores = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.majority_accuracy is not None:
+            scores["majority_accuracy"] = float(self.majority_accuracy)
+        return scores

@@ -88,6 +88,53 @@ def _add_simulate_parser(subparsers) -> None:
     parser.add_argument("--out", help="run directory (default: runs/simulate-<time>)")
 
 
+def _add_sweep_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="utility-vs-privacy grid of simulations (resumable) with a centralized baseline",
+        description="Run one simulation per cell of the grid (epsilon x clients x partition x FFA x seed) "
+        "on top of a base config; a re-run skips finished cells. Writes results.csv, results.md and "
+        "results.png with the centralized non-private baseline as the reference row.",
+    )
+    _add_config_flags(parser, {**TRAIN_FLAGS, **SIMULATE_FLAGS}, "base TOML config (default: simulations/default.toml)")
+    parser.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons; inf = non-private (default 1,3,8,inf)")
+    parser.add_argument("--clients", help="numbers of clients (default: the base config's)")
+    parser.add_argument("--partitions", default="iid", help="iid and/or Dirichlet alphas, e.g. iid,0.3 (default iid)")
+    parser.add_argument("--ffa-modes", dest="ffa_modes", default="off", help="FFA-LoRA off and/or on (default off)")
+    parser.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
+    parser.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
+
+
+def _run_sweep(args) -> int:
+    from simulations.sweep import grid, sweep
+
+    config = config_from_args(args, default_file=_default_simulation_file())
+    cells = grid(args.epsilons, args.clients or str(config.federation.num_clients), args.partitions,
+                 args.ffa_modes, args.seeds)
+    sweep(config, cells, args.out)
+    return 0
+
+
+def _default_simulation_file() -> str:
+    import simulations
+
+    return str(Path(simulations.__file__).resolve().parent / "default.toml")
+
+
+def _add_report_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report", help="rebuild a federation run's CSV tables, summary.md and plots from its raw records")
+    parser.add_argument("run_dir", help="a run directory of fedtune simulate / fedtune server")
+
+
+def _run_report(args) -> int:
+    from fedtune.report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
 def _add_privacy_parser(subparsers) -> None:
     parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon of a mechanism, noise for a budget")
     sub = parser.add_subparsers(dest="privacy_command", required=True)
@@ -112,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
     _add_simulate_parser(subparsers)
+    _add_sweep_parser(subparsers)
+    _add_report_parser(subparsers)
     _add_privacy_parser(subparsers)
     return parser
 
@@ -156,10 +205,7 @@ def _run_train_local(args) -> int:
 def _run_simulate(args) -> int:
     from simulations.run import simulate
 
-    import simulations
-
-    default = Path(simulations.__file__).resolve().parent / "default.toml"
-    config = config_from_args(args, default_file=str(default))
+    config = config_from_args(args, default_file=_default_simulation_file())
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     simulate(config, out, args.cpus_per_client, args.gpus_per_client)
     return 0
@@ -227,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_simulate(args)
         if args.command == "privacy":
             return _run_privacy(args)
+        if args.command == "sweep":
+            return _run_sweep(args)
+        if args.command == "report":
+            return _run_report(args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2

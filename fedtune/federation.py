@@ -90,7 +90,8 @@ class FederationServer:
 
     # -- one round -------------------------------------------------------------------
     def finish_round(self, server_round: int, replies: list[ClientReply], started: float, bytes_sent: int,
-                     evaluate: "Callable[[OrderedDict], dict] | None" = None, evaluation: str = "federated") -> dict:
+                     evaluate: "Callable[[OrderedDict], dict] | None" = None, evaluation: str = "federated",
+                     extra: dict | None = None) -> dict:
         """Validate, aggregate, evaluate the new global (`evaluate(adapter)`), checkpoint, log."""
         fed = self.config.federation
         reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
@@ -139,6 +140,7 @@ class FederationServer:
             "bytes_sent": bytes_sent,
             "bytes_received": sum(r.nbytes for r in replies),
             "seconds": round(time.perf_counter() - started, 3),
+            **(extra or {}),
         }
         self.history.append(record)
         self.checkpoint()

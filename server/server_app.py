@@ -25,6 +25,7 @@ from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.federation import ClientReply, FederationServer
 from fedtune.local import build_model
+from fedtune.report import write_report
 from fedtune.model import load_tokenizer, resolve_model_path
 
 
@@ -91,6 +92,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
                             message_type=message_type) for n in node_ids]
         return list(grid.send_and_receive(messages, timeout=fed.round_timeout))
 
+    progress = RoundProgress(config.training.rounds, server.round_done, log)
     for server_round in range(server.round_done + 1, config.training.rounds + 1):
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, fed.min_clients, timeout=fed.round_timeout)
@@ -111,8 +113,10 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
 
         record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
                                      evaluate=central or federated_evaluation,
-                                     evaluation="central" if central else "federated")
-        log(_round_line(record))
+                                     evaluation="central" if central else "federated",
+                                     extra={"resident_mb": resident_memory_mb()})
+        progress.update(record)
+    progress.close()
 
     load_state(model, server.adapter)
     extra = {}
@@ -120,7 +124,47 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
         extra = {"label_map.json": json.dumps(LabelMap.from_config(config.data.labels).to_dict(), indent=2)}
     save_adapter_dir(model, run_dir / "adapter", extra)
     log(f"exported the global adapter to {run_dir / 'adapter'}")
+    written = write_report(run_dir)
+    log(f"wrote {', '.join(p.name for p in written)} in {run_dir}")
     return server
+
+
+def resident_memory_mb() -> float:
+    """Resident memory of this process and its descendants (in simulation: the Ray
+    workers that host the virtual clients), so growth across rounds is visible."""
+    import psutil
+
+    total = 0
+    for process in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:  # a worker that exited meanwhile
+            pass
+    return round(total / 2**20, 1)
+
+
+class RoundProgress:
+    """Live display: a bar over rounds with accuracy, loss and epsilon, plus one line a round."""
+
+    def __init__(self, rounds: int, done: int, log):
+        from tqdm.auto import tqdm
+
+        self.log = log
+        self.bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        self.bar.update(1)
+        shown = {k: f"{record[k]:.4f}" for k in ("accuracy", "loss") if isinstance(record.get(k), float)}
+        if record.get("epsilon_max") is not None:
+            eps = record["epsilon_max"]
+            shown["eps"] = eps if isinstance(eps, str) else f"{eps:.3f}"
+        self.bar.set_postfix(shown, refresh=True)
+        self.bar.clear()
+        self.log(_round_line(record))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _round_line(record: dict) -> str:

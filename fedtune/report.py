@@ -1,0 +1,207 @@
+"""Everything a federation run directory reports, regenerated from its raw records.
+
+Inputs (written while the run goes): `metrics.jsonl` (one line per round), `config.toml`,
+`partitions.json` and, in simulation, `clients/client-NNNNN/ledger.json`. Outputs:
+
+    metrics.csv      the JSONL as a table (one row per round)
+    clients.csv      the per-client privacy ledger table; epsilon recomputed by Opacus's
+                     accountant from each ledger's logged (sigma, q, steps) history
+    summary.md       what ran, final utility next to the majority baseline, privacy spent
+    accuracy.png, loss.png, epsilon.png   utility vs round; epsilon vs round per client
+
+`fedtune report RUN_DIR` rebuilds them; nothing here changes the raw records.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from fedtune.atomic import atomic_write_bytes, atomic_write_text
+from fedtune.errors import FedtuneError
+from fedtune.privacy import PrivacyLedger
+
+METRIC_COLUMNS = ("round", "evaluation", "accuracy", "macro_f1", "loss", "perplexity", "train_loss", "epsilon_max",
+                  "epsilon_mean", "user_epsilon", "clients_accepted", "clients_rejected", "clients_refused",
+                  "bytes_sent", "bytes_received", "resident_mb", "seconds")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FedtuneError(f"{run_dir}: no metrics.jsonl (not a federation run directory, or no round finished)")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise FedtuneError(f"{path}: line {number} is not JSON") from None
+    return rows
+
+
+def read_ledgers(run_dir: Path) -> dict[str, PrivacyLedger]:
+    ledgers = {}
+    for path in sorted((run_dir / "clients").glob("client-*/ledger.json")):
+        ledgers[path.parent.name] = PrivacyLedger.load(path)
+    return ledgers
+
+
+def _cell(value) -> str:
+    if isinstance(value, list):
+        return str(len(value))  # clients: a count; their ids and reasons stay in the JSONL
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def _csv(rows: list[list]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+def metrics_csv(metrics: list[dict]) -> str:
+    columns = [c for c in METRIC_COLUMNS if any(c in r for r in metrics)]
+    return _csv([columns] + [[_cell(r.get(c)) for c in columns] for r in metrics])
+
+
+def ledger_rows(ledgers: dict[str, PrivacyLedger]) -> list[dict]:
+    rows = []
+    for client, ledger in ledgers.items():
+        rounds = [c for c in ledger.calls if not c.get("non_private")]
+        rows.append({
+            "client": client,
+            "rounds_trained": len(ledger.calls),
+            "steps": ledger.steps,
+            "noise_multiplier": rounds[-1]["noise_multiplier"] if rounds else None,
+            "sample_rate": rounds[-1]["sample_rate"] if rounds else None,
+            "delta": ledger.delta,
+            "accountant": ledger.accountant,
+            "epsilon": ledger.epsilon(),  # recomputed from the history by Opacus's accountant
+            "target_epsilon": ledger.target_epsilon,
+        })
+    return rows
+
+
+def clients_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    return _csv([columns] + [[_cell(r[c]) for c in columns] for r in rows])
+
+
+def _round_of(label: str) -> int | None:
+    parts = label.split()
+    return int(parts[1]) if len(parts) == 2 and parts[0] == "round" and parts[1].isdigit() else None
+
+
+def epsilon_by_round(ledger: PrivacyLedger) -> list[tuple[int, float]]:
+    """(round, epsilon after it) for each round the client trained in."""
+    points = []
+    for call in ledger.calls:
+        server_round = _round_of(str(call.get("label", "")))
+        if server_round is not None:
+            points.append((server_round, math.inf if call.get("non_private") else float(call["epsilon_after"])))
+    return points
+
+
+def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[float, float]]], hline=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in series.items():
+        points = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, label=name)
+    if hline is not None:
+        axes.axhline(hline[1], color="grey", linestyle="--", linewidth=1, label=hline[0])
+    axes.set(title=title, xlabel="round", ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    if len(series) <= 12 or hline is not None:
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: float | None) -> str:
+    last = metrics[-1]
+    lines = [f"# Federation run `{run_dir.name}`", ""]
+    config_path = run_dir / "config.toml"
+    if config_path.is_file():
+        from fedtune.config import config_from_toml_text
+
+        config = config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path))
+        fed, dp, t = config.federation, config.dp, config.training
+        data = config.data.path or config.data.dataset
+        lines += [f"- data: `{data}`, {fed.num_clients} clients ({fed.partitioner}"
+                  + (f", alpha {fed.dirichlet_alpha:g}" if fed.partitioner == "dirichlet" else "") + f"), "
+                  f"{fed.clients_per_round} per round, {len(metrics)} of {t.rounds} rounds done",
+                  f"- model: `{config.model.path or 'all-MiniLM-L6-v2 (bundled)'}`, LoRA rank {config.lora.rank}"
+                  + (", FFA-LoRA" if config.lora.ffa else "") + f", {t.epochs} local epoch(s), batch {t.batch_size}, lr {t.learning_rate:g}",
+                  "- privacy: " + (f"record-level DP-SGD per client, target epsilon {dp.target_epsilon:g}" if dp.enabled
+                                   else "**NON-PRIVATE** (no differential privacy)"),
+                  ""]
+    lines += ["| round | evaluation | accuracy | loss | epsilon max | seconds |", "|---|---|---|---|---|---|"]
+    for r in metrics:
+        lines.append(f"| {r['round']} | {r.get('evaluation', '')} | {_cell(r.get('accuracy'))} | {_cell(r.get('loss'))} "
+                     f"| {_cell(r.get('epsilon_max'))} | {_cell(r.get('seconds'))} |")
+    lines.append("")
+    if isinstance(last.get("accuracy"), float):
+        baseline = f" (majority class: {majority:.4f})" if majority is not None else ""
+        lines.append(f"Final accuracy **{last['accuracy']:.4f}**{baseline}.")
+    if rows:
+        eps = [r["epsilon"] for r in rows]
+        lines.append(f"Per-client epsilon, recomputed with Opacus's accountant from each ledger: max {max(eps):.4g}, "
+                     f"mean {sum(eps) / len(eps):.4g}, over {len(rows)} clients (delta {rows[0]['delta']:.3g}); "
+                     "see clients.csv.")
+    if last.get("user_epsilon") is not None:
+        lines.append(f"User-level epsilon (DP-FedAvg at the server): {last['user_epsilon']:.4g}.")
+    total = sum(r.get("seconds", 0) for r in metrics)
+    lines += [f"Wall time over all rounds: {total:.1f} s.", "",
+              "Plots: `accuracy.png`, `loss.png`, `epsilon.png`. Raw records: `metrics.jsonl`, `clients/*/ledger.json`.", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """(Re)build metrics.csv, clients.csv, summary.md and the plots; returns what it wrote."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FedtuneError(f"{run_dir}: not a directory")
+    metrics = read_metrics(run_dir)
+    if not metrics:
+        raise FedtuneError(f"{run_dir}/metrics.jsonl: no rounds recorded yet")
+    ledgers = read_ledgers(run_dir)
+    rows = ledger_rows(ledgers)
+    majority = next((r["majority_accuracy"] for r in metrics if isinstance(r.get("majority_accuracy"), float)), None)
+    written = []
+
+    def put(name: str, text: str) -> None:
+        atomic_write_text(run_dir / name, text)
+        written.append(run_dir / name)
+
+    put("metrics.csv", metrics_csv(metrics))
+    if rows:
+        put("clients.csv", clients_csv(rows))
+    put("summary.md", _summary(run_dir, metrics, rows, majority))
+    rounds = [r["round"] for r in metrics]
+    for key, title in (("accuracy", "accuracy"), ("loss", "loss")):
+        if any(isinstance(r.get(key), float) for r in metrics):
+            hline = ("majority class", majority) if key == "accuracy" and majority is not None else None
+            _plot(run_dir / f"{key}.png", f"global model {title} per round", key,
+                  {"global model": [(x, r.get(key)) for x, r in zip(rounds, metrics)]}, hline)
+            written.append(run_dir / f"{key}.png")
+    if ledgers:
+        _plot(run_dir / "epsilon.png", "epsilon spent per client", "epsilon",
+              {name: epsilon_by_round(ledger) for name, ledger in ledgers.items()})
+        written.append(run_dir / "epsilon.png")
+    return written

@@ -1,0 +1,276 @@
+"""Utility-vs-privacy sweeps: a grid of simulations, resumable, with a reference baseline.
+
+The grid crosses target epsilon (``inf`` = non-private), number of clients, partitioning
+(``iid`` or a Dirichlet alpha), FFA-LoRA off/on and seeds. Each cell is an ordinary
+`fedtune simulate` run in its own directory under ``OUT/cells/`` and its own process (a
+fresh Ray per cell). A cell whose run finished every round is skipped on a re-run. The
+reference row is centralized non-private LoRA on the same training pool (every client's
+rows together), scored on the same held-out set, for the same number of epochs.
+
+Outputs: ``OUT/results.csv`` (one row per cell), ``OUT/results.md`` (cells grouped over
+seeds: mean and spread) and ``OUT/results.png`` (accuracy vs epsilon per setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedtune.config import Config, config_from_toml_text
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.report import read_metrics
+
+
+@dataclass(frozen=True)
+class Cell:
+    epsilon: float  # inf = non-private
+    num_clients: int
+    partition: str  # "iid" or "dirichlet-<alpha>"
+    ffa: bool
+    seed: int
+
+    @property
+    def name(self) -> str:
+        eps = "nodp" if math.isinf(self.epsilon) else f"eps{self.epsilon:g}"
+        return f"{eps}_c{self.num_clients}_{self.partition}_{'ffa' if self.ffa else 'lora'}_s{self.seed}"
+
+    @property
+    def setting(self) -> str:
+        """The cell without epsilon and seed: one line of the plot."""
+        return f"{self.num_clients} clients, {self.partition}, {'FFA-LoRA' if self.ffa else 'LoRA'}"
+
+    def config(self, base: Config) -> Config:
+        fed = base.federation
+        partition = {"partitioner": "iid"} if self.partition == "iid" else {
+            "partitioner": "dirichlet", "dirichlet_alpha": float(self.partition.split("-", 1)[1])}
+        per_round = min(fed.clients_per_round, self.num_clients)
+        return base.replace(
+            dp=dataclasses.replace(base.dp, enabled=not math.isinf(self.epsilon),
+                                   target_epsilon=self.epsilon if math.isfinite(self.epsilon) else base.dp.target_epsilon),
+            federation=dataclasses.replace(fed, num_clients=self.num_clients, clients_per_round=per_round,
+                                           min_clients=min(fed.min_clients, per_round), **partition),
+            lora=dataclasses.replace(base.lora, ffa=self.ffa),
+            training=dataclasses.replace(base.training, seed=self.seed),
+        )
+
+
+def _values(text: str, key: str, parse) -> list:
+    try:
+        values = [parse(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{key} = {text!r}: expected a comma-separated list") from None
+    if not values:
+        raise ConfigError(f"--{key} = {text!r}: expected at least one value")
+    return values
+
+
+def _epsilon(text: str) -> float:
+    value = math.inf if text.lower() in ("inf", "none", "nodp", "non-private") else float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+def _partition(text: str) -> str:
+    if text.lower() == "iid":
+        return "iid"
+    alpha = float(text)
+    if not alpha > 0:
+        raise ValueError(text)
+    return f"dirichlet-{alpha:g}"
+
+
+def _switch(text: str) -> bool:
+    if text.lower() in ("on", "true", "1", "yes", "ffa"):
+        return True
+    if text.lower() in ("off", "false", "0", "no", "lora"):
+        return False
+    raise ValueError(text)
+
+
+def _clients(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def grid(epsilons: str, clients: str, partitions: str, ffa: str, seeds: str) -> list[Cell]:
+    """All cells, in the order they run (cheapest settings first, seeds innermost)."""
+    return [Cell(e, c, p, f, s) for c, p, f, e, s in itertools.product(
+        _values(clients, "clients", _clients), _values(partitions, "partitions", _partition),
+        _values(ffa, "ffa", _switch), _values(epsilons, "epsilons", _epsilon), _values(seeds, "seeds", int))]
+
+
+def cell_finished(run_dir: Path, rounds: int) -> bool:
+    try:
+        return (run_dir / "adapter").is_dir() and len(read_metrics(run_dir)) >= rounds
+    except FedtuneError:
+        return False
+
+
+def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
+    """One simulation in a child process (its own Ray); skipped when already finished."""
+    run_dir = out / "cells" / cell.name
+    config = cell.config(base)
+    if cell_finished(run_dir, config.training.rounds):
+        log(f"[sweep] {cell.name}: finished earlier, skipped")
+        return run_dir
+    if run_dir.exists() and not (run_dir / "checkpoint.safetensors").exists():
+        import shutil
+
+        shutil.rmtree(run_dir)  # a cell that never finished a round: start clean
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "cell.toml"
+    atomic_write_text(config_path, config.to_toml())
+    log(f"[sweep] {cell.name}: running")
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "fedtune", "simulate", "--config", str(config_path), "--out", str(run_dir)]
+    if not config.dp.enabled:
+        command.append("--no-dp")
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    atomic_write_text(run_dir / "simulate.log", result.stdout + result.stderr)
+    if result.returncode != 0 or not cell_finished(run_dir, config.training.rounds):
+        tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise FedtuneError(f"sweep cell {cell.name} failed (exit {result.returncode}): {tail}; log: {run_dir / 'simulate.log'}")
+    log(f"[sweep] {cell.name}: done in {time.perf_counter() - started:.0f} s, "
+        f"accuracy {read_metrics(run_dir)[-1].get('accuracy', float('nan')):.4f}")
+    return run_dir
+
+
+def centralized_baseline(base: Config, out: Path, log=print) -> dict:
+    """Non-private LoRA on all clients' rows pooled, scored on the sweep's held-out set."""
+    path = out / "baseline.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from fedtune.central import CentralEvaluator
+    from fedtune.dp_train import new_ledger, plan_training, train_call
+    from fedtune.local import build_model, prepare_data
+    from fedtune.model import load_tokenizer, resolve_model_path
+    from simulations.partition import _partitioned
+    from simulations.run import prepare_simulation
+
+    config = prepare_simulation(base.replace(dp=dataclasses.replace(base.dp, enabled=False)))
+    pool, held_out, _ = _partitioned(config)
+    if held_out is None:
+        raise ConfigError("federation.central_holdout: a sweep needs a held-out share (e.g. 0.15) to compare cells")
+    epochs = config.training.rounds * config.training.epochs
+    config = config.replace(training=dataclasses.replace(config.training, rounds=1, epochs=epochs))
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    model = build_model(config, tokenizer, len(config.data.labels))
+    data = prepare_data(config, tokenizer, table=pool, validation=False)
+    plan = plan_training(config, len(data.train))
+    started = time.perf_counter()
+    log(f"[sweep] centralized non-private baseline: {len(data.train)} examples, {epochs} epochs")
+    train_call(model, data.train, config, plan, new_ledger(config, plan), None, label="centralized baseline")
+    from fedtune.adapter import adapter_state
+
+    scores = CentralEvaluator(config, model, tokenizer, held_out)(adapter_state(model))
+    result = {"accuracy": scores.get("accuracy"), "macro_f1": scores.get("macro_f1"), "loss": scores.get("loss"),
+              "majority_accuracy": scores.get("majority_accuracy"), "examples": len(data.train), "epochs": epochs,
+              "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_json(path, result)
+    return result
+
+
+def _cell_row(cell: Cell, run_dir: Path) -> dict:
+    metrics = read_metrics(run_dir)
+    last = metrics[-1]
+    eps = last.get("epsilon_max")
+    return {"cell": cell.name, "target_epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+            "num_clients": cell.num_clients, "partition": cell.partition, "ffa": cell.ffa, "seed": cell.seed,
+            "accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1"), "loss": last.get("loss"),
+            "best_accuracy": max((m.get("accuracy") or 0.0) for m in metrics),
+            "epsilon_spent_max": eps, "rounds": len(metrics),
+            "seconds": round(sum(m.get("seconds", 0.0) for m in metrics), 1)}
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def write_tables(out: Path, cells: list[Cell], rows: list[dict], baseline: dict) -> list[Path]:
+    import csv
+
+    columns = list(rows[0])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[r[c] for c in columns] for r in rows])
+    writer.writerow(["centralized-nonprivate-baseline", "inf", 1, "pooled", False, "", baseline["accuracy"],
+                     baseline["macro_f1"], baseline["loss"], baseline["accuracy"], "inf", 1, baseline["seconds"]])
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+
+    groups: dict[tuple, list[dict]] = {}
+    for cell, row in zip(cells, rows):
+        groups.setdefault((cell.setting, cell.epsilon), []).append(row)
+    lines = ["# Utility vs privacy", "",
+             f"Final-round accuracy on the central held-out set; mean ± standard deviation over seeds. "
+             f"Majority class: {baseline['majority_accuracy']:.4f}.", "",
+             "| setting | target epsilon | seeds | accuracy | macro F1 | epsilon spent (max) |", "|---|---|---|---|---|---|",
+             f"| centralized, pooled, LoRA (reference) | non-private | 1 | {baseline['accuracy']:.4f} | {baseline['macro_f1']:.4f} | inf |"]
+    for (setting, epsilon), group in groups.items():
+        spent = [g["epsilon_spent_max"] for g in group if isinstance(g["epsilon_spent_max"], float)]
+        target = "non-private" if math.isinf(epsilon) else f"{epsilon:g}"
+        lines.append(f"| {setting} | {target} | {len(group)} | {_spread([g['accuracy'] for g in group])} "
+                     f"| {_spread([g['macro_f1'] for g in group])} | {f'{max(spent):.3f}' if spent else 'inf'} |")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    _plot(out / "results.png", groups, baseline)
+    return [out / "results.csv", out / "results.md", out / "results.png"]
+
+
+def _plot(path: Path, groups: dict, baseline: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({eps for _, eps in groups if math.isfinite(eps)})
+    nonprivate_x = (max(finite) * 2.5) if finite else 1.0  # where "non-private" sits on the axis
+    figure, axes = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    for setting in dict.fromkeys(s for s, _ in groups):
+        points = sorted((eps if math.isfinite(eps) else nonprivate_x, [g["accuracy"] for g in rows])
+                        for (s, eps), rows in groups.items() if s == setting)
+        xs = [x for x, _ in points]
+        means = [statistics.mean(v) for _, v in points]
+        errors = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+        axes.errorbar(xs, means, yerr=errors, marker="o", markersize=4, capsize=3, label=setting)
+    axes.axhline(baseline["accuracy"], color="black", linestyle="--", linewidth=1, label="centralized non-private")
+    axes.axhline(baseline["majority_accuracy"], color="grey", linestyle=":", linewidth=1, label="majority class")
+    axes.set_xscale("log")
+    ticks = finite + [nonprivate_x]
+    axes.set_xticks(ticks, [f"{t:g}" for t in finite] + ["no DP"])
+    axes.set(xlabel="target epsilon per client", ylabel="accuracy (held-out)", title="utility vs privacy")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def sweep(base: Config, cells: list[Cell], out: str | Path, log=print) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"[sweep] {len(cells)} cells into {out}")
+    baseline = centralized_baseline(base, out, log)
+    rows = [_cell_row(cell, run_cell(cell, base, out, log)) for cell in cells]
+    written = write_tables(out, cells, rows, baseline)
+    log(f"[sweep] wrote {', '.join(str(p) for p in written)}")
+    return written
