@@ -121,6 +121,67 @@ def _default_simulation_file() -> str:
     return str(Path(simulations.__file__).resolve().parent / "default.toml")
 
 
+def _add_deployment_parsers(subparsers) -> None:
+    certs = subparsers.add_parser("certs", help="make development TLS certificates and SuperNode keys (not for production)")
+    certs.add_argument("--out", required=True, help="new folder for ca.crt, server.pem/.key and node-N key pairs")
+    certs.add_argument("--host", action="append", help="name or IP the SuperLink is reached at (repeatable; default 127.0.0.1 and localhost)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
+
+    server = subparsers.add_parser(
+        "server", help="operator: start the SuperLink with TLS and SuperNode authentication",
+        description="Starts flower-superlink with TLS and node authentication on, runtime dependency "
+        "installation off and its state in --state. Then register node keys with `flwr supernode register` "
+        "and start a run with `flwr run` (see docs/deployment.md).")
+    server.add_argument("--certs", help="folder with ca.crt, server.pem, server.key")
+    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    server.add_argument("--port", type=int, default=9092, help="port for SuperNodes and `flwr` commands (default 9092)")
+    server.add_argument("--state", default="superlink-state", help="folder for the SuperLink database (default superlink-state)")
+    server.add_argument("--insecure", action="store_true", help="no TLS (a local test only; needs --no-auth)")
+    server.add_argument("--no-auth", action="store_true", help="let any SuperNode join (a local test only)")
+
+    client = subparsers.add_parser(
+        "client", help="hospital / bank: start a SuperNode on this machine's private data",
+        description="Starts flower-supernode with TLS and this node's key. The data file, the state "
+        "folder (privacy ledger) and the epsilon cap stay on this machine.")
+    client.add_argument("--superlink", required=True, help="HOST:PORT of the operator's SuperLink (e.g. fl.example.org:9092)")
+    client.add_argument("--data", required=True, help="this node's training data (CSV / JSONL / Parquet)")
+    client.add_argument("--state-dir", required=True, help="folder for this node's privacy ledger (keep it: it is the budget)")
+    client.add_argument("--ca", help="the federation's ca.crt")
+    client.add_argument("--key", help="this node's private key (its .pub is registered by the operator)")
+    client.add_argument("--max-epsilon", type=float, help="this node's own epsilon cap (lower of it and the federation's wins)")
+    client.add_argument("--port", type=int, default=9094, help="local port for the node's ClientApp runtime (default 9094)")
+    client.add_argument("--insecure", action="store_true", help="no TLS, no key (a local test only)")
+
+    export = subparsers.add_parser("export", help="turn a server checkpoint into a PEFT adapter directory or a merged model")
+    export.add_argument("source", help="federation run directory or its checkpoint.safetensors")
+    export.add_argument("--out", required=True, help="new folder for the export")
+    export.add_argument("--merged", action="store_true", help="merge LoRA into the base weights (a plain transformers model)")
+
+
+def _run_deployment(args) -> int:
+    if args.command == "certs":
+        from fedtune.devcerts import make_dev_certs
+
+        for path in make_dev_certs(args.out, args.host or ["127.0.0.1", "localhost"], args.nodes):
+            print(path)
+        print("development only: give each node ca.crt and its own node-N; register node-N.pub on the SuperLink")
+        return 0
+    if args.command == "server":
+        from server.superlink import exec_superlink, superlink_command
+
+        exec_superlink(superlink_command(args.certs, args.host, args.port, args.state,
+                                         insecure=args.insecure, auth=not args.no_auth))
+    if args.command == "client":
+        from clients.supernode import exec_supernode, supernode_command
+
+        exec_supernode(supernode_command(args.superlink, args.data, args.state_dir, args.ca, args.key,
+                                         args.max_epsilon, args.port, args.insecure))
+    from fedtune.export import export_checkpoint
+
+    print(export_checkpoint(args.source, args.out, merged=args.merged))
+    return 0
+
+
 def _add_report_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="rebuild a federation run's CSV tables, summary.md and plots from its raw records")
@@ -160,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(subparsers)
     _add_simulate_parser(subparsers)
     _add_sweep_parser(subparsers)
+    _add_deployment_parsers(subparsers)
     _add_report_parser(subparsers)
     _add_privacy_parser(subparsers)
     return parser
@@ -275,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_privacy(args)
         if args.command == "sweep":
             return _run_sweep(args)
+        if args.command in ("certs", "server", "client", "export"):
+            return _run_deployment(args)
         if args.command == "report":
             return _run_report(args)
     except FedtuneError as exc:

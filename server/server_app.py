@@ -23,6 +23,7 @@ from fedtune.atomic import atomic_write_text
 from fedtune.central import CentralEvaluator, central_table
 from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
+from fedtune.errors import ConfigError
 from fedtune.federation import ClientReply, FederationServer
 from fedtune.local import build_model
 from fedtune.report import write_report
@@ -68,6 +69,9 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     Evaluation is central when there is a held-out table (`eval_table`, from a simulation's
     holdout, or the operator's `federation.central_eval_path`), federated otherwise.
     """
+    if config.task_is_classification and not config.data.labels:
+        raise ConfigError("data.labels: a federation must fix its label set (e.g. labels = [\"neg\", \"pos\"]) "
+                          "so that every node maps labels to the same ids")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = config.federation

@@ -1,0 +1,120 @@
+"""A real TLS deployment on 127.0.0.1: SuperLink with node authentication, two registered
+SuperNodes (each with its own data file and state dir), one unregistered SuperNode that
+must be refused, and a two-round run through `flwr run`."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtune.devcerts import make_dev_certs
+from tests.conftest import make_texts
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(command, log: Path, env) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _csv(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
+    certs = tmp_path / "certs"
+    make_dev_certs(certs, ["127.0.0.1", "localhost"], nodes=3)
+    port = _free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "UV_CACHE_DIR": str(tmp_path / "uv"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedtune"\n\n[superlink.fedtune]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n')
+    run_dir = tmp_path / "server-run"
+    federation = tmp_path / "federation.toml"
+    federation.write_text(
+        f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n\n[data]\nlabels = ["neg", "pos"]\n\n'
+        '[training]\nrounds = 2\nepochs = 1\nbatch_size = 8\n\n'
+        '[federation]\nclients_per_round = 2\nmin_clients = 2\nround_timeout = 300\n')
+    processes = []
+    try:
+        processes.append(_start([BIN / "fedtune", "server", "--certs", str(certs), "--host", "127.0.0.1",
+                                 "--port", str(port), "--state", str(tmp_path / "superlink")],
+                                tmp_path / "superlink.log", env))
+        for number in (1, 2):
+            for _attempt in range(30):  # the SuperLink takes a few seconds to listen
+                register = subprocess.run([BIN / "flwr", "supernode", "register", str(certs / f"node-{number}.pub"), "fedtune"],
+                                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+                if register.returncode == 0 or "unavailable" not in register.stdout + register.stderr:
+                    break
+                time.sleep(2)
+            assert register.returncode == 0, register.stdout + register.stderr + (tmp_path / "superlink.log").read_text()
+        for number in (1, 2, 3):  # node 3's key was never registered
+            data = _csv(tmp_path / f"hospital-{number}.csv", make_texts(60, seed=number))
+            processes.append(_start([BIN / "fedtune", "client", "--superlink", f"127.0.0.1:{port}",
+                                     "--ca", str(certs / "ca.crt"), "--key", str(certs / f"node-{number}"),
+                                     "--data", str(data), "--state-dir", str(tmp_path / f"node-{number}-state"),
+                                     "--port", str(_free_port())], tmp_path / f"node-{number}.log", env))
+        _wait_for(lambda: "Failed to activate SuperNode" in (tmp_path / "node-3.log").read_text()
+                  or processes[3].poll() is not None, 120, "the unregistered SuperNode to be refused")
+        run = subprocess.run([BIN / "flwr", "run", str(ROOT), "fedtune", "--run-config",
+                              f'config="{federation}" run-dir="{run_dir}"'],
+                             capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        _wait_for(lambda: (run_dir / "adapter" / "adapter_config.json").is_file(), 300, "the exported adapter")
+    finally:
+        for process in processes:
+            _stop(process)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+    assert "Failed to activate SuperNode" in logs["node-3.log"], logs["node-3.log"][-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(len(r["clients_accepted"]) == 2 for r in records)
+    for number in (1, 2):
+        ledger = json.loads((tmp_path / f"node-{number}-state" / "ledger.json").read_text())
+        assert len(ledger["calls"]) == 2 and ledger["epsilon"] <= 8.0
+    assert not (tmp_path / "node-3-state" / "ledger.json").exists()
+    # the exported adapter loads with stock peft
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    PeftModel.from_pretrained(base, run_dir / "adapter")
