@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,33 +26,9 @@ from opacus import PrivacyEngine  # noqa: E402
 from fedtune.cli import quiet_known_warnings  # noqa: E402
 from fedtune.config import LoraSettings  # noqa: E402
 from fedtune.data import LabelMap, TokenCache, load_builtin  # noqa: E402
+from machine_info import machine  # noqa: E402
 from fedtune.losses import PerExampleLoss  # noqa: E402
 from fedtune.model import attach_lora, bundled_model_path, load_base_model, load_tokenizer, trainable_named_parameters  # noqa: E402
-
-
-def machine() -> dict:
-    import opacus
-    import peft
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "opacus": opacus.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 class Mode:

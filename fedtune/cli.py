@@ -116,9 +116,9 @@ def _run_sweep(args) -> int:
 
 
 def _default_simulation_file() -> str:
-    import simulations
+    from simulations.run import default_config_path
 
-    return str(Path(simulations.__file__).resolve().parent / "default.toml")
+    return default_config_path()
 
 
 def _add_deployment_parsers(subparsers) -> None:

@@ -124,7 +124,9 @@ class FederationServer:
             aggregate = weighted_mean(states, [r.num_examples for r in accepted])
         self.adapter.update(self.optimizer.apply(reference, aggregate))
         self.round_done = server_round
+        evaluation_started = time.perf_counter()
         scores = evaluate(self.adapter) if evaluate else {}
+        evaluation_seconds = time.perf_counter() - evaluation_started
         epsilons = [e for e in self.node_epsilon.values() if not math.isnan(e)]
         record = {
             "round": server_round,
@@ -140,6 +142,9 @@ class FederationServer:
             "bytes_sent": bytes_sent,
             "bytes_received": sum(r.nbytes for r in replies),
             "seconds": round(time.perf_counter() - started, 3),
+            "evaluation_seconds": round(evaluation_seconds, 3),
+            # the accepted clients' bare local training (DP-SGD steps only), summed
+            "train_seconds_sum": round(sum(float(r.metrics.get("train_seconds", 0.0)) for r in accepted), 3),
             **(extra or {}),
         }
         self.history.append(record)

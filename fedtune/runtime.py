@@ -8,6 +8,7 @@ only swaps in the adapter tensors it receives. Tokenized data is cached by `Toke
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from fedtune.config import Config
@@ -26,7 +27,10 @@ class _Entry:
 class ModelCache:
     """Holds the model of the most recent spec (one per process is what fits in memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reuse: bool | None = None) -> None:
+        # FEDTUNE_RELOAD_MODEL_EVERY_CALL=1 reproduces the naive FlowerTune pattern (a fresh
+        # base model per ClientApp call) for benchmarks/simulation_efficiency.py.
+        self.reuse = reuse if reuse is not None else os.environ.get("FEDTUNE_RELOAD_MODEL_EVERY_CALL") != "1"
         self._entry: _Entry | None = None
         self.tokens = TokenCache()
         self.loads = 0  # how many times a base model was loaded (tests, benchmarks)
@@ -37,7 +41,7 @@ class ModelCache:
 
     def get(self, config: Config, num_labels: int | None):
         key = self.key(config, num_labels)
-        if self._entry is None or self._entry.key != key:
+        if self._entry is None or self._entry.key != key or not self.reuse:
             self._entry = None  # drop the old model before loading the new one
             tokenizer = load_tokenizer(resolve_model_path(config.model))
             self._entry = _Entry(key, build_model(config, tokenizer, num_labels), tokenizer)

@@ -19,6 +19,11 @@ from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 
 
+def default_config_path() -> str:
+    """`simulations/default.toml`: what `fedtune simulate` runs with no arguments."""
+    return str(Path(__file__).resolve().parent / "default.toml")
+
+
 def with_labels(config: Config) -> Config:
     """Fix the federation's label set from the whole dataset when not configured."""
     from simulations.partition import _source_table

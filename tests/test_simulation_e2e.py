@@ -84,3 +84,35 @@ def test_two_cell_sweep_writes_its_table(tiny_bert, tmp_path):
     messages = []
     sweep(base, cells, out, log=messages.append)
     assert sum("skipped" in m for m in messages) == 2
+
+
+def test_simulation_attaches_to_a_running_ray_cluster(tiny_bert, tmp_path):
+    """A Ray head started on 127.0.0.1 (as on a cluster's head node); the simulation
+    attaches to it through `federation.ray_address` instead of starting its own Ray."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from simulations.run import simulate
+
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path / "ray"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    started = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
+                              "--temp-dir", str(temp)], capture_output=True, text=True, env=env, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        config = _config(tiny_bert, _data(tmp_path), rounds=1, ray_address=f"127.0.0.1:{port}")
+        run = simulate(config, tmp_path / "run")
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(records) == 1 and len(records[0]["clients_accepted"]) == 3
+        # the work ran on the cluster we started: its session holds the worker logs
+        assert list(temp.glob("session_*/logs/worker-*")), "no Ray worker ran in the started cluster"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
