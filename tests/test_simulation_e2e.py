@@ -101,7 +101,9 @@ def test_simulation_attaches_to_a_running_ray_cluster(tiny_bert, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    temp = tmp_path / "ray"
+    import tempfile
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     started = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                               "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
@@ -116,3 +118,6 @@ def test_simulation_attaches_to_a_running_ray_cluster(tiny_bert, tmp_path):
         assert list(temp.glob("session_*/logs/worker-*")), "no Ray worker ran in the started cluster"
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
