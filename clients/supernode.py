@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from fedtune.errors import ConfigError
-from server.superlink import _executable
+from server.superlink import flower_executable
 
 
 def _toml_string(value: str) -> str:
@@ -35,14 +35,14 @@ def supernode_command(superlink: str, data: str, state_dir: str, ca: str | None,
     config_text = " ".join(f"{k}={_toml_string(v)}" for k, v in node_config.items())
     if max_epsilon is not None:
         config_text += f" max-epsilon={float(max_epsilon)}"
-    command = [_executable("flower-supernode"), "--superlink", superlink, "--node-config", config_text,
+    command = [flower_executable("flower-supernode"), "--superlink", superlink, "--node-config", config_text,
                "--port", str(port)]
     if insecure:
         command.append("--insecure")
     else:
         for flag, path in (("--ca", ca), ("--key", key)):
             if not path or not Path(path).is_file():
-                raise ConfigError(f"{flag} {path or ''}: file not found (TLS needs the federation's ca.crt and this node's private key)".replace("  ", " "))
+                raise ConfigError(f"{flag} = {path!r}: file not found (TLS needs the federation's ca.crt and this node's private key)")
         command += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
     return command
 

@@ -106,19 +106,14 @@ def _add_sweep_parser(subparsers) -> None:
 
 
 def _run_sweep(args) -> int:
+    from simulations.run import default_config_path
     from simulations.sweep import grid, sweep
 
-    config = config_from_args(args, default_file=_default_simulation_file())
+    config = config_from_args(args, default_file=default_config_path())
     cells = grid(args.epsilons, args.clients or str(config.federation.num_clients), args.partitions,
                  args.ffa_modes, args.seeds)
     sweep(config, cells, args.out)
     return 0
-
-
-def _default_simulation_file() -> str:
-    from simulations.run import default_config_path
-
-    return default_config_path()
 
 
 def _add_deployment_parsers(subparsers) -> None:
@@ -265,9 +260,9 @@ def _run_train_local(args) -> int:
 
 
 def _run_simulate(args) -> int:
-    from simulations.run import simulate
+    from simulations.run import default_config_path, simulate
 
-    config = config_from_args(args, default_file=_default_simulation_file())
+    config = config_from_args(args, default_file=default_config_path())
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     simulate(config, out, args.cpus_per_client, args.gpus_per_client)
     return 0

@@ -110,12 +110,7 @@ def epsilon_by_round(ledger: PrivacyLedger) -> list[tuple[int, float]]:
 
 
 def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[float, float]]], hline=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    figure, axes = new_figure()
     for name, points in series.items():
         points = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
         if points:
@@ -126,6 +121,23 @@ def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[floa
     axes.grid(alpha=0.3)
     if len(series) <= 12 or hline is not None:
         axes.legend(fontsize=7)
+    save_figure(figure, path)
+
+
+def new_figure(size=(6, 4)):
+    """A matplotlib figure on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size, dpi=120)
+
+
+def save_figure(figure, path: Path) -> None:
+    """Write a figure as PNG atomically and free it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

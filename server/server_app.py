@@ -79,7 +79,8 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     num_labels = len(config.data.labels) if config.task_is_classification else None
     model = build_model(config, tokenizer, num_labels)
     server = FederationServer.start_or_resume(config, run_dir, adapter_state(model), trainable_keys(model))
-    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    config_text = config.to_toml()  # the same every round: serialise once
+    atomic_write_text(run_dir / "config.toml", config_text)
     eval_table = eval_table if eval_table is not None else central_table(config)
     central = CentralEvaluator(config, model, tokenizer, eval_table) if eval_table is not None else None
     if central is not None:
@@ -89,7 +90,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
         log(f"resuming after round {server.round_done} from {run_dir / 'checkpoint.safetensors'}")
 
     def send(node_ids, message_type, arrays, server_round):
-        record = ConfigRecord({"server-round": server_round, "fedtune-config": config.to_toml(),
+        record = ConfigRecord({"server-round": server_round, "fedtune-config": config_text,
                                "evaluation": "central" if central else "federated",
                                "state-root": str((run_dir / "clients").resolve())})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,

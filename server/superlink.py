@@ -18,7 +18,8 @@ from fedtune.errors import ConfigError
 CERT_FILES = {"ca": "ca.crt", "certificate": "server.pem", "key": "server.key"}
 
 
-def _executable(name: str) -> str:
+def flower_executable(name: str) -> str:
+    """The path of a Flower command installed with fedtune, or a one-line error."""
     found = shutil.which(name)
     if found is None:
         raise ConfigError(f"{name}: not found on PATH; install fedtune (it brings flwr) in this environment")
@@ -29,7 +30,7 @@ def superlink_command(certs: str | None, host: str, port: int, state: str, insec
                       auth: bool = True) -> list[str]:
     """flwr 1.41 serves the Fleet (SuperNodes), Control (`flwr` CLI) and ServerApp APIs
     over HTTPS on one address."""
-    command = [_executable("flower-superlink"), "--host", host, "--port", str(port),
+    command = [flower_executable("flower-superlink"), "--host", host, "--port", str(port),
                "--disable-runtime-dependency-installation"]
     if insecure:
         command.append("--insecure")

@@ -34,7 +34,7 @@ def _client_files(folder: str) -> list[Path]:
     return files
 
 
-def _source_table(config: Config) -> Table:
+def source_table(config: Config) -> Table:
     """The whole dataset; for pre-split files, their concatenation tagged with the file."""
     fed = config.federation
     if fed.partitioner != "files":
@@ -72,7 +72,7 @@ def _group_column(config: Config, table: Table) -> list[str] | None:
 
 @lru_cache(maxsize=4)
 def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
-    table = _source_table(config)
+    table = source_table(config)
     held_out = None
     if config.federation.central_holdout > 0:
         table, held_out = train_val_split(table, config.federation.central_holdout, config.training.seed + 1)
@@ -104,6 +104,11 @@ def with_partition_count(config: Config) -> Config:
         raise ConfigError(f"federation.clients_per_round = {fed.clients_per_round}: the {fed.partitioner} "
                           f"partitioning yields only {count} clients")
     return config.replace(federation=dataclasses.replace(fed, num_clients=count))
+
+
+def training_pool(config: Config) -> Table:
+    """Every client's rows together (the held-out share excluded): the centralized baseline's data."""
+    return _partitioned(config)[0]
 
 
 def client_table(config: Config, partition_id: int) -> Table:

@@ -26,11 +26,11 @@ def default_config_path() -> str:
 
 def with_labels(config: Config) -> Config:
     """Fix the federation's label set from the whole dataset when not configured."""
-    from simulations.partition import _source_table
+    from simulations.partition import source_table
 
     if not config.task_is_classification or config.data.labels:
         return config
-    table = _source_table(config)
+    table = source_table(config)
     labels = tuple(str(x) for x in LabelMap.from_labels(table.labels, source=table.source).labels)
     return config.replace(data=dataclasses.replace(config.data, labels=labels))
 

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from fedtune.config import Config, config_from_toml_text
+from fedtune.atomic import atomic_write_json, atomic_write_text
+from fedtune.config import Config
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.report import read_metrics
 
@@ -137,8 +137,6 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
     log(f"[sweep] {cell.name}: running")
     started = time.perf_counter()
     command = [sys.executable, "-m", "fedtune", "simulate", "--config", str(config_path), "--out", str(run_dir)]
-    if not config.dp.enabled:
-        command.append("--no-dp")
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     atomic_write_text(run_dir / "simulate.log", result.stdout + result.stderr)
     if result.returncode != 0 or not cell_finished(run_dir, config.training.rounds):
@@ -158,11 +156,11 @@ def centralized_baseline(base: Config, out: Path, log=print) -> dict:
     from fedtune.dp_train import new_ledger, plan_training, train_call
     from fedtune.local import build_model, prepare_data
     from fedtune.model import load_tokenizer, resolve_model_path
-    from simulations.partition import _partitioned
+    from simulations.partition import held_out_table, training_pool
     from simulations.run import prepare_simulation
 
     config = prepare_simulation(base.replace(dp=dataclasses.replace(base.dp, enabled=False)))
-    pool, held_out, _ = _partitioned(config)
+    pool, held_out = training_pool(config), held_out_table(config)
     if held_out is None:
         raise ConfigError("federation.central_holdout: a sweep needs a held-out share (e.g. 0.15) to compare cells")
     epochs = config.training.rounds * config.training.epochs
@@ -211,9 +209,11 @@ def write_tables(out: Path, cells: list[Cell], rows: list[dict], baseline: dict)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows([[r[c] for c in columns] for r in rows])
-    writer.writerow(["centralized-nonprivate-baseline", "inf", 1, "pooled", False, "", baseline["accuracy"],
-                     baseline["macro_f1"], baseline["loss"], baseline["accuracy"], "inf", 1, baseline["seconds"]])
+    reference = {"cell": "centralized-nonprivate-baseline", "target_epsilon": "inf", "num_clients": 1,
+                 "partition": "pooled", "ffa": False, "seed": "", "accuracy": baseline["accuracy"],
+                 "macro_f1": baseline["macro_f1"], "loss": baseline["loss"], "best_accuracy": baseline["accuracy"],
+                 "epsilon_spent_max": "inf", "rounds": 1, "seconds": baseline["seconds"]}
+    writer.writerows([[r.get(c, "") for c in columns] for r in rows + [reference]])
     atomic_write_text(out / "results.csv", buffer.getvalue())
 
     groups: dict[tuple, list[dict]] = {}
@@ -235,14 +235,11 @@ def write_tables(out: Path, cells: list[Cell], rows: list[dict], baseline: dict)
 
 
 def _plot(path: Path, groups: dict, baseline: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedtune.report import new_figure, save_figure
 
     finite = sorted({eps for _, eps in groups if math.isfinite(eps)})
     nonprivate_x = (max(finite) * 2.5) if finite else 1.0  # where "non-private" sits on the axis
-    figure, axes = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    figure, axes = new_figure((6.5, 4.2))
     for setting in dict.fromkeys(s for s, _ in groups):
         points = sorted((eps if math.isfinite(eps) else nonprivate_x, [g["accuracy"] for g in rows])
                         for (s, eps), rows in groups.items() if s == setting)
@@ -258,11 +255,7 @@ def _plot(path: Path, groups: dict, baseline: dict) -> None:
     axes.set(xlabel="target epsilon per client", ylabel="accuracy (held-out)", title="utility vs privacy")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(figure, path)
 
 
 def sweep(base: Config, cells: list[Cell], out: str | Path, log=print) -> list[Path]:

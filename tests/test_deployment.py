@@ -59,7 +59,7 @@ def test_deployment_mistakes_are_one_line_errors(argv, message, capsys, tmp_path
 def test_export_checkpoint_as_adapter_and_merged(tiny_bert, sentiment_csv, tmp_path):
     import numpy as np
     import torch
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification
 
     from fedtune.adapter import adapter_state, trainable_keys
@@ -79,7 +79,7 @@ def test_export_checkpoint_as_adapter_and_merged(tiny_bert, sentiment_csv, tmp_p
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     loaded = PeftModel.from_pretrained(base, adapter_dir)
     key = next(k for k in state if "lora_B" in k)
-    loaded_state = {k: v.numpy() for k, v in __import__("peft").get_peft_model_state_dict(loaded).items()}
+    loaded_state = {k: v.numpy() for k, v in get_peft_model_state_dict(loaded).items()}
     assert np.allclose(loaded_state[key], state[key] + 0.01)
     merged = export_checkpoint(tmp_path / "run", tmp_path / "merged", merged=True)
     plain = AutoModelForSequenceClassification.from_pretrained(merged)

@@ -1,6 +1,5 @@
 """Run-directory outputs (CSV, ledger table, summary, plots) and central evaluation."""
 
-import json
 
 import pytest
 
