@@ -26,7 +26,7 @@ from opacus import PrivacyEngine  # noqa: E402
 from fedtune.cli import quiet_known_warnings  # noqa: E402
 from fedtune.config import LoraSettings  # noqa: E402
 from fedtune.data import LabelMap, TokenCache, load_builtin  # noqa: E402
-from machine_info import machine  # noqa: E402
+from fedtune.machine import machine  # noqa: E402
 from fedtune.losses import PerExampleLoss  # noqa: E402
 from fedtune.model import attach_lora, bundled_model_path, load_base_model, load_tokenizer, trainable_named_parameters  # noqa: E402
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_info import machine  # noqa: E402
+from fedtune.machine import machine  # noqa: E402
 
 ROWS_PER_CLIENT = 35
 PER_ROUND = 10

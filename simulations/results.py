@@ -1,0 +1,232 @@
+"""Utility vs privacy on bundled real data: the sweeps behind `docs/results.md`.
+
+For each dataset, one `fedtune sweep` (every cell a real `fedtune simulate`: Flower
+simulation engine, Ray, Opacus, peft) over 10 IID or Dirichlet(0.3) clients, target
+epsilon 1, 3, 8 and non-private, LoRA and FFA-LoRA, three seeds, plus the sweep's
+centralized non-private LoRA reference on the pooled training rows. Finished cells are
+skipped on a re-run, so an interrupted run resumes. Then `docs/results.md` is written
+from the sweeps' `results.csv` files: nothing in the report is typed by hand.
+
+    python -m simulations.results [--datasets tweets,bbc-news] [--seeds 0,1,2] [--out runs/results]
+    python -m simulations.results --report-only        # rewrite docs/results.md from finished sweeps
+
+Sized for a 2-core CPU (about 35 minutes per dataset): short sequences, three rounds of
+one local epoch, and every client sampled every round (cross-silo). The sizes are in
+`DATASETS` and are printed into the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.atomic import atomic_write_json, atomic_write_text
+from fedtune.config import config_from_toml_text
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.machine import machine_description
+from simulations.sweep import Cell, grid, sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+EPSILONS = "inf,8,3,1"
+CLIENTS = "10"
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """One dataset's base configuration: what every cell of its sweep shares."""
+
+    name: str
+    max_examples: int  # 0 = all rows
+    max_seq_len: int
+    why: str
+
+    def base_toml(self) -> str:
+        return f"""
+[data]
+dataset = "{self.name}"
+max_examples = {self.max_examples}
+
+[model]
+max_seq_len = {self.max_seq_len}
+
+[training]
+rounds = 3
+epochs = 1
+batch_size = 16
+learning_rate = 0.01
+
+[dp]
+target_epsilon = 8.0
+
+[federation]
+num_clients = 10
+clients_per_round = 10
+min_clients = 8
+central_holdout = 0.15
+"""
+
+
+DATASETS = {
+    "tweets": DatasetPlan("tweets", 3000, 32, "3-way sentiment of short tweets; a seeded 3,000-row sample"),
+    "bbc-news": DatasetPlan("bbc-news", 0, 32, "5-topic news articles, all 2,225 (headline and first sentence at 32 tokens)"),
+    "drug-reviews": DatasetPlan("drug-reviews", 0, 64, "medical case: 979 patient reviews, rating as sentiment"),
+}
+
+# (partition, FFA modes) pairs: LoRA vs FFA-LoRA on IID clients, LoRA on Dirichlet(0.3).
+SETTINGS = [("iid", "off,on"), ("0.3", "off")]
+DIRICHLET_FFA = ("0.3", "on")
+
+
+def cells_for(seeds: str, dirichlet_ffa: bool) -> list[Cell]:
+    settings = SETTINGS + ([DIRICHLET_FFA] if dirichlet_ffa else [])
+    return [cell for partition, ffa in settings for cell in grid(EPSILONS, CLIENTS, partition, ffa, seeds)]
+
+
+def run_dataset(plan: DatasetPlan, seeds: str, dirichlet_ffa: bool, out: Path) -> Path:
+    started = time.perf_counter()
+    base = config_from_toml_text(plan.base_toml(), source=f"results plan {plan.name}")
+    target = out / plan.name
+    sweep(base, cells_for(seeds, dirichlet_ffa), target)
+    atomic_write_json(target / "plan.json", {"dataset": plan.name, "seeds": seeds, "dirichlet_ffa": dirichlet_ffa,
+                                             "base_config": plan.base_toml(), "why": plan.why,
+                                             "last_invocation_seconds": round(time.perf_counter() - started, 1)})
+    return target
+
+
+# ---------------------------------------------------------------- report
+
+
+def _read_rows(folder: Path) -> list[dict]:
+    with open(folder / "results.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _setting(row: dict) -> str:
+    partition = "IID" if row["partition"] == "iid" else row["partition"].replace("dirichlet-", "Dirichlet(") + ")"
+    return f"{partition}, {'FFA-LoRA' if row['ffa'] == 'True' else 'LoRA'}"
+
+
+def dataset_section(name: str, folder: Path, figures: Path) -> tuple[list[str], float]:
+    rows = _read_rows(folder)
+    baseline = json.loads((folder / "baseline.json").read_text(encoding="utf-8"))
+    plan = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
+    cells = [r for r in rows if r["cell"] != "centralized-nonprivate-baseline"]
+    columns = ["inf", "8.0", "3.0", "1.0"]
+    table: dict[str, dict[str, list[float]]] = {}
+    spent: dict[str, list[float]] = {}
+    for row in cells:
+        table.setdefault(_setting(row), {}).setdefault(row["target_epsilon"], []).append(float(row["accuracy"]))
+        if row["epsilon_spent_max"] not in ("", "inf"):
+            spent.setdefault(row["target_epsilon"], []).append(float(row["epsilon_spent_max"]))
+    seeds = sorted({r["seed"] for r in cells})
+    seconds = sum(float(r["seconds"]) for r in rows) 
+    figures.mkdir(parents=True, exist_ok=True)
+    figure = figures / f"{name}.png"
+    shutil.copyfile(folder / "results.png", figure)
+    lines = [f"## {name}", "", f"{plan['why']}. Held-out set: 15% of the rows, kept back before partitioning "
+             f"(majority class {baseline['majority_accuracy']:.3f}). Seeds: {', '.join(seeds)}.", "",
+             "| setting (10 clients) | non-private | epsilon 8 | epsilon 3 | epsilon 1 |", "|---|---|---|---|---|",
+             f"| centralized, pooled, LoRA (reference, seed 0) | {baseline['accuracy']:.3f} | | | |"]
+    for setting, by_eps in table.items():
+        lines.append(f"| federated, {setting} | " + " | ".join(_cell(by_eps.get(c, [])) for c in columns) + " |")
+    worst = {eps: max(v) for eps, v in spent.items()}
+    lines += ["", "Accuracy on the held-out set after the last round, mean ± standard deviation over seeds. "
+              "Largest epsilon any client actually spent (recomputed from its ledger by Opacus): "
+              + ", ".join(f"{worst[e]:.3f} at target {float(e):g}" for e in columns if e in worst) + ".", "",
+              f"![utility vs privacy, {name}](results/{figure.name})", ""]
+    return lines, seconds
+
+
+ANCHORS = """## Published anchors (context, not the same settings)
+
+- **Yu et al. 2022**, *Differentially Private Fine-tuning of Language Models* (ICLR 2022):
+  DP LoRA on RoBERTa-Large at epsilon = 6.7 reaches 95.3% on SST-2, 87.8% on MNLI, 90.8% on
+  QNLI and 87.4% on QQP, a few points under non-private fine-tuning, with a centrally trained
+  model on tens to hundreds of thousands of examples, large batches and many epochs.
+- **Opacus text-classification tutorial** (*Building text classifier with Differential
+  Privacy*, opacus.ai/tutorials): BERT-base on SNLI (550k pairs), only the top layers trained
+  with DP-SGD at epsilon = 7.5, one epoch; the tutorial reports its accuracy in the notebook.
+
+The gap to those figures is expected and is the point of the table above: here each client
+holds a few hundred rows, epsilon is spent *per client* over a few local epochs, the model
+is a 22.7M-parameter MiniLM at 32 tokens, and training is three short rounds on a 2-core CPU.
+DP-SGD's noise is divided by the batch size and amortised over the steps a client takes, so
+small silos pay much more for the same epsilon than one large central dataset does.
+"""
+
+
+def write_report(out: Path, report: Path, wall_seconds: float | None = None) -> Path:
+    folders = [out / name for name in DATASETS if (out / name / "results.csv").is_file()]
+    if not folders:
+        raise ConfigError(f"{out}: no finished sweep (results.csv) to report; run `python -m simulations.results` first")
+    figures = report.parent / "results"
+    described = machine_description()
+    sections, seconds = [], 0.0
+    for folder in folders:
+        lines, spent_seconds = dataset_section(folder.name, folder, figures)
+        sections += lines
+        seconds += spent_seconds
+    plan = DATASETS[folders[0].name]
+    header = [
+        "# Results: utility vs privacy on bundled real data", "",
+        "Produced by `python -m simulations.results` (the script writes this file; re-run it to reproduce). "
+        "Every federated cell is a real `fedtune simulate` run: Flower's simulation engine, Opacus DP-SGD "
+        "per client (record-level, RDP accountant, delta = 1/n per client), peft LoRA on all-MiniLM-L6-v2.", "",
+        f"Machine: {described}.", "",
+        "Budget: sized to finish on this machine in about an hour and a half: 10 clients, all sampled every "
+        "round, 3 rounds x 1 local epoch, batch 16, AdamW lr 0.01, LoRA r=8 on query/value + classifier head "
+        f"(FFA-LoRA freezes A), sequence {plan.max_seq_len} tokens. "
+        f"Training and evaluation time summed over all cells: {seconds / 60:.0f} min"
+        + (f"; wall time of the last invocation: {wall_seconds / 60:.0f} min." if wall_seconds else "."), "",
+        "Settings not run, to fit the budget: FFA-LoRA on Dirichlet clients (`--dirichlet-ffa` adds it), "
+        "more rounds, longer sequences, and the centralized reference over several seeds (seed 0 only).", "",
+    ]
+    atomic_write_text(report, "\n".join(header + sections) + "\n" + ANCHORS)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="tweets,bbc-news", help=f"any of {', '.join(DATASETS)} (default tweets,bbc-news)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds per cell (default 0,1,2)")
+    parser.add_argument("--dirichlet-ffa", action="store_true", help="also run FFA-LoRA on Dirichlet clients")
+    parser.add_argument("--out", default="runs/results", help="sweep folders (default runs/results)")
+    parser.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="report to write (default docs/results.md)")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished sweeps")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    started = time.perf_counter()
+    try:
+        if not args.report_only:
+            names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+            unknown = [n for n in names if n not in DATASETS]
+            if unknown or not names:
+                raise ConfigError(f"--datasets = {args.datasets!r}: expected names from {', '.join(DATASETS)}")
+            for name in names:
+                run_dataset(DATASETS[name], args.seeds, args.dirichlet_ffa, out)
+        wall = None if args.report_only else time.perf_counter() - started
+        print(f"wrote {write_report(out, Path(args.report), wall)}")
+    except FedtuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
