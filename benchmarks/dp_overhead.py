@@ -65,14 +65,8 @@ class Mode:
         return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="measured steps per mode")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+def measure(steps: int = 12, warmup: int = 2, batch_size: int = 32, seq_len: int = 128) -> dict:
+    """Median step time per mode on the same interleaved batches, and the ratios."""
     quiet_known_warnings()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,35 +75,49 @@ def main() -> None:
     tokenizer = load_tokenizer(path)
     table = load_builtin("bbc-news")
     label_map = LabelMap.from_labels(table.labels)
-    n = args.batch_size * (args.steps + args.warmup)
+    n = batch_size * (steps + warmup)
     order = torch.randperm(len(table), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    encoded = TokenCache().tokenize(tokenizer, [table.texts[i] for i in order], args.seq_len)
+    encoded = TokenCache().tokenize(tokenizer, [table.texts[i] for i in order], seq_len)
     labels = torch.as_tensor(label_map.encode([table.labels[i] for i in order]))
 
-    modes = [Mode(name, path, len(label_map), tokenizer.pad_token_id, args.batch_size, device)
+    modes = [Mode(name, path, len(label_map), tokenizer.pad_token_id, batch_size, device)
              for name in ("non-private", "hooks", "ghost")]
     times: dict[str, list[float]] = {m.name: [] for m in modes}
-    for step in range(args.steps + args.warmup):
-        batch = slice(step * args.batch_size, (step + 1) * args.batch_size)
+    for step in range(steps + warmup):
+        batch = slice(step * batch_size, (step + 1) * batch_size)
         tensors = [t[batch].to(device) for t in (encoded["input_ids"], encoded["attention_mask"], labels)]
         rotation = modes[step % 3:] + modes[: step % 3]  # rotate who goes first
         for mode in rotation:
             elapsed = mode.step(*tensors)
-            if step >= args.warmup:
+            if step >= warmup:
                 times[mode.name].append(elapsed)
 
     median = {name: statistics.median(values) for name, values in times.items()}
-    result = {
+    return {
         "benchmark": "dp_overhead",
-        "workload": f"all-MiniLM-L6-v2 + LoRA r=8 (query, value) + head, batch {args.batch_size}, seq {args.seq_len}, "
-                    f"AdamW, {args.steps} measured steps per mode, interleaved",
+        "workload": f"all-MiniLM-L6-v2 + LoRA r=8 (query, value) + head, batch {batch_size}, seq {seq_len}, "
+                    f"AdamW, {steps} measured steps per mode, interleaved",
+        "batch_size": batch_size,
+        "seq_len": seq_len,
         "median_step_seconds": median,
         "ratio_hooks": median["hooks"] / median["non-private"],
         "ratio_ghost": median["ghost"] / median["non-private"],
         "goal_hooks": 1.10,
         "machine": machine(),
     }
-    print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} threads), GPU: {result['machine']['gpu']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="measured steps per mode")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    result = measure(args.steps, args.warmup, args.batch_size, args.seq_len)
+    median = result["median_step_seconds"]
+    print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} cores), GPU: {result['machine']['gpu']}")
     print(f"workload: {result['workload']}")
     for name, seconds in median.items():
         print(f"  {name:12s} median step {seconds * 1000:8.1f} ms")

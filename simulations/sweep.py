@@ -124,6 +124,12 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
     """One simulation in a child process (its own Ray); skipped when already finished."""
     run_dir = out / "cells" / cell.name
     config = cell.config(base)
+    config_path = run_dir / "cell.toml"
+    if config_path.is_file() and config_path.read_text(encoding="utf-8") != config.to_toml():
+        import shutil
+
+        log(f"[sweep] {cell.name}: base configuration changed since it ran; running it again")
+        shutil.rmtree(run_dir)
     if cell_finished(run_dir, config.training.rounds):
         log(f"[sweep] {cell.name}: finished earlier, skipped")
         return run_dir
@@ -132,7 +138,6 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
 
         shutil.rmtree(run_dir)  # a cell that never finished a round: start clean
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "cell.toml"
     atomic_write_text(config_path, config.to_toml())
     log(f"[sweep] {cell.name}: running")
     started = time.perf_counter()
