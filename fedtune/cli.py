@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import ConfigError, FedtuneError
 
 # CLI flag -> (config key, value transform). Flags are shortcuts for `--set key=value`.
 TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {
@@ -25,6 +25,7 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {
     "task": ("model.task", "classification or causal-lm", str),
     "max_seq_len": ("model.max_seq_len", "tokens per example", int),
     "device": ("model.device", "auto, cpu or cuda[:N]", str),
+    "precision": ("training.precision", "fp32, or bf16 autocast for the forward pass", str),
     "epsilon": ("dp.target_epsilon", "target epsilon for the whole planned training", float),
     "delta": ("dp.delta", "delta (0 = automatic, 1/(10 n))", float),
     "noise_multiplier": ("dp.noise_multiplier", "fixed noise multiplier (0 = calibrate from --epsilon)", float),
@@ -84,7 +85,9 @@ def _add_simulate_parser(subparsers) -> None:
     )
     _add_config_flags(parser, {**TRAIN_FLAGS, **SIMULATE_FLAGS}, "TOML config (default: simulations/default.toml)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client")
-    parser.add_argument("--gpus-per-client", type=float, default=0.0, help="Ray GPU fraction per virtual client")
+    parser.add_argument("--gpus-per-client", type=float, default=None,
+                        help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
+                             "clients share each GPU; 0 without one)")
     parser.add_argument("--out", help="run directory (default: runs/simulate-<time>)")
 
 
@@ -264,7 +267,12 @@ def _run_simulate(args) -> int:
 
     config = config_from_args(args, default_file=default_config_path())
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-    simulate(config, out, args.cpus_per_client, args.gpus_per_client)
+    from simulations.run import default_gpus_per_client
+
+    gpus = default_gpus_per_client() if args.gpus_per_client is None else args.gpus_per_client
+    if gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
+        raise ConfigError(f"--gpus-per-client = {gpus}: expected a fraction in [0, 1] or a whole number of GPUs")
+    simulate(config, out, args.cpus_per_client, gpus)
     return 0
 
 

@@ -114,6 +114,9 @@ class DPConfig:
         return self.delta if self.delta > 0 else 1.0 / (10.0 * n_train)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     # Local epochs per training call (per federated round).
@@ -128,6 +131,10 @@ class TrainingConfig:
     weight_decay: float = 0.0
     # Seeds LoRA init, the split, Poisson sampling and the DP noise (unless secure_mode).
     seed: int = 0
+    # "fp32", or "bf16": the forward pass under torch.autocast (weights, gradients, Opacus's
+    # per-sample clipping and noise stay fp32). No "fp16": it needs loss scaling, and a
+    # scaled loss scales every per-sample gradient before DP-SGD clips it.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -142,6 +149,9 @@ class TrainingConfig:
             _fail("training.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         if self.weight_decay < 0:
             _fail("training.weight_decay", self.weight_decay, "a number >= 0")
+        if self.precision not in PRECISIONS:
+            _fail("training.precision", self.precision,
+                  "'fp32' or 'bf16' (fp16 needs loss scaling, which breaks DP-SGD's per-sample clipping)")
 
 
 @dataclass(frozen=True)

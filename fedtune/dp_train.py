@@ -191,11 +191,17 @@ def _proximal_step(parameters, anchors, config: Config) -> None:
             parameter.sub_(step * (parameter - anchor))
 
 
-def _forward_loss(model, batch, criterion, task, device):
+def autocast(device: torch.device, precision: str):
+    """The forward pass's autocast context: bf16 on CUDA or CPU, or a no-op for fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _forward_loss(model, batch, criterion, task, device, precision: str = "fp32"):
     input_ids, attention_mask, labels = trim_batch(*batch, task)
     input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logits, labels
+    with autocast(device, precision):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits.float(), labels  # the loss (and Opacus's loss scaling) in fp32
 
 
 def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_step=None):
@@ -229,7 +235,7 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     try:
         for _ in range(plan.epochs):
             for batch in dp_loader:
-                logits, labels = _forward_loss(model, batch, criterion, task, device)
+                logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
                 loss = dp_criterion(logits, labels)
                 loss.backward()
                 dp_optimizer.step()
@@ -265,7 +271,7 @@ def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_st
     losses, seen, step = [], 0, 0
     for _ in range(plan.epochs):
         for batch in loader:
-            logits, labels = _forward_loss(model, batch, criterion, task, device)
+            logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
             loss = criterion(logits, labels)
             loss.backward()
             optimizer.step()

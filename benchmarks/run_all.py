@@ -1,0 +1,174 @@
+"""Every fedtune benchmark in one command: a markdown table of ratios plus the raw JSON.
+
+Runs, on the same machine in one go (each ratio measured side by side, interleaved):
+
+  DP cost              DP-SGD step / non-private step, Opacus hooks and ghost clipping
+                       (dp_overhead.py: same batches, modes rotated every step)
+  hardware efficiency  achieved training FLOP/s / measured matrix-multiply peak
+                       (hardware_efficiency.py, from the DP benchmark's step times)
+  simulation           round time / bare local training; the FlowerTune reload pattern;
+                       memory with 1,000 vs 10 registered clients; bytes per client per round
+                       vs the full model (LoRA, FFA-LoRA); round time vs clients per round
+                       (simulation_efficiency.py: `fedtune simulate` variants, ABBA order)
+  pfl-research         fedtune vs pfl on an identical FedAvg + central-DP workload: wall time,
+                       round time, final accuracy (pfl_compare.py; needs `pip install pfl==0.6.0`)
+
+    python benchmarks/run_all.py --quick          # under 15 minutes on a 2-core CPU
+    python benchmarks/run_all.py                  # the full run (about 30 minutes there)
+    python benchmarks/run_all.py --out DIR        # where RUN.md / RUN.json go (default runs/benchmarks)
+
+The machine (CPU, cores, GPU, library versions) heads both files: a ratio means little
+without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from fedtune.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from fedtune.machine import machine, machine_description  # noqa: E402
+
+PLANS = {
+    "quick": {"dp_steps": 6, "sim_rounds": 3, "sim_repeats": 1, "cohorts": (5, 20), "pfl": "QUICK", "pfl_repeats": 1},
+    "full": {"dp_steps": 12, "sim_rounds": 4, "sim_repeats": 2, "cohorts": (5, 20), "pfl": "FULL", "pfl_repeats": 2},
+}
+
+
+def _met(value: float, goal: float, lower_is_better: bool = True) -> str:
+    return "met" if (value <= goal if lower_is_better else value >= goal) else "**not met**"
+
+
+def table(results: dict) -> list[str]:
+    """One row per ratio: what it is, the figure, the goal and whether it is met."""
+    rows = []
+    dp = results.get("dp_cost")
+    if dp:
+        rows.append(("DP cost: DP-SGD (Opacus hooks) step / non-private step", f"{dp['ratio_hooks']:.3f}x",
+                     f"<= 1.10x: {_met(dp['ratio_hooks'], 1.10)}"))
+        rows.append(("DP cost: DP-SGD (ghost clipping) step / non-private step", f"{dp['ratio_ghost']:.3f}x",
+                     "reported (Opacus: 1.19x-1.40x on BERT)"))
+    hw = results.get("hardware_efficiency")
+    if hw:
+        for mode in ("non-private", "hooks"):
+            rows.append((f"Hardware: achieved training FLOP/s / matmul peak ({mode})",
+                         f"{hw['fraction_of_peak'][mode]:.2f} ({hw['achieved_flops'][mode] / 1e9:.0f} / "
+                         f"{hw['matmul_peak_flops'] / 1e9:.0f} GFLOP/s)", "reported"))
+    sim = results.get("simulation")
+    if sim:
+        s = sim["summary"]
+        rows.append(("Simulation: round wall time / summed bare local training (rounds 2+)",
+                     f"{s['a_round_over_bare_training']:.3f}", f"<= 1.15: {_met(s['a_round_over_bare_training'], 1.15)}"))
+        rows.append(("Simulation: the same, round 1 (Ray start, first model load)", f"{s['a_round1_over_bare_training']:.3f}", "reported"))
+        rows.append(("FlowerTune pattern (model reloaded every call) / fedtune round time",
+                     f"{s['b_reload_over_fedtune']:.3f}x", f">= 1 (fedtune faster): {_met(s['b_reload_over_fedtune'], 1.0, False)}"))
+        comm = s["d_communication"]
+        for label, name in (("lora", "LoRA"), ("ffa_lora", "FFA-LoRA")):
+            c = comm[label]
+            rows.append((f"Communication, {name}: bytes per client per round / full-model bytes (up; down)",
+                         f"{c['up_over_full_model']:.5f}; {c['down_over_full_model']:.5f} "
+                         f"({c['up_bytes'] / 1e3:.0f} kB; {c['down_bytes'] / 1e3:.0f} kB of {comm['full_model_bytes'] / 1e6:.1f} MB)",
+                         "reported"))
+        rows.append(("Scale: peak resident memory, 1,000 vs 10 registered clients", f"{s['c_peak_memory_1000_over_10']:.3f}",
+                     f"<= 1.1: {_met(s['c_peak_memory_1000_over_10'], 1.1)}"))
+        relative = s["e_per_client_relative_to_cohort_10"]
+        cohorts = sorted(relative, key=lambda name: int(name.split("-")[1]) if "-" in name else 10)
+        rows.append(("Scale: round time per client vs clients per round (relative to 10 per round)",
+                     ", ".join(f"{name.replace('cohort-', '').replace('fedtune', '10')}: {relative[name]:.2f}" for name in cohorts),
+                     "~1.0 = linear in the cohort"))
+    pfl = results.get("pfl")
+    if pfl and "skipped" not in pfl:
+        acc = pfl["final_accuracy"]
+        rows.append(("fedtune / pfl-research wall time (whole process, identical workload)", f"{pfl['fedtune_over_pfl_wall']:.3f}x",
+                     f"<= 1.0: {_met(pfl['fedtune_over_pfl_wall'], 1.0)}"))
+        rows.append(("fedtune / pfl-research round time (rounds 2+)", f"{pfl['fedtune_over_pfl_round']:.3f}x",
+                     f"<= 1.0: {_met(pfl['fedtune_over_pfl_round'], 1.0)}"))
+        rows.append(("Final held-out accuracy, fedtune vs pfl", f"{', '.join(f'{a:.3f}' for a in acc['fedtune'])} vs "
+                     f"{', '.join(f'{a:.3f}' for a in acc['pfl'])}", "same workload, same evaluation code"))
+    elif pfl:
+        rows.append(("fedtune vs pfl-research", "skipped", pfl["skipped"]))
+    lines = ["| ratio | measured | goal |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return lines
+
+
+def render(results: dict) -> str:
+    lines = [f"# fedtune benchmarks ({results['plan']} run)", "",
+             f"Machine: {machine_description(results['machine'])}.", "",
+             f"Command: `{results['command']}`; took {results['seconds'] / 60:.1f} min.", ""]
+    lines += table(results)
+    lines += ["", "Workloads:", ""]
+    if "dp_cost" in results:
+        lines.append(f"- DP cost and hardware: {results['dp_cost']['workload']}.")
+    if "simulation" in results:
+        w = results["simulation"]["workload"]
+        lines.append(f"- Simulation: `fedtune simulate` on {w['dataset']}, {w['model']}, DP-SGD epsilon {w['dp_epsilon']}, "
+                     f"{w['rows_per_client']} rows per client, {w['clients_per_round']} clients per round, {w['rounds']} rounds, "
+                     f"seq {w['max_seq_len']}, batch {w['batch_size']}, {w['repeats']} repeat(s) per variant in ABBA order.")
+    if "pfl" in results and "workload" in results["pfl"]:
+        lines.append(f"- pfl-research: {results['pfl']['workload']}; {results['pfl']['repeats']} run(s) per side, ABBA order.")
+    lines += ["", "Section times: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["section_seconds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller workloads, one repeat (< 15 min on 2 cores)")
+    parser.add_argument("--out", default="runs/benchmarks", help="folder for quick|full.md and .json (default runs/benchmarks)")
+    parser.add_argument("--only", help="comma-separated subset of: dp,simulation,pfl")
+    args = parser.parse_args(argv)
+    plan_name = "quick" if args.quick else "full"
+    plan = PLANS[plan_name]
+    wanted = {"dp", "simulation", "pfl"} if not args.only else {s.strip() for s in args.only.split(",")}
+    unknown = wanted - {"dp", "simulation", "pfl"}
+    if unknown:
+        print(f"error: --only = {args.only!r}: expected names from dp, simulation, pfl", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict = {"plan": plan_name, "machine": machine(), "command": "python benchmarks/run_all.py"
+                     + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else ""), "section_seconds": {}}
+
+    def section(name: str, run) -> None:
+        began = time.perf_counter()
+        print(f"[run_all] {name} ...", flush=True)
+        results[name] = run()
+        results["section_seconds"][name] = time.perf_counter() - began
+
+    if "dp" in wanted:
+        from dp_overhead import measure as dp_measure
+        from hardware_efficiency import efficiency
+
+        section("dp_cost", lambda: dp_measure(steps=plan["dp_steps"]))
+        section("hardware_efficiency", lambda: efficiency(results["dp_cost"]))
+    if "simulation" in wanted:
+        from simulation_efficiency import measure as sim_measure
+
+        section("simulation", lambda: sim_measure(plan["sim_rounds"], plan["sim_repeats"], plan["cohorts"]))
+    if "pfl" in wanted:
+        if importlib.util.find_spec("pfl") is None:
+            results["pfl"] = {"skipped": "pfl is not installed: pip install pfl==0.6.0"}
+        else:
+            import pfl_compare
+
+            section("pfl", lambda: pfl_compare.compare(getattr(pfl_compare, plan["pfl"]), plan["pfl_repeats"]))
+    results["seconds"] = time.perf_counter() - started
+    atomic_write_json(out / f"{plan_name}.json", results)
+    text = render(results)
+    atomic_write_text(out / f"{plan_name}.md", text)
+    print(text)
+    print(f"wrote {out / (plan_name + '.md')} and {out / (plan_name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
