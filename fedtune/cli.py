@@ -10,8 +10,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.errors import ConfigError, FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
 
 # CLI flag -> (config key, value transform). Flags are shortcuts for `--set key=value`.
 TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -138,7 +137,7 @@ def dataset_section(name: str, folder: Path, figures: Path) -> tuple[list[str], 
         if row["epsilon_spent_max"] not in ("", "inf"):
             spent.setdefault(row["target_epsilon"], []).append(float(row["epsilon_spent_max"]))
     seeds = sorted({r["seed"] for r in cells})
-    seconds = sum(float(r["seconds"]) for r in rows) 
+    seconds = sum(float(r["seconds"]) for r in rows)
     figures.mkdir(parents=True, exist_ok=True)
     figure = figures / f"{name}.png"
     shutil.copyfile(folder / "results.png", figure)
