@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import shutil
 import statistics
@@ -31,10 +32,11 @@ from fedtune.atomic import atomic_write_json, atomic_write_text
 from fedtune.config import config_from_toml_text
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.machine import machine_description
-from simulations.sweep import Cell, grid, sweep
+from simulations.sweep import Cell, centralized_baseline, grid, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 EPSILONS = "inf,8,3,1"
+REFERENCE_RATES = (0.001,)  # besides the federation's own 0.01
 CLIENTS = "10"
 
 
@@ -97,7 +99,13 @@ def run_dataset(plan: DatasetPlan, seeds: str, all_ffa: bool, out: Path) -> Path
     base = config_from_toml_text(plan.base_toml(), source=f"results plan {plan.name}")
     target = out / plan.name
     sweep(base, cells_for(seeds, all_ffa), target)
+    # The pooled reference takes rounds x epochs consecutive steps at the federation's rate;
+    # a lower rate is run beside it, so a reference that overshoots is visible as such.
+    for rate in REFERENCE_RATES:
+        centralized_baseline(base.replace(training=dataclasses.replace(base.training, learning_rate=rate)), target,
+                             filename=f"baseline-lr{rate:g}.json")
     atomic_write_json(target / "plan.json", {"dataset": plan.name, "seeds": seeds, "all_ffa": all_ffa,
+                                             "learning_rate": base.training.learning_rate,
                                              "base_config": plan.base_toml(), "why": plan.why,
                                              "last_invocation_seconds": round(time.perf_counter() - started, 1)})
     return target
@@ -144,7 +152,12 @@ def dataset_section(name: str, folder: Path, figures: Path) -> tuple[list[str], 
     lines = [f"## {name}", "", f"{plan['why']}. Held-out set: 15% of the rows, kept back before partitioning "
              f"(majority class {baseline['majority_accuracy']:.3f}). Seeds: {', '.join(seeds)}.", "",
              "| setting (10 clients) | non-private | epsilon 8 | epsilon 3 | epsilon 1 |", "|---|---|---|---|---|",
-             f"| centralized, pooled, LoRA (reference, seed 0) | {baseline['accuracy']:.3f} | | | |"]
+             f"| centralized, pooled, LoRA, lr {json.loads((folder / 'plan.json').read_text())['learning_rate']:g} "
+             f"(reference, seed 0) | {baseline['accuracy']:.3f} | | | |"]
+    for path in sorted(folder.glob("baseline-lr*.json")):
+        other = json.loads(path.read_text(encoding="utf-8"))
+        lines.append(f"| centralized, pooled, LoRA, lr {path.stem.removeprefix('baseline-lr')} (reference, seed 0) "
+                     f"| {other['accuracy']:.3f} | | | |")
     for setting, by_eps in table.items():
         lines.append(f"| federated, {setting} | " + " | ".join(_cell(by_eps.get(c, [])) for c in columns) + " |")
     worst = {eps: max(v) for eps, v in spent.items()}

@@ -152,9 +152,9 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
     return run_dir
 
 
-def centralized_baseline(base: Config, out: Path, log=print) -> dict:
+def centralized_baseline(base: Config, out: Path, log=print, filename: str = "baseline.json") -> dict:
     """Non-private LoRA on all clients' rows pooled, scored on the sweep's held-out set."""
-    path = out / "baseline.json"
+    path = out / filename
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     from fedtune.central import CentralEvaluator

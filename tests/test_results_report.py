@@ -37,7 +37,8 @@ def _fake_sweep(folder: Path) -> None:
     folder.mkdir(parents=True)
     write_tables(folder, cells, rows, baseline)
     atomic_write_json(folder / "baseline.json", baseline)
-    atomic_write_json(folder / "plan.json", {"why": "a test plan"})
+    atomic_write_json(folder / "plan.json", {"why": "a test plan", "learning_rate": 0.01})
+    atomic_write_json(folder / "baseline-lr0.001.json", {**baseline, "accuracy": 0.95})
 
 
 def test_report_is_written_from_the_sweep_tables(tmp_path):
@@ -45,7 +46,8 @@ def test_report_is_written_from_the_sweep_tables(tmp_path):
     report = write_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
     text = report.read_text()
     assert "| federated, IID, LoRA | 0.750 ± 0.071 | 0.550 ± 0.071 | - | - |" in text
-    assert "| centralized, pooled, LoRA (reference, seed 0) | 0.900 |" in text
+    assert "| centralized, pooled, LoRA, lr 0.01 (reference, seed 0) | 0.900 |" in text
+    assert "| centralized, pooled, LoRA, lr 0.001 (reference, seed 0) | 0.950 |" in text
     assert "7.990 at target 8" in text and "Machine:" in text
     assert (tmp_path / "docs" / "results" / "tweets.png").is_file()
 
