@@ -204,7 +204,29 @@ def _forward_loss(model, batch, criterion, task, device, precision: str = "fp32"
     return logits.float(), labels  # the loss (and Opacus's loss scaling) in fp32
 
 
+_OPACUS_MODULE_STATE = ("activations", "max_batch_len")
+_OPACUS_PARAMETER_STATE = ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad")
+
+
+def clear_opacus_state(model) -> None:
+    """Drop Opacus's per-batch bookkeeping from a model that outlives one training call.
+
+    A worker keeps one model for every virtual client it serves (`fedtune.runtime`). Opacus
+    keeps captured activations on modules and partial per-sample gradients on parameters;
+    if a call ends between a forward and its backward (an exception, an interrupted step),
+    those leftovers would be mixed into the next client's first batch."""
+    for module in model.modules():
+        for name in _OPACUS_MODULE_STATE:
+            if hasattr(module, name):
+                delattr(module, name)
+    for parameter in model.parameters():
+        for name in _OPACUS_PARAMETER_STATE:
+            if hasattr(parameter, name):
+                delattr(parameter, name)
+
+
 def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_step=None):
+    clear_opacus_state(model)
     device = next(model.parameters()).device
     task = config.model.task
     criterion = PerExampleLoss(task)
@@ -249,6 +271,7 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
                     on_step(step, losses[-1] if losses else float("nan"))
     finally:
         hooks.cleanup()
+        clear_opacus_state(model)
         for parameter in parameters:
             parameter.grad = None
     accounted = engine.accountant.history
