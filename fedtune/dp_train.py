@@ -217,12 +217,10 @@ def clear_opacus_state(model) -> None:
     those leftovers would be mixed into the next client's first batch."""
     for module in model.modules():
         for name in _OPACUS_MODULE_STATE:
-            if hasattr(module, name):
-                delattr(module, name)
+            module.__dict__.pop(name, None)  # own attributes only: peft wrappers forward getattr
     for parameter in model.parameters():
         for name in _OPACUS_PARAMETER_STATE:
-            if hasattr(parameter, name):
-                delattr(parameter, name)
+            parameter.__dict__.pop(name, None)
 
 
 def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_step=None):

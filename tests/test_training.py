@@ -131,3 +131,16 @@ def test_causal_lm_trains_under_dp(fixture, request, sentiment_csv):
     assert after["loss"] != before["loss"]
     assert all(torch.equal(p, base_before[n]) for n, p in base_named_parameters(node.model))
     assert all(".lora_" in k for k in trainable_state(node.model))
+
+
+def test_a_call_starts_clean_of_opacus_leftovers_on_a_shared_model(tiny_bert, sentiment_csv):
+    """A cached model serves many clients: a partial per-sample gradient or captured
+    activation left by an interrupted call must not leak into the next client's batches."""
+    node = prepare_node(tiny_config(tiny_bert, sentiment_csv))
+    lora_b = next(p for n, p in node.model.named_parameters() if ".lora_B." in n)
+    lora_b._current_grad_sample = torch.zeros((3,) + tuple(lora_b.shape))  # as a broken step leaves it
+    linear = next(m for n, m in node.model.named_modules() if n.endswith("lora_B.default"))
+    linear.activations = [[torch.zeros(3, 5, 8)]]
+    _train(node)
+    assert not any("_current_grad_sample" in vars(p) or "grad_sample" in vars(p) for p in node.model.parameters())
+    assert not any("activations" in vars(m) for m in node.model.modules())
