@@ -120,12 +120,22 @@ def cell_finished(run_dir: Path, rounds: int) -> bool:
         return False
 
 
+def _ran_with(config_path: Path) -> Config | None:
+    """The configuration a cell ran with (fields added since then take their defaults)."""
+    from fedtune.config import config_from_toml_text
+
+    try:
+        return config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path))
+    except FedtuneError:
+        return None
+
+
 def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
     """One simulation in a child process (its own Ray); skipped when already finished."""
     run_dir = out / "cells" / cell.name
     config = cell.config(base)
     config_path = run_dir / "cell.toml"
-    if config_path.is_file() and config_path.read_text(encoding="utf-8") != config.to_toml():
+    if config_path.is_file() and _ran_with(config_path) != config:
         import shutil
 
         log(f"[sweep] {cell.name}: base configuration changed since it ran; running it again")
