@@ -81,3 +81,16 @@ def test_run_all_table_names_every_goal(tmp_path):
     for phrase in ("Opacus hooks", "matmul peak", "bare local training", "FlowerTune", "FFA-LoRA",
                    "1,000 vs 10", "clients per round", "pfl-research", "Machine:"):
         assert phrase in text, phrase
+
+
+def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
+    """A field added to the config later (with its default) must not re-run a finished cell;
+    a changed value must."""
+    from simulations.sweep import _ran_with
+
+    config = config_from_toml_text(DATASETS["tweets"].base_toml())
+    path = tmp_path / "cell.toml"
+    path.write_text(config.to_toml().replace('precision = "fp32"\n', ""))
+    assert _ran_with(path) == config
+    path.write_text(config.to_toml().replace("rounds = 3", "rounds = 4"))
+    assert _ran_with(path) != config
