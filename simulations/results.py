@@ -151,7 +151,7 @@ def dataset_section(name: str, folder: Path, figures: Path) -> tuple[list[str], 
     figures.mkdir(parents=True, exist_ok=True)
     figure = figures / f"{name}.png"
     shutil.copyfile(folder / "results.png", figure)
-    lines = [f"## {name}", "", f"{plan['why']}. Held-out set: 15% of the rows, kept back before partitioning "
+    lines = [f"## {name}", "", f"{DATASETS[name].why if name in DATASETS else plan['why']}. Held-out set: 15% of the rows, kept back before partitioning "
              f"(majority class {baseline['majority_accuracy']:.3f}). Seeds: {', '.join(seeds)}.", "",
              "| setting (10 clients) | non-private | epsilon 8 | epsilon 3 | epsilon 1 |", "|---|---|---|---|---|",
              f"| centralized, pooled, LoRA, lr {json.loads((folder / 'plan.json').read_text())['learning_rate']:g} "
