@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
     from fedtune.config import Config
@@ -271,12 +271,7 @@ def _run_simulate(args) -> int:
 
     config = config_from_args(args, default_file=default_config_path())
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-    from simulations.run import default_gpus_per_client
-
-    gpus = default_gpus_per_client() if args.gpus_per_client is None else args.gpus_per_client
-    if gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
-        raise ConfigError(f"--gpus-per-client = {gpus}: expected a fraction in [0, 1] or a whole number of GPUs")
-    simulate(config, out, args.cpus_per_client, gpus)
+    simulate(config, out, args.cpus_per_client, args.gpus_per_client)
     return 0
 
 

@@ -70,7 +70,15 @@ def ray_backend(config: Config, num_cpus_per_client: float, num_gpus_per_client:
             "init_args": init_args}
 
 
-def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float = 0.0,
+def gpus_per_client(requested: float | None) -> float:
+    """The Ray GPU share per client: the default when None, else a checked fraction or count."""
+    gpus = default_gpus_per_client() if requested is None else requested
+    if gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
+        raise ConfigError(f"--gpus-per-client = {gpus}: expected a fraction in [0, 1] or a whole number of GPUs")
+    return gpus
+
+
+def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
              log=print) -> Path:
     from flwr.simulation import run_simulation
 
@@ -78,6 +86,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     from server.server_app import make_server_app
     from simulations.partition import held_out_table, partition_report
 
+    num_gpus_per_client = gpus_per_client(num_gpus_per_client)
     config = prepare_simulation(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

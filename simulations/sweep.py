@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -136,16 +137,12 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
     config = cell.config(base)
     config_path = run_dir / "cell.toml"
     if config_path.is_file() and _ran_with(config_path) != config:
-        import shutil
-
         log(f"[sweep] {cell.name}: base configuration changed since it ran; running it again")
         shutil.rmtree(run_dir)
     if cell_finished(run_dir, config.training.rounds):
         log(f"[sweep] {cell.name}: finished earlier, skipped")
         return run_dir
     if run_dir.exists() and not (run_dir / "checkpoint.safetensors").exists():
-        import shutil
-
         shutil.rmtree(run_dir)  # a cell that never finished a round: start clean
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, config.to_toml())
