@@ -1,75 +1,133 @@
 """Flower ClientApp: Message <-> `clients.node` calls, nothing else.
 
-Node config (set by the node's operator, e.g. `--node-config` of flower-supernode):
-    state-dir    where the node keeps its ledger (required in deployment)
-    data-path    the node's private CSV / JSONL / Parquet file (deployment)
-    max-epsilon  the node's own privacy cap; the lower of it and the federation's wins
-In simulation, `partition-id` selects the client's share of the configured dataset and
-the state lives under the run's state root.
+What the node enforces comes from its own side, never from a message: in deployment its
+SuperNode's node config (set by the node's operator through `fedtune client`):
+
+    state-dir     where the node keeps node.json and its lock (required)
+    data-path     the node's private CSV / JSONL / Parquet file (required)
+    max-epsilon   the node's own epsilon cap over all its training (required)
+    ...           the rest of its policy: `fedtune.policy.NODE_CONFIG_KEYS`
+
+The server's message carries a request (`fedtune-request`, TOML) that the node checks
+against that policy (`fedtune.policy.NodePolicy.config_for`). Replies carry exactly the
+values listed in `fedtune.releases`. A simulation builds its own app with
+`make_client_app`, injecting each virtual client's policy, state dir and partition.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import sys
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import evaluate_round, train_round
-from fedtune.config import Config, config_from_toml_text
-from fedtune.errors import ConfigError
+from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, TrainOutcome,
+                          evaluate_round, train_round)
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.policy import REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
+from fedtune.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
 
-app = ClientApp()
 
 
-def node_config(msg: Message, context: Context) -> tuple[Config, Path, object]:
-    """The federation's config with this node's overrides, its state dir and its data."""
-    record = msg.content["config"]
-    config = config_from_toml_text(str(record["fedtune-config"]), source="federation config")
-    node = context.node_config
-    if "max-epsilon" in node:
-        cap = float(node["max-epsilon"])
-        config = config.replace(dp=dataclasses.replace(config.dp, target_epsilon=min(cap, config.dp.target_epsilon)))
-    if "data-path" in node:
-        config = config.replace(data=dataclasses.replace(config.data, path=str(node["data-path"]), max_examples=0))
-        table = None
-        state_dir = Path(str(node.get("state-dir", ""))) if node.get("state-dir") else None
-    elif "partition-id" in node:
-        from simulations.partition import client_table
+def deployment_setup(context: Context) -> NodeSetup:
+    """A deployed node's setup from its own node config. A node without a cap refuses."""
+    node = dict(context.node_config)
+    if "partition-id" in node and "data-path" not in node:
+        # `flwr run` on the local simulation engine (no harness to inject the partition);
+        # the harness lives above the deployment code and is only imported on this path.
+        from simulations.run import flwr_run_setup
 
-        pid = int(node["partition-id"])
-        table = client_table(config, pid)
-        state_dir = Path(str(record["state-root"])) / f"client-{pid:05d}"
-    else:
-        raise ConfigError("node config needs data-path (and state-dir), or partition-id in simulation")
-    if state_dir is None:
-        raise ConfigError("node config needs state-dir: the folder that keeps this node's privacy ledger")
-    return config, state_dir, table
+        return flwr_run_setup(context)
+    if not node.get(STATE_DIR_KEY):
+        raise ConfigError("node config: state-dir is required: the folder that keeps this node's state and lock")
+    return NodeSetup(NodePolicy.from_node_config(node), Path(str(node[STATE_DIR_KEY])))
 
 
 def _arrays(msg: Message) -> dict:
     return {key: array.numpy() for key, array in msg.content["arrays"].items()}
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    config, state_dir, table = node_config(msg, context)
-    record = msg.content["config"]
-    validation = str(record.get("evaluation", "federated")) != "central"  # central: no split needed
-    outcome = train_round(config, _arrays(msg), int(record["server-round"]), state_dir, table, validation)
-    content = RecordDict({
-        "status": ConfigRecord({"status": outcome.status, "message": outcome.message}),
-        "metrics": MetricRecord({"num-examples": outcome.num_examples, "epsilon": float(outcome.epsilon),
-                                 **{k: float(v) for k, v in outcome.metrics.items()}}),
-    })
+def _record(values: dict) -> RecordDict:
+    """Released values -> Flower records: tensors, text, numbers."""
+    content = RecordDict()
+    arrays = values.pop("arrays", None)
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    content["status"] = ConfigRecord({k: v for k, v in values.items() if isinstance(v, str)})
+    content["metrics"] = MetricRecord({k: (int(v) if k == "num-examples" else float(v))
+                                       for k, v in values.items() if not isinstance(v, str)})
+    return content
+
+
+def train_release(outcome: TrainOutcome) -> dict:
+    """The values a training reply releases (checked against `fedtune.releases`)."""
+    values = {"status": outcome.status, "message": outcome.message, "noise": outcome.noise,
+              "num-examples": outcome.num_examples, "epsilon": outcome.epsilon, **outcome.metrics}
+    if outcome.ledger is not None:
+        values["ledger"] = json.dumps({"accountant": outcome.ledger.accountant, "delta": outcome.ledger.delta,
+                                       "history": outcome.ledger.history,
+                                       "non_private_steps": outcome.ledger.non_private_steps})
     if outcome.arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in outcome.arrays.items()})
-    return Message(content=content, reply_to=msg)
+        values["arrays"] = outcome.arrays
+    return checked(values, TRAIN_RELEASES, "train")
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    config, _, table = node_config(msg, context)
-    examples, metrics = evaluate_round(config, _arrays(msg), table)
-    return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": examples, **metrics})}), reply_to=msg)
+def evaluate_release(outcome: EvaluateOutcome) -> dict:
+    values = {"status": outcome.status, "message": outcome.message, "noise": outcome.noise,
+              "num-examples": outcome.num_examples, "epsilon": outcome.epsilon, **outcome.metrics}
+    return checked(values, EVALUATE_RELEASES, "evaluate")
+
+
+def _setup_or_refusal(setup_for, context: Context) -> tuple[NodeSetup | None, str]:
+    try:
+        return setup_for(context), ""
+    except FedtuneError as exc:
+        print(f"fedtune node: {exc}", file=sys.stderr, flush=True)
+        return None, f"node misconfigured: {exc}"
+
+
+def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
+    """A ClientApp whose node setup (policy, state dir, rows) comes from `setup_for`."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        setup, problem = _setup_or_refusal(setup_for, context)
+        record = msg.content["config"]
+        if setup is None:
+            outcome = TrainOutcome(STATUS_NODE_ERROR, message=problem)
+        else:
+            try:
+                request = parse_request(str(record[REQUEST_KEY]))
+            except FedtuneError as exc:
+                outcome = TrainOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+            else:
+                central = str(record.get("evaluation", "federated")) == "central"  # train on every row
+                outcome = train_round(setup, request, _arrays(msg), int(record["server-round"]), central)
+        if outcome.status != "ok":
+            print(f"fedtune node: round {record.get('server-round')}: {outcome.message or outcome.status}",
+                  file=sys.stderr, flush=True)
+        return Message(content=_record(train_release(outcome)), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        setup, problem = _setup_or_refusal(setup_for, context)
+        record = msg.content["config"]
+        if setup is None:
+            outcome = EvaluateOutcome(STATUS_NODE_ERROR, message=problem)
+        else:
+            try:
+                request = parse_request(str(record[REQUEST_KEY]))
+            except FedtuneError as exc:
+                outcome = EvaluateOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+            else:
+                outcome = evaluate_round(setup, request, _arrays(msg), int(record["server-round"]))
+        return Message(content=_record(evaluate_release(outcome)), reply_to=msg)
+
+    return app
+
+
+app = make_client_app(deployment_setup)

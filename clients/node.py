@@ -1,12 +1,20 @@
 """A federated node's work and its durable state, independent of Flower.
 
+What a node knows comes from its own side only (`NodeSetup`: its policy, its state dir
+and, in simulation, its rows); what a server sends is a request (`fedtune.policy`). One
+round is one locked cycle: check the request against the policy, open the data's budget,
+charge the ledger (fsynced) before the first step, train, charge any metric release, and
+hand back exactly the values `fedtune.releases` lists.
+
 The state directory (`state-dir` in node config; one per client in simulation) holds:
 
-    ledger.json   the privacy ledger: charged and fsynced before every update leaves
-    node.json     last round seen, rounds trained, label set
+    node.json     the data fingerprint it serves, the steps charged so far (a record that
+                  catches a lost or shortened ledger), rounds trained, evaluation counts
+    node.lock     held for the whole cycle: a second process on this state dir refuses
 
-A restarted node (a new process, a new ClientApp) continues its ledger from there; it
-never starts a new one. `client_app.py` only translates Flower messages to these calls.
+The ledger itself lives in the node's budget folder, keyed by the data's fingerprint
+(`fedtune.budget`), so the same data continues the same budget under any state dir.
+`client_app.py` only translates Flower messages to these calls.
 """
 
 from __future__ import annotations
@@ -14,34 +22,62 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from fedtune.adapter import load_state, trainable_state
 from fedtune.atomic import atomic_write_json
+from fedtune.budget import Budget, BudgetStore, default_budget_dir, exclusive_lock
 from fedtune.config import Config
 from fedtune.datasets_builtin import Table
-from fedtune.dp_train import new_ledger, plan_training, train_call
+from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
 from fedtune.errors import BudgetExhaustedError, FedtuneError
-from fedtune.evaluate import evaluate
 from fedtune.local import NodeData, prepare_data
+from fedtune.metric_release import exact_metrics, noisy_metrics
+from fedtune.policy import NodePolicy, PolicyRefusal
 from fedtune.privacy import PrivacyLedger
+from fedtune.randomness import Randomness
 from fedtune.runtime import MODELS
 
 STATUS_OK = "ok"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
+STATUS_POLICY_REFUSED = "policy-refused"
+STATUS_NODE_ERROR = "node-error"  # state locked by another process, lost ledger, other data, bad data file
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """What only the node knows: its policy, its state dir, and (simulation) its rows."""
+
+    policy: NodePolicy
+    state_dir: Path
+    table: Table | None = None
 
 
 @dataclass
 class TrainOutcome:
     status: str
-    arrays: "OrderedDict[str, np.ndarray] | None"
-    num_examples: int
-    epsilon: float
+    arrays: "OrderedDict[str, np.ndarray] | None" = None
+    num_examples: int = 0
+    epsilon: float = math.nan
     metrics: dict = field(default_factory=dict)
     message: str = ""
+    ledger: PrivacyLedger | None = None
+    noise: str = ""
+
+
+@dataclass
+class EvaluateOutcome:
+    status: str
+    num_examples: int = 0
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+    epsilon: float = math.nan
+    noise: str = ""
 
 
 class NodeState:
@@ -49,26 +85,43 @@ class NodeState:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.ledger_path = self.directory / "ledger.json"
         self.info_path = self.directory / "node.json"
+        self.lock_path = self.directory / "node.lock"
 
-    def ledger(self, config: Config, plan) -> PrivacyLedger:
-        """The node's ledger: continued from disk when present, else a new one."""
-        if self.ledger_path.exists():
-            ledger = PrivacyLedger.load(self.ledger_path)
-            if config.dp.enabled and ledger.target_epsilon is not None:
-                # a node may lower its cap between runs; raising it is a new decision
-                ledger.target_epsilon = min(ledger.target_epsilon, config.dp.target_epsilon)
-            return ledger
-        return new_ledger(config, plan)
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with exclusive_lock(self.lock_path, f"node state {self.directory}"):
+            yield
 
     def info(self) -> dict:
         if not self.info_path.exists():
             return {"last_round": 0, "rounds_trained": 0}
         try:
-            return json.loads(self.info_path.read_text(encoding="utf-8"))
+            info = json.loads(self.info_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FedtuneError(f"{self.info_path}: corrupt node state ({exc})") from None
+            raise FedtuneError(f"{self.info_path}: corrupt node state ({exc}); restore it from a backup") from None
+        if not isinstance(info, dict):
+            raise FedtuneError(f"{self.info_path}: corrupt node state (not a JSON object); restore it from a backup")
+        return info
+
+    def _write(self, info: dict) -> None:
+        atomic_write_json(self.info_path, info)
+
+    def check_data(self, fingerprint: str) -> int:
+        """The steps this state dir records as charged on `fingerprint`'s budget; refuses
+        a state dir that served other data (its budget would not be this data's)."""
+        info = self.info()
+        known = info.get("data_fingerprint")
+        if known and known != fingerprint:
+            raise FedtuneError(f"{self.info_path}: this state dir serves other data (fingerprint {known[:16]}, the data "
+                               f"is now {fingerprint[:16]}); use a new state dir for new data")
+        return int(info.get("steps_charged", 0))
+
+    def record_charge(self, fingerprint: str, ledger_path: Path, ledger: PrivacyLedger) -> None:
+        info = self.info()
+        info.update({"data_fingerprint": fingerprint, "ledger": str(ledger_path.resolve()),
+                     "steps_charged": max(int(info.get("steps_charged", 0)), ledger.steps)})
+        self._write(info)
 
     def record_round(self, server_round: int, trained: bool, labels) -> None:
         info = self.info()
@@ -76,56 +129,156 @@ class NodeState:
         info["rounds_trained"] = int(info.get("rounds_trained", 0)) + int(trained)
         if labels is not None:
             info["labels"] = list(labels)
-        atomic_write_json(self.info_path, info)
+        self._write(info)
+
+    def evaluations(self, server_round: int) -> int:
+        seen = self.info().get("evaluations", {})
+        return int(seen.get("count", 0)) if seen.get("round") == server_round else 0
+
+    def record_evaluation(self, server_round: int) -> None:
+        info = self.info()
+        info["evaluations"] = {"round": server_round, "count": self.evaluations(server_round) + 1}
+        self._write(info)
 
 
-def _node_data(config: Config, table: Table | None, validation: bool = True):
+def _node_data(config: Config, table: Table | None, validation: bool = True) -> tuple[Any, NodeData]:
     num_labels = len(config.data.labels) if config.task_is_classification else None
     model, tokenizer = MODELS.get(config, num_labels)
-    data: NodeData = prepare_data(config, tokenizer, MODELS.tokens, table, validation=validation)
-    return model, data
+    return model, prepare_data(config, tokenizer, MODELS.tokens, table, validation=validation)
 
 
-def train_round(
-    config: Config,
-    global_arrays: "dict[str, np.ndarray]",
-    server_round: int,
-    state_dir: str | Path,
-    table: Table | None = None,
-    validation: bool = True,
-) -> TrainOutcome:
-    """One round of local DP training from the global adapter.
+@contextmanager
+def _open_budget(setup: NodeSetup, config: Config, state: NodeState, data: NodeData, plan: DPPlan) -> Iterator[Budget]:
+    """The data's budget, checked against this state dir's own record of charges."""
+    recorded = state.check_data(data.fingerprint)
+    store = BudgetStore(config.node.budget_dir or default_budget_dir())
+    with store.open(data.fingerprint, lambda: new_ledger(config, plan), recorded_steps=recorded,
+                    record_source=str(state.info_path)) as budget:
+        yield budget
 
-    `global_arrays` may be the full adapter or, in FFA-LoRA mode, only what travels (B
-    and the head): the frozen A is rebuilt from the shared seed. The ledger is charged
-    and saved before training; a budget-exhausted node does not train. `validation=False`
-    (the server evaluates centrally) trains on all the node's rows.
-    """
-    state = NodeState(state_dir)
-    model, data = _node_data(config, table, validation)
-    plan = plan_training(config, len(data.train))
-    ledger = state.ledger(config, plan)
-    load_state(model, global_arrays, partial=config.lora.ffa)
+
+def _persist(budget: Budget, state: NodeState, fingerprint: str):
+    """Write-ahead: ledger and journal fsynced, then the state dir's record of it."""
+    def persist(ledger: PrivacyLedger) -> None:
+        budget.persist(ledger)
+        state.record_charge(fingerprint, budget.ledger_path, ledger)
+    return persist
+
+
+def _planned_releases(config: Config, central_evaluation: bool) -> int:
+    """Metric releases per round the noise calibration leaves room for."""
+    releases = int(config.node.release_train_loss == "dp")
+    if not central_evaluation and config.node.release_evaluation == "dp":
+        releases += config.node.max_evaluations_per_round
+    return releases
+
+
+def _release_metrics(ledger: PrivacyLedger, persist, config: Config, model, dataset, label: str,
+                     randomness: Randomness) -> dict | None:
+    """Charge one Gaussian metric release, then compute it; None when it does not fit.
+    A ledger that is already non-private (epsilon inf) releases exact values: noise would
+    protect nothing."""
+    node = config.node
+    if not ledger.is_private:
+        return exact_metrics(model, dataset, config.model.task, node.metric_loss_clip)
+    sigma = node.metric_noise_multiplier
+    if not ledger.remaining_fits(sigma, 1.0, 1):
+        return None
+    stream = (ledger.data_fingerprint, ledger.steps, len(ledger.calls))
+    ledger.charge(sigma, 1.0, 1, label=label)
+    persist(ledger)
+    return noisy_metrics(model, dataset, config.model.task, sigma, node.metric_loss_clip,
+                         randomness.torch_generator("metrics", *stream))
+
+
+def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
+                server_round: int, central_evaluation: bool = False) -> TrainOutcome:
+    """One round of local DP training from the global adapter, within the node's policy.
+
+    `global_arrays` may be the full adapter or, in FFA-LoRA mode, only what travels (B and
+    the head): the frozen A is rebuilt from the shared seed. `central_evaluation` (the
+    server scores centrally) trains on all the node's rows. Nothing trains unless the
+    request fits the policy and the budget."""
     try:
-        result = train_call(model, data.train, config, plan, ledger, state.ledger_path, label=f"round {server_round}")
-    except BudgetExhaustedError as exc:
-        state.record_round(server_round, trained=False, labels=config.data.labels or None)
-        return TrainOutcome(STATUS_BUDGET_EXHAUSTED, None, 0, ledger.epsilon(), {}, str(exc))
-    state.record_round(server_round, trained=True, labels=config.data.labels or None)
-    return TrainOutcome(
-        STATUS_OK,
-        trainable_state(model),
-        len(data.train),
-        result.epsilon,
-        {"train_loss": result.mean_loss, "train_seconds": result.seconds, "steps": result.steps,
-         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "delta": ledger.delta,
-         "private": plan.private},
-    )
+        config = setup.policy.config_for(request)
+    except PolicyRefusal as exc:
+        return TrainOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+    state = NodeState(setup.state_dir)
+    randomness = Randomness.from_setting(config.dp.noise_seed)
+    label = f"round {server_round}"
+    try:
+        with state.locked():
+            model, data = _node_data(config, setup.table, validation=not central_evaluation)
+            n = len(data.train)
+            delta = setup.policy.delta_for(config, n)
+            plan = plan_training(config, n, delta=delta, metric_releases_per_call=_planned_releases(config, central_evaluation))
+            with _open_budget(setup, config, state, data, plan) as budget:
+                ledger = budget.ledger
+                if delta < ledger.delta:
+                    ledger.lower_delta(delta, label=label)
+                elif ledger.delta < delta:  # an existing ledger is stricter: plan for its delta
+                    plan = plan_training(config, n, delta=ledger.delta,
+                                         metric_releases_per_call=plan.metric_releases_per_call)
+                if plan.private:
+                    ledger.set_cap(config.max_epsilon, label=label)
+                persist = _persist(budget, state, data.fingerprint)
+                load_state(model, global_arrays, partial=config.lora.ffa)
+                try:
+                    result = train_call(model, data.train, config, plan, ledger, persist, label=label, randomness=randomness)
+                except BudgetExhaustedError as exc:
+                    state.record_round(server_round, trained=False, labels=config.data.labels or None)
+                    return TrainOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), message=str(exc),
+                                        ledger=ledger, noise=randomness.label)
+                metrics = {"train-seconds": result.seconds, "steps": result.steps,
+                           "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+                           "delta": ledger.delta, "private": int(plan.private)}
+                if config.node.release_train_loss == "dp":
+                    released = _release_metrics(ledger, persist, config, model, data.train, f"{label} train loss", randomness)
+                    if released is not None:
+                        metrics["train-loss"] = released["loss"]
+                state.record_round(server_round, trained=True, labels=config.data.labels or None)
+                return TrainOutcome(STATUS_OK, trainable_state(model), n, ledger.epsilon(), metrics,
+                                    ledger=ledger, noise=randomness.label)
+    except PolicyRefusal as exc:
+        return TrainOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+    except FedtuneError as exc:  # locked, lost ledger, other data, unreadable data: the node's to fix
+        return TrainOutcome(STATUS_NODE_ERROR, message=str(exc))
 
 
-def evaluate_round(config: Config, global_arrays: "dict[str, np.ndarray]", table: Table | None = None) -> tuple[int, dict]:
-    """Evaluate the global adapter on the node's validation split."""
-    model, data = _node_data(config, table)
-    load_state(model, global_arrays, partial=config.lora.ffa)
-    metrics = evaluate(model, data.val, config.model.task, num_classes=len(config.data.labels) or None)
-    return len(data.val), {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
+                   server_round: int) -> EvaluateOutcome:
+    """Evaluate the global adapter on the node's validation rows, if its policy releases
+    evaluation metrics: charged, noised, at most `max_evaluations_per_round` a round."""
+    try:
+        config = setup.policy.config_for(request)
+    except PolicyRefusal as exc:
+        return EvaluateOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+    if config.node.release_evaluation == "off":
+        return EvaluateOutcome(STATUS_POLICY_REFUSED, message="policy-refused: evaluation: this node releases no "
+                               "evaluation metrics (node.release_evaluation = off)")
+    state = NodeState(setup.state_dir)
+    randomness = Randomness.from_setting(config.dp.noise_seed)
+    try:
+        with state.locked():
+            if state.evaluations(server_round) >= config.node.max_evaluations_per_round:
+                return EvaluateOutcome(STATUS_POLICY_REFUSED, message=(
+                    f"policy-refused: evaluation: round {server_round} already had "
+                    f"{config.node.max_evaluations_per_round} evaluation request(s), the node's limit"))
+            model, data = _node_data(config, setup.table, validation=True)
+            if data.val is None or len(data.val) == 0:
+                return EvaluateOutcome(STATUS_POLICY_REFUSED, message="policy-refused: evaluation: no validation rows")
+            plan = plan_training(config, len(data.train), delta=setup.policy.delta_for(config, len(data.train)))
+            with _open_budget(setup, config, state, data, plan) as budget:
+                ledger = budget.ledger
+                load_state(model, global_arrays, partial=config.lora.ffa)
+                released = _release_metrics(ledger, _persist(budget, state, data.fingerprint), config, model, data.val,
+                                            f"round {server_round} evaluation", randomness)
+                state.record_evaluation(server_round)
+                if released is None:
+                    return EvaluateOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), noise=randomness.label,
+                                           message="budget exhausted: this evaluation release would pass the node's cap")
+                return EvaluateOutcome(STATUS_OK, len(data.val), released, epsilon=ledger.epsilon(), noise=randomness.label)
+    except PolicyRefusal as exc:
+        return EvaluateOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+    except FedtuneError as exc:
+        return EvaluateOutcome(STATUS_NODE_ERROR, message=str(exc))

@@ -1,40 +1,59 @@
 """`fedtune client`: start a Flower SuperNode beside a hospital's (or bank's) private data.
 
-The node's data file, its state directory (privacy ledger) and its own epsilon cap go
-into the SuperNode's node config, which only this machine sets; the federation's server
-can neither read nor change them. TLS uses the federation's CA certificate; the node
-authenticates with its own private key (its public key is registered by the operator).
-The process is replaced by `flower-supernode` (signals reach it).
+The node's policy (its epsilon cap, delta, data and evaluation files, model, budget folder,
+which metrics may leave) goes into the SuperNode's node config, which only this machine
+sets; the federation's server can neither read nor change it, and every request it sends
+is checked against it (`fedtune.policy`). A node refuses to start without an epsilon cap.
+The policy can also come from a TOML file (`--policy`), whose keys are the node-config
+keys; flags override it. Everything is validated before anything is created. TLS uses the
+federation's CA certificate; the node authenticates with its own private key (its public
+key is registered by the operator). The process is replaced by `flower-supernode`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
+from fedtune.config import load_toml, toml_value
 from fedtune.errors import ConfigError
+from fedtune.policy import STATE_DIR_KEY, NodePolicy
 from server.superlink import flower_executable
 
 
-def _toml_string(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
+def read_policy_file(path: str) -> dict[str, Any]:
+    """A node policy file: TOML, node-config keys at the top level (e.g. max-epsilon = 3)."""
+    raw = load_toml(path)
+    nested = [key for key, value in raw.items() if isinstance(value, dict)]
+    if nested:
+        raise ConfigError(f"{path}: [{nested[0]}]: a policy file has keys only (e.g. max-epsilon = 3), no tables")
+    return {key.replace("_", "-"): value for key, value in raw.items()}
 
 
-def supernode_command(superlink: str, data: str, state_dir: str, ca: str | None, key: str | None,
-                      max_epsilon: float | None = None, port: int = 9094, insecure: bool = False) -> list[str]:
+def resolve_policy(file_values: Mapping[str, Any], flag_values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Policy file values overridden by flags, paths made absolute, then validated whole."""
+    values = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    for key in ("data-path", "eval-path", "model-path", "budget-dir"):
+        if values.get(key):
+            values[key] = str(Path(str(values[key])).expanduser().resolve())
+    NodePolicy.from_node_config(values, source=source)  # one-line errors for a bad policy
+    for key, kind in (("data-path", "file"), ("eval-path", "file"), ("model-path", "folder")):
+        path = values.get(key)
+        if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+            raise ConfigError(f"{source}: {key} = {path}: {kind} not found")
+    return values
+
+
+def supernode_command(superlink: str, state_dir: str, ca: str | None, key: str | None, policy: Mapping[str, Any],
+                      port: int = 9094, insecure: bool = False) -> list[str]:
+    """The flower-supernode command line; checks everything, creates nothing."""
     if ":" not in superlink:
         raise ConfigError(f"--superlink = {superlink!r}: expected HOST:PORT of the federation's SuperLink (e.g. fl.example.org:9092)")
-    data_path = Path(data)
-    if not data_path.is_file():
-        raise ConfigError(f"--data {data}: file not found (the node's CSV / JSONL / Parquet training data)")
-    if max_epsilon is not None and not max_epsilon > 0:
-        raise ConfigError(f"--max-epsilon = {max_epsilon}: expected a number > 0")
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    node_config = {"data-path": str(data_path.resolve()), "state-dir": str(Path(state_dir).resolve())}
-    config_text = " ".join(f"{k}={_toml_string(v)}" for k, v in node_config.items())
-    if max_epsilon is not None:
-        config_text += f" max-epsilon={float(max_epsilon)}"
+    if Path(state_dir).exists() and not Path(state_dir).is_dir():
+        raise ConfigError(f"--state-dir {state_dir}: a file, not a folder")
+    node_config = {STATE_DIR_KEY: str(Path(state_dir).resolve()), **policy}
+    config_text = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
     command = [flower_executable("flower-supernode"), "--superlink", superlink, "--node-config", config_text,
                "--port", str(port)]
     if insecure:
@@ -47,7 +66,9 @@ def supernode_command(superlink: str, data: str, state_dir: str, ca: str | None,
     return command
 
 
-def exec_supernode(command: list[str]) -> None:
+def exec_supernode(command: list[str], state_dir: str, policy_line: str) -> None:
+    Path(state_dir).mkdir(parents=True, exist_ok=True)  # only now: every check has passed
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    print(policy_line, flush=True)
     print("starting: " + " ".join(command), flush=True)
     os.execv(command[0], command)

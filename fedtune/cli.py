@@ -44,6 +44,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {
     "lr": ("training.learning_rate", "learning rate", float),
     "optimizer": ("training.optimizer", "adamw or sgd", str),
     "seed": ("training.seed", "seed", int),
+    "max_epsilon": ("node.max_epsilon", "hard cap on this data's epsilon over every run (default: --epsilon)", float),
+    "budget_dir": ("node.budget_dir", "folder of per-data privacy budgets (default ~/.fedtune/budgets)", str),
+    "noise_seed": ("dp.noise_seed", "reproducible noise from this seed: tests and simulations only, never production "
+                   "(default -1: secret, from OS entropy)", int),
 }
 
 
@@ -123,6 +127,34 @@ def _run_sweep(args) -> int:
     return 0
 
 
+# `fedtune client` policy flags -> node-config keys of fedtune.policy.NODE_CONFIG_KEYS.
+CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
+    "data": (str, "this node's training data (CSV / JSONL / Parquet): data-path"),
+    "max-epsilon": (float, "REQUIRED: this node's hard epsilon cap over everything it releases from its data"),
+    "delta": (float, "this node's delta (default 1/(10 n)); a server may only ask for a smaller one"),
+    "accountant": (str, "rdp (default) or prv"),
+    "model": (str, "local base-model folder (default: the bundled all-MiniLM-L6-v2)"),
+    "device": (str, "auto, cpu or cuda[:N]"),
+    "eval-data": (str, "this node's own evaluation file (default: a split of --data)"),
+    "budget-dir": (str, "folder of per-data privacy budgets (default ~/.fedtune/budgets)"),
+    "release-train-loss": (str, "off (default) or dp: noised, charged to the ledger"),
+    "release-evaluation": (str, "off (default) or dp: noised, charged to the ledger"),
+    "metric-noise-multiplier": (float, "noise multiplier of each metric release (default 5)"),
+    "max-evaluations-per-round": (int, "evaluation requests answered per round (default 1)"),
+}
+CLIENT_FLAG_KEYS = {"data": "data-path", "model": "model-path", "eval-data": "eval-path"}
+
+
+def _client_policy(args) -> dict:
+    from clients.supernode import read_policy_file, resolve_policy
+
+    flags = {CLIENT_FLAG_KEYS.get(flag, flag): getattr(args, "policy_" + flag.replace("-", "_"))
+             for flag in CLIENT_POLICY_FLAGS}
+    flags["allow-non-private"] = args.policy_allow_non_private
+    file_values = read_policy_file(args.policy) if args.policy else {}
+    return resolve_policy(file_values, flags, source=args.policy or "fedtune client")
+
+
 def _add_deployment_parsers(subparsers) -> None:
     certs = subparsers.add_parser("certs", help="make development TLS certificates and SuperNode keys (not for production)")
     certs.add_argument("--out", required=True, help="new folder for ca.crt, server.pem/.key and node-N key pairs")
@@ -143,16 +175,21 @@ def _add_deployment_parsers(subparsers) -> None:
 
     client = subparsers.add_parser(
         "client", help="hospital / bank: start a SuperNode on this machine's private data",
-        description="Starts flower-supernode with TLS and this node's key. The data file, the state "
-        "folder (privacy ledger) and the epsilon cap stay on this machine.")
+        description="Starts flower-supernode with TLS and this node's key. The node's privacy policy "
+        "(its epsilon cap, delta, data, model and evaluation files, budget folder, which metrics may leave) "
+        "stays on this machine: the server can only request within it. --max-epsilon is required.")
     client.add_argument("--superlink", required=True, help="HOST:PORT of the operator's SuperLink (e.g. fl.example.org:9092)")
-    client.add_argument("--data", required=True, help="this node's training data (CSV / JSONL / Parquet)")
-    client.add_argument("--state-dir", required=True, help="folder for this node's privacy ledger (keep it: it is the budget)")
+    client.add_argument("--state-dir", required=True, help="folder for this node's state and lock (node.json)")
     client.add_argument("--ca", help="the federation's ca.crt")
     client.add_argument("--key", help="this node's private key (its .pub is registered by the operator)")
-    client.add_argument("--max-epsilon", type=float, help="this node's own epsilon cap (lower of it and the federation's wins)")
     client.add_argument("--port", type=int, default=9094, help="local port for the node's ClientApp runtime (default 9094)")
     client.add_argument("--insecure", action="store_true", help="no TLS, no key (a local test only)")
+    policy = client.add_argument_group("node privacy policy (the server can only request within it)")
+    policy.add_argument("--policy", help="TOML file of policy keys (max-epsilon = 3, data-path = ..., ...); flags override it")
+    for flag, (kind, text) in CLIENT_POLICY_FLAGS.items():
+        policy.add_argument("--" + flag, dest="policy_" + flag.replace("-", "_"), type=kind, help=text)
+    policy.add_argument("--allow-non-private", dest="policy_allow_non_private", action="store_const", const=True,
+                        help="let the server ask for training WITHOUT DP (never by default)")
 
     export = subparsers.add_parser("export", help="turn a server checkpoint into a PEFT adapter directory or a merged model")
     export.add_argument("source", help="federation run directory or its checkpoint.safetensors")
@@ -175,9 +212,11 @@ def _run_deployment(args) -> int:
                                          insecure=args.insecure, auth=not args.no_auth))
     if args.command == "client":
         from clients.supernode import exec_supernode, supernode_command
+        from fedtune.policy import NodePolicy
 
-        exec_supernode(supernode_command(args.superlink, args.data, args.state_dir, args.ca, args.key,
-                                         args.max_epsilon, args.port, args.insecure))
+        policy = _client_policy(args)
+        command = supernode_command(args.superlink, args.state_dir, args.ca, args.key, policy, args.port, args.insecure)
+        exec_supernode(command, args.state_dir, NodePolicy.from_node_config(policy).describe())
     from fedtune.export import export_checkpoint
 
     print(export_checkpoint(args.source, args.out, merged=args.merged))
@@ -321,7 +360,8 @@ def quiet_known_warnings() -> None:
     import logging
     import warnings
 
-    for pattern in ("Full backward hook", "Optimal order", "Secure RNG", "Using a non-full backward hook"):
+    # Not "Secure RNG turned off": it tells the truth (torch's generator, secretly seeded, is not a CSPRNG).
+    for pattern in ("Full backward hook", "Optimal order", "Using a non-full backward hook"):
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
     logging.getLogger("opacus").setLevel(logging.ERROR)
 

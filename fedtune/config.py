@@ -11,6 +11,7 @@ Sources, later wins: built-in defaults < TOML file < CLI `--set section.key=valu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -93,8 +94,15 @@ class DPConfig:
     accountant: str = "rdp"
     # "hooks" (default; cheapest for LoRA) or "ghost" (ghost clipping, two backwards).
     grad_sample_mode: str = "hooks"
-    # Opacus secure_mode (cryptographic noise RNG; slower; for production nodes).
+    # Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's
+    # floating-point-attack mitigation). Needs the torchcsprng package, which does not
+    # install for current torch; without it the noise is already secret (`noise_seed`).
     secure_mode: bool = False
+    # -1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw
+    # from generators seeded per call from OS entropy, so nobody can replay them. >= 0:
+    # reproducible from this seed, for simulations and tests only; every output of such a
+    # run says "reproducible noise: not for production". A node never takes it from a server.
+    noise_seed: int = -1
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0 or math.isinf(self.target_epsilon):
@@ -109,6 +117,11 @@ class DPConfig:
             _fail("dp.accountant", self.accountant, f"one of {', '.join(ACCOUNTANTS)}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             _fail("dp.grad_sample_mode", self.grad_sample_mode, f"one of {', '.join(GRAD_SAMPLE_MODES)}")
+        if self.noise_seed < -1:
+            _fail("dp.noise_seed", self.noise_seed, "-1 (secret noise from OS entropy) or a seed >= 0 (reproducible, not for production)")
+        if self.secure_mode and importlib.util.find_spec("torchcsprng") is None:
+            _fail("dp.secure_mode", self.secure_mode, "false: secure mode needs the torchcsprng package, which is not "
+                  "installed (the noise is secret without it: dp.noise_seed = -1)")
 
     def resolved_delta(self, n_train: int) -> float:
         return self.delta if self.delta > 0 else 1.0 / (10.0 * n_train)
@@ -129,7 +142,9 @@ class TrainingConfig:
     learning_rate: float = 1e-2
     optimizer: str = "adamw"
     weight_decay: float = 0.0
-    # Seeds LoRA init, the split, Poisson sampling and the DP noise (unless secure_mode).
+    # Seeds what the whole federation must share or may know: LoRA init (FFA-LoRA's frozen A
+    # must be the same on every node), the validation split, simulation partitions. Never
+    # the DP noise or the Poisson batches (see dp.noise_seed).
     seed: int = 0
     # "fp32", or "bf16": the forward pass under torch.autocast (weights, gradients, Opacus's
     # per-sample clipping and noise stay fp32). No "fp16": it needs loss scaling, and a
@@ -184,7 +199,56 @@ class DataConfig:
             _fail("data.max_examples", self.max_examples, "a whole number >= 0 (0 = all)")
 
 
+RELEASE_MODES = ("off", "dp")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a node decides about its own privacy beyond the [dp] mechanism.
+
+    In deployment these come from the node's own policy (`fedtune client` flags or a
+    policy file), never from the server; in train-local and simulation this section is
+    the policy of the node (of every virtual client)."""
+
+    # Hard cap on epsilon over everything ever released from this data: every run, every
+    # round, released metrics included. 0 = dp.target_epsilon (train-local, simulation); a
+    # deployed node must set it (`fedtune client --max-epsilon`).
+    max_epsilon: float = 0.0
+    # Where this node's budgets live: one ledger per data fingerprint, so the same data
+    # continues the same budget whatever the run folder or state dir. "" = $FEDTUNE_HOME/
+    # budgets (~/.fedtune/budgets); a simulation keeps each virtual client's in its state dir.
+    budget_dir: str = ""
+    # The training loss on private batches leaves the node "off" (default) or "dp": the
+    # final adapter's mean loss on the training rows, clipped and noised (Gaussian, charged).
+    release_train_loss: str = "off"
+    # Federated evaluation metrics: "off" (default; the node refuses evaluation requests) or
+    # "dp": a noised count of correct predictions and a noised clipped loss sum, charged.
+    release_evaluation: str = "off"
+    # Noise multiplier of each metric release (Gaussian mechanism, sensitivity-normalised).
+    # 5 costs little next to DP-SGD but leaves a +-7 example error on a count of correct
+    # predictions: metrics on small validation sets are rough under DP.
+    metric_noise_multiplier: float = 5.0
+    # Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).
+    metric_loss_clip: float = 5.0
+    # Evaluation requests the node answers per server round; more are refused.
+    max_evaluations_per_round: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_epsilon < 0 or math.isinf(self.max_epsilon) or math.isnan(self.max_epsilon):
+            _fail("node.max_epsilon", self.max_epsilon, "a finite number > 0 (0 = dp.target_epsilon)")
+        for key in ("release_train_loss", "release_evaluation"):
+            if getattr(self, key) not in RELEASE_MODES:
+                _fail(f"node.{key}", getattr(self, key), "'off' or 'dp' (a Gaussian release charged to the ledger)")
+        if not self.metric_noise_multiplier > 0:
+            _fail("node.metric_noise_multiplier", self.metric_noise_multiplier, "a number > 0")
+        if not self.metric_loss_clip > 0:
+            _fail("node.metric_loss_clip", self.metric_loss_clip, "a number > 0")
+        if self.max_evaluations_per_round < 0:
+            _fail("node.max_evaluations_per_round", self.max_evaluations_per_round, "a whole number >= 0")
+
+
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
+COHORT_SAMPLINGS = ("fixed", "poisson")
 PARTITIONERS = ("iid", "dirichlet", "natural", "files")
 
 
@@ -205,6 +269,17 @@ class FederationConfig:
     user_dp_clip: float = 0.0
     # ... and add Gaussian noise of this multiplier x clip to the sum.
     user_dp_noise: float = 0.0
+    # How the server picks each round's cohort from the nodes actually registered:
+    # "fixed" (clients_per_round of them, without replacement) or "poisson" (each node
+    # independently with rate clients_per_round / registered nodes). Both from secret
+    # randomness. User-level DP is accounted for the sampling used: Poisson with
+    # amplification at that rate, fixed-size cohorts without amplification (q = 1).
+    cohort_sampling: str = "fixed"
+    # How many nodes (users) the federation has, as the operator declares it; user-level
+    # delta defaults to 1 / (10 x population). A simulation uses num_clients when 0.
+    population: int = 0
+    # User-level delta; 0 = 1 / (10 x population).
+    user_dp_delta: float = 0.0
     # Simulation: virtual clients and how the dataset is split among them.
     num_clients: int = 3
     # "iid", "dirichlet" (over labels, alpha below), "natural" (one client per value of
@@ -242,6 +317,12 @@ class FederationConfig:
             _fail("federation.proximal_mu", self.proximal_mu, "a number >= 0")
         if self.user_dp_clip < 0 or self.user_dp_noise < 0 or (self.user_dp_noise > 0 and self.user_dp_clip == 0):
             _fail("federation.user_dp_noise", self.user_dp_noise, "a number >= 0, with user_dp_clip > 0 when noise is on")
+        if self.cohort_sampling not in COHORT_SAMPLINGS:
+            _fail("federation.cohort_sampling", self.cohort_sampling, f"one of {', '.join(COHORT_SAMPLINGS)}")
+        if self.population < 0:
+            _fail("federation.population", self.population, "a whole number >= 0 (0 = num_clients in simulation)")
+        if not 0 <= self.user_dp_delta < 1:
+            _fail("federation.user_dp_delta", self.user_dp_delta, "a number in (0, 1), or 0 for 1 / (10 x population)")
         if self.num_clients < self.clients_per_round:
             _fail("federation.num_clients", self.num_clients, f"at least clients_per_round = {self.clients_per_round}")
         if self.partitioner not in PARTITIONERS:
@@ -266,6 +347,16 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+
+    def __post_init__(self) -> None:
+        if self.node.max_epsilon and self.dp.enabled and self.dp.target_epsilon > self.node.max_epsilon:
+            _fail("dp.target_epsilon", self.dp.target_epsilon, f"at most node.max_epsilon = {self.node.max_epsilon:g}")
+
+    @property
+    def max_epsilon(self) -> float:
+        """The node's hard cap: node.max_epsilon, or the target when it is not set."""
+        return self.node.max_epsilon or self.dp.target_epsilon
 
     @property
     def task_is_classification(self) -> bool:
@@ -278,7 +369,7 @@ class Config:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
             lines.append("")
         return "\n".join(lines)
 
@@ -290,11 +381,11 @@ def _section_dict(section: Any) -> dict:
     return {f.name: list(v) if isinstance(v := getattr(section, f.name), tuple) else v for f in fields(section)}
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)

@@ -3,13 +3,20 @@
 The call is the unit the privacy ledger charges. Its order is the privacy contract:
 
 1. plan the mechanism (noise, sample rate, steps) and charge the ledger, which refuses
-   with `BudgetExhaustedError` if the call would exceed the target;
+   with `BudgetExhaustedError` if the call would exceed the node's cap;
 2. persist the ledger durably (write-ahead: a crash from here on over-counts, never
    under-counts);
-3. attach Opacus to the model for this call only (`wrap_model=False`) and train;
+3. attach Opacus to the model for this call only (`wrap_model=False`) and train, with the
+   Poisson batches and the noise drawn from secret generators (`fedtune.randomness`);
 4. remove every hook and per-sample attribute (no growth across calls, opacus#608);
 5. check that Opacus's own accountant saw exactly the charged steps, and that the
    adapter really changed (opacus#820).
+
+Step counts follow Opacus's own arithmetic: its Poisson loader runs int(1 / q) steps per
+epoch with q = 1 / ceil(n / B), which floating point makes one fewer than ceil(n / B) for
+some sizes (93, 99, 105, ...). The plan uses the same expression, so the ledger charges
+exactly the steps that run. An empty Poisson batch is a step like any other: the clipped
+sum is zero and the noise is added (noise only).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from fedtune.errors import AdapterNotUpdatedError, ConfigError
 from fedtune.losses import PerExampleLoss, trim_batch
 from fedtune.model import trainable_named_parameters
 from fedtune.privacy import PrivacyLedger, noise_for_budget
+from fedtune.randomness import Randomness
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,9 @@ class DPPlan:
     """The mechanism of every training call of one node, fixed for its whole training.
 
     `sample_rate` and `steps_per_epoch` are exactly what Opacus's Poisson loader uses
-    (q = 1 / ceil(n / B), ceil(n / B) steps per epoch), so the ledger charges what runs.
+    (q = 1 / ceil(n / B), int(1 / q) steps per epoch), so the ledger charges what runs.
+    `metric_releases_per_call` Gaussian releases (noise `metric_noise_multiplier`) are
+    planned into the calibration, so a node that releases metrics stays within target.
     """
 
     private: bool
@@ -48,6 +58,8 @@ class DPPlan:
     delta: float
     target_epsilon: float
     max_grad_norm: float
+    metric_releases_per_call: int = 0
+    metric_noise_multiplier: float = 0.0
 
     @property
     def steps_per_call(self) -> int:
@@ -57,40 +69,56 @@ class DPPlan:
         return {**self.__dict__, "steps_per_call": self.steps_per_call}
 
 
-def plan_training(config: Config, n_train: int) -> DPPlan:
-    """Calibrate the noise once for rounds x epochs x steps, so every later call fits."""
-    batch = config.training.batch_size
-    if batch > n_train:
-        raise ConfigError(f"training.batch_size = {batch}: expected at most the {n_train} training examples")
-    steps_per_epoch = math.ceil(n_train / batch)
-    sample_rate = 1.0 / steps_per_epoch
+def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
+    """(q, steps per epoch) exactly as Opacus's `DPDataLoader.from_data_loader` computes
+    them: q = 1 / len(DataLoader) = 1 / ceil(n / B), steps = int(1 / q)."""
+    if batch_size > n_train:
+        raise ConfigError(f"training.batch_size = {batch_size}: expected at most the {n_train} training examples")
+    sample_rate = 1 / math.ceil(n_train / batch_size)
+    return sample_rate, int(1 / sample_rate)
+
+
+def plan_training(config: Config, n_train: int, delta: float | None = None, metric_releases_per_call: int = 0) -> DPPlan:
+    """Calibrate the noise once for rounds x epochs x steps, so every later call fits.
+
+    `delta` overrides the config's (a node accounts at the smaller of its own and its
+    ledger's); `metric_releases_per_call` are planned Gaussian metric releases."""
+    sample_rate, steps_per_epoch = poisson_schedule(n_train, config.training.batch_size)
     dp = config.dp
-    delta = dp.resolved_delta(n_train)
-    total_steps = steps_per_epoch * config.training.epochs * config.training.rounds
+    delta = dp.resolved_delta(n_train) if delta is None else delta
+    rounds = config.training.rounds
+    total_steps = steps_per_epoch * config.training.epochs * rounds
+    metric_sigma = config.node.metric_noise_multiplier
+    releases = ((metric_sigma, 1.0, metric_releases_per_call * rounds),) if metric_releases_per_call else ()
     if not dp.enabled:
         sigma = 0.0
     elif dp.noise_multiplier > 0:
         sigma = dp.noise_multiplier
     else:
-        sigma = noise_for_budget(dp.target_epsilon, delta, sample_rate, total_steps, dp.accountant)
+        sigma = noise_for_budget(dp.target_epsilon, delta, sample_rate, total_steps, dp.accountant, also=releases)
     return DPPlan(
         private=dp.enabled,
         noise_multiplier=sigma,
         sample_rate=sample_rate,
         steps_per_epoch=steps_per_epoch,
         epochs=config.training.epochs,
-        planned_calls=config.training.rounds,
+        planned_calls=rounds,
         delta=delta,
         target_epsilon=dp.target_epsilon,
         max_grad_norm=dp.max_grad_norm,
+        metric_releases_per_call=metric_releases_per_call if dp.enabled else 0,
+        metric_noise_multiplier=metric_sigma if metric_releases_per_call and dp.enabled else 0.0,
     )
 
 
-def new_ledger(config: Config, plan: DPPlan) -> PrivacyLedger:
+def new_ledger(config: Config, plan: DPPlan, data_fingerprint: str = "") -> PrivacyLedger:
+    """An empty ledger for this node: capped at the node's max_epsilon (no cap when the
+    node trains without DP: its epsilon is infinite anyway)."""
     return PrivacyLedger(
         accountant=config.dp.accountant,
         delta=plan.delta,
-        target_epsilon=plan.target_epsilon if plan.private else None,
+        target_epsilon=config.max_epsilon if plan.private else None,
+        data_fingerprint=data_fingerprint,
     )
 
 
@@ -132,41 +160,50 @@ def check_adapter_changed(model, before: dict[str, torch.Tensor], private: bool)
         )
 
 
+def save_to(path: str | Path) -> Callable[[PrivacyLedger], None]:
+    """A `persist` callback for `train_call` that writes the ledger to one file."""
+    return lambda ledger: ledger.save(path)
+
+
 def train_call(
     model,
     dataset: Dataset,
     config: Config,
     plan: DPPlan,
     ledger: PrivacyLedger,
-    ledger_path: str | Path | None = None,
+    persist: Callable[[PrivacyLedger], None] | None = None,
     label: str = "",
     on_step: Callable[[int, float], None] | None = None,
+    randomness: Randomness | None = None,
 ) -> TrainResult:
     """Train `model`'s adapter for `plan.epochs` local epochs and charge `ledger`.
 
-    The ledger is charged (and saved to `ledger_path`) before the first step.
-    `on_step(step, loss)` is called after every optimizer step (progress bars).
+    The ledger is charged and `persist(ledger)` runs (durable write) before the first
+    step. `on_step(step, loss)` is called after every optimizer step (progress bars).
+    `randomness` draws the Poisson batches and the noise: secret unless the config asks
+    for reproducible noise (`dp.noise_seed`); a reproducible stream is keyed by the data
+    the ledger protects and the steps it has already charged.
     """
     started = time.perf_counter()
     steps = plan.steps_per_call
+    randomness = randomness or Randomness.from_setting(config.dp.noise_seed)
+    stream = (ledger.data_fingerprint, ledger.steps)  # before the charge: each call its own stream
     if plan.private:
         epsilon = ledger.charge(plan.noise_multiplier, plan.sample_rate, steps, label=label)
     else:
         ledger.charge_non_private(steps, label=label)
         epsilon = math.inf
-    if ledger_path is not None:
-        ledger.save(ledger_path)
+    if persist is not None:
+        persist(ledger)
 
     before = _snapshot(model)
-    # Derive this call's seed from the config seed and the steps already taken, so each
-    # call is reproducible yet draws fresh noise and fresh Poisson batches.
-    seed = config.training.seed * 1_000_003 + ledger.steps
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if plan.private:
-            losses, seen = _train_private(model, dataset, config, plan, steps, on_step)
-        else:
-            losses, seen = _train_plain(model, dataset, config, plan, steps, on_step)
+    device = next(model.parameters()).device
+    sampling = randomness.torch_generator("poisson", *stream)
+    noise = randomness.torch_generator("noise", *stream, device=device)
+    if plan.private:
+        losses, seen = _train_private(model, dataset, config, plan, steps, on_step, sampling, noise)
+    else:
+        losses, seen = _train_plain(model, dataset, config, plan, steps, on_step, sampling)
     check_adapter_changed(model, before, plan.private)
     return TrainResult(
         steps=steps,
@@ -223,7 +260,23 @@ def clear_opacus_state(model) -> None:
             parameter.__dict__.pop(name, None)
 
 
-def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_step=None):
+def _noise_only_step(dp_optimizer, parameters, mode: str) -> None:
+    """One DP-SGD step on an empty Poisson batch: nothing to clip, the noise still goes in.
+
+    Opacus clips and sums per-sample gradients (hooks: `grad_sample`; ghost clipping: the
+    already-clipped `grad`); for an empty batch both are zero-sized / zero, and the
+    optimizer adds N(0, (sigma C)^2) and scales by the expected batch size as usual."""
+    for parameter in parameters:
+        if mode == "ghost":
+            parameter.grad = torch.zeros_like(parameter)
+        else:
+            parameter.grad_sample = torch.zeros((0,) + tuple(parameter.shape), dtype=parameter.dtype,
+                                                device=parameter.device)
+    dp_optimizer.step()
+
+
+def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator,
+                   noise: torch.Generator):
     clear_opacus_state(model)
     device = next(model.parameters()).device
     task = config.model.task
@@ -231,8 +284,9 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     parameters = [p for _, p in trainable_named_parameters(model)]
     anchors = [p.detach().clone() for p in parameters]
     optimizer = _optimizer(config, parameters)
-    loader = DataLoader(dataset, batch_size=config.training.batch_size)
-    engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=config.dp.secure_mode)
+    secure = config.dp.secure_mode  # Opacus then draws both from torchcsprng and refuses generators
+    loader = DataLoader(dataset, batch_size=config.training.batch_size, generator=None if secure else sampling)
+    engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=secure)
     mode = config.dp.grad_sample_mode
     prepared = engine.make_private(
         module=model,
@@ -241,7 +295,8 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=True,  # the DPDataLoader takes `loader`'s generator: the secret one
+        noise_generator=None if secure else noise,
         grad_sample_mode=mode,
         wrap_model=False,
     )
@@ -250,21 +305,26 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     else:
         hooks, dp_optimizer, dp_loader = prepared
         dp_criterion = criterion
+    if len(dp_loader) != plan.steps_per_epoch or abs(dp_loader.sample_rate - plan.sample_rate) > 0:
+        raise RuntimeError(f"Opacus's loader runs {len(dp_loader)} steps at q={dp_loader.sample_rate}, the plan "
+                           f"{plan.steps_per_epoch} at q={plan.sample_rate}")  # a bug: plan and Opacus disagree
     model.train()
     losses, seen, step = [], 0, 0
     try:
         for _ in range(plan.epochs):
             for batch in dp_loader:
-                logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
-                loss = dp_criterion(logits, labels)
-                loss.backward()
-                dp_optimizer.step()
+                if len(batch[-1]) == 0:
+                    _noise_only_step(dp_optimizer, parameters, mode)
+                else:
+                    logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
+                    loss = dp_criterion(logits, labels)
+                    loss.backward()
+                    dp_optimizer.step()
+                    seen += len(labels)
+                    losses.append(float(loss.item()))
                 dp_optimizer.zero_grad(set_to_none=True)
                 _proximal_step(parameters, anchors, config)
                 step += 1
-                seen += len(labels)
-                if len(labels):
-                    losses.append(float(loss.item()))
                 if on_step:
                     on_step(step, losses[-1] if losses else float("nan"))
     finally:
@@ -279,7 +339,7 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     return losses, seen
 
 
-def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_step=None):
+def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator):
     """NON-PRIVATE baseline training: same loss, shuffled fixed-size batches."""
     device = next(model.parameters()).device
     task = config.model.task
@@ -287,11 +347,13 @@ def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_st
     parameters = [p for _, p in trainable_named_parameters(model)]
     anchors = [p.detach().clone() for p in parameters]
     optimizer = _optimizer(config, parameters)
-    loader = DataLoader(dataset, batch_size=config.training.batch_size, shuffle=True)
+    loader = DataLoader(dataset, batch_size=config.training.batch_size, shuffle=True, generator=sampling)
     model.train()
     losses, seen, step = [], 0, 0
     for _ in range(plan.epochs):
-        for batch in loader:
+        for batch_number, batch in enumerate(loader):
+            if batch_number == plan.steps_per_epoch:  # the same step count as the private plan
+                break
             logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
             loss = criterion(logits, labels)
             loss.backward()

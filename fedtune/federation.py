@@ -1,10 +1,18 @@
 """The server's side of a federation, independent of Flower: state, rounds, checkpoints.
 
 `FederationServer` holds the global adapter and everything a restarted server needs. Each
-round it takes the clients' replies, leaves out refusals (budget exhausted) and invalid
-replies with their reasons, aggregates the rest (FedAvg / FedAdam / FedYogi, optional
-user-level DP), writes an atomic checkpoint and appends one line to metrics.jsonl.
+round it takes the clients' replies, leaves out refusals (a node's budget, policy or state
+said no) and invalid replies with their reasons, aggregates the rest (FedAvg / FedAdam /
+FedYogi, optional user-level DP), writes an atomic checkpoint *before* the new adapter is
+evaluated or sent anywhere, and appends one line to metrics.jsonl.
 `server/server_app.py` only moves messages.
+
+User-level DP (DP-FedAvg) is accounted for the cohort sampling actually used
+(`fedtune.cohort`): Poisson-subsampled Gaussian at the rate drawn, or without amplification
+for fixed-size cohorts; its delta comes from the population the operator declares; its
+noise is secret (OS entropy) unless a simulation asks for reproducible noise. A user-level
+round never fails for a small cohort: the noise covers any draw, and a retried draw would
+no longer be the sampling that was accounted.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ import numpy as np
 from fedtune.aggregate import ServerOptimizer, check_update, dp_fedavg, weighted_mean
 from fedtune.atomic import append_jsonl
 from fedtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedtune.config import Config, config_from_toml_text
-from fedtune.errors import FedtuneError
+from fedtune.cohort import Cohort
+from fedtune.config import Config, FederationConfig, config_from_toml_text
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy import PrivacyLedger
+from fedtune.randomness import Randomness
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -33,16 +43,32 @@ class RoundFailedError(FedtuneError):
     """Too few valid replies to aggregate a round."""
 
 
+# A node that answered but declined: its budget, its policy or its own state said no.
+REFUSALS = ("budget-exhausted", "policy-refused", "node-error")
+
+
 @dataclass
 class ClientReply:
     node_id: int
-    status: str  # "ok", "budget-exhausted" or "error"
+    status: str  # "ok", one of REFUSALS, or "error" (no usable reply)
     arrays: dict | None = None
     num_examples: int = 0
     epsilon: float = math.nan
     metrics: dict = field(default_factory=dict)
     message: str = ""
     nbytes: int = 0
+    privacy: dict | None = None  # the node's ledger history, as it released it
+    noise: str = ""
+
+
+def user_level_delta(fed: FederationConfig) -> float:
+    """User-level delta: the operator's, or 1 / (10 x the population it declares)."""
+    if fed.user_dp_delta > 0:
+        return fed.user_dp_delta
+    if fed.population <= 0:
+        raise ConfigError("federation.population: declare how many nodes the federation has (user-level delta is "
+                          "1 / (10 x population)), or set federation.user_dp_delta")
+    return 1.0 / (10 * fed.population)
 
 
 class FederationServer:
@@ -56,9 +82,11 @@ class FederationServer:
         fed = config.federation
         self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_learning_rate)
         self.node_epsilon: dict[str, float] = {}
+        self.node_privacy: dict[str, dict] = {}
         self.history: list[dict] = []
+        self.randomness = Randomness.from_setting(config.dp.noise_seed)
         self.user_ledger = (
-            PrivacyLedger("rdp", delta=1.0 / (10 * fed.num_clients), target_epsilon=None)
+            PrivacyLedger("rdp", delta=user_level_delta(fed), target_epsilon=None)
             if fed.user_dp_noise > 0 else None
         )
 
@@ -75,6 +103,7 @@ class FederationServer:
         server = cls(config, run_dir, checkpoint.adapter, travel_keys, round_done=checkpoint.round)
         server.optimizer.load_state_arrays(checkpoint.optimizer)
         server.node_epsilon = dict(checkpoint.meta.get("node_epsilon", {}))
+        server.node_privacy = dict(checkpoint.meta.get("node_privacy", {}))
         server.history = list(checkpoint.meta.get("history", []))
         if checkpoint.meta.get("user_ledger"):
             server.user_ledger = PrivacyLedger.from_dict(checkpoint.meta["user_ledger"], source=str(path))
@@ -91,15 +120,19 @@ class FederationServer:
     # -- one round -------------------------------------------------------------------
     def finish_round(self, server_round: int, replies: list[ClientReply], started: float, bytes_sent: int,
                      evaluate: "Callable[[OrderedDict], dict] | None" = None, evaluation: str = "federated",
-                     extra: dict | None = None) -> dict:
-        """Validate, aggregate, evaluate the new global (`evaluate(adapter)`), checkpoint, log."""
+                     extra: dict | None = None, cohort: Cohort | None = None) -> dict:
+        """Validate, aggregate, checkpoint, evaluate the new global (`evaluate(adapter)`), log.
+
+        `cohort` is how the round's nodes were drawn (default: a fixed-size cohort of the
+        nodes that replied); user-level DP is accounted for it."""
         fed = self.config.federation
+        cohort = cohort or Cohort(len(replies), tuple(r.node_id for r in replies), "fixed", 1.0, float(len(replies)))
         reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
         bound = fed.max_update_norm or None
         accepted, rejected, refused = [], [], []
         for reply in replies:
-            if reply.status == "budget-exhausted":
-                refused.append({"node": reply.node_id, "reason": reply.message})
+            if reply.status in REFUSALS:
+                refused.append({"node": reply.node_id, "status": reply.status, "reason": reply.message})
             elif reply.status != "ok" or reply.arrays is None:
                 rejected.append({"node": reply.node_id, "reason": reply.message or "error reply"})
             elif (reason := check_update(reply.arrays, reference, bound)) is not None:
@@ -110,20 +143,27 @@ class FederationServer:
                 accepted.append(reply)
             if not math.isnan(reply.epsilon):  # inf (non-private) is reported, NaN means unknown
                 self.node_epsilon[str(reply.node_id)] = reply.epsilon
-        if len(accepted) < fed.min_clients:
+            if reply.privacy:
+                self.node_privacy[str(reply.node_id)] = reply.privacy
+        user_dp = self.user_ledger is not None
+        if len(accepted) < fed.min_clients and not (user_dp and cohort.expected_size > 0):
             raise RoundFailedError(
                 f"round {server_round}: {len(accepted)} valid replies, need min_clients = {fed.min_clients} "
                 f"(rejected: {rejected}; refused: {[r['node'] for r in refused]})"
             )
         states = [r.arrays for r in accepted]
-        if self.user_ledger is not None:
-            rng = np.random.default_rng([self.config.training.seed, server_round])  # same noise after a resume
-            aggregate = dp_fedavg(states, reference, fed.user_dp_clip, fed.user_dp_noise, fed.clients_per_round, rng)
-            self.user_ledger.charge(fed.user_dp_noise, fed.clients_per_round / fed.num_clients, 1, label=f"round {server_round}")
+        if user_dp:
+            if fed.population and cohort.registered > fed.population:
+                raise RoundFailedError(f"round {server_round}: {cohort.registered} nodes registered, more than "
+                                       f"federation.population = {fed.population}, which the user-level delta assumes")
+            rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
+            aggregate = dp_fedavg(states, reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
+            self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
         else:
             aggregate = weighted_mean(states, [r.num_examples for r in accepted])
         self.adapter.update(self.optimizer.apply(reference, aggregate))
         self.round_done = server_round
+        self.checkpoint()  # the charge is durable before the new adapter reaches anyone
         evaluation_started = time.perf_counter()
         scores = evaluate(self.adapter) if evaluate else {}
         evaluation_seconds = time.perf_counter() - evaluation_started
@@ -132,19 +172,22 @@ class FederationServer:
             "round": server_round,
             "evaluation": evaluation,
             **{k: v for k, v in (scores or {}).items()},
-            "train_loss": _weighted([r.metrics.get("train_loss", math.nan) for r in accepted], [r.num_examples for r in accepted]),
+            "train_loss": _weighted([r.metrics.get("train-loss", math.nan) for r in accepted], [r.num_examples for r in accepted]),
             "clients_accepted": [r.node_id for r in accepted],
             "clients_rejected": rejected,
             "clients_refused": refused,
             "epsilon_max": _finite_or_inf(max(epsilons)) if epsilons else None,
             "epsilon_mean": _finite_or_inf(sum(epsilons) / len(epsilons)) if epsilons else None,
             "user_epsilon": self.user_ledger.epsilon() if self.user_ledger else None,
+            "cohort": {"method": cohort.method, "registered": cohort.registered, "sampled": len(cohort.sampled),
+                       "rate": cohort.rate, "accounted_rate": cohort.accounted_rate},
+            "noise": self.randomness.label,
             "bytes_sent": bytes_sent,
             "bytes_received": sum(r.nbytes for r in replies),
             "seconds": round(time.perf_counter() - started, 3),
             "evaluation_seconds": round(evaluation_seconds, 3),
             # the accepted clients' bare local training (DP-SGD steps only), summed
-            "train_seconds_sum": round(sum(float(r.metrics.get("train_seconds", 0.0)) for r in accepted), 3),
+            "train_seconds_sum": round(sum(float(r.metrics.get("train-seconds", 0.0)) for r in accepted), 3),
             **(extra or {}),
         }
         self.history.append(record)
@@ -156,6 +199,7 @@ class FederationServer:
         meta = {
             "config": self.config.to_toml(),
             "node_epsilon": self.node_epsilon,
+            "node_privacy": self.node_privacy,
             "history": self.history,
             "user_ledger": self.user_ledger.to_dict() if self.user_ledger else None,
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,13 +18,16 @@ from torch.utils.data import TensorDataset
 
 from fedtune.adapter import save_adapter_dir, state_nbytes, state_num_parameters, trainable_state
 from fedtune.atomic import append_jsonl, atomic_write_json, atomic_write_text
+from fedtune.budget import BudgetStore, data_fingerprint, default_budget_dir
 from fedtune.config import Config, check_against_data
 from fedtune.data import LabelMap, TokenCache, load_table, read_table, subsample, to_dataset, train_val_split
 from fedtune.datasets_builtin import Table
 from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
-from fedtune.errors import FedtuneError
+from fedtune.errors import BudgetExhaustedError, FedtuneError
 from fedtune.evaluate import evaluate, majority_baseline
 from fedtune.model import attach_lora, load_base_model, load_tokenizer, resolve_device, resolve_model_path
+from fedtune.privacy import PrivacyLedger
+from fedtune.randomness import Randomness
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 
@@ -35,6 +38,7 @@ class NodeData:
     val: TensorDataset | None  # None when the node keeps no validation split
     label_map: LabelMap | None
     majority_accuracy: float | None
+    fingerprint: str = ""  # of every row the node holds (training file and evaluation file): its budget's key
 
 
 @dataclass
@@ -52,6 +56,15 @@ def privacy_label(plan: DPPlan, epsilon: float) -> str:
     return f"epsilon={epsilon:.3f} (delta={plan.delta:.3g}, target {plan.target_epsilon:g})"
 
 
+def table_fingerprint(*tables: Table) -> str:
+    """The fingerprint of every row in `tables` (text and label), whatever their order."""
+    texts, labels = [], []
+    for table in tables:
+        texts += table.texts
+        labels += list(table.labels) if table.labels else [None] * len(table)
+    return data_fingerprint(texts, labels)
+
+
 def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, table: Table | None = None,
                  validation: bool = True) -> NodeData:
     """Read, split, label-encode and tokenize the node's data (all checks, no writes).
@@ -62,13 +75,19 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     """
     task = config.model.task
     cache = cache or TokenCache()
+    label_column = config.data.label_column if task == "classification" else None
     if table is None:
-        table = subsample(load_table(config.data, task), config.data.max_examples, config.training.seed)
+        table = load_table(config.data, task)
+        rows = table  # the budget covers the whole source, whatever share of it trains
+        table = subsample(table, config.data.max_examples, config.training.seed)
+    else:
+        rows = table
+    eval_table = read_table(config.data.eval_path, config.data.text_column, label_column) if config.data.eval_path else None
+    fingerprint = table_fingerprint(rows, *([eval_table] if eval_table is not None else []))
     if not validation:
         train_table, val_table = table, None
-    elif config.data.eval_path:
-        label_column = config.data.label_column if task == "classification" else None
-        train_table, val_table = table, read_table(config.data.eval_path, config.data.text_column, label_column)
+    elif eval_table is not None:
+        train_table, val_table = table, eval_table
     else:
         train_table, val_table = train_val_split(table, config.data.val_fraction, config.training.seed)
     label_map = train_ids = val_ids = majority = None
@@ -83,7 +102,7 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     train = to_dataset(cache.tokenize(tokenizer, train_table.texts, length), train_ids)
     val = to_dataset(cache.tokenize(tokenizer, val_table.texts, length), val_ids) if val_table is not None else None
     check_against_data(config, len(train))
-    return NodeData(train, val, label_map, majority)
+    return NodeData(train, val, label_map, majority, fingerprint)
 
 
 def build_model(config: Config, tokenizer, num_labels: int | None):
@@ -111,70 +130,103 @@ def _progress(total: int, description: str):
 def train_local(
     node: PreparedNode, run_dir: str | Path, echo: Callable[[str], None] = print, progress: bool = True
 ) -> dict:
-    """Train for `training.rounds` calls of `training.epochs` epochs; write the run dir."""
+    """Train for `training.rounds` calls of `training.epochs` epochs; write the run dir.
+
+    The budget is the data's, not the run's: it is opened (and locked) in the node's budget
+    folder by the data fingerprint, so a new --out on the same rows continues it. A run
+    that the remaining budget cannot carry to its end is refused before anything is written."""
     config, model, plan = node.config, node.model, node.plan
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FedtuneError(f"--out {run_dir}: a file, not a folder; choose a new --out")
     if (run_dir / "ledger.json").exists():
         raise FedtuneError(f"{run_dir}: already holds a run (ledger.json); choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", config.to_toml())
-    atomic_write_json(run_dir / "plan.json", plan.to_dict())
-    if node.data.label_map:
-        node.data.label_map.save(run_dir / "label_map.json")
-    ledger = new_ledger(config, plan)
-    ledger_path = run_dir / "ledger.json"
-    ledger.save(ledger_path)
-    metrics_path = run_dir / "metrics.jsonl"
-    sent = trainable_state(model)
-    echo(
-        f"fedtune train-local: {len(node.data.train)} train / {len(node.data.val)} validation examples, "
-        f"{state_num_parameters(sent):,} trainable adapter parameters ({state_nbytes(sent) / 1e6:.2f} MB), "
-        + (f"DP-SGD sigma={plan.noise_multiplier:.4f} C={plan.max_grad_norm} q={plan.sample_rate:.4g}, "
-           f"target epsilon {plan.target_epsilon:g} at delta {plan.delta:.3g}" if plan.private else NON_PRIVATE_LABEL)
-    )
-    if node.data.majority_accuracy is not None:
-        echo(f"majority-class baseline accuracy on validation: {node.data.majority_accuracy:.4f}")
-    record = {}
-    for call in range(1, plan.planned_calls + 1):
-        for epoch in range(1, plan.epochs + 1):
-            bar = _progress(plan.steps_per_epoch, f"call {call} epoch {epoch}") if progress else None
-            one_epoch = _one_epoch_plan(plan)
-            result = train_call(
-                model, node.data.train, config, one_epoch, ledger, ledger_path,
-                label=f"call {call} epoch {epoch}",
-                on_step=(lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
-            )
-            if bar:
-                bar.close()
-            metrics = evaluate(model, node.data.val, config.model.task, num_classes=len(node.data.label_map) if node.data.label_map else None)
-            record = {
-                "call": call,
-                "epoch": epoch,
-                "train_loss": result.mean_loss,
-                "steps": result.steps,
-                **{f"val_{k}": v for k, v in metrics.items()},
-                "epsilon": result.epsilon if math.isfinite(result.epsilon) else "inf",
-                "delta": plan.delta,
-                "private": plan.private,
-                "privacy": privacy_label(plan, result.epsilon),
-                "seconds": round(result.seconds, 3),
-            }
-            append_jsonl(metrics_path, record)
-            shown = ", ".join(
-                f"{k[4:]} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)
-            )
-            echo(f"call {call} epoch {epoch}: train loss {result.mean_loss:.4f}, {shown}, {privacy_label(plan, result.epsilon)}")
-    extra = {"label_map.json": json.dumps(node.data.label_map.to_dict(), indent=2)} if node.data.label_map else {}
-    extra["fedtune_privacy.json"] = json.dumps(
-        {"private": plan.private, "epsilon": record.get("epsilon"), "delta": plan.delta, "ledger": ledger.to_dict()}, indent=2
-    )
-    save_adapter_dir(model, run_dir / "adapter", extra)
+    store = BudgetStore(config.node.budget_dir or default_budget_dir())
+    randomness = Randomness.from_setting(config.dp.noise_seed)
+    with store.open(node.data.fingerprint, lambda: new_ledger(config, plan)) as budget:
+        ledger = budget.ledger
+        if plan.private:
+            if ledger.delta < plan.delta:  # this data was accounted at a stricter delta before: keep it
+                plan = plan_training(config, len(node.data.train), delta=ledger.delta)
+            ledger.lower_delta(plan.delta, label="train-local")
+            ledger.set_cap(config.max_epsilon, label="train-local")
+            total = plan.steps_per_call * plan.planned_calls
+            if not ledger.remaining_fits(plan.noise_multiplier, plan.sample_rate, total):
+                raise BudgetExhaustedError(
+                    f"{budget.ledger_path}: this run would take the epsilon of this data to "
+                    f"{ledger.epsilon_after(plan.noise_multiplier, plan.sample_rate, total):.3f}, above its cap "
+                    f"{ledger.target_epsilon:g} (already spent {ledger.epsilon():.3f}); the budget belongs to the data, "
+                    "not to the run folder. Raising the cap is your decision (--max-epsilon; the ledger keeps counting)")
+        spent_before = ledger.epsilon()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.toml", config.to_toml())
+        atomic_write_json(run_dir / "plan.json", {**plan.to_dict(), "noise": randomness.label})
+        if node.data.label_map:
+            node.data.label_map.save(run_dir / "label_map.json")
+        snapshot = run_dir / "ledger.json"
+
+        def persist(current: PrivacyLedger) -> None:
+            budget.persist(current)
+            current.save(snapshot)  # this run's copy; the budget's ledger is the authority
+
+        metrics_path = run_dir / "metrics.jsonl"
+        sent = trainable_state(model)
+        echo(
+            f"fedtune train-local: {len(node.data.train)} train / {len(node.data.val)} validation examples, "
+            f"{state_num_parameters(sent):,} trainable adapter parameters ({state_nbytes(sent) / 1e6:.2f} MB), "
+            + (f"DP-SGD sigma={plan.noise_multiplier:.4f} C={plan.max_grad_norm} q={plan.sample_rate:.4g}, "
+               f"target epsilon {plan.target_epsilon:g} at delta {plan.delta:.3g}" if plan.private else NON_PRIVATE_LABEL)
+        )
+        echo(f"privacy budget of this data: {budget.ledger_path} (spent before this run: "
+             f"{_epsilon_text(spent_before)}, cap {ledger.target_epsilon if ledger.target_epsilon else 'none'}); "
+             f"{randomness.label}")
+        if node.data.majority_accuracy is not None:
+            echo(f"majority-class baseline accuracy on validation: {node.data.majority_accuracy:.4f}")
+        record = {}
+        for call in range(1, plan.planned_calls + 1):
+            for epoch in range(1, plan.epochs + 1):
+                bar = _progress(plan.steps_per_epoch, f"call {call} epoch {epoch}") if progress else None
+                result = train_call(
+                    model, node.data.train, config, _one_epoch_plan(plan), ledger, persist,
+                    label=f"call {call} epoch {epoch}", randomness=randomness,
+                    on_step=(lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
+                )
+                if bar:
+                    bar.close()
+                metrics = evaluate(model, node.data.val, config.model.task,
+                                   num_classes=len(node.data.label_map) if node.data.label_map else None)
+                record = {
+                    "call": call,
+                    "epoch": epoch,
+                    "train_loss": result.mean_loss,
+                    "steps": result.steps,
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                    "epsilon": result.epsilon if math.isfinite(result.epsilon) else "inf",
+                    "delta": plan.delta,
+                    "private": plan.private,
+                    "privacy": privacy_label(plan, result.epsilon),
+                    "noise": randomness.label,
+                    "seconds": round(result.seconds, 3),
+                }
+                append_jsonl(metrics_path, record)
+                shown = ", ".join(
+                    f"{k[4:]} {v:.4f}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)
+                )
+                echo(f"call {call} epoch {epoch}: train loss {result.mean_loss:.4f}, {shown}, {privacy_label(plan, result.epsilon)}")
+        extra = {"label_map.json": json.dumps(node.data.label_map.to_dict(), indent=2)} if node.data.label_map else {}
+        extra["fedtune_privacy.json"] = json.dumps(
+            {"private": plan.private, "epsilon": record.get("epsilon"), "delta": ledger.delta, "noise": randomness.label,
+             "ledger": ledger.to_dict()}, indent=2
+        )
+        save_adapter_dir(model, run_dir / "adapter", extra)
     echo(f"wrote {run_dir}/ (config.toml, metrics.jsonl, ledger.json, adapter/)")
     return record
 
 
+def _epsilon_text(epsilon: float) -> str:
+    return "inf (non-private)" if math.isinf(epsilon) else f"{epsilon:.3f}"
+
+
 def _one_epoch_plan(plan: DPPlan) -> DPPlan:
     """The same mechanism, charged one epoch at a time so metrics follow each epoch."""
-    from dataclasses import replace
-
     return replace(plan, epochs=1)

@@ -28,7 +28,7 @@ from fedtune.atomic import atomic_write_json
 from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
 
 ACCOUNTANTS = ("rdp", "prv")
-LEDGER_FORMAT = 1
+LEDGER_FORMAT = 2  # 2 added data_fingerprint and the max_epsilon name; format 1 still loads
 
 # Relative slack when comparing a planned epsilon with its target: the planner's own
 # bisection lands a hair under the target, and float round-off must not refuse it.
@@ -75,6 +75,27 @@ def _cached_epsilon(name: str, history: tuple, delta: float) -> float:
     return float(make_accountant(name, list(history)).get_epsilon(delta=delta))
 
 
+def independent_epsilon(accountant: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    """The same epsilon from Google's dp-accounting, an accountant independent of Opacus:
+    its RDP accountant for "rdp" ledgers, its PLD accountant for "prv" ones (both numeric
+    methods agree with Opacus's to about 1%; RDP may differ where one library drops orders
+    it cannot evaluate, always on the conservative side)."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    _check_delta(delta)
+    if not any(steps for _, _, steps in history):
+        return 0.0
+    counter = rdp.RdpAccountant() if _check_accountant(accountant) == "rdp" else pld.PLDAccountant()
+    for sigma, q, steps in history:
+        if steps:
+            event = dp_accounting.GaussianDpEvent(float(sigma))
+            if q < 1:
+                event = dp_accounting.PoissonSampledDpEvent(float(q), event)
+            counter.compose(event, int(steps))
+    return float(counter.get_epsilon(delta))
+
+
 def compute_epsilon(
     noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
 ) -> float:
@@ -85,17 +106,49 @@ def compute_epsilon(
 
 
 def noise_for_budget(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
+    also: tuple[tuple[float, float, int], ...] = (),
 ) -> float:
     """The smallest noise multiplier (to Opacus's 0.01 tolerance) that keeps `steps`
-    steps at `sample_rate` within `target_epsilon`."""
+    steps at `sample_rate`, composed with the mechanisms in `also` (e.g. the metric
+    releases a node's policy plans), within `target_epsilon`."""
     if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
         raise ConfigError(f"target_epsilon = {target_epsilon!r}: expected a number > 0")
     _check_delta(delta)
     _check_mechanism(1.0, sample_rate, steps)
     if steps == 0:
         raise ConfigError("steps = 0: there is nothing to plan noise for")
-    return _cached_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps), _check_accountant(accountant))
+    accountant = _check_accountant(accountant)
+    also = tuple((float(s), float(q), int(n)) for s, q, n in also if n)
+    if not also:
+        return _cached_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
+    return _cached_noise_with(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant, also)
+
+
+@lru_cache(maxsize=256)
+def _cached_noise_with(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                       also: tuple) -> float:
+    """Opacus's bisection (`get_noise_multiplier`), over the composition of the training
+    steps with fixed extra mechanisms."""
+    def epsilon(sigma: float) -> float:
+        return _epsilon_of(accountant, list(also) + [(sigma, sample_rate, steps)], delta)
+
+    floor = _epsilon_of(accountant, list(also), delta)
+    if floor >= target_epsilon:
+        raise ConfigError(f"the planned metric releases alone spend epsilon {floor:.3f} >= target {target_epsilon:g}: "
+                          "raise node.metric_noise_multiplier, or release fewer metrics")
+    low, high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        eps_high = epsilon(high)
+    while target_epsilon - eps_high > 0.01:
+        middle = (low + high) / 2
+        eps = epsilon(middle)
+        if eps < target_epsilon:
+            high, eps_high = middle, eps
+        else:
+            low = middle
+    return high
 
 
 @lru_cache(maxsize=256)
@@ -113,7 +166,10 @@ class PrivacyLedger:
     `history` uses Opacus's own format (consecutive calls with the same noise and sample
     rate merge, as Opacus's step hook does), so it loads straight into an accountant.
     `non_private_steps` counts steps taken without DP: once it is non-zero the node's
-    epsilon is infinite forever, which is the honest statement.
+    epsilon is infinite forever, which is the honest statement. `target_epsilon` is the
+    node's hard cap (its policy's max_epsilon); `data_fingerprint` names the data the
+    budget protects. Metric releases (a Gaussian mechanism over the node's rows) enter the
+    history as (sigma, 1.0, 1): a full-batch Gaussian step is exactly that mechanism.
     """
 
     accountant: str
@@ -122,6 +178,7 @@ class PrivacyLedger:
     history: list[tuple[float, float, int]] = field(default_factory=list)
     non_private_steps: int = 0
     calls: list[dict] = field(default_factory=list)
+    data_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         _check_accountant(self.accountant)
@@ -188,6 +245,27 @@ class PrivacyLedger:
         )
         return eps
 
+    def lower_delta(self, delta: float, label: str = "") -> None:
+        """Account everything (past included) at a smaller delta from now on. The epsilon
+        of the whole history only grows, so this never under-counts; raising is refused."""
+        _check_delta(delta)
+        if delta < self.delta:
+            self.calls.append({"label": label, "time": time.time(), "event": "delta lowered",
+                               "from": self.delta, "to": float(delta)})
+            self.delta = float(delta)
+
+    def set_cap(self, max_epsilon: float, label: str = "") -> None:
+        """The node's cap, as its policy states it now; every change is recorded.
+
+        A cap is the node operator's decision, never a server's: raising it spends more of
+        the same data's privacy, and the ledger keeps counting from what is spent."""
+        if not max_epsilon > 0:
+            raise ConfigError(f"max_epsilon = {max_epsilon!r}: expected a number > 0")
+        if self.target_epsilon != max_epsilon:
+            self.calls.append({"label": label, "time": time.time(), "event": "cap set",
+                               "from": self.target_epsilon, "to": float(max_epsilon)})
+            self.target_epsilon = float(max_epsilon)
+
     def charge_non_private(self, steps: int, label: str = "") -> None:
         """Record a NON-PRIVATE call: epsilon becomes infinite and stays so."""
         self.non_private_steps += int(steps)
@@ -197,9 +275,10 @@ class PrivacyLedger:
     def to_dict(self) -> dict:
         return {
             "format": LEDGER_FORMAT,
+            "data_fingerprint": self.data_fingerprint,
             "accountant": self.accountant,
             "delta": self.delta,
-            "target_epsilon": self.target_epsilon,
+            "max_epsilon": self.target_epsilon,
             "history": [list(entry) for entry in self.history],
             "non_private_steps": self.non_private_steps,
             "epsilon": _json_float(self.epsilon()),
@@ -209,17 +288,19 @@ class PrivacyLedger:
     @classmethod
     def from_dict(cls, data: dict, source: str = "ledger") -> "PrivacyLedger":
         try:
-            if data.get("format") != LEDGER_FORMAT:
+            if data.get("format") not in (1, LEDGER_FORMAT):
                 raise FedtuneError(f"{source}: unsupported ledger format {data.get('format')!r}")
+            cap = data["max_epsilon"] if data.get("format") == LEDGER_FORMAT else data["target_epsilon"]
             return cls(
                 accountant=data["accountant"],
                 delta=float(data["delta"]),
-                target_epsilon=None if data["target_epsilon"] is None else float(data["target_epsilon"]),
+                target_epsilon=None if cap is None else float(cap),
+                data_fingerprint=str(data.get("data_fingerprint", "")),
                 history=[(float(s), float(q), int(n)) for s, q, n in data["history"]],
                 non_private_steps=int(data.get("non_private_steps", 0)),
                 calls=list(data.get("calls", [])),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FedtuneError(f"{source}: not a fedtune privacy ledger ({exc})") from None
 
     def save(self, path: str | Path) -> None:

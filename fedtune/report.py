@@ -23,6 +23,8 @@ from pathlib import Path
 from fedtune.atomic import atomic_write_bytes, atomic_write_text
 from fedtune.errors import FedtuneError
 from fedtune.privacy import PrivacyLedger
+from fedtune.privacy_report import node_entries, privacy_markdown, read_released, user_entry
+from fedtune.randomness import REPRODUCIBLE_LABEL
 
 METRIC_COLUMNS = ("round", "evaluation", "accuracy", "macro_f1", "loss", "perplexity", "train_loss", "epsilon_max",
                   "epsilon_mean", "user_epsilon", "clients_accepted", "clients_rejected", "clients_refused",
@@ -44,9 +46,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def read_ledgers(run_dir: Path) -> dict[str, PrivacyLedger]:
+    """Each virtual client's ledger (its budget folder is its state dir in simulation)."""
     ledgers = {}
-    for path in sorted((run_dir / "clients").glob("client-*/ledger.json")):
-        ledgers[path.parent.name] = PrivacyLedger.load(path)
+    for path in sorted((run_dir / "clients").glob("client-*/ledger*.json")):
+        ledgers.setdefault(path.parent.name, PrivacyLedger.load(path))
     return ledgers
 
 
@@ -82,7 +85,7 @@ def ledger_rows(ledgers: dict[str, PrivacyLedger]) -> list[dict]:
             "delta": ledger.delta,
             "accountant": ledger.accountant,
             "epsilon": ledger.epsilon(),  # recomputed from the history by Opacus's accountant
-            "target_epsilon": ledger.target_epsilon,
+            "max_epsilon": ledger.target_epsilon,
         })
     return rows
 
@@ -145,9 +148,13 @@ def save_figure(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: float | None) -> str:
+def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: float | None,
+             privacy: list[dict]) -> str:
     last = metrics[-1]
     lines = [f"# Federation run `{run_dir.name}`", ""]
+    noise = str(last.get("noise", ""))
+    if noise == REPRODUCIBLE_LABEL:
+        lines += [f"**{REPRODUCIBLE_LABEL}** (dp.noise_seed was set: anyone with the seed can replay this run's noise).", ""]
     config_path = run_dir / "config.toml"
     if config_path.is_file():
         from fedtune.config import config_from_toml_text
@@ -179,9 +186,26 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
     if last.get("user_epsilon") is not None:
         lines.append(f"User-level epsilon (DP-FedAvg at the server): {last['user_epsilon']:.4g}.")
     total = sum(r.get("seconds", 0) for r in metrics)
-    lines += [f"Wall time over all rounds: {total:.1f} s.", "",
-              "Plots: `accuracy.png`, `loss.png`, `epsilon.png`. Raw records: `metrics.jsonl`, `clients/*/ledger.json`.", ""]
+    lines += [f"Wall time over all rounds: {total:.1f} s.", ""]
+    if privacy:
+        lines += privacy_markdown(privacy, noise)
+    lines += ["Plots: `accuracy.png`, `loss.png`, `epsilon.png`. Raw records: `metrics.jsonl`, `clients/*/ledger-*.json`, "
+              "`privacy.json`.", ""]
     return "\n".join(lines)
+
+
+def privacy_entries(run_dir: Path, ledgers: dict[str, PrivacyLedger]) -> list[dict]:
+    """Record-level entries per node and the user-level entry, from the run's records."""
+    released, user_ledger = read_released(run_dir)
+    entries = node_entries(ledgers, released)
+    config_path = run_dir / "config.toml"
+    fed = {}
+    if config_path.is_file():
+        from fedtune.config import config_from_toml_text
+
+        fed = config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path)).to_dict()["federation"]
+    user = user_entry(user_ledger, fed)
+    return entries + ([user] if user else [])
 
 
 def write_report(run_dir: str | Path) -> list[Path]:
@@ -204,7 +228,9 @@ def write_report(run_dir: str | Path) -> list[Path]:
     put("metrics.csv", metrics_csv(metrics))
     if rows:
         put("clients.csv", clients_csv(rows))
-    put("summary.md", _summary(run_dir, metrics, rows, majority))
+    privacy = privacy_entries(run_dir, ledgers)
+    put("privacy.json", json.dumps({"noise": metrics[-1].get("noise"), "entries": privacy}, indent=2) + "\n")
+    put("summary.md", _summary(run_dir, metrics, rows, majority, privacy))
     rounds = [r["round"] for r in metrics]
     for key, title in (("accuracy", "accuracy"), ("loss", "loss")):
         if any(isinstance(r.get(key), float) for r in metrics):

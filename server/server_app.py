@@ -21,13 +21,16 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
 from fedtune.atomic import atomic_write_text
 from fedtune.central import CentralEvaluator, central_table
+from fedtune.cohort import draw_cohort
 from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.federation import ClientReply, FederationServer
 from fedtune.local import build_model
-from fedtune.report import write_report
 from fedtune.model import load_tokenizer, resolve_model_path
+from fedtune.policy import REQUEST_KEY, request_text, server_request
+from fedtune.report import write_report
+
 
 
 def _arrays_record(state) -> ArrayRecord:
@@ -42,15 +45,21 @@ def _reply(message: Message) -> ClientReply:
     metrics = dict(content["metrics"]) if "metrics" in content else {}
     status = content["status"] if "status" in content else {}
     arrays = content["arrays"] if "arrays" in content else None
+    try:
+        privacy = json.loads(str(status["ledger"])) if "ledger" in status else None
+    except json.JSONDecodeError:
+        privacy = None
     return ClientReply(
         node_id=node,
-        status=str(status.get("status", "ok")),
+        status=str(status.get("status", "error")),
         arrays={k: a.numpy() for k, a in arrays.items()} if arrays is not None else None,
         num_examples=int(metrics.pop("num-examples", 0)),
         epsilon=float(metrics.pop("epsilon", math.nan)),
         metrics=metrics,
         message=str(status.get("message", "")),
         nbytes=arrays.count_bytes() if arrays is not None else 0,
+        privacy=privacy if isinstance(privacy, dict) else None,
+        noise=str(status.get("noise", "")),
     )
 
 
@@ -79,8 +88,8 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     num_labels = len(config.data.labels) if config.task_is_classification else None
     model = build_model(config, tokenizer, num_labels)
     server = FederationServer.start_or_resume(config, run_dir, adapter_state(model), trainable_keys(model))
-    config_text = config.to_toml()  # the same every round: serialise once
-    atomic_write_text(run_dir / "config.toml", config_text)
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    request = request_text(server_request(config))  # what nodes may be asked: the same every round
     eval_table = eval_table if eval_table is not None else central_table(config)
     central = CentralEvaluator(config, model, tokenizer, eval_table) if eval_table is not None else None
     if central is not None:
@@ -89,10 +98,11 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     if server.round_done:
         log(f"resuming after round {server.round_done} from {run_dir / 'checkpoint.safetensors'}")
 
+    log(f"noise: {server.randomness.label}; cohorts: {fed.cohort_sampling}")
+
     def send(node_ids, message_type, arrays, server_round):
-        record = ConfigRecord({"server-round": server_round, "fedtune-config": config_text,
-                               "evaluation": "central" if central else "federated",
-                               "state-root": str((run_dir / "clients").resolve())})
+        record = ConfigRecord({"server-round": server_round, REQUEST_KEY: request,
+                               "evaluation": "central" if central else "federated"})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,
                             message_type=message_type) for n in node_ids]
         return list(grid.send_and_receive(messages, timeout=fed.round_timeout))
@@ -101,9 +111,9 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     for server_round in range(server.round_done + 1, config.training.rounds + 1):
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, fed.min_clients, timeout=fed.round_timeout)
-        rng = np.random.default_rng(config.training.seed * 100_003 + server_round)
-        picks = rng.choice(len(nodes), size=min(fed.clients_per_round, len(nodes)), replace=False)
-        sampled = sorted(int(nodes[i]) for i in picks)  # node ids exceed int64: never via numpy
+        cohort = draw_cohort([int(n) for n in nodes], fed.clients_per_round, fed.cohort_sampling,
+                             server.randomness.numpy_generator("server", "cohort", server_round))
+        sampled = list(cohort.sampled)
         payload = _arrays_record(server.payload(server_round))
         replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]
         answered = {r.node_id for r in replies}
@@ -119,7 +129,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
         record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
                                      evaluate=central or federated_evaluation,
                                      evaluation="central" if central else "federated",
-                                     extra={"resident_mb": resident_memory_mb()})
+                                     extra={"resident_mb": resident_memory_mb()}, cohort=cohort)
         progress.update(record)
     progress.close()
 

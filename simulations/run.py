@@ -11,12 +11,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.atomic import atomic_write_json
-from fedtune.config import Config
+from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
+from fedtune.policy import NodePolicy
+from fedtune.randomness import REPRODUCIBLE_LABEL
+
+if TYPE_CHECKING:
+    from clients.node import NodeSetup
 
 
 def default_config_path() -> str:
@@ -36,12 +44,47 @@ def with_labels(config: Config) -> Config:
 
 
 def prepare_simulation(config: Config) -> Config:
-    """Resolve what the data decides (labels, client count) before anything runs."""
+    """Resolve what the data decides (labels, client count) and the population every
+    virtual client belongs to, before anything runs."""
     from simulations.partition import with_partition_count
 
     if config.data.path == "" and not config.data.dataset and config.federation.partitioner != "files":
         raise ConfigError("data.dataset: a simulation needs a dataset to partition")
-    return with_partition_count(with_labels(config))
+    config = with_partition_count(with_labels(config))
+    if not config.federation.population:
+        config = config.replace(federation=dataclasses.replace(config.federation, population=config.federation.num_clients))
+    return config
+
+
+@dataclass(frozen=True)
+class SimulationNodes:
+    """The node side of every virtual client, injected into the deployment ClientApp:
+    the simulation's config is each client's policy, its rows are its partition, its
+    state dir (and budget) is `RUN_DIR/clients/client-NNNNN`. Picklable, so Ray ships it."""
+
+    config: Config
+    run_dir: str
+
+    def __call__(self, context) -> "NodeSetup":
+        from clients.node import NodeSetup
+        from simulations.partition import client_table
+
+        pid = int(context.node_config["partition-id"])
+        state_dir = Path(self.run_dir).resolve() / "clients" / f"client-{pid:05d}"
+        own = self.config.replace(node=dataclasses.replace(self.config.node, budget_dir=str(state_dir)))
+        return NodeSetup(NodePolicy.from_config(own), state_dir, client_table(self.config, pid))
+
+
+@lru_cache(maxsize=4)
+def _flwr_run_nodes(config_path: str, run_dir: str) -> SimulationNodes:
+    return SimulationNodes(prepare_simulation(load_config(config_path or default_config_path())), run_dir)
+
+
+def flwr_run_setup(context) -> "NodeSetup":
+    """`flwr run` on the local simulation engine: the run config names the simulation
+    (as for the ServerApp), each virtual node its partition."""
+    run_config = context.run_config
+    return _flwr_run_nodes(str(run_config.get("config", "")), str(run_config.get("run-dir", "runs/federation")))(context)
 
 
 GPU_SHARE = 0.25  # four virtual clients per GPU: a LoRA client on MiniLM-sized models uses a sliver of one
@@ -82,7 +125,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
              log=print) -> Path:
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
+    from clients.client_app import make_client_app
     from server.server_app import make_server_app
     from simulations.partition import held_out_table, partition_report
 
@@ -91,6 +134,9 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
+    if config.dp.noise_seed >= 0:
+        log(f"dp.noise_seed = {config.dp.noise_seed}: {REPRODUCIBLE_LABEL}")
+    client_app = make_client_app(SimulationNodes(config, str(run_dir)))
     run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log),
                    client_app=client_app, num_supernodes=config.federation.num_clients,
                    backend_config=ray_backend(config, num_cpus_per_client, num_gpus_per_client))

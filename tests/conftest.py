@@ -32,6 +32,8 @@ def make_texts(n: int, seed: int = 0) -> list[tuple[str, str]]:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fedtune-cache"))
+    # each test its own budget folder: a budget belongs to the data, and the tests reuse data files
+    monkeypatch.setenv("FEDTUNE_HOME", str(tmp_path_factory.mktemp("fedtune-home")))
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def test_dev_certs_chain_and_node_keys(tmp_path):
 
 
 def test_server_and_client_launch_lines(tmp_path):
-    from clients.supernode import supernode_command
+    from clients.supernode import resolve_policy, supernode_command
     from server.superlink import superlink_command
 
     make_dev_certs(tmp_path / "c", ["127.0.0.1"], nodes=1)
@@ -36,24 +36,48 @@ def test_server_and_client_launch_lines(tmp_path):
     assert line[line.index("--ssl-certfile") + 1].endswith("server.pem")
     data = tmp_path / "d.csv"
     data.write_text("text,label\na,b\n")
-    line = supernode_command("fl.example.org:9092", str(data), str(tmp_path / "node"), str(tmp_path / "c" / "ca.crt"),
-                             str(tmp_path / "c" / "node-1"), max_epsilon=3.0)
+    policy = resolve_policy({}, {"data-path": str(data), "max-epsilon": 3.0, "delta": 1e-6}, "test")
+    line = supernode_command("fl.example.org:9092", str(tmp_path / "node"), str(tmp_path / "c" / "ca.crt"),
+                             str(tmp_path / "c" / "node-1"), policy)
     config = line[line.index("--node-config") + 1]
     assert f'data-path="{data}"' in config and "max-epsilon=3.0" in config and "state-dir=" in config
+    assert "delta=1e-06" in config
+    assert not (tmp_path / "node").exists()  # nothing is created before the process starts
 
 
 @pytest.mark.parametrize("argv, message", [
     (["server", "--certs", "/nonexistent"], "missing ca.crt"),
     (["server", "--insecure"], "needs TLS"),
-    (["client", "--superlink", "host", "--data", "x.csv", "--state-dir", "s"], "HOST:PORT"),
-    (["client", "--superlink", "h:1", "--data", "/nonexistent.csv", "--state-dir", "s"], "--data /nonexistent.csv"),
+    (["client", "--superlink", "host", "--data", "x.csv", "--max-epsilon", "3", "--state-dir", "s"], "HOST:PORT"),
+    (["client", "--superlink", "h:1", "--data", "/nonexistent.csv", "--max-epsilon", "3", "--state-dir", "s"],
+     "data-path = /nonexistent.csv: file not found"),
+    (["client", "--superlink", "h:1", "--data", "x.csv", "--state-dir", "s"], "max-epsilon is required"),
+    (["client", "--superlink", "h:1", "--data", "x.csv", "--max-epsilon", "0", "--state-dir", "s"], "max-epsilon = 0"),
+    (["client", "--superlink", "h:1", "--data", "x.csv", "--max-epsilon", "3", "--release-evaluation", "all",
+      "--state-dir", "s"], "node.release_evaluation = 'all'"),
+    (["client", "--superlink", "h:1", "--policy", "/nonexistent.toml", "--state-dir", "s"], "config file not found"),
     (["export", "/nonexistent", "--out", "x"], "no checkpoint.safetensors"),
 ])
 def test_deployment_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.csv").write_text("text,label\na,b\n")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "s").exists()  # nothing half-made
+
+
+def test_client_policy_file_with_flag_override(tmp_path):
+    from clients.supernode import read_policy_file, resolve_policy
+    from fedtune.policy import NodePolicy
+
+    data = tmp_path / "notes.csv"
+    data.write_text("text,label\na,b\n")
+    (tmp_path / "policy.toml").write_text(f'max-epsilon = 3\ndata_path = "{data}"\nrelease-evaluation = "dp"\n')
+    values = resolve_policy(read_policy_file(str(tmp_path / "policy.toml")), {"max-epsilon": 1.0}, "policy.toml")
+    policy = NodePolicy.from_node_config({**values, "state-dir": str(tmp_path)})
+    assert policy.max_epsilon == 1.0 and policy.own.node.release_evaluation == "dp" and not policy.allow_non_private
+    assert policy.own.data.path == str(data)
 
 
 def test_export_checkpoint_as_adapter_and_merged(tiny_bert, sentiment_csv, tmp_path):

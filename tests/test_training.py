@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedtune.adapter import adapter_state, state_num_parameters, trainable_state
-from fedtune.dp_train import new_ledger, train_call
+from fedtune.dp_train import new_ledger, save_to, train_call
 from fedtune.errors import AdapterNotUpdatedError, BudgetExhaustedError
 from fedtune.local import prepare_node
 from fedtune.model import base_named_parameters
@@ -16,7 +16,8 @@ from tests.conftest import tiny_config
 
 def _train(node, ledger=None, ledger_path=None):
     ledger = ledger or new_ledger(node.config, node.plan)
-    return train_call(node.model, node.data.train, node.config, node.plan, ledger, ledger_path), ledger
+    persist = save_to(ledger_path) if ledger_path else None
+    return train_call(node.model, node.data.train, node.config, node.plan, ledger, persist), ledger
 
 
 def test_base_weights_unchanged_and_adapter_changed(tiny_bert, sentiment_csv):
@@ -60,10 +61,10 @@ def test_same_seed_gives_same_ffa_a_on_every_node(tiny_bert, sentiment_csv):
 
 
 def test_ghost_clipping_matches_hooks(tiny_bert, sentiment_csv):
-    """Same seed, same batches, same noise: the two per-sample-gradient modes agree."""
+    """Same (explicitly reproducible) batches and noise: the two per-sample-gradient modes agree."""
     results = {}
     for mode in ("hooks", "ghost"):
-        node = prepare_node(tiny_config(tiny_bert, sentiment_csv, dp={"grad_sample_mode": mode}))
+        node = prepare_node(tiny_config(tiny_bert, sentiment_csv, dp={"grad_sample_mode": mode, "noise_seed": 0}))
         _train(node)
         results[mode] = trainable_state(node.model)
     for key in results["hooks"]:
@@ -89,7 +90,7 @@ def test_ledger_is_written_before_training(tiny_bert, sentiment_csv, tmp_path):
     path = tmp_path / "ledger.json"
     ledger = new_ledger(node.config, node.plan)
     with pytest.raises(Exception):
-        train_call(node.model, broken, node.config, node.plan, ledger, path)
+        train_call(node.model, broken, node.config, node.plan, ledger, save_to(path))
     assert PrivacyLedger.load(path).steps == node.plan.steps_per_call
 
 

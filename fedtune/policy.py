@@ -1,0 +1,242 @@
+"""The node's privacy policy, and what a server may ask of a node.
+
+A hospital runs a node because it does not trust the operator with its records, so the
+node, not the server, decides everything that sets its privacy: whether DP is on, its
+epsilon cap and delta, the accountant, its model, data and evaluation files, where its
+budget lives and which metrics may leave. The server's configuration reaches a node as a
+*request*: the fields the server may decide are honoured (some only within the policy);
+a request that names anything else is refused with `PolicyRefusal`, naming the field,
+and the node trains nothing and releases nothing.
+
+`OWNERS` lists every configuration field and who decides it; it is the one place to read
+(and the closing table of docs/deployment.md is generated from it). In train-local and
+simulation one config plays both roles: `NodePolicy.from_config` takes the node's fields
+from it and `server_request` the server's, so simulation runs the deployment code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from fedtune.config import SECTIONS, Config, build_config, toml_value
+from fedtune.errors import ConfigError, FedtuneError
+
+NODE = "node"
+SERVER = "server"
+WITHIN_POLICY = "server, within the node's policy"
+SERVER_ALONE = "server alone (never sent to nodes)"
+
+# field -> (who decides, why). A test checks that every Config field is listed.
+OWNERS: dict[str, tuple[str, str]] = {
+    "model.path": (NODE, "the node loads its own local copy; a server may not name a path on the node"),
+    "model.task": (SERVER, "the federation's task"),
+    "model.max_seq_len": (SERVER, "tokens per example: compute, not privacy"),
+    "model.device": (NODE, "the node's hardware"),
+    "lora.rank": (SERVER, "adapter shape: every node must match to be averaged"),
+    "lora.alpha": (SERVER, "adapter scaling, federation-wide"),
+    "lora.dropout": (SERVER, "regularisation, federation-wide"),
+    "lora.target_modules": (SERVER, "adapter shape, federation-wide"),
+    "lora.train_head": (SERVER, "what trains, federation-wide"),
+    "lora.ffa": (SERVER, "FFA-LoRA: A frozen on every node"),
+    "dp.enabled": (WITHIN_POLICY, "false is honoured only where the node's policy allows non-private training (never by default)"),
+    "dp.target_epsilon": (WITHIN_POLICY, "calibration target of this training: at most the node's max_epsilon"),
+    "dp.delta": (WITHIN_POLICY, "0 = the node's own; a stricter (smaller) delta is honoured, a larger one refused"),
+    "dp.noise_multiplier": (SERVER, "a fixed sigma: any value is safe, the ledger refuses what would pass the cap"),
+    "dp.max_grad_norm": (SERVER, "clipping norm C: the noise is sigma x C, privacy does not depend on C"),
+    "dp.accountant": (NODE, "how the node counts its own epsilon"),
+    "dp.grad_sample_mode": (SERVER, "how per-sample gradients are computed: the same mechanism either way"),
+    "dp.secure_mode": (NODE, "the node's random number generator"),
+    "dp.noise_seed": (NODE, "reproducible noise would let whoever knows the seed replay the release"),
+    "training.epochs": (SERVER, "local epochs per round (the noise is calibrated for them)"),
+    "training.rounds": (SERVER, "planned rounds (the noise is calibrated for them; the ledger caps any more)"),
+    "training.batch_size": (SERVER, "expected Poisson batch size"),
+    "training.learning_rate": (SERVER, "optimisation"),
+    "training.optimizer": (SERVER, "optimisation"),
+    "training.weight_decay": (SERVER, "optimisation"),
+    "training.seed": (SERVER, "LoRA init and splits, which every node must share; never the DP noise"),
+    "training.precision": (SERVER, "fp32 or bf16 forward pass"),
+    "data.dataset": (NODE, "the node's data is its own"),
+    "data.path": (NODE, "the node's data is its own; a server may not name a path on the node"),
+    "data.text_column": (SERVER, "the federation's schema (every column of a row is protected alike)"),
+    "data.label_column": (SERVER, "the federation's schema"),
+    "data.val_fraction": (SERVER, "the node's validation share (evaluation releases are charged anyway)"),
+    "data.eval_path": (NODE, "the node's evaluation file; a server may not name a path on the node"),
+    "data.max_examples": (NODE, "the node trains on the data it chose"),
+    "data.labels": (SERVER, "the federation's label set, so ids agree on every node"),
+    "federation.proximal_mu": (SERVER, "FedProx pull towards the global adapter: post-processing, privacy-free"),
+    **{f"federation.{name}": (SERVER_ALONE, "the server's own round settings")
+       for name in ("clients_per_round", "min_clients", "max_update_norm", "server_optimizer", "server_learning_rate",
+                    "user_dp_clip", "user_dp_noise", "cohort_sampling", "population", "user_dp_delta", "num_clients",
+                    "partitioner", "dirichlet_alpha", "partition_column", "client_files", "ray_address",
+                    "round_timeout", "central_eval_path", "central_holdout")},
+    **{f"node.{name}": (NODE, "the node's own policy")
+       for name in ("max_epsilon", "budget_dir", "release_train_loss", "release_evaluation",
+                    "metric_noise_multiplier", "metric_loss_clip", "max_evaluations_per_round")},
+}
+
+# A deployed node's policy keys (SuperNode node config / `fedtune client` / a policy file).
+NODE_CONFIG_KEYS: dict[str, str] = {
+    "max-epsilon": "node.max_epsilon",
+    "delta": "dp.delta",
+    "accountant": "dp.accountant",
+    "model-path": "model.path",
+    "device": "model.device",
+    "data-path": "data.path",
+    "eval-path": "data.eval_path",
+    "budget-dir": "node.budget_dir",
+    "release-train-loss": "node.release_train_loss",
+    "release-evaluation": "node.release_evaluation",
+    "metric-noise-multiplier": "node.metric_noise_multiplier",
+    "metric-loss-clip": "node.metric_loss_clip",
+    "max-evaluations-per-round": "node.max_evaluations_per_round",
+}
+ALLOW_NON_PRIVATE_KEY = "allow-non-private"
+REQUEST_KEY = "fedtune-request"  # where a server message carries its request (TOML text)
+STATE_DIR_KEY = "state-dir"
+
+
+class PolicyRefusal(FedtuneError):
+    """A server request outside the node's policy. `field` names what was refused."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"policy-refused: {field}: {reason}")
+        self.field = field
+
+
+def server_request(config: Config) -> dict[str, dict[str, Any]]:
+    """What an honest server sends: every field it may decide, nothing the node owns."""
+    full = config.to_dict()
+    request: dict[str, dict[str, Any]] = {}
+    for name, (owner, _) in OWNERS.items():
+        if owner in (SERVER, WITHIN_POLICY):
+            section, key = name.split(".")
+            request.setdefault(section, {})[key] = full[section][key]
+    return request
+
+
+def request_text(request: Mapping[str, Mapping[str, Any]]) -> str:
+    """A request as TOML text: how it travels in a Flower message."""
+    lines = []
+    for section, values in request.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_request(text: str) -> dict[str, Any]:
+    """A received request; anything that is not a TOML table is refused."""
+    try:
+        return tomllib.loads(str(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyRefusal("request", f"not TOML ({exc})") from None
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """The node's own settings (`own`: a Config whose node-owned fields are the node's)
+    and whether it ever allows training without DP."""
+
+    own: Config
+    allow_non_private: bool = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> "NodePolicy":
+        """train-local and simulation: the config is the node's policy, its cap resolved."""
+        own = config.replace(node=dataclasses.replace(config.node, max_epsilon=config.max_epsilon))
+        return cls(own, allow_non_private=not config.dp.enabled)
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], source: str = "node config") -> "NodePolicy":
+        """A deployed node's policy from its SuperNode node config (or a policy file):
+        keys of `NODE_CONFIG_KEYS`, `allow-non-private`, and `state-dir` (not policy)."""
+        raw: dict[str, dict[str, Any]] = {"data": {"dataset": ""}}
+        allow = False
+        for key, value in node_config.items():
+            if key == STATE_DIR_KEY:
+                continue
+            if key == ALLOW_NON_PRIVATE_KEY:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{source}: {key} = {value!r}: expected true or false")
+                allow = value
+                continue
+            if key not in NODE_CONFIG_KEYS:
+                raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(NODE_CONFIG_KEYS))}, "
+                                  f"{ALLOW_NON_PRIVATE_KEY}, {STATE_DIR_KEY})")
+            section, field = NODE_CONFIG_KEYS[key].split(".")
+            raw.setdefault(section, {})[field] = value
+        if "max_epsilon" not in raw.get("node", {}):
+            raise ConfigError(f"{source}: max-epsilon is required: a deployed node refuses to start without its own "
+                              "epsilon cap (fedtune client --max-epsilon)")
+        if not raw["data"].get("path"):
+            raise ConfigError(f"{source}: data-path is required: the node's own CSV / JSONL / Parquet file")
+        cap = raw["node"]["max_epsilon"]
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
+            raise ConfigError(f"{source}: max-epsilon = {cap!r}: expected a finite number > 0")
+        raw.setdefault("dp", {})["target_epsilon"] = cap  # a request sets its own target, up to the cap
+        config = build_config(raw, source=source)
+        return cls(config.replace(dp=dataclasses.replace(config.dp, enabled=True)), allow_non_private=allow)
+
+    @property
+    def max_epsilon(self) -> float:
+        return self.own.max_epsilon
+
+    def config_for(self, request: Mapping[str, Any]) -> Config:
+        """The config this node trains with: its own fields, the request's where the
+        server may decide. Raises `PolicyRefusal` for anything outside the policy."""
+        if not isinstance(request, Mapping):
+            raise PolicyRefusal("request", "expected a table of sections")
+        raw = self.own.to_dict()
+        for section, values in request.items():
+            if section not in SECTIONS or not isinstance(values, Mapping):
+                raise PolicyRefusal(str(section), "not a configuration section a server may send")
+            for key, value in values.items():
+                name = f"{section}.{key}"
+                owner, why = OWNERS.get(name, (None, "not a setting fedtune knows"))
+                if owner in (NODE, SERVER_ALONE, None):
+                    who = "the node decides this" if owner == NODE else "nodes take no such setting from a server"
+                    raise PolicyRefusal(name, f"{who} ({why})")
+                raw[section][key] = value
+        target = raw["dp"]["target_epsilon"]
+        if isinstance(target, (int, float)) and not isinstance(target, bool) and target > self.max_epsilon:
+            raise PolicyRefusal("dp.target_epsilon", f"{target:g} is above this node's max_epsilon {self.max_epsilon:g}")
+        try:
+            config = build_config(raw, source="server request")
+        except ConfigError as exc:
+            raise PolicyRefusal("request", str(exc)) from None
+        if not config.dp.enabled and not self.allow_non_private:
+            raise PolicyRefusal("dp.enabled", "false asked, but this node never trains without differential privacy")
+        own_delta = self.own.dp.delta
+        if own_delta > 0 and config.dp.delta > own_delta:
+            raise PolicyRefusal("dp.delta", f"{config.dp.delta:g} is above this node's delta {own_delta:g}")
+        return config
+
+    def delta_for(self, config: Config, n_train: int) -> float:
+        """The delta this node accounts at for `n_train` rows: its own (0 = 1 / (10 n)),
+        or the request's when that is stricter; a larger request is refused."""
+        own = self.own.dp.resolved_delta(n_train)
+        requested = config.dp.delta
+        if requested > own * (1 + 1e-12):
+            raise PolicyRefusal("dp.delta", f"{requested:g} is above this node's delta {own:.3g}")
+        return min(own, requested) if requested > 0 else own
+
+    def describe(self) -> str:
+        """One line for the node's log: what this node enforces."""
+        own = self.own
+        delta = f"{own.dp.delta:g}" if own.dp.delta > 0 else "1/(10 n)"
+        return (f"node policy: max epsilon {self.max_epsilon:g}, delta {delta}, {own.dp.accountant} accountant, "
+                f"non-private training {'allowed' if self.allow_non_private else 'never'}, "
+                f"train loss release {own.node.release_train_loss}, evaluation release {own.node.release_evaluation}")
+
+
+def ownership_table() -> list[tuple[str, str, str]]:
+    """(field, who decides, why) for every configuration field, in config order."""
+    return [(name, *OWNERS[name]) for name in _all_fields()]
+
+
+def _all_fields() -> list[str]:
+    return [f"{section}.{f.name}" for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)]

@@ -1,0 +1,94 @@
+"""A federation run's privacy, both levels side by side, each with what reproduces it.
+
+Record-level: every node's ledger (in simulation the ledger files; in deployment the
+history each node released with its replies), DP-SGD as Poisson-subsampled Gaussian
+steps plus any Gaussian metric releases (q = 1). User-level: the server's DP-FedAvg
+ledger, Gaussian on the clipped sum, at the cohort sampling actually used. Every epsilon
+is computed twice, by Opacus and by Google's dp-accounting, from the logged parameters
+alone (`privacy.json` holds them, so anyone can recompute them).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fedtune.privacy import PrivacyLedger, independent_epsilon
+
+RECORD_MECHANISM = "DP-SGD: Poisson-subsampled Gaussian per step (+ Gaussian metric releases, q = 1)"
+
+
+def _entry(level: str, who: str, mechanism: str, accountant: str, delta: float, history: list,
+           non_private_steps: int = 0, extra: dict | None = None) -> dict:
+    history = [[float(s), float(q), int(n)] for s, q, n in history]
+    ledger = PrivacyLedger(accountant, delta, None, [tuple(h) for h in history], non_private_steps)
+    opacus = ledger.epsilon()
+    independent = math.inf if non_private_steps else independent_epsilon(accountant, history, delta)
+    return {"level": level, "who": who, "mechanism": mechanism, "accountant": accountant, "delta": delta,
+            "history": history, "non_private_steps": non_private_steps,
+            "epsilon_opacus": _number(opacus), "epsilon_dp_accounting": _number(independent), **(extra or {})}
+
+
+def node_entries(ledgers: dict[str, PrivacyLedger], released: dict[str, dict]) -> list[dict]:
+    """Record-level entries: full ledgers where the run holds them, else what nodes released."""
+    entries = [_entry("record", name, RECORD_MECHANISM, ledger.accountant, ledger.delta, ledger.history,
+                      ledger.non_private_steps, {"source": "ledger file", "max_epsilon": ledger.target_epsilon})
+               for name, ledger in ledgers.items()]
+    if not ledgers:
+        for node, privacy in sorted(released.items()):
+            try:
+                entries.append(_entry("record", f"node {node}", RECORD_MECHANISM, str(privacy["accountant"]),
+                                      float(privacy["delta"]), privacy["history"], int(privacy.get("non_private_steps", 0)),
+                                      {"source": "as released by the node"}))
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed release is reported by its absence, never trusted
+    return entries
+
+
+def user_entry(user_ledger: dict | None, fed: dict) -> dict | None:
+    if not user_ledger:
+        return None
+    ledger = PrivacyLedger.from_dict(user_ledger, source="checkpoint user ledger")
+    sampling = fed.get("cohort_sampling", "fixed")
+    mechanism = (f"DP-FedAvg: each update clipped to {fed.get('user_dp_clip')}, Gaussian noise "
+                 f"{fed.get('user_dp_noise')} x clip on the sum, fixed denominator; cohorts "
+                 + ("Poisson-sampled from secret randomness (amplification at the drawn rate)" if sampling == "poisson"
+                    else "of fixed size (accounted without amplification, q = 1)"))
+    return _entry("user", "server", mechanism, ledger.accountant, ledger.delta, ledger.history,
+                  extra={"population": fed.get("population")})
+
+
+def privacy_markdown(entries: list[dict], noise: str) -> list[str]:
+    lines = ["## Privacy", "",
+             f"Noise: {noise or 'unknown'}. Each epsilon is recomputed from the logged (noise multiplier, sample rate, "
+             "steps) history by Opacus and, independently, by dp-accounting; `privacy.json` holds the parameters.", "",
+             "| level | who | accountant | delta | epsilon (Opacus) | epsilon (dp-accounting) | history (sigma, q, steps) |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        history = "; ".join(f"({s:.4g}, {q:.4g}, {n})" for s, q, n in e["history"][:4])
+        if len(e["history"]) > 4:
+            history += f"; ... ({len(e['history'])} entries)"
+        lines.append(f"| {e['level']} | {e['who']} | {e['accountant']} | {e['delta']:.3g} | {_shown(e['epsilon_opacus'])} "
+                     f"| {_shown(e['epsilon_dp_accounting'])} | {history} |")
+    mechanisms = sorted({(e["level"], e["mechanism"]) for e in entries})
+    lines += [""] + [f"- {level}-level mechanism: {text}" for level, text in mechanisms] + [""]
+    return lines
+
+
+def _number(value: float):
+    return "inf" if math.isinf(value) else round(value, 6)
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else f"{value:.4g}"
+
+
+def read_released(run_dir: Path) -> tuple[dict[str, dict], dict | None]:
+    """(node histories as released, the user-level ledger) from the run's checkpoint."""
+    from fedtune.checkpoint import load_checkpoint
+
+    path = run_dir / "checkpoint.safetensors"
+    if not path.is_file():
+        return {}, None
+    meta = load_checkpoint(path).meta
+    return dict(meta.get("node_privacy", {})), meta.get("user_ledger")
