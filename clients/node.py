@@ -35,7 +35,7 @@ from fedtune.budget import Budget, BudgetStore, default_budget_dir, exclusive_lo
 from fedtune.config import Config
 from fedtune.datasets_builtin import Table
 from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
-from fedtune.errors import BudgetExhaustedError, FedtuneError
+from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
 from fedtune.local import NodeData, prepare_data
 from fedtune.metric_release import exact_metrics, noisy_metrics
 from fedtune.policy import NodePolicy, PolicyRefusal
@@ -142,9 +142,13 @@ class NodeState:
 
 
 def _node_data(config: Config, table: Table | None, validation: bool = True) -> tuple[Any, NodeData]:
+    """The model and the node's rows; a request value its rows rule out is a refusal."""
     num_labels = len(config.data.labels) if config.task_is_classification else None
     model, tokenizer = MODELS.get(config, num_labels)
-    return model, prepare_data(config, tokenizer, MODELS.tokens, table, validation=validation)
+    try:
+        return model, prepare_data(config, tokenizer, MODELS.tokens, table, validation=validation)
+    except ConfigError as exc:
+        raise PolicyRefusal.of(exc) from None
 
 
 @contextmanager

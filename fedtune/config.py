@@ -27,7 +27,9 @@ ACCOUNTANTS = ("rdp", "prv")
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
-    raise ConfigError(f"{key} = {value!r}: expected {expected}")
+    error = ConfigError(f"{key} = {value!r}: expected {expected}")
+    error.key = key  # a node refusing a request names the field
+    raise error
 
 
 @dataclass(frozen=True)

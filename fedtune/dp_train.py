@@ -12,11 +12,13 @@ The call is the unit the privacy ledger charges. Its order is the privacy contra
 5. check that Opacus's own accountant saw exactly the charged steps, and that the
    adapter really changed (opacus#820).
 
-Step counts follow Opacus's own arithmetic: its Poisson loader runs int(1 / q) steps per
-epoch with q = 1 / ceil(n / B), which floating point makes one fewer than ceil(n / B) for
-some sizes (93, 99, 105, ...). The plan uses the same expression, so the ledger charges
-exactly the steps that run. An empty Poisson batch is a step like any other: the clipped
-sum is zero and the noise is added (noise only).
+fedtune drives the Poisson batches itself (`poisson_loader`: Opacus's own sampler and
+empty-batch collate, with the step count given): Opacus's `DPDataLoader` runs int(1 / q)
+steps per epoch with q = 1 / ceil(n / B), which floating point makes one fewer than
+ceil(n / B) for some sizes (93, 99, 105, ...), and its accountant then assumes q =
+1 / (that count). Here the plan's ceil(n / B) steps at q = 1 / ceil(n / B) are what runs,
+what Opacus accounts and what the ledger charges. An empty Poisson batch is a step like
+any other: the clipped sum is zero and the noise is added (noise only).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Callable
 
 import torch
 from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, Dataset
+from opacus.data_loader import wrap_collate_with_empty
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedtune.config import Config
 from fedtune.errors import AdapterNotUpdatedError, ConfigError
@@ -70,12 +74,25 @@ class DPPlan:
 
 
 def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
-    """(q, steps per epoch) exactly as Opacus's `DPDataLoader.from_data_loader` computes
-    them: q = 1 / len(DataLoader) = 1 / ceil(n / B), steps = int(1 / q)."""
+    """(q, steps per epoch): ceil(n / B) steps at q = 1 / ceil(n / B), so one epoch draws
+    n examples in expectation with an expected batch of about B."""
     if batch_size > n_train:
         raise ConfigError(f"training.batch_size = {batch_size}: expected at most the {n_train} training examples")
-    sample_rate = 1 / math.ceil(n_train / batch_size)
-    return sample_rate, int(1 / sample_rate)
+    steps = math.ceil(n_train / batch_size)
+    return 1 / steps, steps
+
+
+def poisson_loader(dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator | None) -> DataLoader:
+    """`steps` Poisson batches (each row independently with rate q) from `generator`.
+
+    Opacus's sampler and its empty-batch collate, with the step count set here, so that
+    Opacus's accountant (which takes q = 1 / len(loader)) sees exactly the plan's q."""
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate, generator=generator,
+                                            steps=steps)
+    first = dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
+                                      dtypes=[x.dtype for x in first])
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
 
 
 def plan_training(config: Config, n_train: int, delta: float | None = None, metric_releases_per_call: int = 0) -> DPPlan:
@@ -130,6 +147,7 @@ class TrainResult:
     epsilon: float
     seconds: float
     private: bool
+    empty_batches: int = 0  # Poisson batches that drew no row: noise-only steps
 
 
 def _optimizer(config: Config, parameters):
@@ -200,10 +218,14 @@ def train_call(
     device = next(model.parameters()).device
     sampling = randomness.torch_generator("poisson", *stream)
     noise = randomness.torch_generator("noise", *stream, device=device)
-    if plan.private:
-        losses, seen = _train_private(model, dataset, config, plan, steps, on_step, sampling, noise)
-    else:
-        losses, seen = _train_plain(model, dataset, config, plan, steps, on_step, sampling)
+    # Dropout draws from torch's global generator (whose default seed is a constant): give
+    # it this call's own seed too, and leave the caller's generator as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(randomness.seed_for("dropout", *stream))
+        if plan.private:
+            losses, seen, empty = _train_private(model, dataset, config, plan, steps, on_step, sampling, noise)
+        else:
+            (losses, seen), empty = _train_plain(model, dataset, config, plan, steps, on_step, sampling), 0
     check_adapter_changed(model, before, plan.private)
     return TrainResult(
         steps=steps,
@@ -212,6 +234,7 @@ def train_call(
         epsilon=epsilon,
         seconds=time.perf_counter() - started,
         private=plan.private,
+        empty_batches=empty,
     )
 
 
@@ -284,9 +307,11 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     parameters = [p for _, p in trainable_named_parameters(model)]
     anchors = [p.detach().clone() for p in parameters]
     optimizer = _optimizer(config, parameters)
-    secure = config.dp.secure_mode  # Opacus then draws both from torchcsprng and refuses generators
-    loader = DataLoader(dataset, batch_size=config.training.batch_size, generator=None if secure else sampling)
+    secure = config.dp.secure_mode  # Opacus then draws both from torchcsprng and refuses other generators
     engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=secure)
+    loader = poisson_loader(dataset, plan.sample_rate, plan.steps_per_epoch, engine.secure_rng if secure else sampling)
+    if 1 / len(loader) != plan.sample_rate:  # what Opacus will account: a bug if it is not the plan's q
+        raise RuntimeError(f"Opacus would account q = 1/{len(loader)}, the plan charges q = {plan.sample_rate}")
     mode = config.dp.grad_sample_mode
     prepared = engine.make_private(
         module=model,
@@ -295,7 +320,7 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,  # the DPDataLoader takes `loader`'s generator: the secret one
+        poisson_sampling=False,  # the loader above already samples Poisson batches
         noise_generator=None if secure else noise,
         grad_sample_mode=mode,
         wrap_model=False,
@@ -305,16 +330,15 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     else:
         hooks, dp_optimizer, dp_loader = prepared
         dp_criterion = criterion
-    if len(dp_loader) != plan.steps_per_epoch or abs(dp_loader.sample_rate - plan.sample_rate) > 0:
-        raise RuntimeError(f"Opacus's loader runs {len(dp_loader)} steps at q={dp_loader.sample_rate}, the plan "
-                           f"{plan.steps_per_epoch} at q={plan.sample_rate}")  # a bug: plan and Opacus disagree
+    hooks.forbid_grad_accumulation()  # one forward per step, as Poisson accounting assumes
     model.train()
-    losses, seen, step = [], 0, 0
+    losses, seen, step, empty = [], 0, 0, 0
     try:
         for _ in range(plan.epochs):
             for batch in dp_loader:
                 if len(batch[-1]) == 0:
                     _noise_only_step(dp_optimizer, parameters, mode)
+                    empty += 1
                 else:
                     logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
                     loss = dp_criterion(logits, labels)
@@ -336,7 +360,7 @@ def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_
     expected = [(plan.noise_multiplier, plan.sample_rate, steps)]
     if [tuple(e) for e in accounted] != expected:  # the ledger must charge what ran
         raise RuntimeError(f"Opacus accounted {accounted}, the ledger charged {expected}")
-    return losses, seen
+    return losses, seen, empty
 
 
 def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator):

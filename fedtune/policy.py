@@ -106,6 +106,12 @@ class PolicyRefusal(FedtuneError):
         super().__init__(f"policy-refused: {field}: {reason}")
         self.field = field
 
+    @classmethod
+    def of(cls, error: ConfigError) -> "PolicyRefusal":
+        """A request value that the node's data rules out (a batch larger than its rows, a
+        delta of 1/n or more), as a refusal naming the field."""
+        return cls(getattr(error, "key", "request"), str(error))
+
 
 def server_request(config: Config) -> dict[str, dict[str, Any]]:
     """What an honest server sends: every field it may decide, nothing the node owns."""
@@ -207,7 +213,7 @@ class NodePolicy:
         try:
             config = build_config(raw, source="server request")
         except ConfigError as exc:
-            raise PolicyRefusal("request", str(exc)) from None
+            raise PolicyRefusal.of(exc) from None
         if not config.dp.enabled and not self.allow_non_private:
             raise PolicyRefusal("dp.enabled", "false asked, but this node never trains without differential privacy")
         own_delta = self.own.dp.delta

@@ -101,3 +101,34 @@ def tiny_config(model_dir: Path, data_path: Path, **sections):
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return build_config(raw)
+
+
+def write_csv(path: Path, rows) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def delivered(message_type: str, server_round: int, request_toml: str, arrays: dict, evaluation: str = "federated",
+              node_id: int = 5):
+    """A server message as a SuperNode receives it (metadata set by the SuperLink)."""
+    import time
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "config": ConfigRecord({"server-round": server_round, "fedtune-request": request_toml,
+                                                  "evaluation": evaluation})})
+    metadata = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=node_id,
+                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600,
+                        message_type=message_type)
+    return Message(content=content, metadata=metadata)
+
+
+def node_context(node_config: dict, node_id: int = 5):
+    """The Context a deployed SuperNode gives its ClientApp: only the node sets node_config."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})

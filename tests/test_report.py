@@ -26,7 +26,8 @@ def _fake_run(run_dir, rounds=3, clients=2):
 def test_report_writes_every_output_from_the_raw_records(tmp_path):
     _fake_run(tmp_path)
     written = {p.name for p in write_report(tmp_path)}
-    assert written == {"metrics.csv", "clients.csv", "summary.md", "accuracy.png", "loss.png", "epsilon.png"}
+    assert written == {"metrics.csv", "clients.csv", "summary.md", "accuracy.png", "loss.png", "epsilon.png",
+                       "privacy.json"}
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("round,evaluation,accuracy") and len(rows) == 4
     first_round = dict(zip(rows[0].split(","), rows[1].split(",")))
@@ -40,6 +41,39 @@ def test_report_writes_every_output_from_the_raw_records(tmp_path):
     assert "Final accuracy **0.8000** (majority class: 0.5000)" in summary
     for png in ("accuracy.png", "loss.png", "epsilon.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_privacy_report_shows_both_levels_each_reproduced_by_two_accountants(tmp_path):
+    """A deployment's run dir: node histories as the nodes released them, and the server's
+    user-level ledger; every epsilon recomputed by Opacus and by dp-accounting."""
+    import json
+    import time
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from fedtune.cohort import Cohort
+    from fedtune.config import build_config
+    from fedtune.federation import ClientReply, FederationServer
+
+    config = build_config({"federation": {"clients_per_round": 2, "min_clients": 2, "user_dp_clip": 1.0,
+                                          "user_dp_noise": 1.5, "cohort_sampling": "poisson", "population": 20}})
+    state = OrderedDict([("w", np.zeros(3, np.float32))])
+    server = FederationServer(config, tmp_path, state, ["w"])
+    released = {"accountant": "rdp", "delta": 1e-5, "history": [[0.9, 0.02, 500], [5.0, 1.0, 2]], "non_private_steps": 0}
+    replies = [ClientReply(n, "ok", OrderedDict([("w", np.full(3, 0.1 * n, np.float32))]), 10, 3.0, privacy=released)
+               for n in (1, 2)]
+    server.finish_round(1, replies, time.perf_counter(), 0, cohort=Cohort(20, (1, 2), "poisson", 0.1, 2.0))
+    (tmp_path / "config.toml").write_text(config.to_toml())
+    write_report(tmp_path)
+    entries = json.loads((tmp_path / "privacy.json").read_text())["entries"]
+    assert [e["level"] for e in entries] == ["record", "record", "user"]
+    for entry in entries:
+        assert entry["epsilon_dp_accounting"] == pytest.approx(entry["epsilon_opacus"], rel=0.02)
+    assert entries[0]["history"] == released["history"] and entries[0]["source"] == "as released by the node"
+    assert entries[2]["history"] == [[1.5, 0.1, 1]] and entries[2]["delta"] == 1 / 200
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Privacy" in summary and "| user | server | rdp |" in summary and "Poisson-sampled" in summary
 
 
 def test_epsilon_by_round_follows_the_ledger(tmp_path):

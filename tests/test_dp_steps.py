@@ -1,0 +1,74 @@
+"""Step counts that match: the planned steps are exactly what Opacus runs and what the
+ledger charges, for the sizes where floating point makes Opacus run int(1/q) = ceil(n/B) - 1
+steps; and an empty Poisson batch is a DP step (noise only), not a crash."""
+
+import math
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedtune.dp_train import _noise_only_step, new_ledger, poisson_schedule, train_call
+from fedtune.local import prepare_node
+from fedtune.randomness import Randomness
+from tests.conftest import make_texts, tiny_config, write_csv
+
+
+@pytest.mark.parametrize("batches", [93, 99, 105])
+def test_planned_steps_run_and_the_ledger_matches(batches, tiny_bert, tmp_path):
+    """ceil(n/B) = 93, 99, 105: Opacus's own loader would run int(1/q) = ceil(n/B) - 1 steps
+    and account q = 1/(ceil(n/B) - 1); fedtune's plan runs and charges ceil(n/B) at q = 1/ceil(n/B)."""
+    assert int(1 / (1 / batches)) == batches - 1  # the floating-point trap
+    rows = 2 * batches - 1  # batch size 2: ceil(rows / 2) = batches
+    data = write_csv(tmp_path / "rows.csv", make_texts(rows, seed=1))
+    eval_data = write_csv(tmp_path / "eval.csv", make_texts(4, seed=2))
+    node = prepare_node(tiny_config(tiny_bert, data, data={"eval_path": str(eval_data)},
+                                    training={"batch_size": 2, "epochs": 1}, model={"max_seq_len": 8}))
+    assert math.ceil(len(node.data.train) / 2) == batches
+    assert (node.plan.sample_rate, node.plan.steps_per_epoch) == poisson_schedule(rows, 2) == (1 / batches, batches)
+    ledger = new_ledger(node.config, node.plan)
+    steps = []
+    result = train_call(node.model, node.data.train, node.config, node.plan, ledger,
+                        on_step=lambda step, loss: steps.append(step))  # raises if Opacus accounted anything else
+    assert result.steps == len(steps) == batches
+    assert ledger.history == [(node.plan.noise_multiplier, 1 / batches, batches)]
+
+
+def test_empty_poisson_batches_are_noise_only_steps(tiny_bert, tmp_path):
+    """Batch size 1 on 93 rows: about a third of the Poisson batches are empty."""
+    data = write_csv(tmp_path / "rows.csv", make_texts(93, seed=5))
+    eval_data = write_csv(tmp_path / "eval.csv", make_texts(4, seed=2))
+    config = tiny_config(tiny_bert, data, data={"eval_path": str(eval_data)}, training={"batch_size": 1, "epochs": 1},
+                         model={"max_seq_len": 8}, dp={"noise_seed": 11})
+    node = prepare_node(config)
+    losses = []
+    ledger = new_ledger(config, node.plan)
+    result = train_call(node.model, node.data.train, config, node.plan, ledger,
+                        on_step=lambda step, loss: losses.append(loss))
+    assert result.steps == node.plan.steps_per_epoch == 93 and len(losses) == 93
+    assert result.empty_batches > 10  # ~34 expected (e^-1 of 93): each one a noise-only step, none a crash
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_noise_only_step_adds_exactly_the_gaussian_noise(mode):
+    """On an empty batch the clipped sum is zero: SGD moves the weights by -lr * N(0, (sigma C)^2) / B."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = DataLoader(TensorDataset(torch.zeros(10, 3), torch.zeros(10, dtype=torch.long)), batch_size=5)
+    criterion = torch.nn.CrossEntropyLoss()
+    engine = PrivacyEngine(accountant="rdp")
+    noise = Randomness(4).torch_generator("noise")
+    reference = Randomness(4).torch_generator("noise")
+    prepared = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+                                   noise_multiplier=2.0, max_grad_norm=0.5, poisson_sampling=True,
+                                   noise_generator=noise, grad_sample_mode=mode, wrap_model=False)
+    dp_optimizer = prepared[1]
+    before = [p.detach().clone() for p in model.parameters()]
+    _noise_only_step(dp_optimizer, list(model.parameters()), mode)
+    for old, new in zip(before, model.parameters()):
+        expected = torch.normal(0.0, 2.0 * 0.5, size=old.shape, generator=reference) / 5
+        assert torch.allclose(old - new.detach(), expected, atol=1e-6)
+    assert engine.accountant.history == [(2.0, 0.5, 1)]
+    prepared[0].cleanup()

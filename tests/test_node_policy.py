@@ -1,0 +1,145 @@
+"""The node owns its privacy: crafted server messages against a deployed node's real
+ClientApp (real Flower messages, real Opacus, a tiny real model). Whatever the server
+sends, DP stays on, the cap and delta hold, no path on the node can be named, and a
+refused request leaves the ledger byte for byte as it was."""
+
+import json
+import math
+
+import pytest
+
+from clients.client_app import app
+from fedtune.adapter import adapter_state
+from fedtune.config import build_config
+from fedtune.policy import NodePolicy, PolicyRefusal, ownership_table, request_text, server_request
+from fedtune.privacy import PrivacyLedger
+from fedtune.releases import TRAIN_RELEASES
+from fedtune.runtime import MODELS
+from tests.conftest import delivered, make_texts, node_context, write_csv
+
+
+@pytest.fixture
+def node(tiny_bert, tmp_path):
+    """A deployed node's own policy (its node config), and an honest server's config."""
+    data = write_csv(tmp_path / "hospital.csv", make_texts(60, seed=3))
+    node_config = {"state-dir": str(tmp_path / "state"), "data-path": str(data), "max-epsilon": 8.0,
+                   "model-path": str(tiny_bert), "budget-dir": str(tmp_path / "budgets")}
+    server = build_config({"model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"labels": ["neg", "pos"]},
+                           "training": {"epochs": 1, "batch_size": 8, "rounds": 3}})
+    model, _ = MODELS.get(server, 2)
+    return {"config": node_config, "server": server, "arrays": adapter_state(model), "budgets": tmp_path / "budgets",
+            "state": tmp_path / "state"}
+
+
+def _train(node, request: dict, server_round: int = 1, node_config: dict | None = None):
+    reply = app(delivered("train", server_round, request_text(request), node["arrays"]),
+                node_context(node_config or node["config"]))
+    return dict(reply.content["status"]), dict(reply.content["metrics"]), reply.content
+
+
+def _ledger_files(node) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(node["budgets"].glob("ledger-*"))}
+
+
+def test_honest_request_trains_and_the_reply_holds_only_listed_values(node):
+    status, metrics, content = _train(node, server_request(node["server"]))
+    assert status["status"] == "ok" and "arrays" in content
+    assert set(status) | set(metrics) | {"arrays"} <= set(TRAIN_RELEASES)
+    assert "train-loss" not in metrics  # the default policy releases no loss
+    assert status["noise"] == "noise seeded from OS entropy per call"
+    ledger = PrivacyLedger.load(next(node["budgets"].glob("ledger-*.json")))
+    assert metrics["epsilon"] == pytest.approx(ledger.epsilon()) and ledger.target_epsilon == 8.0
+    assert json.loads(status["ledger"])["history"] == [list(h) for h in ledger.history]
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("dp", "enabled", False),                       # turn DP off
+    ("dp", "target_epsilon", 20.0),                 # a target above the node's cap of 8
+    ("dp", "delta", 0.4),                           # a larger delta: less noise, smaller reported epsilon
+    ("data", "eval_path", "/etc/passwd"),           # evaluate a file of the server's choosing
+    ("data", "path", "/secure/other-ward.csv"),     # train on a file of the server's choosing
+    ("model", "path", "/srv/backdoored-model"),     # load a model of the server's choosing
+    ("dp", "noise_seed", 0),                        # noise the server could replay
+    ("dp", "accountant", "prv"),                    # count epsilon the server's way
+    ("node", "max_epsilon", 1000.0),                # raise the cap
+    ("node", "release_evaluation", "dp"),           # open a release the node closed
+    ("federation", "central_eval_path", "/x.csv"),  # a server-only setting
+    ("nonsense", "key", 1),                         # not a section at all
+])
+def test_a_request_outside_the_policy_is_refused_and_the_ledger_is_unchanged(node, section, key, value):
+    assert _train(node, server_request(node["server"]))[0]["status"] == "ok"  # a ledger exists
+    before = _ledger_files(node)
+    rounds_before = json.loads((node["state"] / "node.json").read_text())["rounds_trained"]
+    crafted = server_request(node["server"])
+    crafted.setdefault(section, {})[key] = value
+    status, metrics, content = _train(node, crafted, server_round=2)
+    assert status["status"] == "policy-refused" and "arrays" not in content
+    assert status["message"].startswith(f"policy-refused: {section if section == 'nonsense' else f'{section}.{key}'}")
+    assert _ledger_files(node) == before
+    assert json.loads((node["state"] / "node.json").read_text())["rounds_trained"] == rounds_before
+
+
+def test_a_node_without_a_cap_refuses_to_train(node):
+    uncapped = {k: v for k, v in node["config"].items() if k != "max-epsilon"}
+    status, _, content = _train(node, server_request(node["server"]), node_config=uncapped)
+    assert status["status"] == "node-error" and "max-epsilon is required" in status["message"]
+    assert "arrays" not in content and not node["budgets"].exists()
+
+
+def test_delta_is_the_nodes_a_stricter_request_is_honoured(node):
+    n_rows = 51  # 60 rows, 15% validation split
+    own = 1 / (10 * n_rows)
+    looser = server_request(node["server"])
+    looser["dp"]["delta"] = own * 2
+    assert _train(node, looser)[0]["message"].startswith("policy-refused: dp.delta")
+    stricter = server_request(node["server"])
+    stricter["dp"]["delta"] = 1e-6
+    status, metrics, _ = _train(node, stricter)
+    assert status["status"] == "ok" and metrics["delta"] == 1e-6
+    assert PrivacyLedger.load(next(node["budgets"].glob("ledger-*.json"))).delta == 1e-6
+
+
+def test_a_lower_target_is_honoured_the_cap_stays_the_nodes(node):
+    request = server_request(node["server"])
+    request["dp"]["target_epsilon"] = 3.0
+    epsilons = [_train(node, request, server_round=r)[1]["epsilon"] for r in (1, 2, 3)]
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= 3.0 + 1e-6  # calibrated for the 3 planned rounds
+    ledger = PrivacyLedger.load(next(node["budgets"].glob("ledger-*.json")))
+    assert ledger.target_epsilon == 8.0  # the cap is the node's, not the request's
+
+
+def test_non_private_training_only_where_the_node_allows_it(node):
+    request = server_request(node["server"])
+    request["dp"]["enabled"] = False
+    assert _train(node, request)[0]["status"] == "policy-refused"
+    allowing = {**node["config"], "allow-non-private": True}
+    status, metrics, _ = _train(node, request, node_config=allowing)
+    assert status["status"] == "ok" and metrics["private"] == 0 and math.isinf(metrics["epsilon"])
+
+
+def test_a_malformed_request_is_refused(node):
+    from tests.conftest import delivered as message
+
+    reply = app(message("train", 1, "dp = [broken", node["arrays"]), node_context(node["config"]))
+    assert dict(reply.content["status"])["message"].startswith("policy-refused: request")
+
+
+def test_simulation_and_deployment_take_the_same_path(tiny_bert, sentiment_csv):
+    """One config drives a virtual client: its policy and its request meet exactly."""
+    from tests.conftest import tiny_config
+
+    config = tiny_config(tiny_bert, sentiment_csv, dp={"target_epsilon": 3.0, "delta": 1e-4}, data={"labels": ["neg", "pos"]})
+    assert NodePolicy.from_config(config).config_for(server_request(config)) == NodePolicy.from_config(config).own
+    with pytest.raises(PolicyRefusal, match="dp.enabled"):
+        NodePolicy.from_config(config).config_for({"dp": {"enabled": False}})
+
+
+def test_every_config_field_has_an_owner():
+    table = ownership_table()
+    assert {owner for _, owner, _ in table} == {"node", "server", "server, within the node's policy",
+                                                 "server alone (never sent to nodes)"}
+    owners = {name: owner for name, owner, _ in table}
+    for name in ("dp.enabled", "dp.delta", "dp.target_epsilon"):
+        assert owners[name] == "server, within the node's policy"
+    for name in ("model.path", "data.path", "data.eval_path", "dp.noise_seed", "dp.accountant", "node.max_epsilon"):
+        assert owners[name] == "node"
