@@ -62,23 +62,26 @@ def _record(values: dict) -> RecordDict:
     return content
 
 
-def train_release(outcome: TrainOutcome) -> dict:
-    """The values a training reply releases (checked against `fedtune.releases`)."""
+def _common(outcome: TrainOutcome | EvaluateOutcome) -> dict:
     values = {"status": outcome.status, "message": outcome.message, "noise": outcome.noise,
               "num-examples": outcome.num_examples, "epsilon": outcome.epsilon, **outcome.metrics}
-    if outcome.ledger is not None:
+    if outcome.ledger is not None:  # mechanism parameters only: anyone can recompute the epsilon
         values["ledger"] = json.dumps({"accountant": outcome.ledger.accountant, "delta": outcome.ledger.delta,
                                        "history": outcome.ledger.history,
                                        "non_private_steps": outcome.ledger.non_private_steps})
+    return values
+
+
+def train_release(outcome: TrainOutcome) -> dict:
+    """The values a training reply releases (checked against `fedtune.releases`)."""
+    values = _common(outcome)
     if outcome.arrays is not None:
         values["arrays"] = outcome.arrays
     return checked(values, TRAIN_RELEASES, "train")
 
 
 def evaluate_release(outcome: EvaluateOutcome) -> dict:
-    values = {"status": outcome.status, "message": outcome.message, "noise": outcome.noise,
-              "num-examples": outcome.num_examples, "epsilon": outcome.epsilon, **outcome.metrics}
-    return checked(values, EVALUATE_RELEASES, "evaluate")
+    return checked(_common(outcome), EVALUATE_RELEASES, "evaluate")
 
 
 def _setup_or_refusal(setup_for, context: Context) -> tuple[NodeSetup | None, str]:

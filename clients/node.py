@@ -78,6 +78,7 @@ class EvaluateOutcome:
     message: str = ""
     epsilon: float = math.nan
     noise: str = ""
+    ledger: PrivacyLedger | None = None
 
 
 class NodeState:
@@ -280,8 +281,10 @@ def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: 
                 state.record_evaluation(server_round)
                 if released is None:
                     return EvaluateOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), noise=randomness.label,
-                                           message="budget exhausted: this evaluation release would pass the node's cap")
-                return EvaluateOutcome(STATUS_OK, len(data.val), released, epsilon=ledger.epsilon(), noise=randomness.label)
+                                           message="budget exhausted: this evaluation release would pass the node's cap",
+                                           ledger=ledger)
+                return EvaluateOutcome(STATUS_OK, len(data.val), released, epsilon=ledger.epsilon(),
+                                       noise=randomness.label, ledger=ledger)
     except PolicyRefusal as exc:
         return EvaluateOutcome(STATUS_POLICY_REFUSED, message=str(exc))
     except FedtuneError as exc:

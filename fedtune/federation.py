@@ -118,6 +118,13 @@ class FederationServer:
         return OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
 
     # -- one round -------------------------------------------------------------------
+    def observe(self, reply: ClientReply) -> None:
+        """Keep what a node said about its privacy (training and evaluation replies)."""
+        if not math.isnan(reply.epsilon):  # inf (non-private) is reported, NaN means unknown
+            self.node_epsilon[str(reply.node_id)] = reply.epsilon
+        if reply.privacy:
+            self.node_privacy[str(reply.node_id)] = reply.privacy
+
     def finish_round(self, server_round: int, replies: list[ClientReply], started: float, bytes_sent: int,
                      evaluate: "Callable[[OrderedDict], dict] | None" = None, evaluation: str = "federated",
                      extra: dict | None = None, cohort: Cohort | None = None) -> dict:
@@ -141,10 +148,7 @@ class FederationServer:
                 rejected.append({"node": reply.node_id, "reason": f"num-examples = {reply.num_examples}"})
             else:
                 accepted.append(reply)
-            if not math.isnan(reply.epsilon):  # inf (non-private) is reported, NaN means unknown
-                self.node_epsilon[str(reply.node_id)] = reply.epsilon
-            if reply.privacy:
-                self.node_privacy[str(reply.node_id)] = reply.privacy
+            self.observe(reply)
         user_dp = self.user_ledger is not None
         if len(accepted) < fed.min_clients and not (user_dp and cohort.expected_size > 0):
             raise RoundFailedError(

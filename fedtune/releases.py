@@ -42,6 +42,7 @@ EVALUATE_RELEASES: dict[str, str] = {
     "noise": TRAIN_RELEASES["noise"],
     "num-examples": "validation rows n: public by design (a share of the node's rows)",
     "epsilon": TRAIN_RELEASES["epsilon"],
+    "ledger": TRAIN_RELEASES["ledger"],
     "accuracy": "only with node.release_evaluation = dp: noised count of correct predictions / n, charged before "
                 "release, at most node.max_evaluations_per_round requests a round",
     "loss": "only with node.release_evaluation = dp: noised clipped loss sum / n, in the same charged release",

@@ -121,6 +121,8 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
 
         def federated_evaluation(adapter):
             answers = [_reply(m) for m in send(sampled, MessageType.EVALUATE, _arrays_record(adapter), server_round)]
+            for answer in answers:
+                server.observe(answer)  # an evaluation release is charged: its epsilon is the node's latest
             answers = [a for a in answers if a.status == "ok" and a.num_examples > 0]
             total = sum(a.num_examples for a in answers)
             keys = {k for a in answers for k in a.metrics}

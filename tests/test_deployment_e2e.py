@@ -1,6 +1,7 @@
 """A real TLS deployment on 127.0.0.1: SuperLink with node authentication, two registered
-SuperNodes (each with its own data file and state dir), one unregistered SuperNode that
-must be refused, and a two-round run through `flwr run`."""
+SuperNodes, each with its own data file, state dir and node privacy policy (its own cap,
+delta and releases), one unregistered SuperNode that must be refused, and a two-round run
+through `flwr run`."""
 
 import csv
 import json
@@ -72,8 +73,11 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     federation = tmp_path / "federation.toml"
     federation.write_text(
         f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n\n[data]\nlabels = ["neg", "pos"]\n\n'
-        '[training]\nrounds = 2\nepochs = 1\nbatch_size = 8\n\n'
+        '[training]\nrounds = 2\nepochs = 1\nbatch_size = 8\n\n[dp]\ntarget_epsilon = 3.0\n\n'
         '[federation]\nclients_per_round = 2\nmin_clients = 2\nround_timeout = 300\n')
+    policies = {1: ["--max-epsilon", "8", "--release-evaluation", "dp"],  # a generous node that shares metrics
+                2: ["--max-epsilon", "3", "--delta", "1e-4"],              # a strict one that shares nothing
+                3: ["--max-epsilon", "1"]}
     processes = []
     try:
         processes.append(_start([BIN / "fedtune", "server", "--certs", str(certs), "--host", "127.0.0.1",
@@ -92,6 +96,8 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
             processes.append(_start([BIN / "fedtune", "client", "--superlink", f"127.0.0.1:{port}",
                                      "--ca", str(certs / "ca.crt"), "--key", str(certs / f"node-{number}"),
                                      "--data", str(data), "--state-dir", str(tmp_path / f"node-{number}-state"),
+                                     "--budget-dir", str(tmp_path / f"node-{number}-budgets"), *policies[number],
+                                     "--model", str(tiny_bert),  # the node loads its own copy of the base model
                                      "--port", str(_free_port())], tmp_path / f"node-{number}.log", env))
         _wait_for(lambda: "Failed to activate SuperNode" in (tmp_path / "node-3.log").read_text()
                   or processes[3].poll() is not None, 120, "the unregistered SuperNode to be refused")
@@ -108,10 +114,16 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     assert all(len(r["clients_accepted"]) == 2 for r in records)
-    for number in (1, 2):
-        ledger = json.loads((tmp_path / f"node-{number}-state" / "ledger.json").read_text())
-        assert len(ledger["calls"]) == 2 and ledger["epsilon"] <= 8.0
-    assert not (tmp_path / "node-3-state" / "ledger.json").exists()
+    for number, cap, delta in ((1, 8.0, 1 / 510), (2, 3.0, 1e-4)):  # node 1: 1/(10 n), n = 51 training rows
+        ledger = json.loads(next((tmp_path / f"node-{number}-budgets").glob("ledger-*.json")).read_text())
+        trained = [c for c in ledger["calls"] if c.get("label", "").startswith("round") and "steps" in c
+                   and c["sample_rate"] < 1]
+        assert len(trained) == 2 and ledger["epsilon"] <= 3.0 and ledger["max_epsilon"] == cap
+        assert ledger["delta"] == pytest.approx(delta)
+    assert "policy: max epsilon 3, delta 0.0001" in logs["node-2.log"]
+    assert not (tmp_path / "node-3-budgets").exists()
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Privacy" in summary and "as released by the node" in (run_dir / "privacy.json").read_text()
     # the exported adapter loads with stock peft
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedtune.config import build_config
-from fedtune.privacy import PrivacyLedger, compute_epsilon
+from fedtune.privacy import PrivacyLedger
 from tests.conftest import make_texts
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,8 @@ def _config(tiny_bert, data, rounds=2, **federation):
         "data": {"path": str(data)},
         "training": {"epochs": 1, "rounds": rounds, "batch_size": 8},
         "federation": {"num_clients": 3, "clients_per_round": 3, "min_clients": 2, **federation},
+        # federated evaluation needs the virtual nodes to release metrics: noised and charged
+        "node": {"release_evaluation": "dp", "release_train_loss": "dp"},
     })
 
 
@@ -44,14 +46,18 @@ def test_three_clients_two_rounds_write_every_output(tiny_bert, tmp_path):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert len((run / "clients.csv").read_text().splitlines()) == 4
     # state really persists between ephemeral ClientApps: two rounds composed in each ledger
-    ledgers = sorted((run / "clients").glob("client-*/ledger.json"))
+    ledgers = sorted((run / "clients").glob("client-*/ledger-*.json"))
     assert len(ledgers) == 3
     for path in ledgers:
         ledger = PrivacyLedger.load(path)
-        (sigma, q, steps), = ledger.history
-        assert len(ledger.calls) == 2 and steps == 2 * ledger.calls[0]["steps"]
-        assert ledger.epsilon() == compute_epsilon(sigma, q, steps, ledger.delta) <= 8.0
-    assert records[-1]["epsilon_max"] == max(PrivacyLedger.load(p).epsilon() for p in ledgers)
+        sgd = [entry for entry in ledger.history if entry[1] < 1]
+        releases = sum(steps for _, rate, steps in ledger.history if rate == 1)
+        assert sum(steps for _, _, steps in sgd) == 2 * ledger.calls[0]["steps"]  # two rounds of DP-SGD
+        assert releases == 4  # per round: the train loss and one evaluation, each charged
+        assert ledger.epsilon() == PrivacyLedger("rdp", ledger.delta, None, ledger.history).epsilon() <= 8.0
+    assert records[-1]["epsilon_max"] == pytest.approx(max(PrivacyLedger.load(p).epsilon() for p in ledgers))
+    assert all(r["noise"] == "noise seeded from OS entropy per call" for r in records)
+    assert "## Privacy" in (run / "summary.md").read_text()
 
 
 def test_resident_memory_does_not_grow_across_rounds(tiny_bert, tmp_path):
@@ -90,9 +96,11 @@ def test_simulation_attaches_to_a_running_ray_cluster(tiny_bert, tmp_path):
     """A Ray head started on 127.0.0.1 (as on a cluster's head node); the simulation
     attaches to it through `federation.ray_address` instead of starting its own Ray."""
     import os
+    import signal
     import socket
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     from simulations.run import simulate
@@ -105,11 +113,18 @@ def test_simulation_attaches_to_a_running_ray_cluster(tiny_bert, tmp_path):
 
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    started = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
-                              "--temp-dir", str(temp)], capture_output=True, text=True, env=env, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
+    # --block keeps `ray start` in the foreground as the parent of the cluster it starts, so the
+    # test stops exactly that cluster through its process group (never `ray stop`, which stops
+    # every Ray on a shared machine)
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
+                             "--temp-dir", str(temp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     try:
+        deadline = time.monotonic() + 120
+        while not list(temp.glob("session_*/sockets/raylet*")):
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(1)
         config = _config(tiny_bert, _data(tmp_path), rounds=1, ray_address=f"127.0.0.1:{port}")
         run = simulate(config, tmp_path / "run")
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -117,7 +132,14 @@ def test_simulation_attaches_to_a_running_ray_cluster(tiny_bert, tmp_path):
         # the work ran on the cluster we started: its session holds the worker logs
         assert list(temp.glob("session_*/logs/worker-*")), "no Ray worker ran in the started cluster"
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        import ray as ray_module
+
+        ray_module.shutdown()  # this process's driver connection, if simulate left one
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         import shutil
 
         shutil.rmtree(temp, ignore_errors=True)
