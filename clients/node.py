@@ -35,7 +35,7 @@ from fedtune.budget import Budget, BudgetStore, default_budget_dir, exclusive_lo
 from fedtune.config import Config
 from fedtune.datasets_builtin import Table
 from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
-from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
+from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError, ModelError
 from fedtune.local import NodeData, prepare_data
 from fedtune.metric_release import exact_metrics, noisy_metrics
 from fedtune.policy import NodePolicy, PolicyRefusal
@@ -152,6 +152,14 @@ def _node_data(config: Config, table: Table | None, validation: bool = True) -> 
         raise PolicyRefusal.of(exc) from None
 
 
+def _load_global(model, global_arrays, config: Config) -> None:
+    try:
+        load_state(model, global_arrays, partial=config.lora.ffa)
+    except ModelError as exc:
+        raise ModelError(f"the server's adapter does not fit this node's base model "
+                         f"({config.model.path or 'the bundled all-MiniLM-L6-v2'}): {exc}") from None
+
+
 @contextmanager
 def _open_budget(setup: NodeSetup, config: Config, state: NodeState, data: NodeData, plan: DPPlan) -> Iterator[Budget]:
     """The data's budget, checked against this state dir's own record of charges."""
@@ -227,7 +235,7 @@ def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "di
                 if plan.private:
                     ledger.set_cap(config.max_epsilon, label=label)
                 persist = _persist(budget, state, data.fingerprint)
-                load_state(model, global_arrays, partial=config.lora.ffa)
+                _load_global(model, global_arrays, config)
                 try:
                     result = train_call(model, data.train, config, plan, ledger, persist, label=label, randomness=randomness)
                 except BudgetExhaustedError as exc:
@@ -275,7 +283,7 @@ def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: 
             plan = plan_training(config, len(data.train), delta=setup.policy.delta_for(config, len(data.train)))
             with _open_budget(setup, config, state, data, plan) as budget:
                 ledger = budget.ledger
-                load_state(model, global_arrays, partial=config.lora.ffa)
+                _load_global(model, global_arrays, config)
                 released = _release_metrics(ledger, _persist(budget, state, data.fingerprint), config, model, data.val,
                                             f"round {server_round} evaluation", randomness)
                 state.record_evaluation(server_round)

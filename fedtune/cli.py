@@ -244,6 +244,8 @@ def _add_privacy_parser(subparsers) -> None:
     eps.add_argument("--noise-multiplier", type=float, required=True)
     plan = sub.add_parser("plan", help="smallest noise multiplier that fits a target epsilon")
     plan.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    ledger = sub.add_parser("ledger", help="recompute a ledger's epsilon with Opacus and, independently, dp-accounting")
+    ledger.add_argument("path", help="a ledger file (a budget folder's ledger-*.json, or a run's ledger.json)")
     for p in (eps, plan):
         p.add_argument("--sample-rate", type=float, help="Poisson sample rate q (or give --examples and --batch-size)")
         p.add_argument("--examples", type=int, help="training examples n (q = 1/ceil(n/B))")
@@ -325,8 +327,9 @@ def _mechanism(args) -> tuple[float, int]:
     elif args.examples and args.batch_size:
         if args.batch_size <= 0 or args.examples < args.batch_size:
             raise ConfigError(f"--batch-size = {args.batch_size}: expected 1 to --examples = {args.examples}")
-        steps_per_epoch = math.ceil(args.examples / args.batch_size)
-        q = 1.0 / steps_per_epoch
+        from fedtune.dp_train import poisson_schedule
+
+        q, steps_per_epoch = poisson_schedule(args.examples, args.batch_size)  # exactly what training runs
     else:
         raise ConfigError("give --sample-rate, or --examples and --batch-size")
     if args.steps is not None:
@@ -341,7 +344,18 @@ def _mechanism(args) -> tuple[float, int]:
 def _run_privacy(args) -> int:
     from opacus import __version__ as opacus_version
 
-    from fedtune.privacy import compute_epsilon, noise_for_budget
+    from fedtune.privacy import PrivacyLedger, compute_epsilon, independent_epsilon, noise_for_budget
+
+    if args.privacy_command == "ledger":
+        ledger = PrivacyLedger.load(args.path)
+        if not ledger.is_private:
+            print(f"epsilon = inf: {ledger.non_private_steps} steps were taken WITHOUT differential privacy")
+            return 0
+        print(f"epsilon = {ledger.epsilon():.6f} (Opacus {opacus_version}, {ledger.accountant}), "
+              f"{independent_epsilon(ledger.accountant, ledger.history, ledger.delta):.6f} (dp-accounting) "
+              f"at delta {ledger.delta:g}; cap {ledger.target_epsilon}; history (sigma, q, steps): "
+              + "; ".join(f"({s:g}, {q:.6g}, {n})" for s, q, n in ledger.history))
+        return 0
 
     q, steps = _mechanism(args)
     inputs = f"sample_rate={q:.6g} steps={steps} delta={args.delta:g} accountant={args.accountant} (opacus {opacus_version})"

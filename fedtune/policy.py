@@ -244,5 +244,12 @@ def ownership_table() -> list[tuple[str, str, str]]:
     return [(name, *OWNERS[name]) for name in _all_fields()]
 
 
+def ownership_markdown() -> str:
+    """The table docs/deployment.md shows (a test keeps the two identical)."""
+    rows = ["| field | who decides | why |", "|---|---|---|"]
+    rows += [f"| `{name}` | {owner} | {why} |" for name, owner, why in ownership_table()]
+    return "\n".join(rows) + "\n"
+
+
 def _all_fields() -> list[str]:
     return [f"{section}.{f.name}" for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)]

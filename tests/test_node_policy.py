@@ -143,3 +143,12 @@ def test_every_config_field_has_an_owner():
         assert owners[name] == "server, within the node's policy"
     for name in ("model.path", "data.path", "data.eval_path", "dp.noise_seed", "dp.accountant", "node.max_epsilon"):
         assert owners[name] == "node"
+
+
+def test_the_deployment_guide_shows_the_ownership_table_of_the_code():
+    from pathlib import Path
+
+    from fedtune.policy import ownership_markdown
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert ownership_markdown() in guide

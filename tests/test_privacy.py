@@ -100,3 +100,34 @@ def test_corrupt_ledger_file_is_a_clear_error(tmp_path):
     path.write_text('{"format": 1}')
     with pytest.raises(FedtuneError, match="not a fedtune privacy ledger"):
         PrivacyLedger.load(path)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_every_ledger_epsilon_is_reproduced_by_an_independent_accountant(accountant, tmp_path, capsys):
+    """DP-SGD steps, a change of sample rate and Gaussian metric releases (q = 1) in one ledger:
+    dp-accounting (RDP, or PLD for PRV ledgers) agrees with the epsilon fedtune prints."""
+    from fedtune.cli import main
+    from fedtune.privacy import independent_epsilon
+
+    ledger = PrivacyLedger(accountant, delta=1e-5, target_epsilon=20.0)
+    ledger.charge(0.9, 0.02, 400)
+    ledger.charge(5.0, 1.0, 2)
+    ledger.charge(0.9, 0.025, 100)
+    assert independent_epsilon(accountant, ledger.history, ledger.delta) == pytest.approx(ledger.epsilon(), rel=0.02)
+    ledger.save(tmp_path / "ledger.json")
+    assert main(["privacy", "ledger", str(tmp_path / "ledger.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"epsilon = {ledger.epsilon():.6f}" in out and "(dp-accounting)" in out
+
+
+def test_a_cap_change_and_a_stricter_delta_are_recorded_and_never_undercount():
+    ledger = PrivacyLedger("rdp", delta=1e-4, target_epsilon=3.0)
+    ledger.charge(1.5, 0.05, 200)
+    before = ledger.epsilon()
+    ledger.lower_delta(1e-6)
+    ledger.lower_delta(1e-3)  # a larger delta is never taken
+    assert ledger.delta == 1e-6 and ledger.epsilon() > before
+    ledger.set_cap(8.0)
+    assert [c.get("event") for c in ledger.calls[-2:]] == ["delta lowered", "cap set"]
+    restored = PrivacyLedger.from_dict(ledger.to_dict())
+    assert restored.target_epsilon == 8.0 and restored.delta == 1e-6 and restored.epsilon() == ledger.epsilon()
