@@ -84,12 +84,20 @@ def evaluate_release(outcome: EvaluateOutcome) -> dict:
     return checked(_common(outcome), EVALUATE_RELEASES, "evaluate")
 
 
-def _setup_or_refusal(setup_for, context: Context) -> tuple[NodeSetup | None, str]:
+def _outcome(setup_for, msg: Message, context: Context, work, outcome_type):
+    """Run `work(setup, request, config_record)` for a message, or the refusal it earns:
+    a node that cannot set itself up (node-error), a request that is not TOML (policy-refused)."""
+    record = msg.content["config"]
     try:
-        return setup_for(context), ""
+        setup = setup_for(context)
     except FedtuneError as exc:
         print(f"fedtune node: {exc}", file=sys.stderr, flush=True)
-        return None, f"node misconfigured: {exc}"
+        return outcome_type(STATUS_NODE_ERROR, message=f"node misconfigured: {exc}"), record
+    try:
+        request = parse_request(str(record[REQUEST_KEY]))
+    except FedtuneError as exc:
+        return outcome_type(STATUS_POLICY_REFUSED, message=str(exc)), record
+    return work(setup, request, record), record
 
 
 def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
@@ -98,18 +106,11 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        setup, problem = _setup_or_refusal(setup_for, context)
-        record = msg.content["config"]
-        if setup is None:
-            outcome = TrainOutcome(STATUS_NODE_ERROR, message=problem)
-        else:
-            try:
-                request = parse_request(str(record[REQUEST_KEY]))
-            except FedtuneError as exc:
-                outcome = TrainOutcome(STATUS_POLICY_REFUSED, message=str(exc))
-            else:
-                central = str(record.get("evaluation", "federated")) == "central"  # train on every row
-                outcome = train_round(setup, request, _arrays(msg), int(record["server-round"]), central)
+        def work(setup, request, record):
+            central = str(record.get("evaluation", "federated")) == "central"  # train on every row
+            return train_round(setup, request, _arrays(msg), int(record["server-round"]), central)
+
+        outcome, record = _outcome(setup_for, msg, context, work, TrainOutcome)
         if outcome.status != "ok":
             print(f"fedtune node: round {record.get('server-round')}: {outcome.message or outcome.status}",
                   file=sys.stderr, flush=True)
@@ -117,17 +118,10 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        setup, problem = _setup_or_refusal(setup_for, context)
-        record = msg.content["config"]
-        if setup is None:
-            outcome = EvaluateOutcome(STATUS_NODE_ERROR, message=problem)
-        else:
-            try:
-                request = parse_request(str(record[REQUEST_KEY]))
-            except FedtuneError as exc:
-                outcome = EvaluateOutcome(STATUS_POLICY_REFUSED, message=str(exc))
-            else:
-                outcome = evaluate_round(setup, request, _arrays(msg), int(record["server-round"]))
+        def work(setup, request, record):
+            return evaluate_round(setup, request, _arrays(msg), int(record["server-round"]))
+
+        outcome, _ = _outcome(setup_for, msg, context, work, EvaluateOutcome)
         return Message(content=_record(evaluate_release(outcome)), reply_to=msg)
 
     return app

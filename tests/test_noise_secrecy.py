@@ -75,3 +75,17 @@ def test_secret_generators_differ_and_seeded_streams_repeat():
     a, b = Randomness(3), Randomness(3)
     assert a.seed_for("noise", "fp", 10) == b.seed_for("noise", "fp", 10) != a.seed_for("noise", "fp", 11)
     assert torch.equal(torch.rand(4, generator=a.torch_generator("s")), torch.rand(4, generator=b.torch_generator("s")))
+
+
+def test_every_output_of_a_seeded_run_says_it_is_not_for_production(tiny_bert, sentiment_csv, tmp_path, capsys):
+    import json
+
+    from fedtune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-local", "--model", str(tiny_bert), "--data", str(sentiment_csv), "--max-seq-len", "16",
+                 "--epochs", "1", "--batch-size", "16", "--noise-seed", "3", "--no-progress", "--out", str(out)]) == 0
+    assert REPRODUCIBLE_LABEL in capsys.readouterr().out
+    assert json.loads((out / "plan.json").read_text())["noise"] == REPRODUCIBLE_LABEL
+    assert all(json.loads(line)["noise"] == REPRODUCIBLE_LABEL for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert json.loads((out / "adapter" / "fedtune_privacy.json").read_text())["noise"] == REPRODUCIBLE_LABEL
