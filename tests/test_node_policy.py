@@ -152,3 +152,23 @@ def test_the_deployment_guide_shows_the_ownership_table_of_the_code():
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text(encoding="utf-8")
     assert ownership_markdown() in guide
+
+
+def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(tiny_bert, tmp_path):
+    """`flwr run` on the local simulation engine: a virtual node's policy, rows and state
+    dir come from the run config (the researcher's), never from a server message."""
+    from clients.client_app import deployment_setup
+    from fedtune.policy import NodePolicy as Policy
+
+    data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=2))
+    config = tmp_path / "sim.toml"
+    config.write_text(f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n[data]\npath = "{data}"\n'
+                      '[federation]\nnum_clients = 2\nclients_per_round = 2\nmin_clients = 2\n')
+    from flwr.app import Context, RecordDict
+
+    context = Context(run_id=1, node_id=9, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                      run_config={"config": str(config), "run-dir": str(tmp_path / "run")})
+    setup = deployment_setup(context)
+    assert setup.state_dir == (tmp_path / "run" / "clients" / "client-00001").resolve()
+    assert len(setup.table) == 20 and isinstance(setup.policy, Policy)
+    assert setup.policy.own.node.budget_dir == str(setup.state_dir) and setup.policy.own.data.labels == ("neg", "pos")
