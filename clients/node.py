@@ -128,17 +128,20 @@ class NodeState:
         info = self.info()
         info["last_round"] = max(int(info.get("last_round", 0)), server_round)
         info["rounds_trained"] = int(info.get("rounds_trained", 0)) + int(trained)
+        if trained:
+            info["evaluations_since_training"] = 0
         if labels is not None:
             info["labels"] = list(labels)
         self._write(info)
 
-    def evaluations(self, server_round: int) -> int:
-        seen = self.info().get("evaluations", {})
-        return int(seen.get("count", 0)) if seen.get("round") == server_round else 0
+    def evaluations(self) -> int:
+        """Evaluations answered since this node last trained. Counted against the node's own
+        training rounds, not the round number a message claims, which a server could inflate."""
+        return int(self.info().get("evaluations_since_training", 0))
 
-    def record_evaluation(self, server_round: int) -> None:
+    def record_evaluation(self) -> None:
         info = self.info()
-        info["evaluations"] = {"round": server_round, "count": self.evaluations(server_round) + 1}
+        info["evaluations_since_training"] = self.evaluations() + 1
         self._write(info)
 
 
@@ -273,10 +276,10 @@ def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: 
     randomness = Randomness.from_setting(config.dp.noise_seed)
     try:
         with state.locked():
-            if state.evaluations(server_round) >= config.node.max_evaluations_per_round:
+            if state.evaluations() >= config.node.max_evaluations_per_round:
                 return EvaluateOutcome(STATUS_POLICY_REFUSED, message=(
-                    f"policy-refused: evaluation: round {server_round} already had "
-                    f"{config.node.max_evaluations_per_round} evaluation request(s), the node's limit"))
+                    f"policy-refused: evaluation: {config.node.max_evaluations_per_round} evaluation(s) answered since "
+                    "this node last trained, the node's limit per round"))
             model, data = _node_data(config, setup.table, validation=True)
             if data.val is None or len(data.val) == 0:
                 return EvaluateOutcome(STATUS_POLICY_REFUSED, message="policy-refused: evaluation: no validation rows")
@@ -286,7 +289,7 @@ def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: 
                 _load_global(model, global_arrays, config)
                 released = _release_metrics(ledger, _persist(budget, state, data.fingerprint), config, model, data.val,
                                             f"round {server_round} evaluation", randomness)
-                state.record_evaluation(server_round)
+                state.record_evaluation()
                 if released is None:
                     return EvaluateOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), noise=randomness.label,
                                            message="budget exhausted: this evaluation release would pass the node's cap",

@@ -232,7 +232,8 @@ class NodeConfig:
     metric_noise_multiplier: float = 5.0
     # Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).
     metric_loss_clip: float = 5.0
-    # Evaluation requests the node answers per server round; more are refused.
+    # Evaluation requests the node answers per round it trains (counted by the node, not by the
+    # round number a message claims); more are refused.
     max_evaluations_per_round: int = 1
 
     def __post_init__(self) -> None:

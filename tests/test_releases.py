@@ -63,6 +63,9 @@ def test_evaluation_is_charged_and_limited_per_round(node):
     assert _releases(_ledger(node)) == released + 1 and _ledger(node).epsilon() > spent
     again, metrics = _call(node, "evaluate", 1)  # a second request in the same round
     assert again["status"] == "policy-refused" and "limit" in again["message"] and "accuracy" not in metrics
+    forged, _ = _call(node, "evaluate", 99)  # a server claiming a new round without training one
+    assert forged["status"] == "policy-refused" and _releases(_ledger(node)) == released + 1
+    _call(node, "train", 2)
     assert _call(node, "evaluate", 2)[0]["status"] == "ok"
 
 
