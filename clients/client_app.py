@@ -32,10 +32,18 @@ from fedtune.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
 
 
 
+def _inside_simulation_engine() -> bool:
+    """True in a Ray actor of Flower's simulation engine, which only the machine's own user
+    starts. A deployed SuperNode runs ClientApps in `flwr-clientapp` processes without Ray,
+    so no server can make a real node take the simulation path (and its run-config policy)."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 def deployment_setup(context: Context) -> NodeSetup:
     """A deployed node's setup from its own node config. A node without a cap refuses."""
     node = dict(context.node_config)
-    if "partition-id" in node and "data-path" not in node:
+    if "partition-id" in node and "data-path" not in node and _inside_simulation_engine():
         # `flwr run` on the local simulation engine (no harness to inject the partition);
         # the harness lives above the deployment code and is only imported on this path.
         from simulations.run import flwr_run_setup
@@ -87,16 +95,19 @@ def evaluate_release(outcome: EvaluateOutcome) -> dict:
 def _outcome(setup_for, msg: Message, context: Context, work, outcome_type):
     """Run `work(setup, request, config_record)` for a message, or the refusal it earns:
     a node that cannot set itself up (node-error), a request that is not TOML (policy-refused)."""
-    record = msg.content["config"]
     try:
         setup = setup_for(context)
     except FedtuneError as exc:
         print(f"fedtune node: {exc}", file=sys.stderr, flush=True)
-        return outcome_type(STATUS_NODE_ERROR, message=f"node misconfigured: {exc}"), record
+        return outcome_type(STATUS_NODE_ERROR, message=f"node misconfigured: {exc}"), {}
     try:
+        record = msg.content["config"]
         request = parse_request(str(record[REQUEST_KEY]))
+        int(record["server-round"]), _arrays(msg)  # a message without them is malformed
     except FedtuneError as exc:
-        return outcome_type(STATUS_POLICY_REFUSED, message=str(exc)), record
+        return outcome_type(STATUS_POLICY_REFUSED, message=str(exc)), {}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return outcome_type(STATUS_POLICY_REFUSED, message=f"policy-refused: message: malformed ({type(exc).__name__})"), {}
     return work(setup, request, record), record
 
 

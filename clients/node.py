@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import traceback
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from fedtune.adapter import load_state, trainable_state
 from fedtune.atomic import atomic_write_json
-from fedtune.budget import Budget, BudgetStore, default_budget_dir, exclusive_lock
+from fedtune.budget import (Budget, BudgetStore, LedgerLostError, StateLockedError, default_budget_dir,
+                            exclusive_lock)
 from fedtune.config import Config
 from fedtune.datasets_builtin import Table
 from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
@@ -124,12 +127,13 @@ class NodeState:
                      "steps_charged": max(int(info.get("steps_charged", 0)), ledger.steps)})
         self._write(info)
 
-    def record_round(self, server_round: int, trained: bool, labels) -> None:
+    def record_round(self, server_round: int, trained: bool, labels, central: bool = False) -> None:
         info = self.info()
         info["last_round"] = max(int(info.get("last_round", 0)), server_round)
         info["rounds_trained"] = int(info.get("rounds_trained", 0)) + int(trained)
         if trained:
             info["evaluations_since_training"] = 0
+            info["central"] = central  # no evaluation release was planned for this round
         if labels is not None:
             info["labels"] = list(labels)
         self._write(info)
@@ -207,6 +211,49 @@ def _release_metrics(ledger: PrivacyLedger, persist, config: Config, model, data
                          randomness.torch_generator("metrics", *stream))
 
 
+def _node_error(exc: BaseException) -> str:
+    """What a node tells the server about its own failure: the kind, never the detail. A
+    data error can quote a row (an unknown label is a cell of the file), so the detail goes
+    to the node's own log only."""
+    print(f"fedtune node: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    if not isinstance(exc, FedtuneError):
+        traceback.print_exc(file=sys.stderr)
+    if isinstance(exc, StateLockedError):
+        return "node-error: this node's state is in use by another process"
+    if isinstance(exc, LedgerLostError):
+        return "node-error: this node's ledger needs its operator (see the node's log)"
+    return "node-error: this node could not serve the request (see the node's log)"
+
+
+def _guarded(work: Callable[[], Any], outcome_type) -> Any:
+    """Run a round; a request outside the policy is a refusal naming the field, anything
+    else a node-error whose detail stays on the node. Whatever was charged stays charged."""
+    try:
+        return work()
+    except PolicyRefusal as exc:
+        return outcome_type(STATUS_POLICY_REFUSED, message=str(exc))
+    except Exception as exc:  # noqa: BLE001 - nothing unexpected may leave the node as a traceback
+        return outcome_type(STATUS_NODE_ERROR, message=_node_error(exc))
+
+
+def _plan(config: Config, n_train: int, delta: float, releases: int = 0) -> DPPlan:
+    try:
+        return plan_training(config, n_train, delta=delta, metric_releases_per_call=releases)
+    except ConfigError as exc:  # e.g. a target no noise reaches for the requested training
+        raise PolicyRefusal.of(exc) from None
+
+
+def _ready(ledger: PrivacyLedger, setup: NodeSetup, config: Config, data: NodeData, label: str) -> float:
+    """Bring the ledger to the node's policy as it stands (its cap, a stricter delta) and
+    return the delta to account at. Both training and evaluation go through here."""
+    delta = setup.policy.delta_for(config, data.records)
+    if delta < ledger.delta:
+        ledger.lower_delta(delta, label=label)
+    if ledger.is_private and config.dp.enabled:
+        ledger.set_cap(config.max_epsilon, label=label)
+    return ledger.delta
+
+
 def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
                 server_round: int, central_evaluation: bool = False) -> TrainOutcome:
     """One round of local DP training from the global adapter, within the node's policy.
@@ -215,88 +262,80 @@ def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "di
     the head): the frozen A is rebuilt from the shared seed. `central_evaluation` (the
     server scores centrally) trains on all the node's rows. Nothing trains unless the
     request fits the policy and the budget."""
-    try:
-        config = setup.policy.config_for(request)
-    except PolicyRefusal as exc:
-        return TrainOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+    return _guarded(lambda: _train(setup, request, global_arrays, server_round, central_evaluation), TrainOutcome)
+
+
+def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_evaluation: bool) -> TrainOutcome:
+    config = setup.policy.config_for(request)
     state = NodeState(setup.state_dir)
     randomness = Randomness.from_setting(config.dp.noise_seed)
     label = f"round {server_round}"
-    try:
-        with state.locked():
-            model, data = _node_data(config, setup.table, validation=not central_evaluation)
-            n = len(data.train)
-            delta = setup.policy.delta_for(config, n)
-            plan = plan_training(config, n, delta=delta, metric_releases_per_call=_planned_releases(config, central_evaluation))
-            with _open_budget(setup, config, state, data, plan) as budget:
-                ledger = budget.ledger
-                if delta < ledger.delta:
-                    ledger.lower_delta(delta, label=label)
-                elif ledger.delta < delta:  # an existing ledger is stricter: plan for its delta
-                    plan = plan_training(config, n, delta=ledger.delta,
-                                         metric_releases_per_call=plan.metric_releases_per_call)
-                if plan.private:
-                    ledger.set_cap(config.max_epsilon, label=label)
-                persist = _persist(budget, state, data.fingerprint)
-                _load_global(model, global_arrays, config)
-                try:
-                    result = train_call(model, data.train, config, plan, ledger, persist, label=label, randomness=randomness)
-                except BudgetExhaustedError as exc:
-                    state.record_round(server_round, trained=False, labels=config.data.labels or None)
-                    return TrainOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), message=str(exc),
-                                        ledger=ledger, noise=randomness.label)
-                metrics = {"train-seconds": result.seconds, "steps": result.steps,
-                           "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
-                           "delta": ledger.delta, "private": int(plan.private)}
-                if config.node.release_train_loss == "dp":
-                    released = _release_metrics(ledger, persist, config, model, data.train, f"{label} train loss", randomness)
-                    if released is not None:
-                        metrics["train-loss"] = released["loss"]
-                state.record_round(server_round, trained=True, labels=config.data.labels or None)
-                return TrainOutcome(STATUS_OK, trainable_state(model), n, ledger.epsilon(), metrics,
+    releases = _planned_releases(config, central_evaluation)
+    with state.locked():
+        model, data = _node_data(config, setup.table, validation=not central_evaluation)
+        n = len(data.train)
+        first = _plan(config, n, setup.policy.delta_for(config, data.records), releases)
+        with _open_budget(setup, config, state, data, first) as budget:
+            ledger = budget.ledger
+            plan = _plan(config, n, _ready(ledger, setup, config, data, label), releases)
+            persist = _persist(budget, state, data.fingerprint)
+            _load_global(model, global_arrays, config)
+            try:
+                result = train_call(model, data.train, config, plan, ledger, persist, label=label, randomness=randomness)
+            except BudgetExhaustedError as exc:
+                state.record_round(server_round, trained=False, labels=config.data.labels or None)
+                return TrainOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), message=str(exc),
                                     ledger=ledger, noise=randomness.label)
-    except PolicyRefusal as exc:
-        return TrainOutcome(STATUS_POLICY_REFUSED, message=str(exc))
-    except FedtuneError as exc:  # locked, lost ledger, other data, unreadable data: the node's to fix
-        return TrainOutcome(STATUS_NODE_ERROR, message=str(exc))
+            metrics = {"train-seconds": result.seconds, "steps": result.steps,
+                       "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+                       "delta": ledger.delta, "private": int(plan.private)}
+            if config.node.release_train_loss == "dp":
+                released = _release_metrics(ledger, persist, config, model, data.train, f"{label} train loss", randomness)
+                if released is not None:
+                    metrics["train-loss"] = released["loss"]
+            state.record_round(server_round, trained=True, labels=config.data.labels or None,
+                               central=central_evaluation)
+            return TrainOutcome(STATUS_OK, trainable_state(model), n, ledger.epsilon(), metrics,
+                                ledger=ledger, noise=randomness.label)
 
 
 def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
                    server_round: int) -> EvaluateOutcome:
     """Evaluate the global adapter on the node's validation rows, if its policy releases
-    evaluation metrics: charged, noised, at most `max_evaluations_per_round` a round."""
-    try:
-        config = setup.policy.config_for(request)
-    except PolicyRefusal as exc:
-        return EvaluateOutcome(STATUS_POLICY_REFUSED, message=str(exc))
+    evaluation metrics: charged, noised, at most `max_evaluations_per_round` per round the
+    node trains, and none after a round the server declared centrally evaluated (the
+    node's calibration left no room for them)."""
+    return _guarded(lambda: _evaluate(setup, request, global_arrays, server_round), EvaluateOutcome)
+
+
+def _evaluate(setup: NodeSetup, request, global_arrays, server_round: int) -> EvaluateOutcome:
+    config = setup.policy.config_for(request)
     if config.node.release_evaluation == "off":
-        return EvaluateOutcome(STATUS_POLICY_REFUSED, message="policy-refused: evaluation: this node releases no "
-                               "evaluation metrics (node.release_evaluation = off)")
+        raise PolicyRefusal("evaluation", "this node releases no evaluation metrics (node.release_evaluation = off)")
     state = NodeState(setup.state_dir)
     randomness = Randomness.from_setting(config.dp.noise_seed)
-    try:
-        with state.locked():
-            if state.evaluations() >= config.node.max_evaluations_per_round:
-                return EvaluateOutcome(STATUS_POLICY_REFUSED, message=(
-                    f"policy-refused: evaluation: {config.node.max_evaluations_per_round} evaluation(s) answered since "
-                    "this node last trained, the node's limit per round"))
-            model, data = _node_data(config, setup.table, validation=True)
-            if data.val is None or len(data.val) == 0:
-                return EvaluateOutcome(STATUS_POLICY_REFUSED, message="policy-refused: evaluation: no validation rows")
-            plan = plan_training(config, len(data.train), delta=setup.policy.delta_for(config, len(data.train)))
-            with _open_budget(setup, config, state, data, plan) as budget:
-                ledger = budget.ledger
-                _load_global(model, global_arrays, config)
-                released = _release_metrics(ledger, _persist(budget, state, data.fingerprint), config, model, data.val,
-                                            f"round {server_round} evaluation", randomness)
-                state.record_evaluation()
-                if released is None:
-                    return EvaluateOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), noise=randomness.label,
-                                           message="budget exhausted: this evaluation release would pass the node's cap",
-                                           ledger=ledger)
-                return EvaluateOutcome(STATUS_OK, len(data.val), released, epsilon=ledger.epsilon(),
-                                       noise=randomness.label, ledger=ledger)
-    except PolicyRefusal as exc:
-        return EvaluateOutcome(STATUS_POLICY_REFUSED, message=str(exc))
-    except FedtuneError as exc:
-        return EvaluateOutcome(STATUS_NODE_ERROR, message=str(exc))
+    label = f"round {server_round} evaluation"
+    with state.locked():
+        if state.info().get("central"):
+            raise PolicyRefusal("evaluation", "the server declared this round centrally evaluated; the node planned "
+                                              "no evaluation release for it")
+        if state.evaluations() >= config.node.max_evaluations_per_round:
+            raise PolicyRefusal("evaluation", f"{config.node.max_evaluations_per_round} evaluation(s) answered since "
+                                              "this node last trained, the node's limit per round")
+        model, data = _node_data(config, setup.table, validation=True)
+        if data.val is None or len(data.val) == 0:
+            raise PolicyRefusal("evaluation", "no validation rows")
+        first = _plan(config, len(data.train), setup.policy.delta_for(config, data.records))
+        with _open_budget(setup, config, state, data, first) as budget:
+            ledger = budget.ledger
+            _ready(ledger, setup, config, data, label)
+            _load_global(model, global_arrays, config)
+            released = _release_metrics(ledger, _persist(budget, state, data.fingerprint), config, model, data.val,
+                                        label, randomness)
+            state.record_evaluation()
+            if released is None:
+                return EvaluateOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), noise=randomness.label,
+                                       message="budget exhausted: this evaluation release would pass the node's cap",
+                                       ledger=ledger)
+            return EvaluateOutcome(STATUS_OK, len(data.val), released, epsilon=ledger.epsilon(),
+                                   noise=randomness.label, ledger=ledger)

@@ -58,13 +58,13 @@ def default_budget_dir() -> Path:
     return fedtune_home() / "budgets"
 
 
-def data_fingerprint(texts: Sequence[str], labels: Sequence | None = None) -> str:
-    """SHA-256 over the sorted digests of the rows (text, label): the same records in any
-    order (a re-exported or shuffled copy of the file) give the same fingerprint."""
-    labels = labels if labels else [None] * len(texts)
-    rows = sorted(hashlib.sha256(json.dumps([str(t), None if l is None else str(l)]).encode("utf-8")).digest()
-                  for t, l in zip(texts, labels))
-    digest = hashlib.sha256(b"fedtune-rows-v1")
+def data_fingerprint(texts: Sequence[str]) -> str:
+    """SHA-256 over the sorted digests of the records' texts: the same records in any order
+    (a re-exported or shuffled copy of the file) give the same fingerprint, and nothing a
+    server may request (the task, which column is the label) changes it. Two files with the
+    same texts share one budget: an over-count, never an under-count."""
+    rows = sorted(hashlib.sha256(str(text).encode("utf-8")).digest() for text in texts)
+    digest = hashlib.sha256(b"fedtune-records-v2")
     for row in rows:
         digest.update(row)
     return digest.hexdigest()

@@ -130,6 +130,8 @@ def _run_sweep(args) -> int:
 # `fedtune client` policy flags -> node-config keys of fedtune.policy.NODE_CONFIG_KEYS.
 CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
     "data": (str, "this node's training data (CSV / JSONL / Parquet): data-path"),
+    "text-column": (str, "the column of --data that holds the text (default text)"),
+    "label-column": (str, "the column of --data that holds the label (default label)"),
     "max-epsilon": (float, "REQUIRED: this node's hard epsilon cap over everything it releases from its data"),
     "delta": (float, "this node's delta (default 1/(10 n)); a server may only ask for a smaller one"),
     "accountant": (str, "rdp (default) or prv"),

@@ -107,12 +107,13 @@ class DPConfig:
     noise_seed: int = -1
 
     def __post_init__(self) -> None:
-        if not self.target_epsilon > 0 or math.isinf(self.target_epsilon):
-            _fail("dp.target_epsilon", self.target_epsilon, "a finite number > 0")
-        if not 0 <= self.delta < 1:
-            _fail("dp.delta", self.delta, "a number in (0, 1/n), or 0 for automatic")
-        if self.noise_multiplier < 0:
-            _fail("dp.noise_multiplier", self.noise_multiplier, "a number > 0, or 0 to calibrate")
+        # bounded, so that no value (sent by a server, say) can hang the accountant
+        if not 1e-3 <= self.target_epsilon <= 1e3:
+            _fail("dp.target_epsilon", self.target_epsilon, "a number in [0.001, 1000]")
+        if not (self.delta == 0 or 1e-30 <= self.delta < 1):
+            _fail("dp.delta", self.delta, "a number in [1e-30, 1/n), or 0 for automatic")
+        if not 0 <= self.noise_multiplier <= 1e4:
+            _fail("dp.noise_multiplier", self.noise_multiplier, "a number in (0, 10000], or 0 to calibrate")
         if not self.max_grad_norm > 0:
             _fail("dp.max_grad_norm", self.max_grad_norm, "a number > 0")
         if self.accountant not in ACCOUNTANTS:
@@ -125,8 +126,10 @@ class DPConfig:
             _fail("dp.secure_mode", self.secure_mode, "false: secure mode needs the torchcsprng package, which is not "
                   "installed (the noise is secret without it: dp.noise_seed = -1)")
 
-    def resolved_delta(self, n_train: int) -> float:
-        return self.delta if self.delta > 0 else 1.0 / (10.0 * n_train)
+    def resolved_delta(self, records: int) -> float:
+        """The delta to account at: this one, or 1 / (10 n) for the n records a budget
+        protects (all the node's rows, never a request-dependent share of them)."""
+        return self.delta if self.delta > 0 else 1.0 / (10.0 * records)
 
 
 PRECISIONS = ("fp32", "bf16")

@@ -39,6 +39,7 @@ class NodeData:
     label_map: LabelMap | None
     majority_accuracy: float | None
     fingerprint: str = ""  # of every row the node holds (training file and evaluation file): its budget's key
+    records: int = 0  # how many rows that budget protects: the n of the automatic delta 1 / (10 n)
 
 
 @dataclass
@@ -57,12 +58,8 @@ def privacy_label(plan: DPPlan, epsilon: float) -> str:
 
 
 def table_fingerprint(*tables: Table) -> str:
-    """The fingerprint of every row in `tables` (text and label), whatever their order."""
-    texts, labels = [], []
-    for table in tables:
-        texts += table.texts
-        labels += list(table.labels) if table.labels else [None] * len(table)
-    return data_fingerprint(texts, labels)
+    """The fingerprint of every record in `tables`, whatever their order."""
+    return data_fingerprint([text for table in tables for text in table.texts])
 
 
 def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, table: Table | None = None,
@@ -83,7 +80,8 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     else:
         rows = table
     eval_table = read_table(config.data.eval_path, config.data.text_column, label_column) if config.data.eval_path else None
-    fingerprint = table_fingerprint(rows, *([eval_table] if eval_table is not None else []))
+    protected = [rows] + ([eval_table] if eval_table is not None else [])
+    fingerprint, records = table_fingerprint(*protected), sum(len(t) for t in protected)
     if not validation:
         train_table, val_table = table, None
     elif eval_table is not None:
@@ -102,7 +100,7 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     train = to_dataset(cache.tokenize(tokenizer, train_table.texts, length), train_ids)
     val = to_dataset(cache.tokenize(tokenizer, val_table.texts, length), val_ids) if val_table is not None else None
     check_against_data(config, len(train))
-    return NodeData(train, val, label_map, majority, fingerprint)
+    return NodeData(train, val, label_map, majority, fingerprint, records)
 
 
 def build_model(config: Config, tokenizer, num_labels: int | None):
@@ -116,7 +114,7 @@ def prepare_node(config: Config) -> PreparedNode:
     resolve_device(config.model.device)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
     data = prepare_data(config, tokenizer)
-    plan = plan_training(config, len(data.train))
+    plan = plan_training(config, len(data.train), delta=config.dp.resolved_delta(data.records))
     model = build_model(config, tokenizer, len(data.label_map) if data.label_map else None)
     return PreparedNode(config, model, tokenizer, data, plan)
 

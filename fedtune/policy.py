@@ -61,8 +61,8 @@ OWNERS: dict[str, tuple[str, str]] = {
     "training.precision": (SERVER, "fp32 or bf16 forward pass"),
     "data.dataset": (NODE, "the node's data is its own"),
     "data.path": (NODE, "the node's data is its own; a server may not name a path on the node"),
-    "data.text_column": (SERVER, "the federation's schema (every column of a row is protected alike)"),
-    "data.label_column": (SERVER, "the federation's schema"),
+    "data.text_column": (NODE, "which column of the node's own file holds the text"),
+    "data.label_column": (NODE, "which column of the node's own file holds the label"),
     "data.val_fraction": (SERVER, "the node's validation share (evaluation releases are charged anyway)"),
     "data.eval_path": (NODE, "the node's evaluation file; a server may not name a path on the node"),
     "data.max_examples": (NODE, "the node trains on the data it chose"),
@@ -87,6 +87,8 @@ NODE_CONFIG_KEYS: dict[str, str] = {
     "device": "model.device",
     "data-path": "data.path",
     "eval-path": "data.eval_path",
+    "text-column": "data.text_column",
+    "label-column": "data.label_column",
     "budget-dir": "node.budget_dir",
     "release-train-loss": "node.release_train_loss",
     "release-evaluation": "node.release_evaluation",
@@ -221,10 +223,11 @@ class NodePolicy:
             raise PolicyRefusal("dp.delta", f"{config.dp.delta:g} is above this node's delta {own_delta:g}")
         return config
 
-    def delta_for(self, config: Config, n_train: int) -> float:
-        """The delta this node accounts at for `n_train` rows: its own (0 = 1 / (10 n)),
-        or the request's when that is stricter; a larger request is refused."""
-        own = self.own.dp.resolved_delta(n_train)
+    def delta_for(self, config: Config, records: int) -> float:
+        """The delta this node accounts at for its `records` rows (every row its budget
+        protects, whatever share a request trains on): its own (0 = 1 / (10 n)), or the
+        request's when that is stricter; a larger request is refused."""
+        own = self.own.dp.resolved_delta(records)
         requested = config.dp.delta
         if requested > own * (1 + 1e-12):
             raise PolicyRefusal("dp.delta", f"{requested:g} is above this node's delta {own:.3g}")

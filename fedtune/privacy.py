@@ -140,6 +140,8 @@ def _cached_noise_with(target_epsilon: float, delta: float, sample_rate: float, 
     low, high, eps_high = 0.0, 10.0, math.inf
     while eps_high > target_epsilon:
         high *= 2
+        if high > 1e6:
+            raise ConfigError(f"target_epsilon = {target_epsilon:g}: no noise multiplier up to 1e6 reaches it")
         eps_high = epsilon(high)
     while target_epsilon - eps_high > 0.01:
         middle = (low + high) / 2

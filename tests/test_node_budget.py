@@ -60,13 +60,14 @@ def _hold_lock(path: Path) -> subprocess.Popen:
     return process
 
 
-def test_a_second_process_on_the_state_dir_is_refused_until_it_dies(node):
+def test_a_second_process_on_the_state_dir_is_refused_until_it_dies(node, capsys):
     assert _round(node, "state", 1).status == "ok"
     before = _ledger(node).to_dict()
     holder = _hold_lock(node["tmp"] / "state" / "node.lock")
     try:
         refused = _round(node, "state", 2)
-        assert refused.status == "node-error" and f"(pid {holder.pid})" in refused.message
+        assert refused.status == "node-error" and "in use by another process" in refused.message
+        assert f"(pid {holder.pid})" in capsys.readouterr().err  # the detail stays in the node's log
         assert _ledger(node).to_dict() == before
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # kill -9: the kernel drops the lock with the process
@@ -74,13 +75,13 @@ def test_a_second_process_on_the_state_dir_is_refused_until_it_dies(node):
     assert _round(node, "state", 2).status == "ok"
 
 
-def test_a_second_state_dir_on_the_same_data_cannot_spend_the_budget_at_the_same_time(node):
+def test_a_second_state_dir_on_the_same_data_cannot_spend_the_budget_at_the_same_time(node, capsys):
     assert _round(node, "state-a", 1).status == "ok"
     lock = next(node["budgets"].glob("ledger-*.lock"))
     holder = _hold_lock(lock)
     try:
         refused = _round(node, "state-b", 1)
-        assert refused.status == "node-error" and "privacy budget" in refused.message
+        assert refused.status == "node-error" and "privacy budget" in capsys.readouterr().err
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
@@ -95,15 +96,15 @@ def test_the_same_data_under_a_new_state_dir_continues_the_budget(node):
     assert first.epsilon < second.epsilon == pytest.approx(ledger.epsilon())
 
 
-def test_a_state_dir_that_served_other_data_is_refused(node, tiny_bert):
+def test_a_state_dir_that_served_other_data_is_refused(node, tiny_bert, capsys):
     assert _round(node, "state", 1).status == "ok"
     other = write_csv(node["tmp"] / "other.csv", make_texts(60, seed=99))
     refused = _round(node, "state", 2, config=_config(tiny_bert, other, node["budgets"]))
-    assert refused.status == "node-error" and "serves other data" in refused.message
+    assert refused.status == "node-error" and "serves other data" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["delete", "empty", "older copy"])
-def test_a_lost_or_shortened_ledger_stops_the_node(node, damage):
+def test_a_lost_or_shortened_ledger_stops_the_node(node, damage, capsys):
     assert _round(node, "state", 1).status == "ok"
     path = next(node["budgets"].glob("ledger-*.json"))
     older = path.read_bytes()
@@ -116,17 +117,19 @@ def test_a_lost_or_shortened_ledger_stops_the_node(node, damage):
         path.write_bytes(older)  # a restored backup from before round 2
     refused = _round(node, "state", 3)
     assert refused.status == "node-error" and refused.arrays is None
-    assert ("restore the ledger from a backup" in refused.message or "not valid JSON" in refused.message), refused.message
+    log = capsys.readouterr().err
+    assert "restore the ledger from a backup" in log or "not valid JSON" in log, log
     if damage == "delete":
         assert not path.exists()  # nothing started a new budget
 
 
-def test_the_journal_alone_catches_a_deleted_ledger(node):
+def test_the_journal_alone_catches_a_deleted_ledger(node, capsys):
     """Even with the state dir gone too, the budget folder's journal remembers."""
     assert _round(node, "state", 1).status == "ok"
     next(node["budgets"].glob("ledger-*.json")).unlink()
     refused = _round(node, "fresh-state", 1)
-    assert refused.status == "node-error" and "journal.jsonl records" in refused.message
+    assert refused.status == "node-error" and "ledger needs its operator" in refused.message
+    assert "journal.jsonl records" in capsys.readouterr().err
 
 
 def test_kill_minus_9_mid_training_overcounts_and_never_refunds(node, tmp_path):

@@ -156,8 +156,10 @@ def test_the_deployment_guide_shows_the_ownership_table_of_the_code():
 
 def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(tiny_bert, tmp_path):
     """`flwr run` on the local simulation engine: a virtual node's policy, rows and state
-    dir come from the run config (the researcher's), never from a server message."""
+    dir come from the run config (the researcher's), never from a server message; and a
+    real SuperNode started with a partition-id does not take that path."""
     from clients.client_app import deployment_setup
+    from fedtune.errors import ConfigError
     from fedtune.policy import NodePolicy as Policy
 
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=2))
@@ -168,7 +170,52 @@ def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(t
 
     context = Context(run_id=1, node_id=9, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
                       run_config={"config": str(config), "run-dir": str(tmp_path / "run")})
-    setup = deployment_setup(context)
+    with pytest.raises(ConfigError, match="state-dir is required"):
+        deployment_setup(context)  # outside the simulation engine, a run config never sets a node's policy
+    from simulations.run import flwr_run_setup
+
+    setup = flwr_run_setup(context)  # what the ClientApp does inside the engine's Ray actors
     assert setup.state_dir == (tmp_path / "run" / "clients" / "client-00001").resolve()
     assert len(setup.table) == 20 and isinstance(setup.policy, Policy)
     assert setup.policy.own.node.budget_dir == str(setup.state_dir) and setup.policy.own.data.labels == ("neg", "pos")
+
+
+def test_a_request_cannot_read_rows_back_through_error_messages(node):
+    """A server naming labels the node's file does not use makes the data check fail; the
+    reply names the kind of failure, never the cell that failed (it stays in the node's log)."""
+    rows = {cell for row in make_texts(60, seed=3) for cell in row}
+    request = server_request(node["server"])
+    request["data"]["labels"] = ["a", "b"]
+    status, _, content = _train(node, request)
+    assert status["status"] == "node-error" and "arrays" not in content
+    assert not any(cell in status["message"] for cell in rows), status["message"]
+    relabel = server_request(node["server"])
+    relabel["data"]["label_column"] = "text"  # train on (and echo) the text as if it were a label
+    assert _train(node, relabel)[0]["message"].startswith("policy-refused: data.label_column")
+
+
+def test_the_request_cannot_move_the_delta_through_the_validation_share(node):
+    request = server_request(node["server"])
+    request["data"]["val_fraction"] = 0.9  # 6 training rows of 60
+    request["training"]["batch_size"] = 2
+    status, metrics, _ = _train(node, request)
+    assert status["status"] == "ok" and metrics["num-examples"] == 6
+    assert metrics["delta"] == pytest.approx(1 / (10 * 60))  # every row the budget protects, not the 6
+
+
+@pytest.mark.parametrize("key, value", [("noise_multiplier", float("inf")), ("target_epsilon", 5e-324)])
+def test_values_that_would_hang_the_accountant_are_refused(node, key, value):
+    request = server_request(node["server"])
+    request["dp"][key] = value
+    assert _train(node, request)[0]["message"].startswith(f"policy-refused: dp.{key}")
+
+
+def test_a_malformed_message_gets_a_status_not_a_traceback(node):
+    from flwr.app import ConfigRecord
+
+    message = delivered("train", 1, request_text(server_request(node["server"])), node["arrays"])
+    message.content["config"] = ConfigRecord({"server-round": "one", "fedtune-request": "[dp]\n"})
+    reply = app(message, node_context(node["config"]))
+    assert dict(reply.content["status"])["message"] == "policy-refused: message: malformed (ValueError)"
+    del message.content["arrays"]
+    assert dict(app(message, node_context(node["config"])).content["status"])["status"] == "policy-refused"

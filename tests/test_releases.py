@@ -91,3 +91,12 @@ def test_an_unlisted_value_cannot_leave():
     with pytest.raises(RuntimeError, match="gradient-norms"):
         train_release(outcome)
     assert math.isnan(train_release(TrainOutcome("policy-refused"))["epsilon"])
+
+
+def test_no_evaluation_after_a_round_the_server_declared_central(node):
+    """The node planned no evaluation release for a centrally evaluated round: a server that
+    says "central" and then asks for federated metrics is refused."""
+    reply = app(delivered("train", 1, node["request"], node["arrays"], evaluation="central"), node_context(node["config"]))
+    assert dict(reply.content["status"])["status"] == "ok"
+    status, metrics = _call(node, "evaluate", 1)
+    assert status["status"] == "policy-refused" and "centrally evaluated" in status["message"]
