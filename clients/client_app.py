@@ -10,8 +10,9 @@ SuperNode's node config (set by the node's operator through `fedtune client`):
 
 The server's message carries a request (`fedtune-request`, TOML) that the node checks
 against that policy (`fedtune.policy.NodePolicy.config_for`). Replies carry exactly the
-values listed in `fedtune.releases`. A simulation builds its own app with
-`make_client_app`, injecting each virtual client's policy, state dir and partition.
+values listed in `fedtune.releases`. The simulation harness builds its own app with
+`make_client_app`, injecting each virtual client's policy, state dir and partition; this
+module never imports it.
 """
 
 from __future__ import annotations
@@ -32,25 +33,12 @@ from fedtune.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
 
 
 
-def _inside_simulation_engine() -> bool:
-    """True in a Ray actor of Flower's simulation engine, which only the machine's own user
-    starts. A deployed SuperNode runs ClientApps in `flwr-clientapp` processes without Ray,
-    so no server can make a real node take the simulation path (and its run-config policy)."""
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
-
-
 def deployment_setup(context: Context) -> NodeSetup:
     """A deployed node's setup from its own node config. A node without a cap refuses."""
     node = dict(context.node_config)
-    if "partition-id" in node and "data-path" not in node and _inside_simulation_engine():
-        # `flwr run` on the local simulation engine (no harness to inject the partition);
-        # the harness lives above the deployment code and is only imported on this path.
-        from simulations.run import flwr_run_setup
-
-        return flwr_run_setup(context)
     if not node.get(STATE_DIR_KEY):
-        raise ConfigError("node config: state-dir is required: the folder that keeps this node's state and lock")
+        raise ConfigError("node config: state-dir is required: the folder that keeps this node's state and lock "
+                          "(start nodes with `fedtune client`)")
     return NodeSetup(NodePolicy.from_node_config(node), Path(str(node[STATE_DIR_KEY])))
 
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from fedtune.config import load_toml, toml_value
 from fedtune.errors import ConfigError
 from fedtune.policy import STATE_DIR_KEY, NodePolicy
-from server.superlink import flower_executable
+from fedtune.processes import flower_executable
 
 
 def read_policy_file(path: str) -> dict[str, Any]:

@@ -1,7 +1,13 @@
-"""The `fedtune` command line.
+"""The `fedtune` command line: the core's own commands, and those other packages register.
+
+The core registers train-local, privacy, report, export and certs. The simulation harness,
+the server and the client packages register theirs (simulate, sweep, server, client)
+through the `fedtune.commands` entry-point group, so the core never imports them: each
+entry point is a `register(subparsers)` that adds a parser whose `run(args)` does the work.
 
 Every user mistake (a `FedtuneError`) is printed as one line, `fedtune: error: ...`, with
-exit code 2 and no traceback. Anything else is a bug and keeps its traceback.
+exit code 2 and no traceback. Anything else is a bug and keeps its traceback. Heavy
+libraries (torch, Flower) are imported inside the commands, after the arguments parse.
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {
 }
 
 
-def _add_config_flags(parser, flags: dict, config_help: str) -> None:
-    """--config, one flag per config key in `flags`, and the switches both commands share."""
+def add_config_flags(parser, flags: dict, config_help: str) -> None:
+    """--config, one flag per config key in `flags`, and the switches every config-driven
+    command shares; `config_from_args` reads them back."""
+    parser.set_defaults(config_flags=flags)
     parser.add_argument("--config", help=config_help)
     for name, (key, text, kind) in flags.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"{text} ({key})")
@@ -69,156 +77,38 @@ def _add_train_parser(subparsers) -> None:
         description="Fine-tune a LoRA adapter under DP-SGD on local data. Defaults: bbc-news, "
         "bundled all-MiniLM-L6-v2, epsilon 8. Config precedence: defaults < --config < flags < --set.",
     )
-    _add_config_flags(parser, TRAIN_FLAGS, "TOML config file ([model] [lora] [dp] [training] [data])")
+    add_config_flags(parser, TRAIN_FLAGS, "TOML config file ([model] [lora] [dp] [training] [data] [node])")
     parser.add_argument("--out", help="run directory (default: runs/train-local-<time>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_train_local)
 
 
-SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
-    "num_clients": ("federation.num_clients", "virtual clients", int),
-    "clients_per_round": ("federation.clients_per_round", "clients sampled per round", int),
-    "min_clients": ("federation.min_clients", "fewest valid replies a round may aggregate", int),
-    "partitioner": ("federation.partitioner", "iid or dirichlet", str),
-    "alpha": ("federation.dirichlet_alpha", "Dirichlet concentration", float),
-    "server_optimizer": ("federation.server_optimizer", "fedavg, fedadam or fedyogi", str),
-}
-
-
-def _add_simulate_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "simulate",
-        help="federated fine-tuning of virtual clients on this host (Flower simulation engine)",
-        description="Run a federation of virtual clients with Flower's simulation engine. With no "
-        "arguments: simulations/default.toml (BBC News, 10 clients, 5 per round, 5 rounds, epsilon 8).",
-    )
-    _add_config_flags(parser, {**TRAIN_FLAGS, **SIMULATE_FLAGS}, "TOML config (default: simulations/default.toml)")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client")
-    parser.add_argument("--gpus-per-client", type=float, default=None,
-                        help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
-                             "clients share each GPU; 0 without one)")
-    parser.add_argument("--out", help="run directory (default: runs/simulate-<time>)")
-
-
-def _add_sweep_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "sweep",
-        help="utility-vs-privacy grid of simulations (resumable) with a centralized baseline",
-        description="Run one simulation per cell of the grid (epsilon x clients x partition x FFA x seed) "
-        "on top of a base config; a re-run skips finished cells. Writes results.csv, results.md and "
-        "results.png with the centralized non-private baseline as the reference row.",
-    )
-    _add_config_flags(parser, {**TRAIN_FLAGS, **SIMULATE_FLAGS}, "base TOML config (default: simulations/default.toml)")
-    parser.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons; inf = non-private (default 1,3,8,inf)")
-    parser.add_argument("--clients", help="numbers of clients (default: the base config's)")
-    parser.add_argument("--partitions", default="iid", help="iid and/or Dirichlet alphas, e.g. iid,0.3 (default iid)")
-    parser.add_argument("--ffa-modes", dest="ffa_modes", default="off", help="FFA-LoRA off and/or on (default off)")
-    parser.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
-    parser.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
-
-
-def _run_sweep(args) -> int:
-    from simulations.run import default_config_path
-    from simulations.sweep import grid, sweep
-
-    config = config_from_args(args, default_file=default_config_path())
-    cells = grid(args.epsilons, args.clients or str(config.federation.num_clients), args.partitions,
-                 args.ffa_modes, args.seeds)
-    sweep(config, cells, args.out)
-    return 0
-
-
-# `fedtune client` policy flags -> node-config keys of fedtune.policy.NODE_CONFIG_KEYS.
-CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
-    "data": (str, "this node's training data (CSV / JSONL / Parquet): data-path"),
-    "text-column": (str, "the column of --data that holds the text (default text)"),
-    "label-column": (str, "the column of --data that holds the label (default label)"),
-    "max-epsilon": (float, "REQUIRED: this node's hard epsilon cap over everything it releases from its data"),
-    "delta": (float, "this node's delta (default 1/(10 n)); a server may only ask for a smaller one"),
-    "accountant": (str, "rdp (default) or prv"),
-    "model": (str, "local base-model folder (default: the bundled all-MiniLM-L6-v2)"),
-    "device": (str, "auto, cpu or cuda[:N]"),
-    "eval-data": (str, "this node's own evaluation file (default: a split of --data)"),
-    "budget-dir": (str, "folder of per-data privacy budgets (default ~/.fedtune/budgets)"),
-    "release-train-loss": (str, "off (default) or dp: noised, charged to the ledger"),
-    "release-evaluation": (str, "off (default) or dp: noised, charged to the ledger"),
-    "metric-noise-multiplier": (float, "noise multiplier of each metric release (default 5)"),
-    "max-evaluations-per-round": (int, "evaluation requests answered per round (default 1)"),
-}
-CLIENT_FLAG_KEYS = {"data": "data-path", "model": "model-path", "eval-data": "eval-path"}
-
-
-def _client_policy(args) -> dict:
-    from clients.supernode import read_policy_file, resolve_policy
-
-    flags = {CLIENT_FLAG_KEYS.get(flag, flag): getattr(args, "policy_" + flag.replace("-", "_"))
-             for flag in CLIENT_POLICY_FLAGS}
-    flags["allow-non-private"] = args.policy_allow_non_private
-    file_values = read_policy_file(args.policy) if args.policy else {}
-    return resolve_policy(file_values, flags, source=args.policy or "fedtune client")
-
-
-def _add_deployment_parsers(subparsers) -> None:
+def _add_certs_parser(subparsers) -> None:
     certs = subparsers.add_parser("certs", help="make development TLS certificates and SuperNode keys (not for production)")
     certs.add_argument("--out", required=True, help="new folder for ca.crt, server.pem/.key and node-N key pairs")
     certs.add_argument("--host", action="append", help="name or IP the SuperLink is reached at (repeatable; default 127.0.0.1 and localhost)")
     certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
+    certs.set_defaults(run=_run_certs)
 
-    server = subparsers.add_parser(
-        "server", help="operator: start the SuperLink with TLS and SuperNode authentication",
-        description="Starts flower-superlink with TLS and node authentication on, runtime dependency "
-        "installation off and its state in --state. Then register node keys with `flwr supernode register` "
-        "and start a run with `flwr run` (see docs/deployment.md).")
-    server.add_argument("--certs", help="folder with ca.crt, server.pem, server.key")
-    server.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    server.add_argument("--port", type=int, default=9092, help="port for SuperNodes and `flwr` commands (default 9092)")
-    server.add_argument("--state", default="superlink-state", help="folder for the SuperLink database (default superlink-state)")
-    server.add_argument("--insecure", action="store_true", help="no TLS (a local test only; needs --no-auth)")
-    server.add_argument("--no-auth", action="store_true", help="let any SuperNode join (a local test only)")
 
-    client = subparsers.add_parser(
-        "client", help="hospital / bank: start a SuperNode on this machine's private data",
-        description="Starts flower-supernode with TLS and this node's key. The node's privacy policy "
-        "(its epsilon cap, delta, data, model and evaluation files, budget folder, which metrics may leave) "
-        "stays on this machine: the server can only request within it. --max-epsilon is required.")
-    client.add_argument("--superlink", required=True, help="HOST:PORT of the operator's SuperLink (e.g. fl.example.org:9092)")
-    client.add_argument("--state-dir", required=True, help="folder for this node's state and lock (node.json)")
-    client.add_argument("--ca", help="the federation's ca.crt")
-    client.add_argument("--key", help="this node's private key (its .pub is registered by the operator)")
-    client.add_argument("--port", type=int, default=9094, help="local port for the node's ClientApp runtime (default 9094)")
-    client.add_argument("--insecure", action="store_true", help="no TLS, no key (a local test only)")
-    policy = client.add_argument_group("node privacy policy (the server can only request within it)")
-    policy.add_argument("--policy", help="TOML file of policy keys (max-epsilon = 3, data-path = ..., ...); flags override it")
-    for flag, (kind, text) in CLIENT_POLICY_FLAGS.items():
-        policy.add_argument("--" + flag, dest="policy_" + flag.replace("-", "_"), type=kind, help=text)
-    policy.add_argument("--allow-non-private", dest="policy_allow_non_private", action="store_const", const=True,
-                        help="let the server ask for training WITHOUT DP (never by default)")
+def _run_certs(args) -> int:
+    from fedtune.devcerts import make_dev_certs
 
+    for path in make_dev_certs(args.out, args.host or ["127.0.0.1", "localhost"], args.nodes):
+        print(path)
+    print("development only: give each node ca.crt and its own node-N; register node-N.pub on the SuperLink")
+    return 0
+
+
+def _add_export_parser(subparsers) -> None:
     export = subparsers.add_parser("export", help="turn a server checkpoint into a PEFT adapter directory or a merged model")
     export.add_argument("source", help="federation run directory or its checkpoint.safetensors")
     export.add_argument("--out", required=True, help="new folder for the export")
     export.add_argument("--merged", action="store_true", help="merge LoRA into the base weights (a plain transformers model)")
+    export.set_defaults(run=_run_export)
 
 
-def _run_deployment(args) -> int:
-    if args.command == "certs":
-        from fedtune.devcerts import make_dev_certs
-
-        for path in make_dev_certs(args.out, args.host or ["127.0.0.1", "localhost"], args.nodes):
-            print(path)
-        print("development only: give each node ca.crt and its own node-N; register node-N.pub on the SuperLink")
-        return 0
-    if args.command == "server":
-        from server.superlink import exec_superlink, superlink_command
-
-        exec_superlink(superlink_command(args.certs, args.host, args.port, args.state,
-                                         insecure=args.insecure, auth=not args.no_auth))
-    if args.command == "client":
-        from clients.supernode import exec_supernode, supernode_command
-        from fedtune.policy import NodePolicy
-
-        policy = _client_policy(args)
-        command = supernode_command(args.superlink, args.state_dir, args.ca, args.key, policy, args.port, args.insecure)
-        exec_supernode(command, args.state_dir, NodePolicy.from_node_config(policy).describe())
+def _run_export(args) -> int:
     from fedtune.export import export_checkpoint
 
     print(export_checkpoint(args.source, args.out, merged=args.merged))
@@ -229,6 +119,7 @@ def _add_report_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="rebuild a federation run's CSV tables, summary.md and plots from its raw records")
     parser.add_argument("run_dir", help="a run directory of fedtune simulate / fedtune server")
+    parser.set_defaults(run=_run_report)
 
 
 def _run_report(args) -> int:
@@ -257,6 +148,10 @@ def _add_privacy_parser(subparsers) -> None:
         p.add_argument("--rounds", type=int, default=1, help="rounds (default 1)")
         p.add_argument("--delta", type=float, required=True)
         p.add_argument("--accountant", default="rdp", help="rdp or prv")
+    parser.set_defaults(run=_run_privacy)
+
+
+COMMAND_GROUP = "fedtune.commands"  # entry points: name = "package.module:register"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,12 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
-    _add_simulate_parser(subparsers)
-    _add_sweep_parser(subparsers)
-    _add_deployment_parsers(subparsers)
+    for register in registered_commands():
+        register(subparsers)
+    _add_certs_parser(subparsers)
+    _add_export_parser(subparsers)
     _add_report_parser(subparsers)
     _add_privacy_parser(subparsers)
     return parser
+
+
+def registered_commands() -> list:
+    """The `register(subparsers)` functions other packages declare in `fedtune.commands`."""
+    from importlib.metadata import entry_points
+
+    return [entry.load() for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name)]
 
 
 def _version() -> str:
@@ -279,10 +182,12 @@ def _version() -> str:
 
 
 def config_from_args(args, default_file: str | None = None) -> "Config":
+    """The validated config of a command built with `add_config_flags`: defaults < file <
+    flags < --set."""
     from fedtune.config import load_config, parse_override
 
     overrides = []
-    for name, (key, _, _) in {**TRAIN_FLAGS, **SIMULATE_FLAGS}.items():
+    for name, (key, _, _) in args.config_flags.items():
         value = getattr(args, name, None)
         if value is not None:
             section, field = key.split(".")
@@ -300,21 +205,12 @@ def config_from_args(args, default_file: str | None = None) -> "Config":
 
 
 def _run_train_local(args) -> int:
+    config = config_from_args(args)  # a config mistake is reported before torch is imported
     from fedtune.local import prepare_node, train_local
 
-    config = config_from_args(args)
     node = prepare_node(config)  # every input check happens here, before any write
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-local-%Y%m%d-%H%M%S")
     train_local(node, out, progress=not args.no_progress)
-    return 0
-
-
-def _run_simulate(args) -> int:
-    from simulations.run import default_config_path, simulate
-
-    config = config_from_args(args, default_file=default_config_path())
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-    simulate(config, out, args.cpus_per_client, args.gpus_per_client)
     return 0
 
 
@@ -387,26 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "train-local":
-            return _run_train_local(args)
-        if args.command == "simulate":
-            return _run_simulate(args)
-        if args.command == "privacy":
-            return _run_privacy(args)
-        if args.command == "sweep":
-            return _run_sweep(args)
-        if args.command in ("certs", "server", "client", "export"):
-            return _run_deployment(args)
-        if args.command == "report":
-            return _run_report(args)
+        return args.run(args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -80,9 +80,14 @@ def independent_epsilon(accountant: str, history: list[tuple[float, float, int]]
     its RDP accountant for "rdp" ledgers, its PLD accountant for "prv" ones (both numeric
     methods agree with Opacus's to about 1%; RDP may differ where one library drops orders
     it cannot evaluate, always on the conservative side)."""
+    import logging
+
     import dp_accounting
     from dp_accounting import pld, rdp
 
+    # dp-accounting logs a warning for every fractional order it cannot evaluate and drops
+    # (the epsilon is then conservative); one report would print hundreds of them
+    logging.getLogger("absl").setLevel(logging.ERROR)
     _check_delta(delta)
     if not any(steps for _, _, steps in history):
         return 0.0

@@ -213,16 +213,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`flwr run`: with `config` set (a deployment), that federation config; without it
-    (`flwr run . local-simulation`), the built-in simulation default, partitioned by the
-    virtual nodes' `partition-id` like `fedtune simulate`."""
+    """`flwr run . FEDERATION --run-config 'config="..." run-dir="..."'`: a deployment.
+    Simulations run through `fedtune simulate` or `flwr run simulations/flwr_app`."""
     run_config = context.run_config
-    run_dir = run_config.get("run-dir", "runs/federation")
-    if run_config.get("config"):
-        run_federation(grid, load_config(str(run_config["config"])), run_dir)
-        return
-    from simulations.partition import held_out_table
-    from simulations.run import default_config_path, prepare_simulation
-
-    config = prepare_simulation(load_config(default_config_path()))
-    run_federation(grid, config, run_dir, eval_table=held_out_table(config))
+    if not run_config.get("config"):
+        raise ConfigError("run config: config is required: the federation's TOML (flwr run . FEDERATION --run-config "
+                          "'config=\"/abs/federation.toml\" run-dir=\"/abs/run\"'); for a simulation use "
+                          "`fedtune simulate` or `flwr run simulations/flwr_app`")
+    run_federation(grid, load_config(str(run_config["config"])), run_config.get("run-dir", "runs/federation"))

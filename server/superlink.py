@@ -10,20 +10,12 @@ keeps its registered nodes. The process is replaced by `flower-superlink` (signa
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from fedtune.errors import ConfigError
+from fedtune.processes import flower_executable
 
 CERT_FILES = {"ca": "ca.crt", "certificate": "server.pem", "key": "server.key"}
-
-
-def flower_executable(name: str) -> str:
-    """The path of a Flower command installed with fedtune, or a one-line error."""
-    found = shutil.which(name)
-    if found is None:
-        raise ConfigError(f"{name}: not found on PATH; install fedtune (it brings flwr) in this environment")
-    return found
 
 
 def superlink_command(certs: str | None, host: str, port: int, state: str, insecure: bool = False,
@@ -41,6 +33,7 @@ def superlink_command(certs: str | None, host: str, port: int, state: str, insec
         for name in CERT_FILES.values():
             if not (folder / name).is_file():
                 raise ConfigError(f"--certs {certs}: missing {name} (make development ones with `fedtune certs`)")
+        _check_tls_files(folder)
         command += ["--ssl-ca-certfile", str(folder / "ca.crt"), "--ssl-certfile", str(folder / "server.pem"),
                     "--ssl-keyfile", str(folder / "server.key")]
     if auth:
@@ -48,12 +41,30 @@ def superlink_command(certs: str | None, host: str, port: int, state: str, insec
             raise ConfigError("--insecure: SuperNode authentication needs TLS; add --no-auth for an insecure local test")
         command.append("--enable-supernode-auth")
     state_dir = Path(state)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"--state {state}: a file, not a folder")
     command += ["--database", str(state_dir / "superlink.db")]
     return command
 
 
-def exec_superlink(command: list[str]) -> None:
+def _check_tls_files(folder: Path) -> None:
+    """Unreadable certificates or keys are a one-line error here, not a traceback later."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    for name in ("ca.crt", "server.pem"):
+        try:
+            x509.load_pem_x509_certificate((folder / name).read_bytes())
+        except ValueError:
+            raise ConfigError(f"{folder / name}: not a PEM certificate") from None
+    try:
+        load_pem_private_key((folder / "server.key").read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{folder / 'server.key'}: not an unencrypted PEM private key") from None
+
+
+def exec_superlink(command: list[str], state: str) -> None:
+    Path(state).mkdir(parents=True, exist_ok=True)  # only now: every check has passed
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     print("starting: " + " ".join(command), flush=True)
     os.execv(command[0], command)

@@ -22,14 +22,12 @@ from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.policy import NodePolicy
 from fedtune.randomness import REPRODUCIBLE_LABEL
+from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
 if TYPE_CHECKING:
     from clients.node import NodeSetup
 
 
-def default_config_path() -> str:
-    """`simulations/default.toml`: what `fedtune simulate` runs with no arguments."""
-    return str(Path(__file__).resolve().parent / "default.toml")
 
 
 def with_labels(config: Config) -> Config:
