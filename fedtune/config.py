@@ -265,6 +265,18 @@ class FederationConfig:
     min_clients: int = 2
     # Reject replies whose update (reply - global) has a larger L2 norm; 0 = no bound.
     max_update_norm: float = 100.0
+    # Clip every update to this multiple of the round's median update norm (adaptive, as
+    # adaptive-clipping DP does); 0 = off. Needs 3+ replies to mean anything.
+    adaptive_norm_bound: float = 3.0
+    # No reply weighs more than this multiple of the round's median claimed example count
+    # (a node claiming a billion rows counts like this many typical nodes); 0 = no cap.
+    # Honest silos of very different sizes are capped too: raise it for natural partitions.
+    weight_cap: float = 4.0
+    # How updates combine: "mean" (FedAvg, weighted), "median" or "trimmed-mean"
+    # (coordinate-wise, unweighted, as Flower's FedMedian / FedTrimmedAvg).
+    aggregator: str = "mean"
+    # Share cut at each end per coordinate by "trimmed-mean".
+    trim_fraction: float = 0.2
     # "fedavg", or a server optimizer on the averaged update (Reddi et al. 2021).
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 0.01
@@ -323,6 +335,18 @@ class FederationConfig:
             _fail("federation.proximal_mu", self.proximal_mu, "a number >= 0")
         if self.user_dp_clip < 0 or self.user_dp_noise < 0 or (self.user_dp_noise > 0 and self.user_dp_clip == 0):
             _fail("federation.user_dp_noise", self.user_dp_noise, "a number >= 0, with user_dp_clip > 0 when noise is on")
+        if self.adaptive_norm_bound < 0 or (0 < self.adaptive_norm_bound < 1):
+            _fail("federation.adaptive_norm_bound", self.adaptive_norm_bound, "0 (off) or a multiple >= 1 of the median norm")
+        if self.weight_cap < 0 or (0 < self.weight_cap < 1):
+            _fail("federation.weight_cap", self.weight_cap, "0 (no cap) or a multiple >= 1 of the median example count")
+        from fedtune.aggregate import AGGREGATORS  # the one registry: a new aggregator is one entry there
+
+        if self.aggregator not in AGGREGATORS:
+            _fail("federation.aggregator", self.aggregator, f"one of {', '.join(AGGREGATORS)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            _fail("federation.trim_fraction", self.trim_fraction, "a number in [0, 0.5)")
+        if self.user_dp_noise > 0 and self.aggregator != "mean":
+            _fail("federation.aggregator", self.aggregator, "'mean' with user-level DP (its noise is calibrated to a clipped sum)")
         if self.cohort_sampling not in COHORT_SAMPLINGS:
             _fail("federation.cohort_sampling", self.cohort_sampling, f"one of {', '.join(COHORT_SAMPLINGS)}")
         if self.population < 0:

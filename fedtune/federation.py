@@ -20,20 +20,17 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fedtune.aggregate import ServerOptimizer, check_update, dp_fedavg, weighted_mean
 from fedtune.atomic import append_jsonl
 from fedtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtune.cohort import Cohort
-from fedtune.config import Config, FederationConfig, config_from_toml_text
+from fedtune.config import Config, config_from_toml_text
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.privacy import PrivacyLedger
-from fedtune.randomness import Randomness
+from fedtune.strategy import ClientReply, Strategy
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -41,34 +38,6 @@ METRICS_FILE = "metrics.jsonl"
 
 class RoundFailedError(FedtuneError):
     """Too few valid replies to aggregate a round."""
-
-
-# A node that answered but declined: its budget, its policy or its own state said no.
-REFUSALS = ("budget-exhausted", "policy-refused", "node-error")
-
-
-@dataclass
-class ClientReply:
-    node_id: int
-    status: str  # "ok", one of REFUSALS, or "error" (no usable reply)
-    arrays: dict | None = None
-    num_examples: int = 0
-    epsilon: float = math.nan
-    metrics: dict = field(default_factory=dict)
-    message: str = ""
-    nbytes: int = 0
-    privacy: dict | None = None  # the node's ledger history, as it released it
-    noise: str = ""
-
-
-def user_level_delta(fed: FederationConfig) -> float:
-    """User-level delta: the operator's, or 1 / (10 x the population it declares)."""
-    if fed.user_dp_delta > 0:
-        return fed.user_dp_delta
-    if fed.population <= 0:
-        raise ConfigError("federation.population: declare how many nodes the federation has (user-level delta is "
-                          "1 / (10 x population)), or set federation.user_dp_delta")
-    return 1.0 / (10 * fed.population)
 
 
 class FederationServer:
@@ -79,16 +48,18 @@ class FederationServer:
         self.adapter = OrderedDict(adapter)
         self.travel_keys = list(travel_keys)
         self.round_done = round_done
-        fed = config.federation
-        self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_learning_rate)
+        self.strategy = Strategy(config)
         self.node_epsilon: dict[str, float] = {}
         self.node_privacy: dict[str, dict] = {}
         self.history: list[dict] = []
-        self.randomness = Randomness.from_setting(config.dp.noise_seed)
-        self.user_ledger = (
-            PrivacyLedger("rdp", delta=user_level_delta(fed), target_epsilon=None)
-            if fed.user_dp_noise > 0 else None
-        )
+
+    @property
+    def user_ledger(self):
+        return self.strategy.user_ledger
+
+    @property
+    def randomness(self):
+        return self.strategy.randomness
 
     # -- start / resume --------------------------------------------------------------
     @classmethod
@@ -101,21 +72,15 @@ class FederationServer:
         if saved.model != config.model or saved.lora != config.lora:
             raise FedtuneError(f"{path}: checkpoint was made for another model or LoRA config; use a new run dir")
         server = cls(config, run_dir, checkpoint.adapter, travel_keys, round_done=checkpoint.round)
-        server.optimizer.load_state_arrays(checkpoint.optimizer)
+        server.strategy.load_state(checkpoint.optimizer, checkpoint.meta, source=str(path))
         server.node_epsilon = dict(checkpoint.meta.get("node_epsilon", {}))
         server.node_privacy = dict(checkpoint.meta.get("node_privacy", {}))
         server.history = list(checkpoint.meta.get("history", []))
-        if checkpoint.meta.get("user_ledger"):
-            server.user_ledger = PrivacyLedger.from_dict(checkpoint.meta["user_ledger"], source=str(path))
         return server
 
     # -- what goes out ---------------------------------------------------------------
     def payload(self, server_round: int) -> "OrderedDict[str, np.ndarray]":
-        """Round 1 (or no FFA): the whole adapter. FFA-LoRA later: only what trains;
-        every node rebuilds the frozen A from the shared seed."""
-        if server_round == 1 or not self.config.lora.ffa:
-            return OrderedDict(self.adapter)
-        return OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
+        return self.strategy.payload(server_round, self.adapter, self.travel_keys)
 
     # -- one round -------------------------------------------------------------------
     def observe(self, reply: ClientReply) -> None:
@@ -135,19 +100,9 @@ class FederationServer:
         fed = self.config.federation
         cohort = cohort or Cohort(len(replies), tuple(r.node_id for r in replies), "fixed", 1.0, float(len(replies)))
         reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
-        bound = fed.max_update_norm or None
-        accepted, rejected, refused = [], [], []
+        screened = self.strategy.screen(replies, reference)
+        accepted, rejected, refused = screened.accepted, screened.rejected, screened.refused
         for reply in replies:
-            if reply.status in REFUSALS:
-                refused.append({"node": reply.node_id, "status": reply.status, "reason": reply.message})
-            elif reply.status != "ok" or reply.arrays is None:
-                rejected.append({"node": reply.node_id, "reason": reply.message or "error reply"})
-            elif (reason := check_update(reply.arrays, reference, bound)) is not None:
-                rejected.append({"node": reply.node_id, "reason": reason})
-            elif reply.num_examples <= 0:
-                rejected.append({"node": reply.node_id, "reason": f"num-examples = {reply.num_examples}"})
-            else:
-                accepted.append(reply)
             self.observe(reply)
         user_dp = self.user_ledger is not None
         if len(accepted) < fed.min_clients and not (user_dp and cohort.expected_size > 0):
@@ -155,17 +110,10 @@ class FederationServer:
                 f"round {server_round}: {len(accepted)} valid replies, need min_clients = {fed.min_clients} "
                 f"(rejected: {rejected}; refused: {[r['node'] for r in refused]})"
             )
-        states = [r.arrays for r in accepted]
-        if user_dp:
-            if fed.population and cohort.registered > fed.population:
-                raise RoundFailedError(f"round {server_round}: {cohort.registered} nodes registered, more than "
-                                       f"federation.population = {fed.population}, which the user-level delta assumes")
-            rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
-            aggregate = dp_fedavg(states, reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
-            self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
-        else:
-            aggregate = weighted_mean(states, [r.num_examples for r in accepted])
-        self.adapter.update(self.optimizer.apply(reference, aggregate))
+        try:
+            self.adapter.update(self.strategy.aggregate(server_round, reference, accepted, cohort))
+        except ConfigError as exc:  # e.g. more nodes registered than the declared population
+            raise RoundFailedError(str(exc)) from None
         self.round_done = server_round
         self.checkpoint()  # the charge is durable before the new adapter reaches anyone
         evaluation_started = time.perf_counter()
@@ -205,10 +153,10 @@ class FederationServer:
             "node_epsilon": self.node_epsilon,
             "node_privacy": self.node_privacy,
             "history": self.history,
-            "user_ledger": self.user_ledger.to_dict() if self.user_ledger else None,
+            **self.strategy.state_meta(),
         }
         save_checkpoint(self.run_dir / CHECKPOINT_FILE,
-                        Checkpoint(self.round_done, self.adapter, self.optimizer.state_arrays(), meta))
+                        Checkpoint(self.round_done, self.adapter, self.strategy.state_arrays(), meta))
 
 
 def _weighted(values, weights) -> float | None:

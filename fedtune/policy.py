@@ -69,7 +69,8 @@ OWNERS: dict[str, tuple[str, str]] = {
     "data.labels": (SERVER, "the federation's label set, so ids agree on every node"),
     "federation.proximal_mu": (SERVER, "FedProx pull towards the global adapter: post-processing, privacy-free"),
     **{f"federation.{name}": (SERVER_ALONE, "the server's own round settings")
-       for name in ("clients_per_round", "min_clients", "max_update_norm", "server_optimizer", "server_learning_rate",
+       for name in ("clients_per_round", "min_clients", "max_update_norm", "adaptive_norm_bound", "weight_cap",
+                    "aggregator", "trim_fraction", "server_optimizer", "server_learning_rate",
                     "user_dp_clip", "user_dp_noise", "cohort_sampling", "population", "user_dp_delta", "num_clients",
                     "partitioner", "dirichlet_alpha", "partition_column", "client_files", "ray_address",
                     "round_timeout", "central_eval_path", "central_holdout")},

@@ -1,5 +1,6 @@
-"""Flower ServerApp: samples nodes, moves messages, and hands the rest to
-`fedtune.federation.FederationServer` (validation, aggregation, checkpoints, metrics).
+"""Flower ServerApp: moves messages, and hands the rest to `fedtune.federation.FederationServer`
+and its strategy (`fedtune.strategy`: cohorts, screening, aggregation, evaluation
+averaging, user-level accounting, checkpoints, metrics).
 
 Run config (`[tool.flwr.app.config]` or `--run-config`):
     config    path of the federation's fedtune TOML (default: built-in defaults)
@@ -21,7 +22,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
 from fedtune.atomic import atomic_write_text
 from fedtune.central import CentralEvaluator, central_table
-from fedtune.cohort import draw_cohort
 from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
@@ -111,8 +111,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     for server_round in range(server.round_done + 1, config.training.rounds + 1):
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, fed.min_clients, timeout=fed.round_timeout)
-        cohort = draw_cohort([int(n) for n in nodes], fed.clients_per_round, fed.cohort_sampling,
-                             server.randomness.numpy_generator("server", "cohort", server_round))
+        cohort = server.strategy.cohort([int(n) for n in nodes], server_round)
         sampled = list(cohort.sampled)
         payload = _arrays_record(server.payload(server_round))
         replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]
@@ -123,10 +122,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
             answers = [_reply(m) for m in send(sampled, MessageType.EVALUATE, _arrays_record(adapter), server_round)]
             for answer in answers:
                 server.observe(answer)  # an evaluation release is charged: its epsilon is the node's latest
-            answers = [a for a in answers if a.status == "ok" and a.num_examples > 0]
-            total = sum(a.num_examples for a in answers)
-            keys = {k for a in answers for k in a.metrics}
-            return {k: sum(a.metrics.get(k, 0.0) * a.num_examples for a in answers) / total for k in sorted(keys)} if total else {}
+            return server.strategy.average_evaluations(answers)
 
         record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
                                      evaluate=central or federated_evaluation,

@@ -84,7 +84,7 @@ def test_server_killed_after_round_1_resumes_at_round_2(tmp_path):
         server.finish_round(server_round, [ClientReply(1, "ok", _state(1), 5, 1.0), ClientReply(2, "ok", _state(2), 5, 1.0)], time.perf_counter(), 0)
     del crashed  # the process dies; only the checkpoint remains
     resumed = FederationServer.start_or_resume(config, tmp_path / "b", _state(99), list(initial))
-    assert resumed.round_done == 1 and resumed.optimizer.m
+    assert resumed.round_done == 1 and resumed.strategy.optimizer.m
     for server in (uninterrupted, resumed):
         server.finish_round(2, [ClientReply(1, "ok", _state(3), 5, 2.0), ClientReply(2, "ok", _state(4), 5, 2.0)], time.perf_counter(), 0)
     assert all(np.array_equal(uninterrupted.adapter[k], resumed.adapter[k]) for k in initial)

@@ -1,0 +1,156 @@
+"""The server's round logic, one seam: who trains, what travels, how replies combine.
+
+A `Strategy` configures a round (`cohort`: which nodes, from secret randomness;
+`payload`: what the global adapter sends, FFA-LoRA's B only after round 1), screens the
+replies (`screen`: refusals, invalid updates), aggregates the rest (`aggregate`), averages
+federated evaluations (`average_evaluations`) and owns its state for checkpoints (the
+server optimizer's moments, the user-level ledger). The Flower layer only moves messages.
+
+What the classic names are, as compositions of the config:
+* FedAvg: `aggregator = "mean"`, `server_optimizer = "fedavg"`.
+* FedProx: FedAvg plus `proximal_mu > 0`, which the nodes apply (a request field).
+* FedAdam / FedYogi: `server_optimizer = "fedadam" / "fedyogi"` on the aggregated update.
+* DP-FedAvg: `user_dp_clip` + `user_dp_noise`: `constrain_sensitivity`, the sum, then
+  `add_noise`, accounted for the cohort sampling used (`fedtune.cohort`).
+* FFA-LoRA: `lora.ffa`: A is frozen on every node and only B (and the head) travel.
+* Robust FedAvg: `aggregator = "median" / "trimmed-mean"`, `weight_cap`, `adaptive_norm_bound`.
+Aggregators and server optimizers are each chosen by name from one registry
+(`fedtune.aggregate.AGGREGATORS`, `ServerOptimizer.KINDS`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from fedtune.aggregate import (AGGREGATORS, ServerOptimizer, add_noise, capped_weights, check_update, clip_to,
+                               constrain_sensitivity, deltas, norm)
+from fedtune.cohort import Cohort, draw_cohort
+from fedtune.config import Config, FederationConfig
+from fedtune.errors import ConfigError
+from fedtune.privacy import PrivacyLedger
+from fedtune.randomness import Randomness
+
+# A node that answered but declined: its budget, its policy or its own state said no.
+REFUSALS = ("budget-exhausted", "policy-refused", "node-error")
+
+
+@dataclass
+class ClientReply:
+    node_id: int
+    status: str  # "ok", one of REFUSALS, or "error" (no usable reply)
+    arrays: dict | None = None
+    num_examples: int = 0
+    epsilon: float = math.nan
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+    nbytes: int = 0
+    privacy: dict | None = None  # the node's ledger history, as it released it
+    noise: str = ""
+
+
+@dataclass
+class Screened:
+    accepted: list[ClientReply]
+    rejected: list[dict]
+    refused: list[dict]
+
+
+def user_level_delta(fed: FederationConfig) -> float:
+    """User-level delta: the operator's, or 1 / (10 x the population it declares)."""
+    if fed.user_dp_delta > 0:
+        return fed.user_dp_delta
+    if fed.population <= 0:
+        raise ConfigError("federation.population: declare how many nodes the federation has (user-level delta is "
+                          "1 / (10 x population)), or set federation.user_dp_delta")
+    return 1.0 / (10 * fed.population)
+
+
+class Strategy:
+    def __init__(self, config: Config):
+        self.config = config
+        fed = config.federation
+        self.randomness = Randomness.from_setting(config.dp.noise_seed)
+        self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_learning_rate)
+        self.user_ledger = (PrivacyLedger("rdp", delta=user_level_delta(fed), target_epsilon=None)
+                            if fed.user_dp_noise > 0 else None)
+
+    # -- configure a round -----------------------------------------------------------
+    def cohort(self, node_ids: list[int], server_round: int) -> Cohort:
+        fed = self.config.federation
+        return draw_cohort(node_ids, fed.clients_per_round, fed.cohort_sampling,
+                           self.randomness.numpy_generator("server", "cohort", server_round))
+
+    def payload(self, server_round: int, adapter: Mapping[str, np.ndarray], travel_keys: list[str]):
+        """Round 1 (or no FFA): the whole adapter. FFA-LoRA later: only what trains; every
+        node rebuilds the frozen A from the shared seed."""
+        if server_round == 1 or not self.config.lora.ffa:
+            return OrderedDict(adapter)
+        return OrderedDict((k, adapter[k]) for k in travel_keys)
+
+    # -- replies -----------------------------------------------------------------------
+    def screen(self, replies: list[ClientReply], reference: Mapping[str, np.ndarray]) -> Screened:
+        """Refusals (the node said no), invalid replies (wrong tensors, non-finite, over the
+        fixed norm bound, no examples) and the accepted rest."""
+        bound = self.config.federation.max_update_norm or None
+        accepted, rejected, refused = [], [], []
+        for reply in replies:
+            if reply.status in REFUSALS:
+                refused.append({"node": reply.node_id, "status": reply.status, "reason": reply.message})
+            elif reply.status != "ok" or reply.arrays is None:
+                rejected.append({"node": reply.node_id, "reason": reply.message or "error reply"})
+            elif (reason := check_update(reply.arrays, reference, bound)) is not None:
+                rejected.append({"node": reply.node_id, "reason": reason})
+            elif reply.num_examples <= 0:
+                rejected.append({"node": reply.node_id, "reason": f"num-examples = {reply.num_examples}"})
+            else:
+                accepted.append(reply)
+        return Screened(accepted, rejected, refused)
+
+    def aggregate(self, server_round: int, reference: Mapping[str, np.ndarray], accepted: list[ClientReply],
+                  cohort: Cohort) -> "OrderedDict[str, np.ndarray]":
+        """The new travelling tensors from the accepted replies (FedAvg family, robust or
+        user-level DP), through the server optimizer."""
+        fed = self.config.federation
+        updates = deltas([r.arrays for r in accepted], reference)
+        if self.user_ledger is not None:
+            if fed.population and cohort.registered > fed.population:
+                raise ConfigError(f"round {server_round}: {cohort.registered} nodes registered, more than "
+                                  f"federation.population = {fed.population}, which the user-level delta assumes")
+            clipped = constrain_sensitivity(updates, fed.user_dp_clip)
+            rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
+            step = add_noise(clipped, reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
+            self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
+        else:
+            if fed.adaptive_norm_bound and len(updates) >= 3:
+                limit = fed.adaptive_norm_bound * float(np.median([norm(u) for u in updates]))
+                updates = [clip_to(u, limit) for u in updates]
+            weights = capped_weights([r.num_examples for r in accepted], fed.weight_cap)
+            options = {"cut": fed.trim_fraction} if fed.aggregator == "trimmed-mean" else {}
+            step = AGGREGATORS[fed.aggregator](updates, weights, **options)
+        target = OrderedDict((k, reference[k] + step[k]) for k in reference)
+        return self.optimizer.apply(reference, target, server_round)
+
+    @staticmethod
+    def average_evaluations(answers: list[ClientReply]) -> dict:
+        """Example-weighted mean of the released evaluation metrics of the nodes that answered."""
+        answers = [a for a in answers if a.status == "ok" and a.num_examples > 0]
+        total = sum(a.num_examples for a in answers)
+        keys = sorted({k for a in answers for k in a.metrics})
+        return {k: sum(a.metrics.get(k, 0.0) * a.num_examples for a in answers) / total for k in keys} if total else {}
+
+    # -- state ---------------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return self.optimizer.state_arrays()
+
+    def state_meta(self) -> dict:
+        return {"user_ledger": self.user_ledger.to_dict() if self.user_ledger else None}
+
+    def load_state(self, arrays: Mapping[str, np.ndarray], meta: dict, source: str) -> None:
+        self.optimizer.load_state_arrays(arrays)
+        if meta.get("user_ledger"):
+            self.user_ledger = PrivacyLedger.from_dict(meta["user_ledger"], source=source)

@@ -1,0 +1,171 @@
+"""The strategy seam: each aggregator against a hand computation and against Flower's own
+strategies on the same inputs, robust aggregation under attack (a sign flip at the norm
+bound, an inflated example count) with the bound the shift must respect, and a new
+aggregator registered without touching federation, node or report code."""
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+from fedtune import aggregate
+from fedtune.cohort import Cohort
+from fedtune.config import build_config
+from fedtune.federation import ClientReply, FederationServer
+from fedtune.strategy import Strategy
+
+
+def _state(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return OrderedDict([("a.lora_A.weight", (rng.normal(size=(2, 3)) * scale).astype(np.float32)),
+                        ("a.lora_B.weight", (rng.normal(size=(3, 2)) * scale).astype(np.float32))])
+
+
+def _config(**federation):
+    base = {"clients_per_round": 5, "min_clients": 2, "num_clients": 5, "adaptive_norm_bound": 0.0, "weight_cap": 0.0}
+    return build_config({"federation": {**base, **federation}})
+
+
+def _aggregate(config, reference, replies, server_round=1):
+    accepted = Strategy(config).screen(replies, reference).accepted
+    cohort = Cohort(len(replies), tuple(r.node_id for r in replies), "fixed", 1.0, float(len(replies)))
+    return Strategy(config).aggregate(server_round, reference, accepted, cohort)
+
+
+def _flower(strategy, reference, replies, server_round=1):
+    """The same replies through one of Flower's own Message-API strategies."""
+    strategy.current_arrays = {k: v.copy() for k, v in reference.items()}
+    messages = []
+    for r in replies:
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in r.arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": r.num_examples})})
+        metadata = Metadata(run_id=1, message_id=f"r{r.node_id}", src_node_id=r.node_id, dst_node_id=0,
+                            reply_to_message_id="m", group_id="1", created_at=time.time(), ttl=100, message_type="train")
+        messages.append(Message(content=content, metadata=metadata))
+    arrays, _ = strategy.aggregate_train(server_round, messages)
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+REFERENCE = _state(0)
+REPLIES = [ClientReply(n, "ok", _state(n), 10 * n, 1.0) for n in range(1, 6)]
+
+
+def test_mean_median_and_trimmed_mean_by_hand():
+    stacked = {k: np.stack([r.arrays[k] - REFERENCE[k] for r in REPLIES]) for k in REFERENCE}
+    weights = np.array([r.num_examples for r in REPLIES], float)
+    by_hand = {
+        "mean": {k: REFERENCE[k] + np.tensordot(weights / weights.sum(), v, axes=1) for k, v in stacked.items()},
+        "median": {k: REFERENCE[k] + np.median(v, axis=0) for k, v in stacked.items()},
+        "trimmed-mean": {k: REFERENCE[k] + np.sort(v, axis=0)[1:4].mean(axis=0) for k, v in stacked.items()},
+    }
+    for name, expected in by_hand.items():
+        got = _aggregate(_config(aggregator=name, trim_fraction=0.2), REFERENCE, REPLIES)
+        assert all(np.allclose(got[k], expected[k], atol=1e-6) for k in REFERENCE), name
+
+
+def test_aggregators_match_flowers_own_strategies():
+    from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+
+    for name, flower in (("mean", FedAvg()), ("median", FedMedian()), ("trimmed-mean", FedTrimmedAvg(beta=0.2))):
+        ours = _aggregate(_config(aggregator=name, trim_fraction=0.2), REFERENCE, REPLIES)
+        theirs = _flower(flower, REFERENCE, REPLIES)
+        assert all(np.allclose(ours[k], theirs[k], atol=1e-6) for k in REFERENCE), name
+
+
+@pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
+def test_server_optimizers_match_flowers_over_three_rounds(kind):
+    """FedAdam is bias-corrected as Flower's is (eta sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)));
+    FedYogi is not corrected, in both."""
+    from flwr.serverapp.strategy import FedAdam, FedYogi
+
+    config = _config(server_optimizer=kind, server_learning_rate=0.1)
+    flower = (FedAdam if kind == "fedadam" else FedYogi)(eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    strategy = Strategy(config)
+    ours, theirs = OrderedDict(REFERENCE), dict(REFERENCE)
+    for server_round in (1, 2, 3):
+        replies = [ClientReply(n, "ok", _state(10 * server_round + n), 10 * n, 1.0) for n in range(1, 4)]
+        cohort = Cohort(3, (1, 2, 3), "fixed", 1.0, 3.0)
+        ours = strategy.aggregate(server_round, ours, strategy.screen(replies, ours).accepted, cohort)
+        theirs = _flower(flower, theirs, replies, server_round)
+        assert all(np.allclose(ours[k], theirs[k], atol=1e-5) for k in REFERENCE), server_round
+
+
+def test_dp_fedavg_is_clip_then_sum_then_noise_over_the_expected_cohort():
+    config = build_config({"federation": {"clients_per_round": 4, "min_clients": 1, "num_clients": 8,
+                                          "user_dp_clip": 0.5, "user_dp_noise": 1.3, "population": 8},
+                           "dp": {"noise_seed": 4}})
+    cohort = Cohort(8, (1, 2, 3), "poisson", 0.5, 4.0)
+    got = Strategy(config).aggregate(2, REFERENCE, REPLIES[:3], cohort)
+    rng = Strategy(config).randomness.numpy_generator("server", "user-level noise", 2)
+    for k in REFERENCE:
+        clipped = []
+        for r in REPLIES[:3]:
+            update = {j: r.arrays[j].astype(np.float64) - REFERENCE[j] for j in REFERENCE}
+            size = np.sqrt(sum(np.sum(v ** 2) for v in update.values()))
+            clipped.append(update[k] * min(1.0, 0.5 / size))
+        noise = rng.normal(0.0, 1.3 * 0.5, size=REFERENCE[k].shape)
+        assert np.allclose(got[k], REFERENCE[k] + (sum(clipped) + noise) / 4.0, atol=1e-6)
+
+
+def test_ffa_payload_sends_b_only_after_round_one():
+    config = build_config({"lora": {"ffa": True}})
+    travel = ["a.lora_B.weight"]
+    strategy = Strategy(config)
+    assert list(strategy.payload(1, REFERENCE, travel)) == list(REFERENCE)
+    assert list(strategy.payload(2, REFERENCE, travel)) == travel
+
+
+def _attack(config, honest=4):
+    """Honest updates of norm ~2.6 with 100 examples each; one attacker flips the sign of
+    the honest mean, scales it to just under max_update_norm (100) and claims 1e9 rows."""
+    rng = np.random.default_rng(7)
+    reference = OrderedDict([("w", np.zeros(64, np.float32))])
+    direction = rng.normal(size=64)
+    direction /= np.linalg.norm(direction)
+    good = [ClientReply(n, "ok", OrderedDict([("w", (2.6 * direction + 0.3 * rng.normal(size=64)).astype(np.float32))]),
+                        100, 1.0) for n in range(1, honest + 1)]
+    bad = ClientReply(99, "ok", OrderedDict([("w", (-99.9 * direction).astype(np.float32))]), 10**9, 1.0)
+    cohort = Cohort(honest + 1, tuple(range(honest + 1)), "fixed", 1.0, float(honest + 1))
+    clean = Strategy(config).aggregate(1, reference, good, cohort)["w"]
+    attacked = Strategy(config).aggregate(1, reference, good + [bad], cohort)["w"]
+    honest_norm = float(np.linalg.norm(clean))
+    median_norm = float(np.median([np.linalg.norm(r.arrays["w"]) for r in good + [bad]]))
+    return float(np.linalg.norm(attacked - clean)) / honest_norm, honest_norm, median_norm
+
+
+def test_a_sign_flip_and_an_inflated_count_move_the_aggregate_no_more_than_the_stated_bound():
+    """Undefended, the attacker sets the aggregate alone (shift ~39x the honest update).
+
+    Defended FedAvg (weight_cap c = 4, adaptive_norm_bound r = 3): the attacker weighs at
+    most c x the median claim and its update is clipped to r x the median norm, so the
+    shift is at most share x (r x median norm + honest mean norm), share = c / (c + honest
+    count): here 4 / 8 x (3 x 3.5 + 2.6) / 2.6 = 2.5 honest updates (each honest update has
+    norm ~3.5, their mean ~2.6). Median and trimmed mean bound it by the honest spread."""
+    undefended, _, _ = _attack(_config(max_update_norm=100.0))
+    defended, honest_norm, median_norm = _attack(_config(max_update_norm=100.0, weight_cap=4.0, adaptive_norm_bound=3.0))
+    median, _, _ = _attack(_config(max_update_norm=100.0, aggregator="median"))
+    trimmed, _, _ = _attack(_config(max_update_norm=100.0, aggregator="trimmed-mean", trim_fraction=0.2))
+    assert undefended > 30
+    bound = 4 / (4 + 4) * (3 * median_norm + honest_norm) / honest_norm
+    assert defended <= bound + 1e-6 and bound < 2.6
+    assert median < 0.35 and trimmed < 0.35
+    print(f"shift / honest update: undefended {undefended:.1f}, defended mean {defended:.2f}, "
+          f"median {median:.2f}, trimmed mean {trimmed:.2f}")
+
+
+def test_a_new_aggregator_is_one_registry_entry(tmp_path, monkeypatch):
+    """Registered here, in a test: no federation, node or report code changes."""
+    def largest_norm_dropped(states, weights, **_):
+        keep = sorted(states, key=aggregate.norm)[:-1]
+        return aggregate.weighted_mean(keep, [1.0] * len(keep))
+
+    monkeypatch.setitem(aggregate.AGGREGATORS, "drop-largest", largest_norm_dropped)
+    config = _config(aggregator="drop-largest")
+    server = FederationServer(config, tmp_path, REFERENCE, list(REFERENCE))
+    record = server.finish_round(1, REPLIES, time.perf_counter(), 0)
+    assert len(record["clients_accepted"]) == 5
+    largest = max(REPLIES, key=lambda r: aggregate.update_norm(r.arrays, REFERENCE))
+    expected = aggregate.weighted_mean([r.arrays for r in REPLIES if r is not largest], [1.0] * 4)
+    assert all(np.allclose(server.adapter[k], expected[k], atol=1e-6) for k in REFERENCE)
