@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 
-from fedtune.cli import quiet_known_warnings  # noqa: E402
+from fedtune.quiet import quiet_libraries  # noqa: E402
 from fedtune.config import LoraSettings  # noqa: E402
 from fedtune.data import LabelMap, TokenCache, load_builtin  # noqa: E402
 from fedtune.machine import machine  # noqa: E402
@@ -67,7 +67,7 @@ class Mode:
 
 def measure(steps: int = 12, warmup: int = 2, batch_size: int = 32, seq_len: int = 128) -> dict:
     """Median step time per mode on the same interleaved batches, and the ratios."""
-    quiet_known_warnings()
+    quiet_libraries()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

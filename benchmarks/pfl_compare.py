@@ -252,9 +252,9 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "pfl":
-        from fedtune.cli import quiet_known_warnings
+        from fedtune.quiet import quiet_libraries
 
-        quiet_known_warnings()
+        quiet_libraries()
         run_pfl(Path(args.config), Path(args.out))
         return
     from fedtune.machine import machine

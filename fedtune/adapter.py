@@ -9,6 +9,7 @@ loads with stock `PeftModel.from_pretrained(base, dir)`.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -80,8 +81,11 @@ def load_state(model: PeftModel, state: Mapping[str, np.ndarray], partial: bool 
         raise ModelError(f"peft refused adapter tensors: {result.unexpected_keys[:3]}")
 
 
-def save_adapter_dir(model: PeftModel, directory: str | Path, extra_files: Mapping[str, str] = {}) -> Path:
-    """Save a stock PEFT adapter directory (plus `extra_files`, e.g. the label map).
+def save_adapter_dir(model: PeftModel, directory: str | Path, extra_files: Mapping[str, str] = {},
+                     base_reference: str | None = None) -> Path:
+    """Save a stock PEFT adapter directory (plus `extra_files`, e.g. the label map or the
+    model card README.md, which replaces peft's empty template). `base_reference` replaces
+    the absolute base-model path peft records with a portable name.
 
     Written to a temporary sibling and renamed into place, so a crash leaves either the
     old directory or the new one.
@@ -91,6 +95,10 @@ def save_adapter_dir(model: PeftModel, directory: str | Path, extra_files: Mappi
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         model.save_pretrained(staging)
+        if base_reference:
+            adapter_config = json.loads((staging / "adapter_config.json").read_text(encoding="utf-8"))
+            adapter_config["base_model_name_or_path"] = base_reference
+            (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
         for name, text in extra_files.items():
             (staging / name).write_text(text, encoding="utf-8")
         if directory.exists():

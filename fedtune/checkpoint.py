@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as load_bytes
 from safetensors.numpy import save as save_bytes
 
@@ -57,5 +58,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(int(metadata["round"]), adapter, optimizer, json.loads(metadata["meta"]))
     except FileNotFoundError:
         raise FedtuneError(f"{path}: no checkpoint there") from None
-    except (KeyError, ValueError, OSError) as exc:
-        raise FedtuneError(f"{path}: not a fedtune checkpoint ({exc})") from None
+    except (KeyError, ValueError, OSError, TypeError, SafetensorError) as exc:  # truncated, foreign or random bytes
+        raise FedtuneError(f"{path}: not a fedtune checkpoint ({str(exc)[:200]})") from None

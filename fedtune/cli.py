@@ -13,12 +13,14 @@ libraries (torch, Flower) are imported inside the commands, after the arguments 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.errors import FedtuneError
+from fedtune.quiet import VERBOSE_ENV, quiet_libraries
 
 if TYPE_CHECKING:
     from fedtune.config import Config
@@ -157,6 +159,7 @@ COMMAND_GROUP = "fedtune.commands"  # entry points: name = "package.module:regis
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Private federated fine-tuning of LoRA adapters.")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--verbose", action="store_true", help="show the library warnings fedtune filters as harmless")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
     for register in registered_commands():
@@ -267,21 +270,12 @@ def _run_privacy(args) -> int:
     return 0
 
 
-def quiet_known_warnings() -> None:
-    """Silence warnings STACK.md lists as harmless, so real ones stand out."""
-    import logging
-    import warnings
-
-    # Not "Secure RNG turned off": it tells the truth (torch's generator, secretly seeded, is not a CSPRNG).
-    for pattern in ("Full backward hook", "Optimal order", "Using a non-full backward hook"):
-        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
-    logging.getLogger("opacus").setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
-    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # inherited by the processes a command starts (Ray workers too)
+    quiet_libraries()
     try:
         return args.run(args)
     except FedtuneError as exc:

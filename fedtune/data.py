@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -46,9 +47,11 @@ def _read_rows(path: Path) -> list[dict]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        return _read_csv(path, text)
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines end at "\n" only: str.splitlines would also split at U+2028 and other
+    # separators that JSON allows inside a string
+    for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -59,6 +62,15 @@ def _read_rows(path: Path) -> list[dict]:
             raise DataError(f"{path}: line {number} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _read_csv(path: Path, text: str) -> list[dict]:
+    """CSV rows; quoted fields may span lines and hold any text up to the whole file's size."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
 
 
 def read_table(path: str | Path, text_column: str, label_column: str | None) -> Table:

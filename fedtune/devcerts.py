@@ -52,8 +52,11 @@ def make_dev_certs(out: str | Path, hosts: list[str], nodes: int) -> list[Path]:
     if not hosts:
         raise ConfigError("--host: give at least one host name or IP address the SuperLink is reached at")
     out = Path(out)
-    if (out / "ca.key").exists():
-        raise ConfigError(f"{out}: already holds a CA (ca.key); choose a new folder rather than replace keys in use")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder")
+    in_use = [name for name in ("ca.key", "ca.crt", "server.key", "server.pem") if (out / name).exists()]
+    if in_use:
+        raise ConfigError(f"{out}: already holds {in_use[0]}; choose a new folder rather than replace keys in use")
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())

@@ -40,6 +40,7 @@ from fedtune.errors import AdapterNotUpdatedError, ConfigError
 from fedtune.losses import PerExampleLoss, trim_batch
 from fedtune.model import trainable_named_parameters
 from fedtune.privacy import PrivacyLedger, noise_for_budget
+from fedtune.quiet import harmless_warnings_filtered, quiet_libraries
 from fedtune.randomness import Randomness
 
 
@@ -220,7 +221,8 @@ def train_call(
     noise = randomness.torch_generator("noise", *stream, device=device)
     # Dropout draws from torch's global generator (whose default seed is a constant): give
     # it this call's own seed too, and leave the caller's generator as it was.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), harmless_warnings_filtered():
+        quiet_libraries()  # this may be a Ray worker: the driver's logging settings did not reach it
         torch.manual_seed(randomness.seed_for("dropout", *stream))
         if plan.private:
             losses, seen, empty = _train_private(model, dataset, config, plan, steps, on_step, sampling, noise)

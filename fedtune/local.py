@@ -26,6 +26,7 @@ from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
 from fedtune.errors import BudgetExhaustedError, FedtuneError
 from fedtune.evaluate import evaluate, majority_baseline
 from fedtune.model import attach_lora, load_base_model, load_tokenizer, resolve_device, resolve_model_path
+from fedtune.model_card import base_model_reference, model_card
 from fedtune.privacy import PrivacyLedger
 from fedtune.randomness import Randomness
 
@@ -216,7 +217,12 @@ def train_local(
             {"private": plan.private, "epsilon": record.get("epsilon"), "delta": ledger.delta, "noise": randomness.label,
              "ledger": ledger.to_dict()}, indent=2
         )
-        save_adapter_dir(model, run_dir / "adapter", extra)
+        privacy = [f"- record level (DP-SGD on this node's rows): epsilon {_epsilon_text(ledger.epsilon())} spent on this "
+                   f"data so far, delta {ledger.delta:.3g}, cap {ledger.target_epsilon}; {randomness.label}"
+                   if plan.private else f"- {NON_PRIVATE_LABEL}"]
+        extra["README.md"] = model_card(config, privacy, f"train-local, {plan.planned_calls} call(s) of {plan.epochs} "
+                                        f"epoch(s) on {len(node.data.train)} rows")
+        save_adapter_dir(model, run_dir / "adapter", extra, base_reference=base_model_reference(config))
     echo(f"wrote {run_dir}/ (config.toml, metrics.jsonl, ledger.json, adapter/)")
     return record
 

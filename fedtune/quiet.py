@@ -1,0 +1,58 @@
+"""The warnings known to be harmless here, filtered where they arise, unless asked for.
+
+A run on this stack prints pages of chatter that says nothing about the run: PyTorch's
+"Full backward hook is firing" for every Opacus step on a frozen base, Opacus's "Optimal
+order is the largest alpha", transformers' deprecation notes, Flower's "DEPRECATED
+FEATURE" for the simulation entry point. Each is filtered in the code that triggers it,
+in every process (Ray workers included), so a real warning stands out. `fedtune --verbose`
+(or FEDTUNE_VERBOSE=1) shows them all. Opacus's "Secure RNG turned off" is never filtered:
+it is true (torch's generator, secretly seeded, is not a CSPRNG).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+VERBOSE_ENV = "FEDTUNE_VERBOSE"
+_HARMLESS = ("Full backward hook", "Using a non-full backward hook", "Optimal order", "is_gradient_checkpointing",
+             "First batch is empty")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+@contextmanager
+def harmless_warnings_filtered() -> Iterator[None]:
+    """Around a block that calls into Opacus / torch / transformers."""
+    if verbose():
+        yield
+        return
+    with warnings.catch_warnings():
+        for pattern in _HARMLESS:
+            warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+        yield
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, *patterns: str):
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p in record.getMessage() for p in self.patterns)
+
+
+def quiet_libraries() -> None:
+    """Library loggers: Opacus's chatter and Flower's deprecation notices and debug lines."""
+    if verbose():
+        return
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+    flower = logging.getLogger("flwr")
+    flower.setLevel(logging.INFO)
+    if not any(isinstance(f, _DropMatching) for f in flower.filters):
+        flower.addFilter(_DropMatching("DEPRECATED FEATURE", "deprecated feature", "entirely in future versions"))
