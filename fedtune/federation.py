@@ -62,15 +62,28 @@ class FederationServer:
         return self.strategy.randomness
 
     # -- start / resume --------------------------------------------------------------
-    @classmethod
-    def start_or_resume(cls, config: Config, run_dir: str | Path, adapter, travel_keys) -> "FederationServer":
-        path = Path(run_dir) / CHECKPOINT_FILE
+    @staticmethod
+    def check_run_dir(config: Config, run_dir: str | Path):
+        """The run dir's checkpoint if it can be resumed with `config`, None for a new run;
+        a one-line error (before anything is written) for a file or another model's run."""
+        run_dir = Path(run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FedtuneError(f"{run_dir}: a file, not a run folder; choose a new --out")
+        path = run_dir / CHECKPOINT_FILE
         if not path.exists():
-            return cls(config, run_dir, adapter, travel_keys)
+            return None
         checkpoint = load_checkpoint(path)
-        saved = config_from_toml_text(checkpoint.meta["config"], source=str(path))
+        saved = config_from_toml_text(str(checkpoint.meta.get("config", "")), source=str(path))
         if saved.model != config.model or saved.lora != config.lora:
             raise FedtuneError(f"{path}: checkpoint was made for another model or LoRA config; use a new run dir")
+        return checkpoint
+
+    @classmethod
+    def start_or_resume(cls, config: Config, run_dir: str | Path, adapter, travel_keys) -> "FederationServer":
+        checkpoint = cls.check_run_dir(config, run_dir)
+        if checkpoint is None:
+            return cls(config, run_dir, adapter, travel_keys)
+        path = Path(run_dir) / CHECKPOINT_FILE
         server = cls(config, run_dir, checkpoint.adapter, travel_keys, round_done=checkpoint.round)
         server.strategy.load_state(checkpoint.optimizer, checkpoint.meta, source=str(path))
         server.node_epsilon = dict(checkpoint.meta.get("node_epsilon", {}))

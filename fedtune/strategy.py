@@ -21,6 +21,7 @@ Aggregators and server optimizers are each chosen by name from one registry
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -51,6 +52,20 @@ class ClientReply:
     nbytes: int = 0
     privacy: dict | None = None  # the node's ledger history, as it released it
     noise: str = ""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+REASON_LIMIT = 300
+
+
+def short_reason(text: str) -> str:
+    """A reason fit for a round record: no terminal colour codes, the last meaningful line
+    of a long error (a Ray failure is kilobytes of repr), at most REASON_LIMIT characters."""
+    lines = [line.strip() for line in _ANSI.sub("", str(text)).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    reason = lines[0] if len(lines) == 1 else f"{lines[0][:120]} ... {lines[-1]}"
+    return reason if len(reason) <= REASON_LIMIT else reason[:REASON_LIMIT - 3] + "..."
 
 
 @dataclass
@@ -100,9 +115,9 @@ class Strategy:
         accepted, rejected, refused = [], [], []
         for reply in replies:
             if reply.status in REFUSALS:
-                refused.append({"node": reply.node_id, "status": reply.status, "reason": reply.message})
+                refused.append({"node": reply.node_id, "status": reply.status, "reason": short_reason(reply.message)})
             elif reply.status != "ok" or reply.arrays is None:
-                rejected.append({"node": reply.node_id, "reason": reply.message or "error reply"})
+                rejected.append({"node": reply.node_id, "reason": short_reason(reply.message) or "error reply"})
             elif (reason := check_update(reply.arrays, reference, bound)) is not None:
                 rejected.append({"node": reply.node_id, "reason": reason})
             elif reply.num_examples <= 0:

@@ -65,6 +65,23 @@ def _reply(message: Message) -> ClientReply:
     )
 
 
+def send_and_watch(grid: Grid, messages: list[Message], timeout: float, on_reply) -> list[Message]:
+    """Flower's send_and_receive, reporting each reply as it lands (`on_reply(done, total)`),
+    so a long round shows its progress; replies not back by `timeout` are left out."""
+    pending = {i for i in grid.push_messages(messages) if i}
+    total, replies = len(pending), []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        arrived = list(grid.pull_messages(list(pending)))
+        replies += arrived
+        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        if arrived:
+            on_reply(len(replies), total)
+        if pending:
+            time.sleep(0.5)
+    return replies
+
+
 def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -107,7 +124,9 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
                                "evaluation": "central" if central else "federated"})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,
                             message_type=message_type) for n in node_ids]
-        return list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        what = "trained" if message_type == MessageType.TRAIN else "evaluated"
+        return send_and_watch(grid, messages, fed.round_timeout,
+                              lambda done, total: progress.inside(f"round {server_round}: {done}/{total} nodes {what}"))
 
     progress = RoundProgress(config.training.rounds, server.round_done, log)
     for server_round in range(server.round_done + 1, config.training.rounds + 1):
@@ -169,6 +188,7 @@ class RoundProgress:
         self.bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round", dynamic_ncols=True)
 
     def update(self, record: dict) -> None:
+        self.bar.set_description_str("rounds", refresh=False)
         self.bar.update(1)
         shown = {k: f"{record[k]:.4f}" for k in ("accuracy", "loss") if isinstance(record.get(k), float)}
         if record.get("epsilon_max") is not None:
@@ -178,6 +198,10 @@ class RoundProgress:
         self.bar.clear()
         self.log(_round_line(record))
         self.bar.refresh()
+
+    def inside(self, text: str) -> None:
+        """Progress within a round: shown on the bar, not logged."""
+        self.bar.set_description_str(text, refresh=True)
 
     def close(self) -> None:
         self.bar.close()

@@ -20,6 +20,7 @@ from fedtune.atomic import atomic_write_json
 from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
+from fedtune.federation import FederationServer
 from fedtune.policy import NodePolicy
 from fedtune.randomness import REPRODUCIBLE_LABEL
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
@@ -130,6 +131,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     num_gpus_per_client = gpus_per_client(num_gpus_per_client)
     config = prepare_simulation(config)
     run_dir = Path(run_dir)
+    FederationServer.check_run_dir(config, run_dir)  # a resume that cannot work fails before any write
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
     if config.dp.noise_seed >= 0:
