@@ -106,3 +106,13 @@ def test_central_evaluator_scores_the_adapter_and_reports_the_majority(tiny_bert
     # with central evaluation, a node keeps no validation split and trains on every row
     assert len(prepare_data(config, tokenizer, validation=False).train) == 120
     assert prepare_data(config, tokenizer, validation=False).val is None
+
+
+def test_a_run_in_progress_is_not_called_final(tmp_path):
+    from fedtune.config import build_config
+
+    _fake_run(tmp_path, rounds=3)
+    (tmp_path / "config.toml").write_text(build_config({"training": {"rounds": 5}}).to_toml())
+    write_report(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Accuracy after round 3 of 5 (run in progress or stopped) **0.8000**" in summary and "Final" not in summary
