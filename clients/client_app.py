@@ -6,11 +6,11 @@ SuperNode's node config (set by the node's operator through `fedtune client`):
     state-dir     where the node keeps node.json and its lock (required)
     data-path     the node's private CSV / JSONL / Parquet file (required)
     max-epsilon   the node's own epsilon cap over all its training (required)
-    ...           the rest of its policy: `fedtune.policy.NODE_CONFIG_KEYS`
+    ...           the rest of its policy: `fedtune.privacy.policy.NODE_CONFIG_KEYS`
 
 The server's message carries a request (`fedtune-request`, TOML) that the node checks
-against that policy (`fedtune.policy.NodePolicy.config_for`). Replies carry exactly the
-values listed in `fedtune.releases`. The simulation harness builds its own app with
+against that policy (`fedtune.privacy.policy.NodePolicy.config_for`). Replies carry exactly the
+values listed in `fedtune.privacy.releases`. The simulation harness builds its own app with
 `make_client_app`, injecting each virtual client's policy, state dir and partition; this
 module never imports it.
 """
@@ -28,8 +28,8 @@ from flwr.clientapp import ClientApp
 from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, TrainOutcome,
                           evaluate_round, train_round)
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.policy import REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
-from fedtune.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
+from fedtune.privacy.policy import REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
+from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
 
 
 
@@ -69,7 +69,7 @@ def _common(outcome: TrainOutcome | EvaluateOutcome) -> dict:
 
 
 def train_release(outcome: TrainOutcome) -> dict:
-    """The values a training reply releases (checked against `fedtune.releases`)."""
+    """The values a training reply releases (checked against `fedtune.privacy.releases`)."""
     values = _common(outcome)
     if outcome.arrays is not None:
         values["arrays"] = outcome.arrays

@@ -3,7 +3,7 @@ the `fedtune.commands` entry points (pyproject.toml)."""
 
 from __future__ import annotations
 
-# `fedtune client` policy flags -> node-config keys of fedtune.policy.NODE_CONFIG_KEYS.
+# `fedtune client` policy flags -> node-config keys of fedtune.privacy.policy.NODE_CONFIG_KEYS.
 CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
     "data": (str, "this node's training data (CSV / JSONL / Parquet): data-path"),
     "text-column": (str, "the column of --data that holds the text (default text)"),
@@ -57,7 +57,7 @@ def client_policy(args) -> dict:
 
 def run_client(args) -> int:
     from clients.supernode import exec_supernode, supernode_command
-    from fedtune.policy import NodePolicy
+    from fedtune.privacy.policy import NodePolicy
 
     policy = client_policy(args)
     command = supernode_command(args.superlink, args.state_dir, args.ca, args.key, policy, args.port, args.insecure)

@@ -1,10 +1,10 @@
 """A federated node's work and its durable state, independent of Flower.
 
 What a node knows comes from its own side only (`NodeSetup`: its policy, its state dir
-and, in simulation, its rows); what a server sends is a request (`fedtune.policy`). One
+and, in simulation, its rows); what a server sends is a request (`fedtune.privacy.policy`). One
 round is one locked cycle: check the request against the policy, open the data's budget,
 charge the ledger (fsynced) before the first step, train, charge any metric release, and
-hand back exactly the values `fedtune.releases` lists.
+hand back exactly the values `fedtune.privacy.releases` lists.
 
 The state directory (`state-dir` in node config; one per client in simulation) holds:
 
@@ -13,7 +13,7 @@ The state directory (`state-dir` in node config; one per client in simulation) h
     node.lock     held for the whole cycle: a second process on this state dir refuses
 
 The ledger itself lives in the node's budget folder, keyed by the data's fingerprint
-(`fedtune.budget`), so the same data continues the same budget under any state dir.
+(`fedtune.privacy.budget`), so the same data continues the same budget under any state dir.
 `client_app.py` only translates Flower messages to these calls.
 """
 
@@ -33,17 +33,18 @@ import numpy as np
 
 from fedtune.adapter import load_state, trainable_state
 from fedtune.atomic import atomic_write_json
-from fedtune.budget import (Budget, BudgetStore, LedgerLostError, StateLockedError, default_budget_dir,
+from fedtune.privacy.budget import (Budget, BudgetStore, LedgerLostError, StateLockedError, default_budget_dir,
                             exclusive_lock)
 from fedtune.config import Config
 from fedtune.datasets_builtin import Table
-from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
+from fedtune.dp_train import train_call
 from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError, ModelError
 from fedtune.local import NodeData, prepare_data
-from fedtune.metric_release import exact_metrics, noisy_metrics
-from fedtune.policy import NodePolicy, PolicyRefusal
 from fedtune.privacy import PrivacyLedger
-from fedtune.randomness import Randomness
+from fedtune.privacy.metric_release import exact_metrics, noisy_metrics
+from fedtune.privacy.planning import DPPlan, new_ledger, plan_training
+from fedtune.privacy.policy import NodePolicy, PolicyRefusal
+from fedtune.privacy.randomness import Randomness
 from fedtune.runtime import MODELS
 
 STATUS_OK = "ok"

@@ -3,7 +3,7 @@
 The node's policy (its epsilon cap, delta, data and evaluation files, model, budget folder,
 which metrics may leave) goes into the SuperNode's node config, which only this machine
 sets; the federation's server can neither read nor change it, and every request it sends
-is checked against it (`fedtune.policy`). A node refuses to start without an epsilon cap.
+is checked against it (`fedtune.privacy.policy`). A node refuses to start without an epsilon cap.
 The policy can also come from a TOML file (`--policy`), whose keys are the node-config
 keys; flags override it. Everything is validated before anything is created. TLS uses the
 federation's CA certificate; the node authenticates with its own private key (its public
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from fedtune.config import load_toml, toml_value
 from fedtune.errors import ConfigError
-from fedtune.policy import STATE_DIR_KEY, NodePolicy
+from fedtune.privacy.policy import STATE_DIR_KEY, NodePolicy
 from fedtune.processes import flower_executable
 
 

@@ -228,7 +228,7 @@ def _mechanism(args) -> tuple[float, int]:
     elif args.examples and args.batch_size:
         if args.batch_size <= 0 or args.examples < args.batch_size:
             raise ConfigError(f"--batch-size = {args.batch_size}: expected 1 to --examples = {args.examples}")
-        from fedtune.dp_train import poisson_schedule
+        from fedtune.privacy.planning import poisson_schedule
 
         q, steps_per_epoch = poisson_schedule(args.examples, args.batch_size)  # exactly what training runs
     else:

@@ -7,7 +7,7 @@ The call is the unit the privacy ledger charges. Its order is the privacy contra
 2. persist the ledger durably (write-ahead: a crash from here on over-counts, never
    under-counts);
 3. attach Opacus to the model for this call only (`wrap_model=False`) and train, with the
-   Poisson batches and the noise drawn from secret generators (`fedtune.randomness`);
+   Poisson batches and the noise drawn from secret generators (`fedtune.privacy.randomness`);
 4. remove every hook and per-sample attribute (no growth across calls, opacus#608);
 5. check that Opacus's own accountant saw exactly the charged steps, and that the
    adapter really changed (opacus#820).
@@ -36,51 +36,13 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedtune.config import Config
-from fedtune.errors import AdapterNotUpdatedError, ConfigError
+from fedtune.errors import AdapterNotUpdatedError
 from fedtune.losses import PerExampleLoss, trim_batch
 from fedtune.model import trainable_named_parameters
-from fedtune.privacy import PrivacyLedger, noise_for_budget
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.planning import DPPlan
 from fedtune.quiet import harmless_warnings_filtered, quiet_libraries
-from fedtune.randomness import Randomness
-
-
-@dataclass(frozen=True)
-class DPPlan:
-    """The mechanism of every training call of one node, fixed for its whole training.
-
-    `sample_rate` and `steps_per_epoch` are exactly what Opacus's Poisson loader uses
-    (q = 1 / ceil(n / B), int(1 / q) steps per epoch), so the ledger charges what runs.
-    `metric_releases_per_call` Gaussian releases (noise `metric_noise_multiplier`) are
-    planned into the calibration, so a node that releases metrics stays within target.
-    """
-
-    private: bool
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_epoch: int
-    epochs: int
-    planned_calls: int
-    delta: float
-    target_epsilon: float
-    max_grad_norm: float
-    metric_releases_per_call: int = 0
-    metric_noise_multiplier: float = 0.0
-
-    @property
-    def steps_per_call(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    def to_dict(self) -> dict:
-        return {**self.__dict__, "steps_per_call": self.steps_per_call}
-
-
-def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
-    """(q, steps per epoch): ceil(n / B) steps at q = 1 / ceil(n / B), so one epoch draws
-    n examples in expectation with an expected batch of about B."""
-    if batch_size > n_train:
-        raise ConfigError(f"training.batch_size = {batch_size}: expected at most the {n_train} training examples")
-    steps = math.ceil(n_train / batch_size)
-    return 1 / steps, steps
+from fedtune.privacy.randomness import Randomness
 
 
 def poisson_loader(dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator | None) -> DataLoader:
@@ -94,50 +56,6 @@ def poisson_loader(dataset: Dataset, sample_rate: float, steps: int, generator: 
     collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *x.shape) for x in first],
                                       dtypes=[x.dtype for x in first])
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
-
-
-def plan_training(config: Config, n_train: int, delta: float | None = None, metric_releases_per_call: int = 0) -> DPPlan:
-    """Calibrate the noise once for rounds x epochs x steps, so every later call fits.
-
-    `delta` overrides the config's (a node accounts at the smaller of its own and its
-    ledger's); `metric_releases_per_call` are planned Gaussian metric releases."""
-    sample_rate, steps_per_epoch = poisson_schedule(n_train, config.training.batch_size)
-    dp = config.dp
-    delta = dp.resolved_delta(n_train) if delta is None else delta
-    rounds = config.training.rounds
-    total_steps = steps_per_epoch * config.training.epochs * rounds
-    metric_sigma = config.node.metric_noise_multiplier
-    releases = ((metric_sigma, 1.0, metric_releases_per_call * rounds),) if metric_releases_per_call else ()
-    if not dp.enabled:
-        sigma = 0.0
-    elif dp.noise_multiplier > 0:
-        sigma = dp.noise_multiplier
-    else:
-        sigma = noise_for_budget(dp.target_epsilon, delta, sample_rate, total_steps, dp.accountant, also=releases)
-    return DPPlan(
-        private=dp.enabled,
-        noise_multiplier=sigma,
-        sample_rate=sample_rate,
-        steps_per_epoch=steps_per_epoch,
-        epochs=config.training.epochs,
-        planned_calls=rounds,
-        delta=delta,
-        target_epsilon=dp.target_epsilon,
-        max_grad_norm=dp.max_grad_norm,
-        metric_releases_per_call=metric_releases_per_call if dp.enabled else 0,
-        metric_noise_multiplier=metric_sigma if metric_releases_per_call and dp.enabled else 0.0,
-    )
-
-
-def new_ledger(config: Config, plan: DPPlan, data_fingerprint: str = "") -> PrivacyLedger:
-    """An empty ledger for this node: capped at the node's max_epsilon (no cap when the
-    node trains without DP: its epsilon is infinite anyway)."""
-    return PrivacyLedger(
-        accountant=config.dp.accountant,
-        delta=plan.delta,
-        target_epsilon=config.max_epsilon if plan.private else None,
-        data_fingerprint=data_fingerprint,
-    )
 
 
 @dataclass(frozen=True)
@@ -224,10 +142,7 @@ def train_call(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), harmless_warnings_filtered():
         quiet_libraries()  # this may be a Ray worker: the driver's logging settings did not reach it
         torch.manual_seed(randomness.seed_for("dropout", *stream))
-        if plan.private:
-            losses, seen, empty = _train_private(model, dataset, config, plan, steps, on_step, sampling, noise)
-        else:
-            (losses, seen), empty = _train_plain(model, dataset, config, plan, steps, on_step, sampling), 0
+        losses, seen, empty = _train(model, dataset, config, plan, steps, on_step, sampling, noise)
     check_adapter_changed(model, before, plan.private)
     return TrainResult(
         steps=steps,
@@ -300,97 +215,75 @@ def _noise_only_step(dp_optimizer, parameters, mode: str) -> None:
     dp_optimizer.step()
 
 
-def _train_private(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator,
-                   noise: torch.Generator):
+def _attach_opacus(model, optimizer, criterion, loader, config: Config, plan: DPPlan, noise: torch.Generator | None):
+    """Opacus for one call: per-sample clipping and noise on `optimizer`, hooks on `model`
+    (`wrap_model=False`, removed by the caller's `hooks.cleanup()`)."""
+    engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=config.dp.secure_mode)
+    mode = config.dp.grad_sample_mode
+    prepared = engine.make_private(
+        module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=False,  # the loader already samples Poisson batches
+        noise_generator=noise, grad_sample_mode=mode, wrap_model=False,
+    )
+    if mode == "ghost":
+        hooks, dp_optimizer, dp_criterion, _ = prepared
+    else:
+        (hooks, dp_optimizer, _), dp_criterion = prepared, criterion
+    hooks.forbid_grad_accumulation()  # one forward per step, as Poisson accounting assumes
+    return engine, hooks, dp_optimizer, dp_criterion
+
+
+def _train(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator,
+           noise: torch.Generator):
+    """The one training loop. With DP, Opacus clips per example and adds noise in the
+    optimizer; without (a NON-PRIVATE baseline), the same loop runs on the same Poisson
+    batches with plain steps, and an empty batch is a step with nothing to learn from."""
     clear_opacus_state(model)
     device = next(model.parameters()).device
     task = config.model.task
     criterion = PerExampleLoss(task)
     parameters = [p for _, p in trainable_named_parameters(model)]
     anchors = [p.detach().clone() for p in parameters]
-    optimizer = _optimizer(config, parameters)
-    secure = config.dp.secure_mode  # Opacus then draws both from torchcsprng and refuses other generators
-    engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=secure)
-    loader = poisson_loader(dataset, plan.sample_rate, plan.steps_per_epoch, engine.secure_rng if secure else sampling)
+    optimizer, step_criterion, engine, hooks = _optimizer(config, parameters), criterion, None, None
+    secure = plan.private and config.dp.secure_mode  # Opacus then draws from torchcsprng, no generators
+    secure_rng = PrivacyEngine(secure_mode=True).secure_rng if secure else None
+    loader = poisson_loader(dataset, plan.sample_rate, plan.steps_per_epoch, secure_rng if secure else sampling)
     if 1 / len(loader) != plan.sample_rate:  # what Opacus will account: a bug if it is not the plan's q
         raise RuntimeError(f"Opacus would account q = 1/{len(loader)}, the plan charges q = {plan.sample_rate}")
-    mode = config.dp.grad_sample_mode
-    prepared = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        criterion=criterion,
-        data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=False,  # the loader above already samples Poisson batches
-        noise_generator=None if secure else noise,
-        grad_sample_mode=mode,
-        wrap_model=False,
-    )
-    if mode == "ghost":
-        hooks, dp_optimizer, dp_criterion, dp_loader = prepared
-    else:
-        hooks, dp_optimizer, dp_loader = prepared
-        dp_criterion = criterion
-    hooks.forbid_grad_accumulation()  # one forward per step, as Poisson accounting assumes
+    if plan.private:
+        engine, hooks, optimizer, step_criterion = _attach_opacus(model, optimizer, criterion, loader, config, plan,
+                                                                  None if secure else noise)
     model.train()
     losses, seen, step, empty = [], 0, 0, 0
     try:
         for _ in range(plan.epochs):
-            for batch in dp_loader:
+            for batch in loader:
                 if len(batch[-1]) == 0:
-                    _noise_only_step(dp_optimizer, parameters, mode)
                     empty += 1
+                    if plan.private:
+                        _noise_only_step(optimizer, parameters, config.dp.grad_sample_mode)
                 else:
                     logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
-                    loss = dp_criterion(logits, labels)
+                    loss = step_criterion(logits, labels)
                     loss.backward()
-                    dp_optimizer.step()
+                    optimizer.step()
                     seen += len(labels)
                     losses.append(float(loss.item()))
-                dp_optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 _proximal_step(parameters, anchors, config)
                 step += 1
                 if on_step:
                     on_step(step, losses[-1] if losses else float("nan"))
     finally:
-        hooks.cleanup()
+        if hooks is not None:
+            hooks.cleanup()
         clear_opacus_state(model)
         for parameter in parameters:
             parameter.grad = None
-    accounted = engine.accountant.history
-    expected = [(plan.noise_multiplier, plan.sample_rate, steps)]
-    if [tuple(e) for e in accounted] != expected:  # the ledger must charge what ran
-        raise RuntimeError(f"Opacus accounted {accounted}, the ledger charged {expected}")
+    if engine is not None:
+        accounted = engine.accountant.history
+        expected = [(plan.noise_multiplier, plan.sample_rate, steps)]
+        if [tuple(e) for e in accounted] != expected:  # the ledger must charge what ran
+            raise RuntimeError(f"Opacus accounted {accounted}, the ledger charged {expected}")
     return losses, seen, empty
-
-
-def _train_plain(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator):
-    """NON-PRIVATE baseline training: same loss, shuffled fixed-size batches."""
-    device = next(model.parameters()).device
-    task = config.model.task
-    criterion = PerExampleLoss(task)
-    parameters = [p for _, p in trainable_named_parameters(model)]
-    anchors = [p.detach().clone() for p in parameters]
-    optimizer = _optimizer(config, parameters)
-    loader = DataLoader(dataset, batch_size=config.training.batch_size, shuffle=True, generator=sampling)
-    model.train()
-    losses, seen, step = [], 0, 0
-    for _ in range(plan.epochs):
-        for batch_number, batch in enumerate(loader):
-            if batch_number == plan.steps_per_epoch:  # the same step count as the private plan
-                break
-            logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
-            loss = criterion(logits, labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _proximal_step(parameters, anchors, config)
-            step += 1
-            seen += len(labels)
-            losses.append(float(loss.item()))
-            if on_step:
-                on_step(step, losses[-1])
-    for parameter in parameters:
-        parameter.grad = None
-    return losses, seen

@@ -18,17 +18,18 @@ from torch.utils.data import TensorDataset
 
 from fedtune.adapter import save_adapter_dir, state_nbytes, state_num_parameters, trainable_state
 from fedtune.atomic import append_jsonl, atomic_write_json, atomic_write_text
-from fedtune.budget import BudgetStore, data_fingerprint, default_budget_dir
+from fedtune.privacy.budget import BudgetStore, data_fingerprint, default_budget_dir
 from fedtune.config import Config, check_against_data
 from fedtune.data import LabelMap, TokenCache, load_table, read_table, subsample, to_dataset, train_val_split
 from fedtune.datasets_builtin import Table
-from fedtune.dp_train import DPPlan, new_ledger, plan_training, train_call
+from fedtune.dp_train import train_call
 from fedtune.errors import BudgetExhaustedError, FedtuneError
 from fedtune.evaluate import evaluate, majority_baseline
 from fedtune.model import attach_lora, load_base_model, load_tokenizer, resolve_device, resolve_model_path
 from fedtune.model_card import base_model_reference, model_card
 from fedtune.privacy import PrivacyLedger
-from fedtune.randomness import Randomness
+from fedtune.privacy.planning import DPPlan, new_ledger, plan_training
+from fedtune.privacy.randomness import Randomness
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 

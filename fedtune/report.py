@@ -23,8 +23,8 @@ from pathlib import Path
 from fedtune.atomic import atomic_write_bytes, atomic_write_text
 from fedtune.errors import FedtuneError
 from fedtune.privacy import PrivacyLedger
-from fedtune.privacy_report import node_entries, privacy_markdown, read_released, user_entry
-from fedtune.randomness import REPRODUCIBLE_LABEL
+from fedtune.privacy.report import node_entries, privacy_markdown, read_released, user_entry
+from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
 
 METRIC_COLUMNS = ("round", "evaluation", "accuracy", "macro_f1", "loss", "perplexity", "train_loss", "epsilon_max",
                   "epsilon_mean", "user_epsilon", "clients_accepted", "clients_rejected", "clients_refused",

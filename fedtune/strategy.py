@@ -34,7 +34,7 @@ from fedtune.cohort import Cohort, draw_cohort
 from fedtune.config import Config, FederationConfig
 from fedtune.errors import ConfigError
 from fedtune.privacy import PrivacyLedger
-from fedtune.randomness import Randomness
+from fedtune.privacy.randomness import Randomness
 
 # A node that answered but declined: its budget, its policy or its own state said no.
 REFUSALS = ("budget-exhausted", "policy-refused", "node-error")

@@ -30,7 +30,7 @@ from fedtune.federation import ClientReply, FederationServer
 from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
-from fedtune.policy import REQUEST_KEY, request_text, server_request
+from fedtune.privacy.policy import REQUEST_KEY, request_text, server_request
 from fedtune.report import write_report
 
 

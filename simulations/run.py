@@ -21,8 +21,8 @@ from fedtune.config import Config, load_config
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.federation import FederationServer
-from fedtune.policy import NodePolicy
-from fedtune.randomness import REPRODUCIBLE_LABEL
+from fedtune.privacy.policy import NodePolicy
+from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
 if TYPE_CHECKING:

@@ -165,7 +165,8 @@ def centralized_baseline(base: Config, out: Path, log=print, filename: str = "ba
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     from fedtune.central import CentralEvaluator
-    from fedtune.dp_train import new_ledger, plan_training, train_call
+    from fedtune.dp_train import train_call
+    from fedtune.privacy.planning import new_ledger, plan_training
     from fedtune.local import build_model, prepare_data
     from fedtune.model import load_tokenizer, resolve_model_path
     from simulations.partition import held_out_table, training_pool

@@ -6,7 +6,8 @@ import torch
 
 from fedtune.adapter import trainable_state
 from fedtune.config import build_config
-from fedtune.dp_train import autocast, new_ledger, train_call
+from fedtune.dp_train import autocast, train_call
+from fedtune.privacy.planning import new_ledger
 from fedtune.errors import ConfigError
 from fedtune.local import prepare_node
 from tests.conftest import tiny_config

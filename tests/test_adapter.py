@@ -6,7 +6,8 @@ import torch
 from peft import PeftModel
 
 from fedtune.adapter import load_state, save_adapter_dir, save_merged, state_nbytes, trainable_state
-from fedtune.dp_train import new_ledger, train_call
+from fedtune.dp_train import train_call
+from fedtune.privacy.planning import new_ledger
 from fedtune.errors import ModelError
 from fedtune.local import prepare_node
 from fedtune.model import load_base_model

@@ -69,7 +69,7 @@ def test_deployment_mistakes_are_one_line_errors(argv, message, capsys, tmp_path
 
 def test_client_policy_file_with_flag_override(tmp_path):
     from clients.supernode import read_policy_file, resolve_policy
-    from fedtune.policy import NodePolicy
+    from fedtune.privacy.policy import NodePolicy
 
     data = tmp_path / "notes.csv"
     data.write_text("text,label\na,b\n")

@@ -9,9 +9,10 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtune.dp_train import _noise_only_step, new_ledger, poisson_schedule, train_call
+from fedtune.dp_train import _noise_only_step, train_call
+from fedtune.privacy.planning import new_ledger, poisson_schedule
 from fedtune.local import prepare_node
-from fedtune.randomness import Randomness
+from fedtune.privacy.randomness import Randomness
 from tests.conftest import make_texts, tiny_config, write_csv
 
 

@@ -19,7 +19,9 @@ def _imported_after(code: str) -> set[str]:
 
 
 def _modules(package: str) -> list[str]:
-    return sorted(f"{package}.{p.stem}" for p in (ROOT / package).glob("*.py") if p.stem != "__main__")
+    """Every module of a package, subpackages included."""
+    return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                  for p in (ROOT / package).rglob("*.py") if p.stem != "__main__")
 
 
 def test_the_core_imports_nothing_above_it():

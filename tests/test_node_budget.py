@@ -18,7 +18,7 @@ import pytest
 from clients.node import NodeSetup, train_round
 from fedtune.adapter import adapter_state
 from fedtune.cli import main
-from fedtune.policy import NodePolicy, server_request
+from fedtune.privacy.policy import NodePolicy, server_request
 from fedtune.privacy import PrivacyLedger
 from fedtune.runtime import MODELS
 from tests.conftest import make_texts, tiny_config, write_csv
@@ -52,7 +52,7 @@ def _ledger(node) -> PrivacyLedger:
 
 def _hold_lock(path: Path) -> subprocess.Popen:
     """Another process that holds `path`'s lock until it is killed."""
-    code = ("import sys, time; from fedtune.budget import exclusive_lock; "
+    code = ("import sys, time; from fedtune.privacy.budget import exclusive_lock; "
             "lock = exclusive_lock(sys.argv[1], 'x'); lock.__enter__(); print('locked', flush=True); time.sleep(600)")
     process = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -141,7 +141,7 @@ def test_kill_minus_9_mid_training_overcounts_and_never_refunds(node, tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         from clients.node import NodeSetup, train_round
         from fedtune.adapter import adapter_state
-        from fedtune.policy import NodePolicy, server_request
+        from fedtune.privacy.policy import NodePolicy, server_request
         from fedtune.runtime import MODELS
         from tests.conftest import tiny_config
         config = tiny_config({str(node['config'].model.path)!r}, {str(node['data'])!r}, data={{"labels": ["neg", "pos"]}},

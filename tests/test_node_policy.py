@@ -11,9 +11,9 @@ import pytest
 from clients.client_app import app
 from fedtune.adapter import adapter_state
 from fedtune.config import build_config
-from fedtune.policy import NodePolicy, PolicyRefusal, ownership_table, request_text, server_request
+from fedtune.privacy.policy import NodePolicy, PolicyRefusal, ownership_table, request_text, server_request
 from fedtune.privacy import PrivacyLedger
-from fedtune.releases import TRAIN_RELEASES
+from fedtune.privacy.releases import TRAIN_RELEASES
 from fedtune.runtime import MODELS
 from tests.conftest import delivered, make_texts, node_context, write_csv
 
@@ -148,7 +148,7 @@ def test_every_config_field_has_an_owner():
 def test_the_deployment_guide_shows_the_ownership_table_of_the_code():
     from pathlib import Path
 
-    from fedtune.policy import ownership_markdown
+    from fedtune.privacy.policy import ownership_markdown
 
     guide = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text(encoding="utf-8")
     assert ownership_markdown() in guide
@@ -160,7 +160,7 @@ def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(t
     real SuperNode started with a partition-id does not take that path."""
     from clients.client_app import deployment_setup
     from fedtune.errors import ConfigError
-    from fedtune.policy import NodePolicy as Policy
+    from fedtune.privacy.policy import NodePolicy as Policy
 
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=2))
     config = tmp_path / "sim.toml"

@@ -15,8 +15,8 @@ import torch
 
 from clients.node import NodeSetup, train_round
 from fedtune.adapter import adapter_state
-from fedtune.policy import NodePolicy, server_request
-from fedtune.randomness import REPRODUCIBLE_LABEL, Randomness
+from fedtune.privacy.policy import NodePolicy, server_request
+from fedtune.privacy.randomness import REPRODUCIBLE_LABEL, Randomness
 from fedtune.runtime import MODELS
 from tests.conftest import make_texts, tiny_config, write_csv
 

@@ -11,9 +11,9 @@ from clients.client_app import app, train_release
 from clients.node import TrainOutcome
 from fedtune.adapter import adapter_state
 from fedtune.config import build_config
-from fedtune.policy import request_text, server_request
+from fedtune.privacy.policy import request_text, server_request
 from fedtune.privacy import PrivacyLedger
-from fedtune.releases import EVALUATE_RELEASES, checked
+from fedtune.privacy.releases import EVALUATE_RELEASES, checked
 from fedtune.runtime import MODELS
 from tests.conftest import delivered, make_texts, node_context, write_csv
 

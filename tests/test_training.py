@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedtune.adapter import adapter_state, state_num_parameters, trainable_state
-from fedtune.dp_train import new_ledger, save_to, train_call
+from fedtune.dp_train import save_to, train_call
+from fedtune.privacy.planning import new_ledger
 from fedtune.errors import AdapterNotUpdatedError, BudgetExhaustedError
 from fedtune.local import prepare_node
 from fedtune.model import base_named_parameters

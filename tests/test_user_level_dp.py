@@ -13,7 +13,7 @@ from fedtune.cohort import Cohort, draw_cohort
 from fedtune.config import build_config
 from fedtune.errors import ConfigError
 from fedtune.federation import ClientReply, FederationServer, RoundFailedError
-from fedtune.randomness import Randomness
+from fedtune.privacy.randomness import Randomness
 
 
 def _state(seed, shape=(2, 3)):

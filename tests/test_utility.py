@@ -1,7 +1,8 @@
 """A short DP run on real data with the real bundled encoder learns something real."""
 
 from fedtune.config import build_config
-from fedtune.dp_train import new_ledger, train_call
+from fedtune.dp_train import train_call
+from fedtune.privacy.planning import new_ledger
 from fedtune.evaluate import evaluate
 from fedtune.local import prepare_node
 

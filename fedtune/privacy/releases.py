@@ -32,7 +32,7 @@ TRAIN_RELEASES: dict[str, str] = {
               "parameters only",
     "train-seconds": "wall time of the local training: observable anyway (the server sees when the reply arrives)",
     "train-loss": "only with node.release_train_loss = dp: the final adapter's clipped mean loss on the "
-                  "training rows, Gaussian-noised (fedtune.metric_release), charged to the ledger before release; "
+                  "training rows, Gaussian-noised (fedtune.privacy.metric_release), charged to the ledger before release; "
                   "exact only when the ledger is already non-private",
 }
 
@@ -54,6 +54,6 @@ def checked(values: Mapping[str, Any], allowed: Mapping[str, str], what: str) ->
     would leak an unaccounted value, so it raises instead of leaving the node."""
     unlisted = sorted(set(values) - set(allowed))
     if unlisted:
-        raise RuntimeError(f"{what} reply would release unlisted values {unlisted}: add them to fedtune.releases "
+        raise RuntimeError(f"{what} reply would release unlisted values {unlisted}: add them to fedtune.privacy.releases "
                            "with their cost, or do not send them")
     return dict(values)
