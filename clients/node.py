@@ -162,7 +162,7 @@ def _node_data(config: Config, table: Table | None, validation: bool = True) -> 
 
 def _load_global(model, global_arrays, config: Config) -> None:
     try:
-        load_state(model, global_arrays, partial=config.lora.ffa)
+        load_state(model, global_arrays, frozen_may_be_missing=True)
     except ModelError as exc:
         raise ModelError(f"the server's adapter does not fit this node's base model "
                          f"({config.model.path or 'the bundled all-MiniLM-L6-v2'}): {exc}") from None

@@ -56,16 +56,24 @@ def state_num_parameters(state: Mapping[str, np.ndarray]) -> int:
     return int(sum(array.size for array in state.values()))
 
 
-def load_state(model: PeftModel, state: Mapping[str, np.ndarray], partial: bool = False) -> None:
+def load_state(model: PeftModel, state: Mapping[str, np.ndarray], partial: bool = False,
+               frozen_may_be_missing: bool = False) -> None:
     """Write `state` into the model's adapter.
 
-    Without `partial`, `state` must hold exactly the adapter's tensors; with it, a subset
-    (e.g. only B in FFA-LoRA). Names, shapes and dtypes must match; nothing is written
-    when any of them does not.
+    `state` must hold exactly the adapter's tensors; with `partial`, any subset; with
+    `frozen_may_be_missing`, it may leave out only frozen tensors (those a method fixes at
+    their seeded init, e.g. FFA-LoRA's A), never one that trains: a cached model shared by
+    virtual clients must not keep another client's trained values. Names, shapes and
+    dtypes must match; nothing is written when any of them does not.
     """
     current = get_peft_model_state_dict(model)
     unknown = [k for k in state if k not in current]
     missing = [k for k in current if k not in state]
+    if frozen_may_be_missing:
+        trainable = set(trainable_keys(model))
+        missing_trainable = [k for k in missing if k in trainable]
+        partial = not missing_trainable
+        missing = missing_trainable or missing
     if unknown or (missing and not partial):
         raise ModelError(f"adapter state does not match the model: unknown {unknown[:3]}, missing {missing[:3]}")
     for key, array in state.items():

@@ -80,6 +80,19 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    # The PEFT method (an entry of fedtune.adapters.ADAPTER_METHODS): "lora" today, with
+    # its options in [lora] (FFA-LoRA is one of them).
+    method: str = "lora"
+
+    def __post_init__(self) -> None:
+        from fedtune.adapters import ADAPTER_METHODS  # the one registry: a new method is one entry there
+
+        if self.method not in ADAPTER_METHODS:
+            _fail("adapter.method", self.method, f"one of {', '.join(ADAPTER_METHODS)}")
+
+
+@dataclass(frozen=True)
 class DPConfig:
     # DP-SGD on (true) or a NON-PRIVATE baseline (false). Non-private runs must be
     # asked for explicitly and are labelled NON-PRIVATE in every output.
@@ -372,6 +385,7 @@ class FederationConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     dp: DPConfig = field(default_factory=DPConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

@@ -74,7 +74,7 @@ class FederationServer:
             return None
         checkpoint = load_checkpoint(path)
         saved = config_from_toml_text(str(checkpoint.meta.get("config", "")), source=str(path))
-        if saved.model != config.model or saved.lora != config.lora:
+        if (saved.model, saved.adapter, saved.lora) != (config.model, config.adapter, config.lora):
             raise FedtuneError(f"{path}: checkpoint was made for another model or LoRA config; use a new run dir")
         return checkpoint
 

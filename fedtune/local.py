@@ -16,6 +16,7 @@ from typing import Callable
 
 from torch.utils.data import TensorDataset
 
+from fedtune.adapters import attach_adapter
 from fedtune.adapter import save_adapter_dir, state_nbytes, state_num_parameters, trainable_state
 from fedtune.atomic import append_jsonl, atomic_write_json, atomic_write_text
 from fedtune.privacy.budget import BudgetStore, data_fingerprint, default_budget_dir
@@ -25,7 +26,7 @@ from fedtune.datasets_builtin import Table
 from fedtune.dp_train import train_call
 from fedtune.errors import BudgetExhaustedError, FedtuneError
 from fedtune.evaluate import evaluate, majority_baseline
-from fedtune.model import attach_lora, load_base_model, load_tokenizer, resolve_device, resolve_model_path
+from fedtune.model import load_base_model, load_tokenizer, resolve_device, resolve_model_path
 from fedtune.model_card import base_model_reference, model_card
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.planning import DPPlan, new_ledger, plan_training
@@ -108,7 +109,7 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
 def build_model(config: Config, tokenizer, num_labels: int | None):
     """Base model (frozen) + seeded LoRA adapter on the configured device."""
     base = load_base_model(resolve_model_path(config.model), config.model.task, num_labels, tokenizer.pad_token_id)
-    model = attach_lora(base, config.lora, config.model.task, config.training.seed)
+    model = attach_adapter(base, config)
     return model.to(resolve_device(config.model.device))
 
 

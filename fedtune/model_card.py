@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from fedtune.adapters import describe_adapter
 from fedtune.config import Config
 
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled package ships (never fetched)
@@ -41,8 +42,7 @@ def model_card(config: Config, privacy_lines: list[str], trained: str) -> str:
         "",
         f"- base model: `{base_model_reference(config)}` (load it locally; nothing here downloads it)",
         f"- task: {config.model.task}; labels: {labels}",
-        f"- adapter: LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}"
-        + (", FFA-LoRA (A frozen)" if config.lora.ffa else "") + f"; max sequence length {config.model.max_seq_len}",
+        f"- adapter: {describe_adapter(config)}; max sequence length {config.model.max_seq_len}",
         f"- trained: {trained}",
         "",
         "## Privacy",

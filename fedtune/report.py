@@ -160,6 +160,7 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
         lines += [f"**{REPRODUCIBLE_LABEL}** (dp.noise_seed was set: anyone with the seed can replay this run's noise).", ""]
     config_path = run_dir / "config.toml"
     if config_path.is_file():
+        from fedtune.adapters import describe_adapter
         from fedtune.config import config_from_toml_text
 
         config = config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path))
@@ -168,8 +169,8 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
         lines += [f"- data: `{data}`, {fed.num_clients} clients ({fed.partitioner}"
                   + (f", alpha {fed.dirichlet_alpha:g}" if fed.partitioner == "dirichlet" else "") + f"), "
                   f"{fed.clients_per_round} per round, {len(metrics)} of {t.rounds} rounds done",
-                  f"- model: `{config.model.path or 'all-MiniLM-L6-v2 (bundled)'}`, LoRA rank {config.lora.rank}"
-                  + (", FFA-LoRA" if config.lora.ffa else "") + f", {t.epochs} local epoch(s), batch {t.batch_size}, lr {t.learning_rate:g}",
+                  f"- model: `{config.model.path or 'all-MiniLM-L6-v2 (bundled)'}`, {describe_adapter(config)}"
+                  f", {t.epochs} local epoch(s), batch {t.batch_size}, lr {t.learning_rate:g}",
                   "- privacy: " + (f"record-level DP-SGD per client, target epsilon {dp.target_epsilon:g}" if dp.enabled
                                    else "**NON-PRIVATE** (no differential privacy)"),
                   ""]

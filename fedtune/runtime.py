@@ -37,7 +37,7 @@ class ModelCache:
 
     @staticmethod
     def key(config: Config, num_labels: int | None) -> tuple:
-        return (config.model, config.lora, config.training.seed, num_labels)
+        return (config.model, config.adapter, config.lora, config.training.seed, num_labels)
 
     def get(self, config: Config, num_labels: int | None):
         key = self.key(config, num_labels)

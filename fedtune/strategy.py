@@ -101,9 +101,9 @@ class Strategy:
                            self.randomness.numpy_generator("server", "cohort", server_round))
 
     def payload(self, server_round: int, adapter: Mapping[str, np.ndarray], travel_keys: list[str]):
-        """Round 1 (or no FFA): the whole adapter. FFA-LoRA later: only what trains; every
-        node rebuilds the frozen A from the shared seed."""
-        if server_round == 1 or not self.config.lora.ffa:
+        """Round 1: the whole adapter. Later: only what trains; tensors a method freezes at
+        their seeded init (FFA-LoRA's A) never change, and every node rebuilds them."""
+        if server_round == 1:
             return OrderedDict(adapter)
         return OrderedDict((k, adapter[k]) for k in travel_keys)
 

@@ -67,3 +67,22 @@ def test_merged_model_matches_adapter(trained, tiny_bert, tmp_path):
     merged_dir = save_merged(fresh.model, tmp_path / "merged", trained.tokenizer)
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
     assert torch.allclose(_logits(merged, trained), expected, atol=1e-5)
+
+
+def test_only_frozen_tensors_may_be_left_out_of_a_payload(tiny_bert, sentiment_csv):
+    """FFA-LoRA sends B only after round 1 (A is frozen at its seeded init); a payload that
+    leaves out a tensor that trains is refused, so a model shared by virtual clients never
+    keeps another client's trained values."""
+    import pytest
+
+    from fedtune.adapter import load_state, trainable_keys
+    from fedtune.errors import ModelError
+
+    node = prepare_node(tiny_config(tiny_bert, sentiment_csv, lora={"ffa": True}))
+    full = adapter_state(node.model)
+    travelling = {k: full[k] for k in trainable_keys(node.model)}
+    assert len(travelling) < len(full)
+    load_state(node.model, travelling, frozen_may_be_missing=True)
+    without_b = {k: v for k, v in full.items() if ".lora_B." not in k}
+    with pytest.raises(ModelError, match="missing"):
+        load_state(node.model, without_b, frozen_may_be_missing=True)

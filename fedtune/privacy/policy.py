@@ -36,6 +36,7 @@ OWNERS: dict[str, tuple[str, str]] = {
     "model.task": (SERVER, "the federation's task"),
     "model.max_seq_len": (SERVER, "tokens per example: compute, not privacy"),
     "model.device": (NODE, "the node's hardware"),
+    "adapter.method": (SERVER, "the PEFT method every node attaches (fedtune.adapters)"),
     "lora.rank": (SERVER, "adapter shape: every node must match to be averaged"),
     "lora.alpha": (SERVER, "adapter scaling, federation-wide"),
     "lora.dropout": (SERVER, "regularisation, federation-wide"),
