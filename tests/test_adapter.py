@@ -75,7 +75,7 @@ def test_only_frozen_tensors_may_be_left_out_of_a_payload(tiny_bert, sentiment_c
     keeps another client's trained values."""
     import pytest
 
-    from fedtune.adapter import load_state, trainable_keys
+    from fedtune.adapter import adapter_state, load_state, trainable_keys
     from fedtune.errors import ModelError
 
     node = prepare_node(tiny_config(tiny_bert, sentiment_csv, lora={"ffa": True}))
