@@ -25,38 +25,30 @@ from fedtune.quiet import VERBOSE_ENV, quiet_libraries
 if TYPE_CHECKING:
     from fedtune.config import Config
 
-# CLI flag -> (config key, value transform). Flags are shortcuts for `--set key=value`.
-TRAIN_FLAGS: dict[str, tuple[str, str, type]] = {
-    "dataset": ("data.dataset", "named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes)", str),
-    "data": ("data.path", "local CSV / JSONL / Parquet file (instead of --dataset)", str),
-    "text_column": ("data.text_column", "text column of --data", str),
-    "label_column": ("data.label_column", "label column of --data", str),
-    "eval_data": ("data.eval_path", "separate evaluation file (instead of a split)", str),
-    "max_examples": ("data.max_examples", "use at most N examples (0 = all)", int),
-    "model": ("model.path", "local transformers model folder (default: bundled all-MiniLM-L6-v2)", str),
-    "task": ("model.task", "classification or causal-lm", str),
-    "max_seq_len": ("model.max_seq_len", "tokens per example", int),
-    "device": ("model.device", "auto, cpu or cuda[:N]", str),
-    "precision": ("training.precision", "fp32, or bf16 autocast for the forward pass", str),
-    "epsilon": ("dp.target_epsilon", "target epsilon for the whole planned training", float),
-    "delta": ("dp.delta", "delta (0 = automatic, 1/(10 n))", float),
-    "noise_multiplier": ("dp.noise_multiplier", "fixed noise multiplier (0 = calibrate from --epsilon)", float),
-    "max_grad_norm": ("dp.max_grad_norm", "per-example clipping norm", float),
-    "accountant": ("dp.accountant", "rdp or prv", str),
-    "grad_sample_mode": ("dp.grad_sample_mode", "hooks or ghost", str),
-    "rank": ("lora.rank", "LoRA rank", int),
-    "alpha": ("lora.alpha", "LoRA alpha", float),
-    "epochs": ("training.epochs", "local epochs per call", int),
-    "rounds": ("training.rounds", "planned training calls (noise is calibrated for all)", int),
-    "batch_size": ("training.batch_size", "expected (Poisson) batch size", int),
-    "lr": ("training.learning_rate", "learning rate", float),
-    "optimizer": ("training.optimizer", "adamw or sgd", str),
-    "seed": ("training.seed", "seed", int),
-    "max_epsilon": ("node.max_epsilon", "hard cap on this data's epsilon over every run (default: --epsilon)", float),
-    "budget_dir": ("node.budget_dir", "folder of per-data privacy budgets (default ~/.fedtune/budgets)", str),
-    "noise_seed": ("dp.noise_seed", "reproducible noise from this seed: tests and simulations only, never production "
-                   "(default -1: secret, from OS entropy)", int),
-}
+NODE_SECTIONS = ("model", "adapter", "lora", "dp", "training", "data", "node")  # what train-local reads
+
+
+def config_flags(sections=NODE_SECTIONS) -> dict[str, tuple[str, str, type]]:
+    """CLI flag -> (config key, help, type), generated from the config fields that name a
+    flag in their metadata (`fedtune.config.opt`): the help and defaults are the fields'."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from fedtune.config import SECTIONS
+
+    flags = {}
+    for section in sections:
+        kind = SECTIONS[section]
+        hints = get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            name = f.metadata.get("flag")
+            if name:
+                help_text = f"{f.metadata['help']} ({section}.{f.name}; default {f.default!r})".replace("%", "%%")
+                flags[name] = (f"{section}.{f.name}", help_text, hints[f.name])
+    return flags
+
+
+TRAIN_FLAGS = config_flags()
 
 
 def add_config_flags(parser, flags: dict, config_help: str) -> None:
@@ -65,7 +57,7 @@ def add_config_flags(parser, flags: dict, config_help: str) -> None:
     parser.set_defaults(config_flags=flags)
     parser.add_argument("--config", help=config_help)
     for name, (key, text, kind) in flags.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"{text} ({key})")
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
     parser.add_argument("--ffa", action="store_true", default=None, help="FFA-LoRA: freeze A, train only B (lora.ffa)")
     parser.add_argument("--freeze-head", action="store_true", default=None, help="do not train the head (lora.train_head=false)")
     parser.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (a labelled baseline)")

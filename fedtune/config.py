@@ -26,6 +26,13 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
 
 
+def opt(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field that carries its own help (as peft's configs do) and, optionally, the
+    name of its command-line flag: `fedtune --help` is generated from these, so it never
+    drifts from the defaults."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 def _fail(key: str, value: Any, expected: str) -> None:
     error = ConfigError(f"{key} = {value!r}: expected {expected}")
     error.key = key  # a node refusing a request names the field
@@ -34,15 +41,10 @@ def _fail(key: str, value: Any, expected: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # Local directory of a transformers model; "" means the bundled all-MiniLM-L6-v2.
-    path: str = ""
-    # "classification" (sequence classification) or "causal-lm" (next-token loss).
-    task: str = "classification"
-    # Tokens per example. 64 keeps a CPU node fast (a news lead, a tweet, most of a
-    # review); raise it for long documents: time per step grows about linearly.
-    max_seq_len: int = 64
-    # "auto" picks CUDA when present, else CPU.
-    device: str = "auto"
+    path: str = opt("", "Local directory of a transformers model; \"\" means the bundled all-MiniLM-L6-v2.", flag="model")
+    task: str = opt("classification", "\"classification\" (sequence classification) or \"causal-lm\" (next-token loss).", flag="task")
+    max_seq_len: int = opt(64, "Tokens per example. 64 keeps a CPU node fast (a news lead, a tweet, most of a review); raise it for long documents: time per step grows about linearly.", flag="max_seq_len")
+    device: str = opt("auto", "\"auto\" picks CUDA when present, else CPU.", flag="device")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -55,20 +57,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    # LoRA rank. 8 is the common default for BERT-size encoders (Hu et al. 2021).
-    rank: int = 8
-    # Scaling numerator: the update is scaled by alpha / rank.
-    alpha: float = 16.0
-    # Dropout on the LoRA input. 0 by default: DP noise already regularises.
-    dropout: float = 0.0
-    # Module names to adapt; empty means peft's default for the architecture.
-    target_modules: tuple[str, ...] = ()
-    # Train the classification head (classification only). A fresh head must train
-    # unless it was trained before; freezing it is for ablations.
-    train_head: bool = True
-    # FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains, so
-    # federated averaging is exact and half the tensors travel.
-    ffa: bool = False
+    rank: int = opt(8, "LoRA rank. 8 is the common default for BERT-size encoders (Hu et al. 2021).", flag="rank")
+    alpha: float = opt(16.0, "Scaling numerator: the update is scaled by alpha / rank.", flag="lora_alpha")
+    dropout: float = opt(0.0, "Dropout on the LoRA input. 0 by default: DP noise already regularises.")
+    target_modules: tuple[str, ...] = opt((), "Module names to adapt; empty means peft's default for the architecture.")
+    train_head: bool = opt(True, "Train the classification head (classification only). A fresh head must train unless it was trained before; freezing it is for ablations.")
+    ffa: bool = opt(False, "FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains, so federated averaging is exact and half the tensors travel.")
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -81,9 +75,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    # The PEFT method (an entry of fedtune.adapters.ADAPTER_METHODS): "lora" today, with
-    # its options in [lora] (FFA-LoRA is one of them).
-    method: str = "lora"
+    method: str = opt("lora", "The PEFT method (an entry of fedtune.adapters.ADAPTER_METHODS): \"lora\" today, with its options in [lora] (FFA-LoRA is one of them).", flag="adapter")
 
     def __post_init__(self) -> None:
         from fedtune.adapters import ADAPTER_METHODS  # the one registry: a new method is one entry there
@@ -94,30 +86,15 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    # DP-SGD on (true) or a NON-PRIVATE baseline (false). Non-private runs must be
-    # asked for explicitly and are labelled NON-PRIVATE in every output.
-    enabled: bool = True
-    # Budget for everything this node will ever release (all rounds x local epochs).
-    target_epsilon: float = 8.0
-    # 0 means automatic: 1 / (10 n) for n training examples, well under 1/n.
-    delta: float = 0.0
-    # Fixed noise multiplier; 0 means calibrate it from target_epsilon for the planned run.
-    noise_multiplier: float = 0.0
-    # Per-example clipping norm C (Opacus max_grad_norm).
-    max_grad_norm: float = 1.0
-    # "rdp" or "prv" (Opacus accountants).
-    accountant: str = "rdp"
-    # "hooks" (default; cheapest for LoRA) or "ghost" (ghost clipping, two backwards).
-    grad_sample_mode: str = "hooks"
-    # Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's
-    # floating-point-attack mitigation). Needs the torchcsprng package, which does not
-    # install for current torch; without it the noise is already secret (`noise_seed`).
-    secure_mode: bool = False
-    # -1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw
-    # from generators seeded per call from OS entropy, so nobody can replay them. >= 0:
-    # reproducible from this seed, for simulations and tests only; every output of such a
-    # run says "reproducible noise: not for production". A node never takes it from a server.
-    noise_seed: int = -1
+    enabled: bool = opt(True, "DP-SGD on (true) or a NON-PRIVATE baseline (false). Non-private runs must be asked for explicitly and are labelled NON-PRIVATE in every output.")
+    target_epsilon: float = opt(8.0, "The target of this training (all its planned rounds x local epochs): the noise is calibrated for it. The hard cap over every run on the data is node.max_epsilon.", flag="epsilon")
+    delta: float = opt(0.0, "0 means automatic: 1 / (10 n) for n training examples, well under 1/n.", flag="delta")
+    noise_multiplier: float = opt(0.0, "Fixed noise multiplier; 0 means calibrate it from target_epsilon for the planned run.", flag="noise_multiplier")
+    max_grad_norm: float = opt(1.0, "Per-example clipping norm C (Opacus max_grad_norm).", flag="max_grad_norm")
+    accountant: str = opt("rdp", "\"rdp\" or \"prv\" (Opacus accountants).", flag="accountant")
+    grad_sample_mode: str = opt("hooks", "\"hooks\" (default; cheapest for LoRA) or \"ghost\" (ghost clipping, two backwards).", flag="grad_sample_mode")
+    secure_mode: bool = opt(False, "Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's floating-point-attack mitigation). Needs the torchcsprng package, which does not install for current torch; without it the noise is already secret (`noise_seed`).")
+    noise_seed: int = opt(-1, "-1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw from generators seeded per call from OS entropy, so nobody can replay them. >= 0: reproducible from this seed, for simulations and tests only; every output of such a run says \"reproducible noise: not for production\". A node never takes it from a server.", flag="noise_seed")
 
     def __post_init__(self) -> None:
         # bounded, so that no value (sent by a server, say) can hang the accountant
@@ -150,24 +127,14 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    # Local epochs per training call (per federated round).
-    epochs: int = 3
-    # Planned training calls (federated rounds); the noise is calibrated for all of them.
-    rounds: int = 1
-    # Expected batch size; with Poisson sampling the real size varies around it.
-    batch_size: int = 32
-    # AdamW / SGD learning rate. LoRA under DP likes large rates (Yu et al. 2022).
-    learning_rate: float = 1e-2
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    # Seeds what the whole federation must share or may know: LoRA init (FFA-LoRA's frozen A
-    # must be the same on every node), the validation split, simulation partitions. Never
-    # the DP noise or the Poisson batches (see dp.noise_seed).
-    seed: int = 0
-    # "fp32", or "bf16": the forward pass under torch.autocast (weights, gradients, Opacus's
-    # per-sample clipping and noise stay fp32). No "fp16": it needs loss scaling, and a
-    # scaled loss scales every per-sample gradient before DP-SGD clips it.
-    precision: str = "fp32"
+    epochs: int = opt(3, "Local epochs per training call (per federated round).", flag="epochs")
+    rounds: int = opt(1, "Planned training calls (federated rounds); the noise is calibrated for all of them.", flag="rounds")
+    batch_size: int = opt(32, "Expected batch size; with Poisson sampling the real size varies around it.", flag="batch_size")
+    learning_rate: float = opt(1e-2, "AdamW / SGD learning rate. LoRA under DP likes large rates (Yu et al. 2022).", flag="lr")
+    optimizer: str = opt("adamw", "\"adamw\" or \"sgd\".", flag="optimizer")
+    weight_decay: float = opt(0.0, "Weight decay of the local optimizer.")
+    seed: int = opt(0, "Seeds what the whole federation must share or may know: LoRA init (FFA-LoRA's frozen A must be the same on every node), the validation split, simulation partitions. Never the DP noise or the Poisson batches (see dp.noise_seed).", flag="seed")
+    precision: str = opt("fp32", "\"fp32\", or \"bf16\": the forward pass under torch.autocast (weights, gradients, Opacus's per-sample clipping and noise stay fp32). No \"fp16\": it needs loss scaling, and a scaled loss scales every per-sample gradient before DP-SGD clips it.", flag="precision")
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -189,22 +156,14 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes) ...
-    dataset: str = "bbc-news"
-    # ... or a local CSV / JSONL / Parquet file (takes precedence when set).
-    path: str = ""
-    text_column: str = "text"
-    # Ignored for causal-lm.
-    label_column: str = "label"
-    # Held-out share for validation, split with training.seed.
-    val_fraction: float = 0.15
-    # Optional separate evaluation file (same columns); replaces the split when set.
-    eval_path: str = ""
-    # Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.
-    max_examples: int = 0
-    # The label set, in id order. Empty: inferred from the training data (one node).
-    # A federation must fix it so that every node maps labels to the same ids.
-    labels: tuple[str, ...] = ()
+    dataset: str = opt("bbc-news", "A named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes) ...", flag="dataset")
+    path: str = opt("", "... or a local CSV / JSONL / Parquet file (takes precedence when set).", flag="data")
+    text_column: str = opt("text", "The column of the node's file that holds the text.", flag="text_column")
+    label_column: str = opt("label", "The column of the node's file that holds the label (ignored for causal-lm).", flag="label_column")
+    val_fraction: float = opt(0.15, "Held-out share for validation, split with training.seed.")
+    eval_path: str = opt("", "Optional separate evaluation file (same columns); replaces the split when set.", flag="eval_data")
+    max_examples: int = opt(0, "Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.", flag="max_examples")
+    labels: tuple[str, ...] = opt((), "The label set, in id order. Empty: inferred from the training data (one node). A federation must fix it so that every node maps labels to the same ids.")
 
     def __post_init__(self) -> None:
         if not self.dataset and not self.path:
@@ -228,29 +187,13 @@ class NodeConfig:
     policy file), never from the server; in train-local and simulation this section is
     the policy of the node (of every virtual client)."""
 
-    # Hard cap on epsilon over everything ever released from this data: every run, every
-    # round, released metrics included. 0 = dp.target_epsilon (train-local, simulation); a
-    # deployed node must set it (`fedtune client --max-epsilon`).
-    max_epsilon: float = 0.0
-    # Where this node's budgets live: one ledger per data fingerprint, so the same data
-    # continues the same budget whatever the run folder or state dir. "" = $FEDTUNE_HOME/
-    # budgets (~/.fedtune/budgets); a simulation keeps each virtual client's in its state dir.
-    budget_dir: str = ""
-    # The training loss on private batches leaves the node "off" (default) or "dp": the
-    # final adapter's mean loss on the training rows, clipped and noised (Gaussian, charged).
-    release_train_loss: str = "off"
-    # Federated evaluation metrics: "off" (default; the node refuses evaluation requests) or
-    # "dp": a noised count of correct predictions and a noised clipped loss sum, charged.
-    release_evaluation: str = "off"
-    # Noise multiplier of each metric release (Gaussian mechanism, sensitivity-normalised).
-    # 5 costs little next to DP-SGD but leaves a +-7 example error on a count of correct
-    # predictions: metrics on small validation sets are rough under DP.
-    metric_noise_multiplier: float = 5.0
-    # Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).
-    metric_loss_clip: float = 5.0
-    # Evaluation requests the node answers per round it trains (counted by the node, not by the
-    # round number a message claims); more are refused.
-    max_evaluations_per_round: int = 1
+    max_epsilon: float = opt(0.0, "Hard cap on epsilon over everything ever released from this data: every run, every round, released metrics included. 0 = dp.target_epsilon (train-local, simulation); a deployed node must set it (`fedtune client --max-epsilon`).", flag="max_epsilon")
+    budget_dir: str = opt("", "Where this node's budgets live: one ledger per data fingerprint, so the same data continues the same budget whatever the run folder or state dir. \"\" = $FEDTUNE_HOME/ budgets (~/.fedtune/budgets); a simulation keeps each virtual client's in its state dir.", flag="budget_dir")
+    release_train_loss: str = opt("off", "The training loss on private batches leaves the node \"off\" (default) or \"dp\": the final adapter's mean loss on the training rows, clipped and noised (Gaussian, charged).")
+    release_evaluation: str = opt("off", "Federated evaluation metrics: \"off\" (default; the node refuses evaluation requests) or \"dp\": a noised count of correct predictions and a noised clipped loss sum, charged.")
+    metric_noise_multiplier: float = opt(5.0, "Noise multiplier of each metric release (Gaussian mechanism, sensitivity-normalised). 5 costs little next to DP-SGD but leaves a +-7 example error on a count of correct predictions: metrics on small validation sets are rough under DP.")
+    metric_loss_clip: float = opt(5.0, "Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).")
+    max_evaluations_per_round: int = opt(1, "Evaluation requests the node answers per round it trains (counted by the node, not by the round number a message claims); more are refused.")
 
     def __post_init__(self) -> None:
         if self.max_epsilon < 0 or math.isinf(self.max_epsilon) or math.isnan(self.max_epsilon):
@@ -273,65 +216,30 @@ PARTITIONERS = ("iid", "dirichlet", "natural", "files")
 
 @dataclass(frozen=True)
 class FederationConfig:
-    # Clients sampled per round, and the fewest valid replies a round may aggregate.
-    clients_per_round: int = 3
-    min_clients: int = 2
-    # Reject replies whose update (reply - global) has a larger L2 norm; 0 = no bound.
-    max_update_norm: float = 100.0
-    # Clip every update to this multiple of the round's median update norm (adaptive, as
-    # adaptive-clipping DP does); 0 = off. Needs 3+ replies to mean anything.
-    adaptive_norm_bound: float = 3.0
-    # No reply weighs more than this multiple of the round's median claimed example count
-    # (a node claiming a billion rows counts like this many typical nodes); 0 = no cap.
-    # Honest silos of very different sizes are capped too: raise it for natural partitions.
-    weight_cap: float = 4.0
-    # How updates combine: "mean" (FedAvg, weighted), "median" or "trimmed-mean"
-    # (coordinate-wise, unweighted, as Flower's FedMedian / FedTrimmedAvg).
-    aggregator: str = "mean"
-    # Share cut at each end per coordinate by "trimmed-mean".
-    trim_fraction: float = 0.2
-    # "fedavg", or a server optimizer on the averaged update (Reddi et al. 2021).
-    server_optimizer: str = "fedavg"
-    server_learning_rate: float = 0.01
-    # FedProx mu: after each local step, pull the adapter towards the round's global
-    # (a decoupled proximal step: post-processing of the DP gradient, privacy-free).
-    proximal_mu: float = 0.0
-    # User-level DP (DP-FedAvg): clip each client update to this norm (0 = off) ...
-    user_dp_clip: float = 0.0
-    # ... and add Gaussian noise of this multiplier x clip to the sum.
-    user_dp_noise: float = 0.0
-    # How the server picks each round's cohort from the nodes actually registered:
-    # "fixed" (clients_per_round of them, without replacement) or "poisson" (each node
-    # independently with rate clients_per_round / registered nodes). Both from secret
-    # randomness. User-level DP is accounted for the sampling used: Poisson with
-    # amplification at that rate, fixed-size cohorts without amplification (q = 1).
-    cohort_sampling: str = "fixed"
-    # How many nodes (users) the federation has, as the operator declares it; user-level
-    # delta defaults to 1 / (10 x population). A simulation uses num_clients when 0.
-    population: int = 0
-    # User-level delta; 0 = 1 / (10 x population).
-    user_dp_delta: float = 0.0
-    # Simulation: virtual clients and how the dataset is split among them.
-    num_clients: int = 3
-    # "iid", "dirichlet" (over labels, alpha below), "natural" (one client per value of
-    # partition_column, e.g. a hospital id) or "files" (one client per file in client_files).
-    # With natural and files the number of clients is the number of values / files.
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
-    partition_column: str = ""
-    # A folder of per-client data files (.csv / .jsonl / .parquet), taken in name order.
-    client_files: str = ""
-    # Ray: "" starts a local Ray for the simulation; "auto" or "HOST:PORT" attaches to a
-    # running Ray cluster (its workers must have fedtune installed).
-    ray_address: str = ""
-    # Seconds the server waits for a round's replies.
-    round_timeout: float = 3600.0
-    # Central evaluation (the server scores each new global adapter on one held-out set):
-    # a file the operator owns (same columns as the clients' data) ...
-    central_eval_path: str = ""
-    # ... or, in simulation, this share of the dataset kept back before partitioning.
-    # With neither, evaluation is federated (sampled clients' validation splits).
-    central_holdout: float = 0.0
+    clients_per_round: int = opt(3, "Nodes sampled per round (the expected number under Poisson cohorts).", flag="clients_per_round")
+    min_clients: int = opt(2, "The fewest valid replies a round may aggregate.", flag="min_clients")
+    max_update_norm: float = opt(100.0, "Reject replies whose update (reply - global) has a larger L2 norm; 0 = no bound.")
+    adaptive_norm_bound: float = opt(3.0, "Clip every update to this multiple of the round's median update norm (adaptive, as adaptive-clipping DP does); 0 = off. Needs 3+ replies to mean anything.")
+    weight_cap: float = opt(4.0, "No reply weighs more than this multiple of the round's median claimed example count (a node claiming a billion rows counts like this many typical nodes); 0 = no cap. Honest silos of very different sizes are capped too: raise it for natural partitions.")
+    aggregator: str = opt("mean", "How updates combine: \"mean\" (FedAvg, weighted), \"median\" or \"trimmed-mean\" (coordinate-wise, unweighted, as Flower's FedMedian / FedTrimmedAvg).")
+    trim_fraction: float = opt(0.2, "Share cut at each end per coordinate by \"trimmed-mean\".")
+    server_optimizer: str = opt("fedavg", "\"fedavg\", or a server optimizer on the averaged update (Reddi et al. 2021).", flag="server_optimizer")
+    server_learning_rate: float = opt(0.01, "Learning rate of the server optimizer (FedAdam / FedYogi).")
+    proximal_mu: float = opt(0.0, "FedProx mu: after each local step, pull the adapter towards the round's global (a decoupled proximal step: post-processing of the DP gradient, privacy-free).")
+    user_dp_clip: float = opt(0.0, "User-level DP (DP-FedAvg): clip each client update to this norm (0 = off) ...")
+    user_dp_noise: float = opt(0.0, "... and add Gaussian noise of this multiplier x clip to the sum.")
+    cohort_sampling: str = opt("fixed", "How the server picks each round's cohort from the nodes actually registered: \"fixed\" (clients_per_round of them, without replacement) or \"poisson\" (each node independently with rate clients_per_round / registered nodes). Both from secret randomness. User-level DP is accounted for the sampling used: Poisson with amplification at that rate, fixed-size cohorts without amplification (q = 1).")
+    population: int = opt(0, "How many nodes (users) the federation has, as the operator declares it; user-level delta defaults to 1 / (10 x population). A simulation uses num_clients when 0.")
+    user_dp_delta: float = opt(0.0, "User-level delta; 0 = 1 / (10 x population).")
+    num_clients: int = opt(3, "Simulation: virtual clients and how the dataset is split among them.", flag="num_clients")
+    partitioner: str = opt("iid", "\"iid\", \"dirichlet\" (over labels, alpha below), \"natural\" (one client per value of partition_column, e.g. a hospital id) or \"files\" (one client per file in client_files). With natural and files the number of clients is the number of values / files.", flag="partitioner")
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over labels: small = skewed clients.", flag="alpha")
+    partition_column: str = opt("", "The column whose values make the clients of the \"natural\" partitioner.")
+    client_files: str = opt("", "A folder of per-client data files (.csv / .jsonl / .parquet), taken in name order.")
+    ray_address: str = opt("", "Ray: \"\" starts a local Ray for the simulation; \"auto\" or \"HOST:PORT\" attaches to a running Ray cluster (its workers must have fedtune installed).")
+    round_timeout: float = opt(3600.0, "Seconds the server waits for a round's replies.")
+    central_eval_path: str = opt("", "Central evaluation (the server scores each new global adapter on one held-out set): a file the operator owns (same columns as the clients' data) ...")
+    central_holdout: float = opt(0.0, "... or, in simulation, this share of the dataset kept back before partitioning. With neither, evaluation is federated (sampled clients' validation splits).")
 
     def __post_init__(self) -> None:
         if self.clients_per_round <= 0:

@@ -6,16 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fedtune.cli import TRAIN_FLAGS, add_config_flags, config_from_args
+from fedtune.cli import NODE_SECTIONS, add_config_flags, config_flags, config_from_args
 
-SIMULATE_FLAGS: dict[str, tuple[str, str, type]] = {
-    "num_clients": ("federation.num_clients", "virtual clients", int),
-    "clients_per_round": ("federation.clients_per_round", "clients sampled per round", int),
-    "min_clients": ("federation.min_clients", "fewest valid replies a round may aggregate", int),
-    "partitioner": ("federation.partitioner", "iid, dirichlet, natural or files", str),
-    "alpha": ("federation.dirichlet_alpha", "Dirichlet concentration", float),
-    "server_optimizer": ("federation.server_optimizer", "fedavg, fedadam or fedyogi", str),
-}
+SIMULATE_FLAGS = config_flags(NODE_SECTIONS + ("federation",))  # the nodes' and the federation's fields
 DEFAULT_TEXT = "simulations/default.toml (BBC News, 5 clients, all 5 every round, 5 rounds, epsilon 8)"
 
 
@@ -25,7 +18,7 @@ def register_simulate(subparsers) -> None:
         help="federated fine-tuning of virtual clients on this host (Flower simulation engine)",
         description=f"Run a federation of virtual clients with Flower's simulation engine. With no arguments: {DEFAULT_TEXT}.",
     )
-    add_config_flags(parser, {**TRAIN_FLAGS, **SIMULATE_FLAGS}, "TOML config (default: simulations/default.toml)")
+    add_config_flags(parser, SIMULATE_FLAGS, "TOML config (default: simulations/default.toml)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client")
     parser.add_argument("--gpus-per-client", type=float, default=None,
                         help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
@@ -56,7 +49,7 @@ def register_sweep(subparsers) -> None:
         "on top of a base config; a re-run skips finished cells. Writes results.csv, results.md and "
         "results.png with the centralized non-private baseline as the reference row.",
     )
-    add_config_flags(parser, {**TRAIN_FLAGS, **SIMULATE_FLAGS}, "base TOML config (default: simulations/default.toml)")
+    add_config_flags(parser, SIMULATE_FLAGS, "base TOML config (default: simulations/default.toml)")
     parser.add_argument("--epsilons", default="1,3,8,inf", help="target epsilons; inf = non-private (default 1,3,8,inf)")
     parser.add_argument("--clients", help="numbers of clients (default: the base config's)")
     parser.add_argument("--partitions", default="iid", help="iid and/or Dirichlet alphas, e.g. iid,0.3 (default iid)")

@@ -55,3 +55,20 @@ def test_bad_toml_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_every_field_carries_its_help_and_the_flags_come_from_it():
+    import dataclasses
+
+    from fedtune.cli import config_flags
+    from fedtune.config import SECTIONS, Config
+
+    for section, kind in SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            assert f.metadata.get("help"), f"{section}.{f.name} has no help"
+    flags = config_flags(tuple(SECTIONS))
+    defaults = Config().to_dict()
+    for name, (key, text, _) in flags.items():
+        section, field = key.split(".")
+        assert f"default {defaults[section][field]!r}" in text, name  # help never drifts from the default
+    assert flags["alpha"][0] == "federation.dirichlet_alpha" and flags["lora_alpha"][0] == "lora.alpha"
