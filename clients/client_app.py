@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -107,7 +108,9 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         def work(setup, request, record):
             central = str(record.get("evaluation", "federated")) == "central"  # train on every row
-            return train_round(setup, request, _arrays(msg), int(record["server-round"]), central)
+            timeout = float(record.get("round-timeout", 0.0))  # the server stops waiting then: so does the node
+            deadline = time.time() + timeout if timeout > 0 else 0.0
+            return train_round(setup, request, _arrays(msg), int(record["server-round"]), central, deadline)
 
         outcome, record = _outcome(setup_for, msg, context, work, TrainOutcome)
         if outcome.status != "ok":

@@ -38,7 +38,7 @@ from fedtune.privacy.budget import (Budget, BudgetStore, LedgerLostError, StateL
 from fedtune.config import Config
 from fedtune.datasets_builtin import Table
 from fedtune.dp_train import train_call
-from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError, ModelError
+from fedtune.errors import BudgetExhaustedError, ConfigError, DeadlinePassedError, FedtuneError, ModelError
 from fedtune.local import NodeData, prepare_data
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.metric_release import exact_metrics, noisy_metrics
@@ -223,6 +223,8 @@ def _node_error(exc: BaseException) -> str:
         return "node-error: this node's state is in use by another process"
     if isinstance(exc, LedgerLostError):
         return "node-error: this node's ledger needs its operator (see the node's log)"
+    if isinstance(exc, DeadlinePassedError):
+        return "node-error: past the round's deadline; nothing released"
     return "node-error: this node could not serve the request (see the node's log)"
 
 
@@ -256,17 +258,20 @@ def _ready(ledger: PrivacyLedger, setup: NodeSetup, config: Config, data: NodeDa
 
 
 def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
-                server_round: int, central_evaluation: bool = False) -> TrainOutcome:
+                server_round: int, central_evaluation: bool = False, deadline: float = 0.0) -> TrainOutcome:
     """One round of local DP training from the global adapter, within the node's policy.
 
     `global_arrays` may be the full adapter or, in FFA-LoRA mode, only what travels (B and
     the head): the frozen A is rebuilt from the shared seed. `central_evaluation` (the
     server scores centrally) trains on all the node's rows. Nothing trains unless the
-    request fits the policy and the budget."""
-    return _guarded(lambda: _train(setup, request, global_arrays, server_round, central_evaluation), TrainOutcome)
+    request fits the policy and the budget. Past `deadline` (the server's round timeout) the
+    node stops, releases nothing and frees its slot; what it charged stays charged."""
+    return _guarded(lambda: _train(setup, request, global_arrays, server_round, central_evaluation, deadline),
+                    TrainOutcome)
 
 
-def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_evaluation: bool) -> TrainOutcome:
+def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_evaluation: bool,
+           deadline: float) -> TrainOutcome:
     config = setup.policy.config_for(request)
     state = NodeState(setup.state_dir)
     randomness = Randomness.from_setting(config.dp.noise_seed)
@@ -282,7 +287,8 @@ def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_
             persist = _persist(budget, state, data.fingerprint)
             _load_global(model, global_arrays, config)
             try:
-                result = train_call(model, data.train, config, plan, ledger, persist, label=label, randomness=randomness)
+                result = train_call(model, data.train, config, plan, ledger, persist, label=label, randomness=randomness,
+                                    deadline=deadline)
             except BudgetExhaustedError as exc:
                 state.record_round(server_round, trained=False, labels=config.data.labels or None)
                 return TrainOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), message=str(exc),

@@ -36,7 +36,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedtune.config import Config
-from fedtune.errors import AdapterNotUpdatedError
+from fedtune.errors import AdapterNotUpdatedError, DeadlinePassedError
 from fedtune.losses import PerExampleLoss, trim_batch
 from fedtune.model import trainable_named_parameters
 from fedtune.privacy.ledger import PrivacyLedger
@@ -112,6 +112,7 @@ def train_call(
     label: str = "",
     on_step: Callable[[int, float], None] | None = None,
     randomness: Randomness | None = None,
+    deadline: float = 0.0,
 ) -> TrainResult:
     """Train `model`'s adapter for `plan.epochs` local epochs and charge `ledger`.
 
@@ -120,6 +121,8 @@ def train_call(
     `randomness` draws the Poisson batches and the noise: secret unless the config asks
     for reproducible noise (`dp.noise_seed`); a reproducible stream is keyed by the data
     the ledger protects and the steps it has already charged.
+       `deadline` (a time.time() value, 0 = none): past it the call stops with
+    `DeadlinePassedError` and releases nothing; the charge stands (an over-count).
     """
     started = time.perf_counter()
     steps = plan.steps_per_call
@@ -142,7 +145,7 @@ def train_call(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), harmless_warnings_filtered():
         quiet_libraries()  # this may be a Ray worker: the driver's logging settings did not reach it
         torch.manual_seed(randomness.seed_for("dropout", *stream))
-        losses, seen, empty = _train(model, dataset, config, plan, steps, on_step, sampling, noise)
+        losses, seen, empty = _train(model, dataset, config, plan, steps, on_step, sampling, noise, deadline)
     check_adapter_changed(model, before, plan.private)
     return TrainResult(
         steps=steps,
@@ -235,7 +238,7 @@ def _attach_opacus(model, optimizer, criterion, loader, config: Config, plan: DP
 
 
 def _train(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator,
-           noise: torch.Generator):
+           noise: torch.Generator, deadline: float = 0.0):
     """The one training loop. With DP, Opacus clips per example and adds noise in the
     optimizer; without (a NON-PRIVATE baseline), the same loop runs on the same Poisson
     batches with plain steps, and an empty batch is a step with nothing to learn from."""
@@ -259,6 +262,9 @@ def _train(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sa
     try:
         for _ in range(plan.epochs):
             for batch in loader:
+                if deadline and time.time() > deadline:
+                    raise DeadlinePassedError(f"stopped after {step} of {steps} steps at the round's deadline; "
+                                              "the charge stands, nothing is released")
                 if len(batch[-1]) == 0:
                     empty += 1
                     if plan.private:

@@ -27,3 +27,7 @@ class BudgetExhaustedError(FedtuneError):
 
 class AdapterNotUpdatedError(FedtuneError):
     """Training ran but the adapter did not change (opacus#820 / peft#3409 symptom)."""
+
+
+class DeadlinePassedError(FedtuneError):
+    """A node stopped training at the round's deadline; what it charged stays charged."""

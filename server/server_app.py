@@ -121,7 +121,11 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
 
     def send(node_ids, message_type, arrays, server_round):
         record = ConfigRecord({"server-round": server_round, REQUEST_KEY: request,
-                               "evaluation": "central" if central else "federated"})
+                               "evaluation": "central" if central else "federated",
+                               # when the server stops waiting, a slow node stops training and frees
+                               # its slot for the others (in simulation: its Ray actor); a duration,
+                               # not a time, so that the machines' clocks need not agree
+                               "round-timeout": float(fed.round_timeout)})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,
                             message_type=message_type) for n in node_ids]
         what = "trained" if message_type == MessageType.TRAIN else "evaluated"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -105,11 +106,27 @@ def ray_backend(config: Config, num_cpus_per_client: float, num_gpus_per_client:
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
     init_args: dict = {"include_dashboard": False}
     if config.federation.ray_address:
+        check_ray_address(config.federation.ray_address)
         init_args["address"] = config.federation.ray_address
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
     return {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
             "init_args": init_args}
+
+
+def check_ray_address(address: str, timeout: float = 10.0) -> None:
+    """A Ray cluster's HOST:PORT that nothing answers at is a one-line error now, not a
+    round that waits for its timeout (an hour by default) and ends in tracebacks."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"federation.ray_address = {address!r}: expected \"auto\" or HOST:PORT of a Ray head")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"federation.ray_address = {address!r}: no Ray head answers there ({exc.strerror or exc}); "
+                          "start one with `ray start --head` or leave the address empty for a local Ray") from None
 
 
 def gpus_per_client(requested: float | None) -> float:
@@ -132,6 +149,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     config = prepare_simulation(config)
     run_dir = Path(run_dir)
     FederationServer.check_run_dir(config, run_dir)  # a resume that cannot work fails before any write
+    backend = ray_backend(config, num_cpus_per_client, num_gpus_per_client)  # so does an unreachable Ray cluster
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
     if config.dp.noise_seed >= 0:
@@ -139,5 +157,5 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
     run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log),
                    client_app=client_app, num_supernodes=config.federation.num_clients,
-                   backend_config=ray_backend(config, num_cpus_per_client, num_gpus_per_client))
+                   backend_config=backend)
     return run_dir

@@ -106,3 +106,18 @@ def test_reasons_are_short_and_plain():
     ray_failure = "\x1b[36mclient error: RayTaskError\x1b[0m\n" + "  frame\n" * 400 + "ValueError: the real cause"
     reason = short_reason(ray_failure)
     assert "\x1b" not in reason and reason.endswith("ValueError: the real cause") and len(reason) <= 300
+
+
+def test_a_ray_address_nobody_answers_at_is_a_one_line_error_at_once(tiny_bert, sentiment_csv, tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    _one_line_error(["simulate", "--model", str(tiny_bert), "--data", str(sentiment_csv), "--max-seq-len", "16",
+                     "--num-clients", "2", "--clients-per-round", "2", "--min-clients", "2",
+                     "--set", f'federation.ray_address="127.0.0.1:{port}"', "--out", str(tmp_path / "run")],
+                    capsys, "no Ray head answers there")
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()

@@ -203,3 +203,32 @@ def test_a_restarted_node_continues_its_ledger_and_refuses_past_its_budget(node)
     refused = _round(node, "state", 3, config=config)
     assert refused.status == "budget-exhausted" and refused.arrays is None and "exhausted" in refused.message
     assert _ledger(node).epsilon() == epsilons[1]  # never reset, never grown
+
+
+def test_a_node_past_the_rounds_deadline_stops_releases_nothing_and_keeps_the_charge(node):
+    setup = NodeSetup(NodePolicy.from_config(node["config"]), node["tmp"] / "state")
+    late = train_round(setup, server_request(node["config"]), node["arrays"], 1, deadline=time.time() - 1)
+    assert late.status == "node-error" and "deadline" in late.message and late.arrays is None
+    charged = _ledger(node)
+    assert charged.steps > 0  # stopped early: an over-count, never a refund
+    assert _round(node, "state", 2).status == "ok" and _ledger(node).steps > charged.steps
+
+
+def test_a_slow_node_past_the_deadline_leaves_the_round_to_the_others(tmp_path):
+    """The server stops waiting at round_timeout: the replies in hand are aggregated, the
+    late node is recorded, and the round completes."""
+    from collections import OrderedDict
+
+    import numpy as np
+
+    from fedtune.config import build_config
+    from fedtune.federation import ClientReply, FederationServer
+
+    config = build_config({"federation": {"clients_per_round": 3, "min_clients": 2, "num_clients": 3}})
+    reference = OrderedDict([("w", np.zeros(4, np.float32))])
+    server = FederationServer(config, tmp_path, reference, ["w"])
+    replies = [ClientReply(n, "ok", OrderedDict([("w", np.full(4, 0.1 * n, np.float32))]), 10, 1.0) for n in (1, 2)]
+    replies.append(ClientReply(3, "error", message="no reply before round_timeout"))
+    record = server.finish_round(1, replies, time.perf_counter(), 0)
+    assert record["clients_accepted"] == [1, 2] and record["clients_rejected"][0]["node"] == 3
+    assert np.allclose(server.adapter["w"], 0.15)
