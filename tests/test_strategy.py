@@ -169,3 +169,20 @@ def test_a_new_aggregator_is_one_registry_entry(tmp_path, monkeypatch):
     largest = max(REPLIES, key=lambda r: aggregate.update_norm(r.arrays, REFERENCE))
     expected = aggregate.weighted_mean([r.arrays for r in REPLIES if r is not largest], [1.0] * 4)
     assert all(np.allclose(server.adapter[k], expected[k], atol=1e-6) for k in REFERENCE)
+
+
+def test_fedprox_pulls_each_step_towards_the_rounds_global_adapter():
+    """FedProx is a request field the nodes apply: after every local step,
+    w <- w - lr * mu * (w - w_global), a step that touches no data (privacy-free)."""
+    import torch
+
+    from fedtune.dp_train import _proximal_step
+
+    config = build_config({"federation": {"proximal_mu": 0.5}, "training": {"learning_rate": 0.1}})
+    weights = [torch.nn.Parameter(torch.tensor([1.0, -2.0]))]
+    anchors = [torch.tensor([0.0, 0.0])]
+    _proximal_step(weights, anchors, config)
+    assert torch.allclose(weights[0].detach(), torch.tensor([1.0, -2.0]) * (1 - 0.1 * 0.5))
+    untouched = [torch.nn.Parameter(torch.tensor([1.0]))]
+    _proximal_step(untouched, [torch.tensor([0.0])], build_config({}))
+    assert untouched[0].item() == 1.0
