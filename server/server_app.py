@@ -91,11 +91,15 @@ def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, eval_table=None) -> FederationServer:
+def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, eval_table=None,
+                   node_time_share: float = 1.0) -> FederationServer:
     """Rounds until `training.rounds`, resuming from the run dir's checkpoint.
 
     Evaluation is central when there is a held-out table (`eval_table`, from a simulation's
-    holdout, or the operator's `federation.central_eval_path`), federated otherwise.
+    holdout, or the operator's `federation.central_eval_path`), federated otherwise. Each
+    node may train for `node_time_share` of the round's timeout: deployed nodes run side by
+    side (1.0); a simulation whose nodes queue for a few workers gives each its share, so a
+    slow one cannot take the others' time.
     """
     if config.task_is_classification and not config.data.labels:
         raise ConfigError("data.labels: a federation must fix its label set (e.g. labels = [\"neg\", \"pos\"]) "
@@ -125,7 +129,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
                                # when the server stops waiting, a slow node stops training and frees
                                # its slot for the others (in simulation: its Ray actor); a duration,
                                # not a time, so that the machines' clocks need not agree
-                               "round-timeout": float(fed.round_timeout)})
+                               "round-timeout": float(fed.round_timeout) * node_time_share})
         messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,
                             message_type=message_type) for n in node_ids]
         what = "trained" if message_type == MessageType.TRAIN else "evaluated"
@@ -224,13 +228,14 @@ def _round_line(record: dict) -> str:
     return ", ".join(parts)
 
 
-def make_server_app(config: Config, run_dir: str | Path, eval_table=None, log=print) -> ServerApp:
+def make_server_app(config: Config, run_dir: str | Path, eval_table=None, log=print,
+                    node_time_share: float = 1.0) -> ServerApp:
     """A ServerApp bound to a config object (simulation harness, tests)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir, log=log, eval_table=eval_table)
+        run_federation(grid, config, run_dir, log=log, eval_table=eval_table, node_time_share=node_time_share)
 
     return app
 

@@ -9,6 +9,7 @@ unless `federation.ray_address` names a running cluster to attach to.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import tempfile
@@ -114,6 +115,16 @@ def ray_backend(config: Config, num_cpus_per_client: float, num_gpus_per_client:
             "init_args": init_args}
 
 
+def node_time_share(config: Config, backend: dict) -> float:
+    """Each virtual node's share of a round's timeout: the cohort queues for the Ray workers
+    (CPUs / CPUs per client), so with W workers and a cohort of K a node gets 1 / ceil(K / W)
+    of the timeout, and a slow node stops before the others it queues ahead of time out."""
+    resources = backend["client_resources"]
+    cpus = backend["init_args"].get("num_cpus") or os.cpu_count() or 1
+    workers = max(1, int(cpus // max(resources["num_cpus"], 1e-9)))
+    return 1.0 / math.ceil(config.federation.clients_per_round / workers)
+
+
 def check_ray_address(address: str, timeout: float = 10.0) -> None:
     """A Ray cluster's HOST:PORT that nothing answers at is a one-line error now, not a
     round that waits for its timeout (an hour by default) and ends in tracebacks."""
@@ -155,7 +166,9 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     if config.dp.noise_seed >= 0:
         log(f"dp.noise_seed = {config.dp.noise_seed}: {REPRODUCIBLE_LABEL}")
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
-    run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log),
+    share = node_time_share(config, backend)
+    run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
+                                              node_time_share=share),
                    client_app=client_app, num_supernodes=config.federation.num_clients,
                    backend_config=backend)
     return run_dir
