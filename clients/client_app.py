@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, TrainOutcome,
                           evaluate_round, train_round)
+from clients.secagg import is_secagg, secagg_train
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy.policy import REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
 from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
@@ -100,12 +101,29 @@ def _outcome(setup_for, msg: Message, context: Context, work, outcome_type):
     return work(setup, request, record), record
 
 
+def _secure_fit(setup_for, context: Context, global_arrays: dict, fit_config: dict) -> TrainOutcome:
+    """The node's round inside a SecAgg+ round: the same checks, charge and training."""
+    try:
+        setup = setup_for(context)
+        request = parse_request(str(fit_config[REQUEST_KEY]))
+        timeout = float(fit_config.get("round-timeout", 0.0))
+        return train_round(setup, request, global_arrays, int(fit_config["server-round"]),
+                           str(fit_config.get("evaluation", "federated")) == "central",
+                           time.time() + timeout if timeout > 0 else 0.0)
+    except (FedtuneError, KeyError, TypeError, ValueError) as exc:
+        return TrainOutcome(STATUS_POLICY_REFUSED, message=f"policy-refused: message: {type(exc).__name__}")
+
+
 def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
     """A ClientApp whose node setup (policy, state dir, rows) comes from `setup_for`."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_secagg(msg):
+            return secagg_train(msg, context, lambda arrays, fit_config: _secure_fit(setup_for, context, arrays, fit_config),
+                                train_release)
+
         def work(setup, request, record):
             central = str(record.get("evaluation", "federated")) == "central"  # train on every row
             timeout = float(record.get("round-timeout", 0.0))  # the server stops waiting then: so does the node

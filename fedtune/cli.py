@@ -131,6 +131,8 @@ def _add_privacy_parser(subparsers) -> None:
     eps.add_argument("--noise-multiplier", type=float, required=True)
     plan = sub.add_parser("plan", help="smallest noise multiplier that fits a target epsilon")
     plan.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    sub.add_parser("owners", help="every config field and who decides it: the node, the server within the node's "
+                                  "policy, or the server (the table of docs/deployment.md)")
     ledger = sub.add_parser("ledger", help="recompute a ledger's epsilon with Opacus and, independently, dp-accounting")
     ledger.add_argument("path", help="a ledger file (a budget folder's ledger-*.json, or a run's ledger.json)")
     for p in (eps, plan):
@@ -239,6 +241,11 @@ def _run_privacy(args) -> int:
 
     from fedtune.privacy import PrivacyLedger, compute_epsilon, independent_epsilon, noise_for_budget
 
+    if args.privacy_command == "owners":
+        from fedtune.privacy.policy import ownership_markdown
+
+        print(ownership_markdown(), end="")
+        return 0
     if args.privacy_command == "ledger":
         ledger = PrivacyLedger.load(args.path)
         if not ledger.is_private:

@@ -223,6 +223,15 @@ class FederationConfig:
     weight_cap: float = opt(4.0, "No reply weighs more than this multiple of the round's median claimed example count (a node claiming a billion rows counts like this many typical nodes); 0 = no cap. Honest silos of very different sizes are capped too: raise it for natural partitions.")
     aggregator: str = opt("mean", "How updates combine: \"mean\" (FedAvg, weighted), \"median\" or \"trimmed-mean\" (coordinate-wise, unweighted, as Flower's FedMedian / FedTrimmedAvg).")
     trim_fraction: float = opt(0.2, "Share cut at each end per coordinate by \"trimmed-mean\".")
+    # Secure aggregation (SecAgg+, Flower's implementation): the server learns only the mean
+    # of the cohort's updates. Each node clips its update to secagg_clip before it is
+    # quantized and masked; weights are uniform (a count inside a masked vector is uncheckable).
+    secure_aggregation: bool = opt(False, "SecAgg+: the server sees only the cohort's summed update, never one node's.")
+    secagg_threshold: float = opt(0.6, "Share of a node's neighbours whose shares rebuild its masks (Flower's reconstruction_threshold); fewer surviving nodes fail the round.")
+    secagg_share_fraction: float = opt(1.0, "Share of the cohort each node shares keys with (1.0 = everyone: SecAgg; less = SecAgg+'s sparse graph).")
+    secagg_clip: float = opt(0.0, "L2 bound each node clips its own update to before masking; 0 = user_dp_clip when user-level DP is on, else max_update_norm.")
+    secagg_clipping_range: float = opt(8.0, "Coordinate range [-r, r] of the quantization (Flower's clipping_range).")
+    secagg_quantization_range: int = opt(4194304, "Quantization levels over that range (Flower's quantization_range, 2^22).")
     server_optimizer: str = opt("fedavg", "\"fedavg\", or a server optimizer on the averaged update (Reddi et al. 2021).", flag="server_optimizer")
     server_learning_rate: float = opt(0.01, "Learning rate of the server optimizer (FedAdam / FedYogi).")
     proximal_mu: float = opt(0.0, "FedProx mu: after each local step, pull the adapter towards the round's global (a decoupled proximal step: post-processing of the DP gradient, privacy-free).")
@@ -266,6 +275,16 @@ class FederationConfig:
             _fail("federation.aggregator", self.aggregator, f"one of {', '.join(AGGREGATORS)}")
         if not 0 <= self.trim_fraction < 0.5:
             _fail("federation.trim_fraction", self.trim_fraction, "a number in [0, 0.5)")
+        if self.secure_aggregation and self.aggregator != "mean":
+            _fail("federation.aggregator", self.aggregator, "'mean' with secure aggregation (robust aggregation needs "
+                  "to see each update, which the masks hide)")
+        if not 0 < self.secagg_threshold <= 1 or not 0 < self.secagg_share_fraction <= 1:
+            _fail("federation.secagg_threshold", self.secagg_threshold, "a share in (0, 1], as is secagg_share_fraction")
+        if self.secure_aggregation and self.user_dp_noise > 0 and self.secagg_clip > self.user_dp_clip:
+            _fail("federation.secagg_clip", self.secagg_clip, f"at most user_dp_clip = {self.user_dp_clip:g} (the "
+                  "sensitivity user-level noise is calibrated to), or 0")
+        if self.secagg_clip < 0 or not self.secagg_clipping_range > 0 or self.secagg_quantization_range < 2:
+            _fail("federation.secagg_clip", self.secagg_clip, "a bound >= 0, with a clipping range > 0 and 2+ levels")
         if self.user_dp_noise > 0 and self.aggregator != "mean":
             _fail("federation.aggregator", self.aggregator, "'mean' with user-level DP (its noise is calibrated to a clipped sum)")
         if self.cohort_sampling not in COHORT_SAMPLINGS:
@@ -288,6 +307,11 @@ class FederationConfig:
             _fail("federation.round_timeout", self.round_timeout, "a number of seconds > 0")
         if not 0 <= self.central_holdout < 1:
             _fail("federation.central_holdout", self.central_holdout, "a number in [0, 1) (0 = none)")
+
+
+def secagg_bound(fed: "FederationConfig") -> float:
+    """The L2 bound every node clips its update to under secure aggregation."""
+    return fed.secagg_clip or (fed.user_dp_clip if fed.user_dp_noise > 0 else fed.max_update_norm) or 1.0
 
 
 @dataclass(frozen=True)

@@ -110,23 +110,57 @@ class FederationServer:
 
         `cohort` is how the round's nodes were drawn (default: a fixed-size cohort of the
         nodes that replied); user-level DP is accounted for it."""
-        fed = self.config.federation
         cohort = cohort or Cohort(len(replies), tuple(r.node_id for r in replies), "fixed", 1.0, float(len(replies)))
         reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
         screened = self.strategy.screen(replies, reference)
-        accepted, rejected, refused = screened.accepted, screened.rejected, screened.refused
+        for reply in replies:
+            self.observe(reply)  # what each node said of its privacy, even if the round fails
+        self._check_enough(server_round, len(screened.accepted), cohort, screened.rejected, screened.refused)
+        new = self._aggregated(lambda: self.strategy.aggregate(server_round, reference, screened.accepted, cohort))
+        return self._complete(server_round, new, replies, screened.accepted, screened.rejected, screened.refused,
+                              cohort, started, bytes_sent, evaluate, evaluation, extra)
+
+    def finish_secure_round(self, server_round: int, mean_update: dict | None, replies: list[ClientReply],
+                            cohort: Cohort, started: float, bytes_sent: int, reason: str = "",
+                            evaluate: "Callable[[OrderedDict], dict] | None" = None, evaluation: str = "federated",
+                            extra: dict | None = None) -> dict:
+        """A SecAgg+ round: the server holds only the mean of the contributors' updates
+        (`replies` carry their released scalars, no tensors). Nodes that refused or dropped
+        out are recorded; a round whose masks could not be removed fails with `reason`."""
+        contributed = {r.node_id for r in replies}
         for reply in replies:
             self.observe(reply)
-        user_dp = self.user_ledger is not None
-        if len(accepted) < fed.min_clients and not (user_dp and cohort.expected_size > 0):
+        refused = [{"node": n, "status": "dropped", "reason": "no masked update (refused, failed or dropped out)"}
+                   for n in cohort.sampled if n not in contributed]
+        if mean_update is None:
+            raise RoundFailedError(f"round {server_round}: {reason}")
+        self._check_enough(server_round, len(replies), cohort, [], refused)
+        reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
+        new = self._aggregated(lambda: self.strategy.aggregate_secure(server_round, reference, mean_update,
+                                                                      len(replies), cohort))
+        return self._complete(server_round, new, replies, replies, [], refused, cohort, started, bytes_sent,
+                              evaluate, evaluation, {"secure_aggregation": True, **(extra or {})})
+
+    def _check_enough(self, server_round: int, accepted: int, cohort: Cohort, rejected: list, refused: list) -> None:
+        fed = self.config.federation
+        if accepted < fed.min_clients and not (self.user_ledger is not None and cohort.expected_size > 0):
             raise RoundFailedError(
-                f"round {server_round}: {len(accepted)} valid replies, need min_clients = {fed.min_clients} "
+                f"round {server_round}: {accepted} valid replies, need min_clients = {fed.min_clients} "
                 f"(rejected: {rejected}; refused: {[r['node'] for r in refused]})"
             )
+
+    @staticmethod
+    def _aggregated(aggregate: "Callable[[], OrderedDict]") -> "OrderedDict":
         try:
-            self.adapter.update(self.strategy.aggregate(server_round, reference, accepted, cohort))
+            return aggregate()
         except ConfigError as exc:  # e.g. more nodes registered than the declared population
             raise RoundFailedError(str(exc)) from None
+
+    def _complete(self, server_round: int, new: "OrderedDict", replies: list[ClientReply], accepted: list[ClientReply],
+                  rejected: list, refused: list, cohort: Cohort, started: float, bytes_sent: int, evaluate,
+                  evaluation: str, extra: dict | None) -> dict:
+        """Adopt the new adapter, make the round durable, evaluate it, log it."""
+        self.adapter.update(new)
         self.round_done = server_round
         self.checkpoint()  # the charge is durable before the new adapter reaches anyone
         evaluation_started = time.perf_counter()

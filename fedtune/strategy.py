@@ -150,6 +150,24 @@ class Strategy:
         target = OrderedDict((k, reference[k] + step[k]) for k in reference)
         return self.optimizer.apply(reference, target, server_round)
 
+    def aggregate_secure(self, server_round: int, reference: Mapping[str, np.ndarray],
+                         mean_update: Mapping[str, np.ndarray], contributors: int,
+                         cohort: Cohort) -> "OrderedDict[str, np.ndarray]":
+        """The new travelling tensors from a SecAgg+ round: the server holds only the mean
+        of the nodes' updates (each clipped by its node, uniform weights). With user-level
+        DP the noise goes on the unmasked sum: every update was clipped to user_dp_clip by
+        its node, so one node moves the sum by at most that, as in `constrain_sensitivity`."""
+        fed = self.config.federation
+        if self.user_ledger is not None:
+            total = OrderedDict((k, np.asarray(mean_update[k], np.float64) * contributors) for k in reference)
+            rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
+            step = add_noise([total], reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
+            self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
+        else:
+            step = OrderedDict((k, np.asarray(mean_update[k], np.float64)) for k in reference)
+        target = OrderedDict((k, reference[k] + step[k]) for k in reference)
+        return self.optimizer.apply(reference, target, server_round)
+
     @staticmethod
     def average_evaluations(answers: list[ClientReply]) -> dict:
         """Example-weighted mean of the released evaluation metrics of the nodes that answered."""

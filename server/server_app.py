@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
 from fedtune.atomic import atomic_write_text
 from fedtune.central import CentralEvaluator, central_table
-from fedtune.config import Config, load_config
+from fedtune.config import Config, load_config, secagg_bound
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.export import federation_card
@@ -30,8 +30,9 @@ from fedtune.federation import ClientReply, FederationServer
 from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
-from fedtune.privacy.policy import REQUEST_KEY, request_text, server_request
+from fedtune.privacy.policy import REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
 from fedtune.report import write_report
+from server.secagg import secure_round
 
 
 
@@ -82,6 +83,19 @@ def send_and_watch(grid: Grid, messages: list[Message], timeout: float, on_reply
     return replies
 
 
+def _released(node: int, metrics: dict) -> ClientReply:
+    """A SecAgg+ contributor's released scalars (its update stays inside the masked sum)."""
+    reply = dict(metrics)
+    try:
+        privacy = json.loads(str(reply.pop("ledger"))) if "ledger" in reply else None
+    except json.JSONDecodeError:
+        privacy = None
+    return ClientReply(node, str(reply.pop("status", "ok")), None, int(reply.pop("num-examples", 0)),
+                       float(reply.pop("epsilon", math.nan)), {k: v for k, v in reply.items() if not isinstance(v, str)},
+                       str(reply.get("message", "")), privacy=privacy if isinstance(privacy, dict) else None,
+                       noise=str(reply.get("noise", "")))
+
+
 def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -123,13 +137,17 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
 
     log(f"noise: {server.randomness.label}; cohorts: {fed.cohort_sampling}")
 
+    def fit_config(server_round) -> dict:
+        return {"server-round": server_round, REQUEST_KEY: request,
+                "evaluation": "central" if central else "federated",
+                # when the server stops waiting, a slow node stops training and frees its slot
+                # for the others (in simulation: its Ray actor); a duration, not a time, so that
+                # the machines' clocks need not agree
+                "round-timeout": float(fed.round_timeout) * node_time_share,
+                SECAGG_CLIP_FIELD: secagg_bound(fed)}
+
     def send(node_ids, message_type, arrays, server_round):
-        record = ConfigRecord({"server-round": server_round, REQUEST_KEY: request,
-                               "evaluation": "central" if central else "federated",
-                               # when the server stops waiting, a slow node stops training and frees
-                               # its slot for the others (in simulation: its Ray actor); a duration,
-                               # not a time, so that the machines' clocks need not agree
-                               "round-timeout": float(fed.round_timeout) * node_time_share})
+        record = ConfigRecord(fit_config(server_round))
         messages = [Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=n,
                             message_type=message_type) for n in node_ids]
         what = "trained" if message_type == MessageType.TRAIN else "evaluated"
@@ -143,9 +161,6 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
         cohort = server.strategy.cohort([int(n) for n in nodes], server_round)
         sampled = list(cohort.sampled)
         payload = _arrays_record(server.payload(server_round))
-        replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]
-        answered = {r.node_id for r in replies}
-        replies += [ClientReply(n, "error", message="no reply before round_timeout") for n in sampled if n not in answered]
 
         def federated_evaluation(adapter):
             answers = [_reply(m) for m in send(sampled, MessageType.EVALUATE, _arrays_record(adapter), server_round)]
@@ -153,10 +168,20 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
                 server.observe(answer)  # an evaluation release is charged: its epsilon is the node's latest
             return server.strategy.average_evaluations(answers)
 
-        record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
-                                     evaluate=central or federated_evaluation,
-                                     evaluation="central" if central else "federated",
-                                     extra={"resident_mb": resident_memory_mb()}, cohort=cohort)
+        outcome = dict(evaluate=central or federated_evaluation, evaluation="central" if central else "federated",
+                       extra={"resident_mb": resident_memory_mb()})
+        if fed.secure_aggregation:
+            secure = secure_round(grid, sampled, server.payload(server_round), server.travel_keys,
+                                  fit_config(server_round), fed, server_round)
+            replies = [_released(node, secure.metrics[node]) for node in secure.contributors]
+            record = server.finish_secure_round(server_round, secure.mean_update, replies, cohort, started,
+                                                payload.count_bytes() * len(sampled), secure.reason, **outcome)
+        else:
+            replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]
+            answered = {r.node_id for r in replies}
+            replies += [ClientReply(n, "error", message="no reply before round_timeout") for n in sampled if n not in answered]
+            record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
+                                         cohort=cohort, **outcome)
         progress.update(record)
     progress.close()
 

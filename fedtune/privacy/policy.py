@@ -72,6 +72,8 @@ OWNERS: dict[str, tuple[str, str]] = {
     **{f"federation.{name}": (SERVER_ALONE, "the server's own round settings")
        for name in ("clients_per_round", "min_clients", "max_update_norm", "adaptive_norm_bound", "weight_cap",
                     "aggregator", "trim_fraction", "server_optimizer", "server_learning_rate",
+                    "secure_aggregation", "secagg_threshold", "secagg_share_fraction", "secagg_clip",
+                    "secagg_clipping_range", "secagg_quantization_range",
                     "user_dp_clip", "user_dp_noise", "cohort_sampling", "population", "user_dp_delta", "num_clients",
                     "partitioner", "dirichlet_alpha", "partition_column", "client_files", "ray_address",
                     "round_timeout", "central_eval_path", "central_holdout")},
@@ -100,6 +102,10 @@ NODE_CONFIG_KEYS: dict[str, str] = {
 }
 ALLOW_NON_PRIVATE_KEY = "allow-non-private"
 REQUEST_KEY = "fedtune-request"  # where a server message carries its request (TOML text)
+# In a SecAgg+ round the request travels in Flower's fit config, with these:
+SECAGG_KEYS_FIELD = "fedtune-keys"           # names of the payload's tensors, in order (JSON list)
+SECAGG_UPDATE_KEYS_FIELD = "fedtune-update"  # names of the tensors whose update is masked (JSON list)
+SECAGG_CLIP_FIELD = "secagg-clip"            # the L2 bound a node clips its update to
 STATE_DIR_KEY = "state-dir"
 
 

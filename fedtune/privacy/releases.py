@@ -31,6 +31,10 @@ TRAIN_RELEASES: dict[str, str] = {
     "ledger": "the ledger's history of (sigma, q, steps) as JSON, so anyone can recompute epsilon: mechanism "
               "parameters only",
     "train-seconds": "wall time of the local training: observable anyway (the server sees when the reply arrives)",
+    "secaggplus_configs": "only with secure aggregation (Flower's SecAgg+ record, written by its mod): the node's "
+                          "update clipped by the node to the declared L2 bound, quantized and masked (only the "
+                          "cohort's sum can be unmasked), the protocol's public keys and its encrypted key shares; "
+                          "the update itself is covered by the ledger like the adapter tensors",
     "train-loss": "only with node.release_train_loss = dp: the final adapter's clipped mean loss on the "
                   "training rows, Gaussian-noised (fedtune.privacy.metric_release), charged to the ledger before release; "
                   "exact only when the ledger is already non-private",

@@ -1,0 +1,110 @@
+"""SecAgg+ rounds on fedtune's federation path, run by Flower's own implementation.
+
+Flower 1.41 ships SecAgg+ (Bell et al. 2020) only for its legacy fit workflow:
+`SecAggPlusWorkflow` on the server and `secaggplus_mod` on the client, built on the
+primitives under `flwr.common.secure_aggregation` (key agreement, Shamir sharing,
+quantization). fedtune drives that workflow unchanged, one round at a time, through a thin
+legacy `Strategy` (`_OneRound`): it hands the workflow the round's cohort and what each
+node must receive, and takes back the unmasked result. No cryptography is written here.
+
+The four stages, all Flower's: setup (each node makes two key pairs), share keys (public
+keys broadcast; Shamir shares of each node's mask seed and secret key, encrypted for its
+neighbours), collect masked vectors (each node trains, fedtune's node clips and sends its
+*update*, which Flower's mod quantizes and masks), unmask (survivors send the shares that
+remove the masks; dropped nodes' pairwise masks are rebuilt from theirs). The server learns
+the mean of the quantized updates and nothing about any one of them; below the threshold
+the round halts and fedtune fails it with the reason.
+
+Weights are uniform (each node weighs 1): an example count inside the masked vector could
+not be checked, and a node claiming a billion rows would set the sum.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from fedtune.config import FederationConfig
+from fedtune.privacy.policy import SECAGG_KEYS_FIELD, SECAGG_UPDATE_KEYS_FIELD
+
+
+
+@dataclass
+class SecureRound:
+    """What a SecAgg+ round gives the server: the mean update (None when it halted), the
+    nodes whose updates it holds, and each node's released scalars."""
+
+    mean_update: dict | None
+    contributors: list[int]
+    metrics: dict[int, dict] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+class _OneRound(Strategy):
+    """The legacy interface SecAggPlusWorkflow drives, for one round of fedtune's loop."""
+
+    def __init__(self, grid: Grid, cohort: list[int], fit_config: dict):
+        self.grid, self.cohort, self.fit_config = grid, cohort, fit_config
+        self.result: tuple[list, list[int], dict[int, dict]] | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, dict(self.fit_config))) for node in self.cohort]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if not results:
+            return None, {}
+        self.result = (parameters_to_ndarrays(results[0][1].parameters), [proxy.node_id for proxy, _ in results],
+                       {proxy.node_id: dict(fitres.metrics) for proxy, fitres in results})
+        return results[0][1].parameters, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def workflow(fed: FederationConfig, timeout: float) -> SecAggPlusWorkflow:
+    return SecAggPlusWorkflow(num_shares=fed.secagg_share_fraction, reconstruction_threshold=fed.secagg_threshold,
+                              max_weight=1.0, clipping_range=fed.secagg_clipping_range,
+                              quantization_range=fed.secagg_quantization_range, timeout=timeout)
+
+
+def secure_round(grid: Grid, cohort: list[int], payload: dict[str, np.ndarray], update_keys: list[str],
+                 fit_config: dict, fed: FederationConfig, server_round: int) -> SecureRound:
+    """Run one SecAgg+ round over `cohort`: every node receives `payload` and `fit_config`,
+    and the server gets back only the mean of their clipped, quantized updates of the
+    `update_keys` tensors (those that train)."""
+    keys = list(payload)
+    strategy = _OneRound(grid, cohort, {**fit_config, SECAGG_KEYS_FIELD: json.dumps(keys),
+                                        SECAGG_UPDATE_KEYS_FIELD: json.dumps(update_keys)})
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            strategy=strategy)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(
+        ndarrays_to_parameters([payload[k] for k in keys]), keep_input=True)
+    workflow(fed, fed.round_timeout)(grid, context)
+    if strategy.result is None:
+        return SecureRound(None, [], reason=f"secure aggregation halted: fewer than the threshold of the {len(cohort)} "
+                                            "sampled nodes completed the protocol (see the SuperLink log)")
+    mean, contributors, metrics = strategy.result
+    return SecureRound(dict(zip(update_keys, mean)), contributors, metrics)
