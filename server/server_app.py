@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
-from fedtune.atomic import atomic_write_text
+from fedtune.atomic import append_jsonl, atomic_write_text
 from fedtune.central import CentralEvaluator, central_table
 from fedtune.config import Config, load_config, secagg_bound
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.export import federation_card
-from fedtune.federation import ClientReply, FederationServer
+from fedtune.federation import ClientReply, FederationServer, RoundFailedError
 from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
@@ -81,6 +82,36 @@ def send_and_watch(grid: Grid, messages: list[Message], timeout: float, on_reply
         if pending:
             time.sleep(0.5)
     return replies
+
+
+def _train_and_aggregate(grid: Grid, server: FederationServer, server_round: int, cohort, payload: ArrayRecord,
+                         fit_config: dict, send, started: float, outcome: dict) -> dict:
+    """One round's training and aggregation: plain messages, or a SecAgg+ round in which
+    the server only ever holds the cohort's masked sum."""
+    sampled = list(cohort.sampled)
+    bytes_sent = payload.count_bytes() * len(sampled)
+    if server.config.federation.secure_aggregation:
+        secure = secure_round(grid, sampled, server.payload(server_round), server.travel_keys, fit_config,
+                              server.config.federation, server_round)
+        replies = [_released(node, secure.metrics[node]) for node in secure.contributors]
+        return server.finish_secure_round(server_round, secure.mean_update, replies, cohort, started, bytes_sent,
+                                          secure.reason, **outcome)
+    replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]
+    answered = {r.node_id for r in replies}
+    replies += [ClientReply(n, "error", message="no reply before round_timeout") for n in sampled if n not in answered]
+    return server.finish_round(server_round, replies, started, bytes_sent, cohort=cohort, **outcome)
+
+
+@contextmanager
+def failures_recorded(run_dir: Path, server_round: int, log):
+    """A round that fails (too few valid replies, a secure aggregation below its threshold)
+    is recorded with its reason in failures.jsonl before the run stops."""
+    try:
+        yield
+    except RoundFailedError as exc:
+        append_jsonl(run_dir / "failures.jsonl", {"round": server_round, "time": time.time(), "reason": str(exc)})
+        log(f"round {server_round} FAILED: {exc}")
+        raise
 
 
 def _released(node: int, metrics: dict) -> ClientReply:
@@ -170,18 +201,9 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
 
         outcome = dict(evaluate=central or federated_evaluation, evaluation="central" if central else "federated",
                        extra={"resident_mb": resident_memory_mb()})
-        if fed.secure_aggregation:
-            secure = secure_round(grid, sampled, server.payload(server_round), server.travel_keys,
-                                  fit_config(server_round), fed, server_round)
-            replies = [_released(node, secure.metrics[node]) for node in secure.contributors]
-            record = server.finish_secure_round(server_round, secure.mean_update, replies, cohort, started,
-                                                payload.count_bytes() * len(sampled), secure.reason, **outcome)
-        else:
-            replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]
-            answered = {r.node_id for r in replies}
-            replies += [ClientReply(n, "error", message="no reply before round_timeout") for n in sampled if n not in answered]
-            record = server.finish_round(server_round, replies, started, payload.count_bytes() * len(sampled),
-                                         cohort=cohort, **outcome)
+        with failures_recorded(run_dir, server_round, log):
+            record = _train_and_aggregate(grid, server, server_round, cohort, payload, fit_config(server_round), send,
+                                          started, outcome)
         progress.update(record)
     progress.close()
 
