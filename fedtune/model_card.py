@@ -54,6 +54,19 @@ def model_card(config: Config, privacy_lines: list[str], trained: str) -> str:
     ])
 
 
+def secure_aggregation_line(config: Config) -> str | None:
+    """What secure aggregation hid, and with which parameters, or None when it was off."""
+    fed = config.federation
+    if not fed.secure_aggregation:
+        return None
+    from fedtune.config import secagg_bound
+
+    return (f"- secure aggregation: SecAgg+ (Flower's), so the server saw only each round's masked sum; threshold "
+            f"{fed.secagg_threshold:g} of the shares, key sharing with {fed.secagg_share_fraction:g} of the cohort, "
+            f"each node's update clipped by the node to L2 {secagg_bound(fed):g} and quantized to "
+            f"{fed.secagg_quantization_range} levels over +-{fed.secagg_clipping_range:g}, uniform weights")
+
+
 def federation_privacy_lines(meta: dict, config: Config) -> list[str]:
     """The privacy statement of a federation checkpoint: each level, epsilon and delta."""
     lines = []
@@ -73,4 +86,7 @@ def federation_privacy_lines(meta: dict, config: Config) -> list[str]:
         ledger = PrivacyLedger.from_dict(user, source="checkpoint")
         lines.append(f"- user level (a whole node's data, DP-FedAvg at the server): epsilon {_epsilon(ledger.epsilon())}, "
                      f"delta {ledger.delta:.3g}, cohorts {config.federation.cohort_sampling}")
+    secure = secure_aggregation_line(config)
+    if secure:
+        lines.append(secure)
     return lines or ["- no privacy accounting recorded"]

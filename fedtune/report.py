@@ -162,6 +162,7 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
     if config_path.is_file():
         from fedtune.adapters import describe_adapter
         from fedtune.config import config_from_toml_text
+        from fedtune.model_card import secure_aggregation_line
 
         config = config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path))
         fed, dp, t = config.federation, config.dp, config.training
@@ -173,6 +174,7 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
                   f", {t.epochs} local epoch(s), batch {t.batch_size}, lr {t.learning_rate:g}",
                   "- privacy: " + (f"record-level DP-SGD per client, target epsilon {dp.target_epsilon:g}" if dp.enabled
                                    else "**NON-PRIVATE** (no differential privacy)"),
+                  *([line] if (line := secure_aggregation_line(config)) else []),
                   ""]
     lines += ["| round | evaluation | accuracy | loss | epsilon max | seconds |", "|---|---|---|---|---|---|"]
     for r in metrics:

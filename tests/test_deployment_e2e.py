@@ -69,14 +69,14 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     (tmp_path / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "fedtune"\n\n[superlink.fedtune]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n')
-    run_dir = tmp_path / "server-run"
+    run_dir, secure_dir = tmp_path / "server-run", tmp_path / "server-run-secagg"
     federation = tmp_path / "federation.toml"
     federation.write_text(
         f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n\n[data]\nlabels = ["neg", "pos"]\n\n'
         '[training]\nrounds = 2\nepochs = 1\nbatch_size = 8\n\n[dp]\ntarget_epsilon = 3.0\n\n'
         '[federation]\nclients_per_round = 2\nmin_clients = 2\nround_timeout = 300\n')
     policies = {1: ["--max-epsilon", "8", "--release-evaluation", "dp"],  # a generous node that shares metrics
-                2: ["--max-epsilon", "3", "--delta", "1e-4"],              # a strict one that shares nothing
+                2: ["--max-epsilon", "5", "--delta", "1e-4"],              # a strict one that shares nothing
                 3: ["--max-epsilon", "1"]}
     processes = []
     try:
@@ -106,6 +106,15 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr
         _wait_for(lambda: (run_dir / "adapter" / "adapter_config.json").is_file(), 300, "the exported adapter")
+        # one more round, with SecAgg+: the operator sees only the two nodes' masked sum
+        secure = tmp_path / "federation-secagg.toml"
+        secure.write_text(federation.read_text().replace("rounds = 2", "rounds = 1").replace(
+            "target_epsilon = 3.0", "target_epsilon = 1.0") + "secure_aggregation = true\n")
+        run = subprocess.run([BIN / "flwr", "run", str(ROOT), "fedtune", "--run-config",
+                              f'config="{secure}" run-dir="{secure_dir}"'],
+                             capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        _wait_for(lambda: (secure_dir / "adapter" / "adapter_config.json").is_file(), 300, "the SecAgg+ round's adapter")
     finally:
         for process in processes:
             _stop(process)
@@ -114,13 +123,16 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     assert all(len(r["clients_accepted"]) == 2 for r in records)
-    for number, cap, delta in ((1, 8.0, 1 / 600), (2, 3.0, 1e-4)):  # node 1: 1/(10 n), n = its 60 rows
+    for number, cap, delta in ((1, 8.0, 1 / 600), (2, 5.0, 1e-4)):  # node 1: 1/(10 n), n = its 60 rows
         ledger = json.loads(next((tmp_path / f"node-{number}-budgets").glob("ledger-*.json")).read_text())
         trained = [c for c in ledger["calls"] if c.get("label", "").startswith("round") and "steps" in c
                    and c["sample_rate"] < 1]
-        assert len(trained) == 2 and ledger["epsilon"] <= 3.0 and ledger["max_epsilon"] == cap
+        assert len(trained) == 3 and ledger["epsilon"] <= cap and ledger["max_epsilon"] == cap  # 2 plain, 1 SecAgg+
         assert ledger["delta"] == pytest.approx(delta)
-    assert "policy: max epsilon 3, delta 0.0001" in logs["node-2.log"]
+    assert "policy: max epsilon 5, delta 0.0001" in logs["node-2.log"]
+    secure_record = json.loads((secure_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert secure_record["secure_aggregation"] is True and len(secure_record["clients_accepted"]) == 2
+    assert "SecAgg+" in (secure_dir / "summary.md").read_text()
     assert not (tmp_path / "node-3-budgets").exists()
     summary = (run_dir / "summary.md").read_text()
     assert "## Privacy" in summary and "as released by the node" in (run_dir / "privacy.json").read_text()
