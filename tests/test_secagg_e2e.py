@@ -24,10 +24,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrappers belo
 STAGE_RECORD = "secaggplus_configs"
 
 
-def _config(tiny_bert, data, nodes, secure, **federation):
+def _config(tiny_bert, data, nodes, secure, rounds=1, **federation):
     return build_config({
         "model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"path": str(data)},
-        "training": {"epochs": 1, "rounds": 1, "batch_size": 8}, "dp": {"noise_seed": 5},
+        "training": {"epochs": 1, "rounds": rounds, "batch_size": 8}, "dp": {"noise_seed": 5},
         "federation": {"num_clients": nodes, "clients_per_round": nodes, "min_clients": 2, "central_holdout": 0.2,
                        "secure_aggregation": secure, **federation},
     })
@@ -109,15 +109,15 @@ def data(tmp_path_factory):
 
 
 def test_the_server_holds_only_masked_vectors_and_the_mean_matches_the_plain_run(tiny_bert, data, tmp_path):
-    """Node-level DP-SGD and user-level DP-FedAvg on, same seeds: with SecAgg+ the server
-    never holds a node's tensors, and the round ends where the plain round ends, within the
-    quantization error."""
+    """A full 2-round simulation, node-level DP-SGD and user-level DP-FedAvg on, same seeds:
+    with SecAgg+ the server never holds a node's tensors, and the run ends where the plain
+    run ends, within 1e-3 per coordinate (quantization: about 4e-6 per node and round)."""
     user_dp = {"user_dp_clip": 2.0, "user_dp_noise": 0.3}
-    seen = _simulate(_config(tiny_bert, data, 3, True, **user_dp), tmp_path / "secure")
+    seen = _simulate(_config(tiny_bert, data, 3, True, rounds=2, **user_dp), tmp_path / "secure")
     assert "error" not in seen, seen.get("error")
     masked = [m for m in seen["grid"].replies if not m.has_error()
               and "masked_params" in m.content.config_records.get(STAGE_RECORD, {})]
-    assert len(masked) == 3
+    assert len(masked) == 6  # 3 nodes x 2 rounds
     from flwr.common import bytes_to_ndarray
 
     for reply in masked:
@@ -126,10 +126,10 @@ def test_the_server_holds_only_masked_vectors_and_the_mean_matches_the_plain_run
                                  reply.content.config_records[STAGE_RECORD]["masked_params"]]).astype(np.float64)
         # an unmasked quantized update lies in [0, 2^22 + 1]; masked, the values fill [0, 2^32) uniformly
         assert np.mean(values > 2**23) > 0.9 and abs(values.mean() / 2**32 - 0.5) < 0.1
-    _simulate(_config(tiny_bert, data, 3, False, **user_dp), tmp_path / "plain")
+    _simulate(_config(tiny_bert, data, 3, False, rounds=2, **user_dp), tmp_path / "plain")
     secure, plain = _adapter(tmp_path / "secure"), _adapter(tmp_path / "plain")
     for key in plain:
-        assert np.allclose(secure[key], plain[key], atol=1e-4), key  # quantization: 16 / 2^22 per node and coordinate
+        assert np.allclose(secure[key], plain[key], atol=1e-3), key
     record = json.loads((tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["secure_aggregation"] is True and len(record["clients_accepted"]) == 3
 
