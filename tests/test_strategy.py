@@ -186,3 +186,41 @@ def test_fedprox_pulls_each_step_towards_the_rounds_global_adapter():
     untouched = [torch.nn.Parameter(torch.tensor([1.0]))]
     _proximal_step(untouched, [torch.tensor([0.0])], build_config({}))
     assert untouched[0].item() == 1.0
+
+
+def test_a_secure_round_adds_user_level_noise_to_the_unmasked_sum():
+    """SecAgg+ hands the server the mean of k clipped updates; user-level noise goes on the
+    sum (k x mean), over the expected cohort, exactly as in the plain DP-FedAvg path."""
+    config = build_config({"federation": {"clients_per_round": 4, "min_clients": 1, "num_clients": 8, "population": 8,
+                                          "user_dp_clip": 0.5, "user_dp_noise": 1.3, "secure_aggregation": True},
+                           "dp": {"noise_seed": 4}})
+    mean = OrderedDict((k, np.full(v.shape, 0.01)) for k, v in REFERENCE.items())
+    cohort = Cohort(8, (1, 2, 3), "poisson", 0.5, 4.0)
+    strategy = Strategy(config)
+    got = strategy.aggregate_secure(2, REFERENCE, mean, 3, cohort)
+    rng = Strategy(config).randomness.numpy_generator("server", "user-level noise", 2)
+    for key in REFERENCE:
+        noise = rng.normal(0.0, 1.3 * 0.5, size=REFERENCE[key].shape)
+        assert np.allclose(got[key], REFERENCE[key] + (0.03 + noise) / 4.0, atol=1e-6)
+    assert strategy.user_ledger.history == [(1.3, 0.5, 1)]
+
+
+@pytest.mark.parametrize("federation, field", [
+    ({"secure_aggregation": True, "aggregator": "median"}, "federation.aggregator"),
+    ({"secure_aggregation": True, "user_dp_clip": 1.0, "user_dp_noise": 1.0, "secagg_clip": 2.0, "population": 5},
+     "federation.secagg_clip"),
+    ({"secure_aggregation": True, "secagg_threshold": 0.0}, "federation.secagg_threshold"),
+])
+def test_secure_aggregation_settings_that_cannot_work_are_refused(federation, field):
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        build_config({"federation": federation})
+
+
+def test_a_node_clips_its_own_update_before_masking():
+    from clients.secagg import masked_update
+
+    update = {"w": np.full(4, 3.0)}
+    clipped = masked_update(update, 1.5)
+    assert np.isclose(np.linalg.norm(clipped["w"]), 1.5) and np.allclose(clipped["w"] / clipped["w"][0], 1.0)
