@@ -125,6 +125,9 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
                                 train_release)
 
         def work(setup, request, record):
+            if setup.policy.own.node.require_secure_aggregation:
+                return TrainOutcome(STATUS_POLICY_REFUSED, message="policy-refused: federation.secure_aggregation: this "
+                                    "node trains only in SecAgg+ rounds (its update never leaves unmasked)")
             central = str(record.get("evaluation", "federated")) == "central"  # train on every row
             timeout = float(record.get("round-timeout", 0.0))  # the server stops waiting then: so does the node
             deadline = time.time() + timeout if timeout > 0 else 0.0

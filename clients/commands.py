@@ -41,6 +41,8 @@ def register_client(subparsers) -> None:
         policy.add_argument("--" + flag, dest="policy_" + flag.replace("-", "_"), type=kind, help=text)
     policy.add_argument("--allow-non-private", dest="policy_allow_non_private", action="store_const", const=True,
                         help="let the server ask for training WITHOUT DP (never by default)")
+    policy.add_argument("--require-secure-aggregation", dest="policy_require_secure_aggregation", action="store_const",
+                        const=True, help="refuse every round that is not a SecAgg+ round")
     client.set_defaults(run=run_client)
 
 
@@ -51,6 +53,7 @@ def client_policy(args) -> dict:
     flags = {CLIENT_FLAG_KEYS.get(flag, flag): getattr(args, "policy_" + flag.replace("-", "_"))
              for flag in CLIENT_POLICY_FLAGS}
     flags["allow-non-private"] = args.policy_allow_non_private
+    flags["require-secure-aggregation"] = args.policy_require_secure_aggregation
     file_values = read_policy_file(args.policy) if args.policy else {}
     return resolve_policy(file_values, flags, source=args.policy or "fedtune client")
 

@@ -193,6 +193,7 @@ class NodeConfig:
     release_evaluation: str = opt("off", "Federated evaluation metrics: \"off\" (default; the node refuses evaluation requests) or \"dp\": a noised count of correct predictions and a noised clipped loss sum, charged.")
     metric_noise_multiplier: float = opt(5.0, "Noise multiplier of each metric release (Gaussian mechanism, sensitivity-normalised). 5 costs little next to DP-SGD but leaves a +-7 example error on a count of correct predictions: metrics on small validation sets are rough under DP.")
     metric_loss_clip: float = opt(5.0, "Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).")
+    require_secure_aggregation: bool = opt(False, "Refuse every training round that is not a SecAgg+ round (the node's update then never reaches the server unmasked).")
     max_evaluations_per_round: int = opt(1, "Evaluation requests the node answers per round it trains (counted by the node, not by the round number a message claims); more are refused.")
 
     def __post_init__(self) -> None:
@@ -278,13 +279,28 @@ class FederationConfig:
         if self.secure_aggregation and self.aggregator != "mean":
             _fail("federation.aggregator", self.aggregator, "'mean' with secure aggregation (robust aggregation needs "
                   "to see each update, which the masks hide)")
-        if not 0 < self.secagg_threshold <= 1 or not 0 < self.secagg_share_fraction <= 1:
-            _fail("federation.secagg_threshold", self.secagg_threshold, "a share in (0, 1], as is secagg_share_fraction")
+        if not 0.5 < self.secagg_threshold <= 1:
+            _fail("federation.secagg_threshold", self.secagg_threshold, "a share in (0.5, 1]: more than half the shares")
+        if not 0 < self.secagg_share_fraction <= 1:
+            _fail("federation.secagg_share_fraction", self.secagg_share_fraction, "a share in (0, 1]")
         if self.secure_aggregation and self.user_dp_noise > 0 and self.secagg_clip > self.user_dp_clip:
             _fail("federation.secagg_clip", self.secagg_clip, f"at most user_dp_clip = {self.user_dp_clip:g} (the "
                   "sensitivity user-level noise is calibrated to), or 0")
-        if self.secagg_clip < 0 or not self.secagg_clipping_range > 0 or self.secagg_quantization_range < 2:
-            _fail("federation.secagg_clip", self.secagg_clip, "a bound >= 0, with a clipping range > 0 and 2+ levels")
+        if not self.secagg_clipping_range > 0:
+            _fail("federation.secagg_clipping_range", self.secagg_clipping_range, "a number > 0")
+        if not 0 <= self.secagg_clip <= self.secagg_clipping_range:
+            _fail("federation.secagg_clip", self.secagg_clip, f"a bound in [0, secagg_clipping_range = "
+                  f"{self.secagg_clipping_range:g}] (0 = user_dp_clip, or the clipping range)")
+        if not 2 <= self.secagg_quantization_range <= 2**31:
+            _fail("federation.secagg_quantization_range", self.secagg_quantization_range, "a whole number in [2, 2^31]")
+        if self.secure_aggregation:
+            largest = max(self.clients_per_round, self.population)
+            if largest * self.secagg_quantization_range >= 2**32:
+                _fail("federation.secagg_quantization_range", self.secagg_quantization_range,
+                      f"below 2^32 / {largest} nodes, or the masked sum overflows Flower's 32-bit modulus")
+            if self.user_dp_noise == 0 and (self.min_clients < 3 or self.clients_per_round < 3):
+                _fail("federation.min_clients", self.min_clients, "3 or more with secure aggregation (of a mean of 2, "
+                      "each node can subtract its own update and read the other's)")
         if self.user_dp_noise > 0 and self.aggregator != "mean":
             _fail("federation.aggregator", self.aggregator, "'mean' with user-level DP (its noise is calibrated to a clipped sum)")
         if self.cohort_sampling not in COHORT_SAMPLINGS:
@@ -310,8 +326,13 @@ class FederationConfig:
 
 
 def secagg_bound(fed: "FederationConfig") -> float:
-    """The L2 bound every node clips its update to under secure aggregation."""
-    return fed.secagg_clip or (fed.user_dp_clip if fed.user_dp_noise > 0 else fed.max_update_norm) or 1.0
+    """The L2 bound every node clips its update to under secure aggregation: the declared
+    one, else user_dp_clip (the user-level sensitivity), else the quantization's range."""
+    if fed.secagg_clip:
+        return fed.secagg_clip
+    if fed.user_dp_noise > 0:
+        return min(fed.user_dp_clip, fed.secagg_clipping_range)
+    return fed.secagg_clipping_range  # a larger update would be cut coordinate by coordinate anyway
 
 
 @dataclass(frozen=True)

@@ -133,9 +133,7 @@ class Strategy:
         fed = self.config.federation
         updates = deltas([r.arrays for r in accepted], reference)
         if self.user_ledger is not None:
-            if fed.population and cohort.registered > fed.population:
-                raise ConfigError(f"round {server_round}: {cohort.registered} nodes registered, more than "
-                                  f"federation.population = {fed.population}, which the user-level delta assumes")
+            self._check_population(server_round, cohort)
             clipped = constrain_sensitivity(updates, fed.user_dp_clip)
             rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
             step = add_noise(clipped, reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
@@ -159,6 +157,7 @@ class Strategy:
         its node, so one node moves the sum by at most that, as in `constrain_sensitivity`."""
         fed = self.config.federation
         if self.user_ledger is not None:
+            self._check_population(server_round, cohort)
             total = OrderedDict((k, np.asarray(mean_update[k], np.float64) * contributors) for k in reference)
             rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
             step = add_noise([total], reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
@@ -167,6 +166,12 @@ class Strategy:
             step = OrderedDict((k, np.asarray(mean_update[k], np.float64)) for k in reference)
         target = OrderedDict((k, reference[k] + step[k]) for k in reference)
         return self.optimizer.apply(reference, target, server_round)
+
+    def _check_population(self, server_round: int, cohort: Cohort) -> None:
+        population = self.config.federation.population
+        if population and cohort.registered > population:
+            raise ConfigError(f"round {server_round}: {cohort.registered} nodes registered, more than "
+                              f"federation.population = {population}, which the user-level delta assumes")
 
     @staticmethod
     def average_evaluations(answers: list[ClientReply]) -> dict:

@@ -59,11 +59,13 @@ class _OneRound(Strategy):
     def __init__(self, grid: Grid, cohort: list[int], fit_config: dict):
         self.grid, self.cohort, self.fit_config = grid, cohort, fit_config
         self.result: tuple[list, list[int], dict[int, dict]] | None = None
+        self.failures: list[str] = []
 
     def configure_fit(self, server_round, parameters, client_manager):
         return [(GridClientProxy(node, self.grid, 0), FitIns(parameters, dict(self.fit_config))) for node in self.cohort]
 
     def aggregate_fit(self, server_round, results, failures):
+        self.failures = [str(getattr(f, "args", [f])[0]) for f in failures]
         if not results:
             return None, {}
         self.result = (parameters_to_ndarrays(results[0][1].parameters), [proxy.node_id for proxy, _ in results],
@@ -83,10 +85,26 @@ class _OneRound(Strategy):
         return None
 
 
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's workflow, with one repair: a node lost before it shared its keys (at setup
+    or while sharing them) holds no shares anyone could use and masked nothing, so it is
+    taken out of the round entirely. Flower's own workflow keeps it among the sampled
+    nodes, asks the survivors for shares they never received, and halts the round."""
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        carry_on = super().share_keys_stage(grid, context, state)
+        lost = set(state.sampled_node_ids) - set(state.active_node_ids)
+        if lost:
+            state.sampled_node_ids = set(state.active_node_ids)
+            for node in state.sampled_node_ids:
+                state.nid_to_neighbours[node] = set(state.nid_to_neighbours[node]) - lost
+        return carry_on
+
+
 def workflow(fed: FederationConfig, timeout: float) -> SecAggPlusWorkflow:
-    return SecAggPlusWorkflow(num_shares=fed.secagg_share_fraction, reconstruction_threshold=fed.secagg_threshold,
-                              max_weight=1.0, clipping_range=fed.secagg_clipping_range,
-                              quantization_range=fed.secagg_quantization_range, timeout=timeout)
+    return _Workflow(num_shares=fed.secagg_share_fraction, reconstruction_threshold=fed.secagg_threshold,
+                     max_weight=1.0, clipping_range=fed.secagg_clipping_range,
+                     quantization_range=fed.secagg_quantization_range, timeout=timeout)
 
 
 def secure_round(grid: Grid, cohort: list[int], payload: dict[str, np.ndarray], update_keys: list[str],
@@ -107,4 +125,4 @@ def secure_round(grid: Grid, cohort: list[int], payload: dict[str, np.ndarray], 
         return SecureRound(None, [], reason=f"secure aggregation halted: fewer than the threshold of the {len(cohort)} "
                                             "sampled nodes completed the protocol (see the SuperLink log)")
     mean, contributors, metrics = strategy.result
-    return SecureRound(dict(zip(update_keys, mean)), contributors, metrics)
+    return SecureRound(dict(zip(update_keys, mean)), contributors, metrics, strategy.failures)

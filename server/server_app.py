@@ -33,6 +33,7 @@ from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
 from fedtune.privacy.policy import REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
 from fedtune.report import write_report
+from fedtune.strategy import short_reason
 from server.secagg import secure_round
 
 
@@ -90,10 +91,18 @@ def _train_and_aggregate(grid: Grid, server: FederationServer, server_round: int
     the server only ever holds the cohort's masked sum."""
     sampled = list(cohort.sampled)
     bytes_sent = payload.count_bytes() * len(sampled)
-    if server.config.federation.secure_aggregation:
-        secure = secure_round(grid, sampled, server.payload(server_round), server.travel_keys, fit_config,
-                              server.config.federation, server_round)
+    fed = server.config.federation
+    if fed.secure_aggregation:
+        if len(sampled) < 3:  # the protocol needs 3 (a mean of 2 hides nothing from the two)
+            zero = {k: np.zeros_like(server.adapter[k], dtype=np.float64) for k in server.travel_keys}
+            noise_only = zero if fed.user_dp_noise > 0 else None  # user-level DP: a thin draw still releases noise
+            return server.finish_secure_round(server_round, noise_only, [], cohort, started, 0,
+                                              f"secure aggregation needs 3 or more nodes, the cohort drew {len(sampled)}",
+                                              **outcome)
+        secure = secure_round(grid, sampled, server.payload(server_round), server.travel_keys, fit_config, fed,
+                              server_round)
         replies = [_released(node, secure.metrics[node]) for node in secure.contributors]
+        outcome["extra"] = {**outcome.get("extra", {}), "secure_failures": [short_reason(f) for f in secure.failures]}
         return server.finish_secure_round(server_round, secure.mean_update, replies, cohort, started, bytes_sent,
                                           secure.reason, **outcome)
     replies = [_reply(m) for m in send(sampled, MessageType.TRAIN, payload, server_round)]

@@ -1,7 +1,7 @@
-"""A real TLS deployment on 127.0.0.1: SuperLink with node authentication, two registered
+"""A real TLS deployment on 127.0.0.1: SuperLink with node authentication, three registered
 SuperNodes, each with its own data file, state dir and node privacy policy (its own cap,
-delta and releases), one unregistered SuperNode that must be refused, and a two-round run
-through `flwr run`."""
+delta and releases), one unregistered SuperNode that must be refused, a two-round run
+through `flwr run`, then one SecAgg+ round."""
 
 import csv
 import json
@@ -61,7 +61,7 @@ def _csv(path: Path, rows) -> Path:
 
 def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     certs = tmp_path / "certs"
-    make_dev_certs(certs, ["127.0.0.1", "localhost"], nodes=3)
+    make_dev_certs(certs, ["127.0.0.1", "localhost"], nodes=4)
     port = _free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "UV_CACHE_DIR": str(tmp_path / "uv"),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
@@ -74,16 +74,17 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     federation.write_text(
         f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n\n[data]\nlabels = ["neg", "pos"]\n\n'
         '[training]\nrounds = 2\nepochs = 1\nbatch_size = 8\n\n[dp]\ntarget_epsilon = 3.0\n\n'
-        '[federation]\nclients_per_round = 2\nmin_clients = 2\nround_timeout = 300\n')
+        '[federation]\nclients_per_round = 3\nmin_clients = 3\nround_timeout = 300\n')
     policies = {1: ["--max-epsilon", "8", "--release-evaluation", "dp"],  # a generous node that shares metrics
                 2: ["--max-epsilon", "5", "--delta", "1e-4"],              # a strict one that shares nothing
-                3: ["--max-epsilon", "1"]}
+                3: ["--max-epsilon", "8"],
+                4: ["--max-epsilon", "1"]}
     processes = []
     try:
         processes.append(_start([BIN / "fedtune", "server", "--certs", str(certs), "--host", "127.0.0.1",
                                  "--port", str(port), "--state", str(tmp_path / "superlink")],
                                 tmp_path / "superlink.log", env))
-        for number in (1, 2):
+        for number in (1, 2, 3):
             for _attempt in range(30):  # the SuperLink takes a few seconds to listen
                 register = subprocess.run([BIN / "flwr", "supernode", "register", str(certs / f"node-{number}.pub"), "fedtune"],
                                           capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
@@ -91,7 +92,7 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
                     break
                 time.sleep(2)
             assert register.returncode == 0, register.stdout + register.stderr + (tmp_path / "superlink.log").read_text()
-        for number in (1, 2, 3):  # node 3's key was never registered
+        for number in (1, 2, 3, 4):  # node 4's key was never registered
             data = _csv(tmp_path / f"hospital-{number}.csv", make_texts(60, seed=number))
             processes.append(_start([BIN / "fedtune", "client", "--superlink", f"127.0.0.1:{port}",
                                      "--ca", str(certs / "ca.crt"), "--key", str(certs / f"node-{number}"),
@@ -99,14 +100,14 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
                                      "--budget-dir", str(tmp_path / f"node-{number}-budgets"), *policies[number],
                                      "--model", str(tiny_bert),  # the node loads its own copy of the base model
                                      "--port", str(_free_port())], tmp_path / f"node-{number}.log", env))
-        _wait_for(lambda: "Failed to activate SuperNode" in (tmp_path / "node-3.log").read_text()
-                  or processes[3].poll() is not None, 120, "the unregistered SuperNode to be refused")
+        _wait_for(lambda: "Failed to activate SuperNode" in (tmp_path / "node-4.log").read_text()
+                  or processes[4].poll() is not None, 120, "the unregistered SuperNode to be refused")
         run = subprocess.run([BIN / "flwr", "run", str(ROOT), "fedtune", "--run-config",
                               f'config="{federation}" run-dir="{run_dir}"'],
                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr
         _wait_for(lambda: (run_dir / "adapter" / "adapter_config.json").is_file(), 300, "the exported adapter")
-        # one more round, with SecAgg+: the operator sees only the two nodes' masked sum
+        # one more round, with SecAgg+: the operator sees only the three nodes' masked sum
         secure = tmp_path / "federation-secagg.toml"
         secure.write_text(federation.read_text().replace("rounds = 2", "rounds = 1").replace(
             "target_epsilon = 3.0", "target_epsilon = 1.0") + "secure_aggregation = true\n")
@@ -119,10 +120,10 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
         for process in processes:
             _stop(process)
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
-    assert "Failed to activate SuperNode" in logs["node-3.log"], logs["node-3.log"][-2000:]
+    assert "Failed to activate SuperNode" in logs["node-4.log"], logs["node-4.log"][-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
-    assert all(len(r["clients_accepted"]) == 2 for r in records)
+    assert all(len(r["clients_accepted"]) == 3 for r in records)
     for number, cap, delta in ((1, 8.0, 1 / 600), (2, 5.0, 1e-4)):  # node 1: 1/(10 n), n = its 60 rows
         ledger = json.loads(next((tmp_path / f"node-{number}-budgets").glob("ledger-*.json")).read_text())
         trained = [c for c in ledger["calls"] if c.get("label", "").startswith("round") and "steps" in c
@@ -131,9 +132,9 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
         assert ledger["delta"] == pytest.approx(delta)
     assert "policy: max epsilon 5, delta 0.0001" in logs["node-2.log"]
     secure_record = json.loads((secure_dir / "metrics.jsonl").read_text().splitlines()[0])
-    assert secure_record["secure_aggregation"] is True and len(secure_record["clients_accepted"]) == 2
+    assert secure_record["secure_aggregation"] is True and len(secure_record["clients_accepted"]) == 3
     assert "SecAgg+" in (secure_dir / "summary.md").read_text()
-    assert not (tmp_path / "node-3-budgets").exists()
+    assert not (tmp_path / "node-4-budgets").exists()
     summary = (run_dir / "summary.md").read_text()
     assert "## Privacy" in summary and "as released by the node" in (run_dir / "privacy.json").read_text()
     # the exported adapter loads with stock peft

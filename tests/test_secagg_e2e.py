@@ -28,7 +28,7 @@ def _config(tiny_bert, data, nodes, secure, rounds=1, **federation):
     return build_config({
         "model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"path": str(data)},
         "training": {"epochs": 1, "rounds": rounds, "batch_size": 8}, "dp": {"noise_seed": 5},
-        "federation": {"num_clients": nodes, "clients_per_round": nodes, "min_clients": 2, "central_holdout": 0.2,
+        "federation": {"num_clients": nodes, "clients_per_round": nodes, "min_clients": 3, "central_holdout": 0.2,
                        "secure_aggregation": secure, **federation},
     })
 
@@ -61,7 +61,8 @@ class DropAt:
 
     def __call__(self, msg: Message, context) -> Message:
         configs = msg.content.config_records.get(STAGE_RECORD, {})
-        if configs.get("stage") == self.stage and int(context.node_config["partition-id"]) in self.drop:
+        stage = configs.get("stage", "plain")  # "plain": a training message of a round without SecAgg+
+        if stage == self.stage and int(context.node_config["partition-id"]) in self.drop:
             raise RuntimeError(f"node drops out at {self.stage}")
         return self.app(msg, context)
 
@@ -127,17 +128,32 @@ def test_the_server_holds_only_masked_vectors_and_the_mean_matches_the_plain_run
         # an unmasked quantized update lies in [0, 2^22 + 1]; masked, the values fill [0, 2^32) uniformly
         assert np.mean(values > 2**23) > 0.9 and abs(values.mean() / 2**32 - 0.5) < 0.1
     _simulate(_config(tiny_bert, data, 3, False, rounds=2, **user_dp), tmp_path / "plain")
-    secure, plain = _adapter(tmp_path / "secure"), _adapter(tmp_path / "plain")
-    for key in plain:
-        assert np.allclose(secure[key], plain[key], atol=1e-3), key
+    _close_and_moved(tmp_path, _config(tiny_bert, data, 3, False))
     record = json.loads((tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["secure_aggregation"] is True and len(record["clients_accepted"]) == 3
+
+
+def _close_and_moved(tmp_path, config):
+    """The secure run ends where the plain run ends, much closer than either moved from the
+    initial adapter (so a wrong or zero mean could not pass)."""
+    from fedtune.adapter import adapter_state
+    from fedtune.runtime import MODELS
+    from simulations.run import prepare_simulation
+
+    initial = adapter_state(MODELS.get(prepare_simulation(config), 2)[0])
+    secure, plain = _adapter(tmp_path / "secure"), _adapter(tmp_path / "plain")
+    moved = max(float(np.max(np.abs(plain[k] - initial[k]))) for k in plain)
+    apart = max(float(np.max(np.abs(secure[k] - plain[k]))) for k in plain)
+    assert moved > 1e-2 and apart < moved / 100, (moved, apart)
+    return apart, moved
 
 
 def test_two_of_five_nodes_dropping_after_masking_still_give_the_right_mean(tiny_bert, data, tmp_path):
     seen = _simulate(_config(tiny_bert, data, 5, True), tmp_path / "secure", drop_stage="unmask", drop={3, 4})
     assert "error" not in seen, seen.get("error")
+    assert sum(m.has_error() for m in seen["grid"].replies) == 2  # the two really dropped, after masking
     _simulate(_config(tiny_bert, data, 5, False, weight_cap=0.0, adaptive_norm_bound=0.0), tmp_path / "plain")
+    _close_and_moved(tmp_path, _config(tiny_bert, data, 5, False))
     secure, plain = _adapter(tmp_path / "secure"), _adapter(tmp_path / "plain")
     from simulations.partition import partition_report
     from simulations.run import prepare_simulation
@@ -146,6 +162,19 @@ def test_two_of_five_nodes_dropping_after_masking_still_give_the_right_mean(tiny
     assert len({p["examples"] for p in sizes}) == 1  # equal partitions: uniform and example weights agree
     for key in plain:
         assert np.allclose(secure[key], plain[key], atol=1e-4), key
+
+
+def test_a_node_lost_before_masking_leaves_the_mean_of_the_others(tiny_bert, data, tmp_path):
+    """One of five refuses in the collect stage: its pairwise masks are rebuilt from the
+    others' shares and the mean is that of the four, as in a plain round without it."""
+    seen = _simulate(_config(tiny_bert, data, 5, True), tmp_path / "secure", drop_stage="collect_masked_vectors",
+                     drop={4})
+    assert "error" not in seen, seen.get("error")
+    record = json.loads((tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(record["clients_accepted"]) == 4 and len(record["clients_refused"]) == 1
+    _simulate(_config(tiny_bert, data, 5, False, weight_cap=0.0, adaptive_norm_bound=0.0), tmp_path / "plain",
+              drop_stage="plain", drop={4})
+    _close_and_moved(tmp_path, _config(tiny_bert, data, 5, False))
 
 
 def test_below_the_threshold_the_round_fails_and_says_why(tiny_bert, data, tmp_path):

@@ -224,3 +224,42 @@ def test_a_node_clips_its_own_update_before_masking():
     update = {"w": np.full(4, 3.0)}
     clipped = masked_update(update, 1.5)
     assert np.isclose(np.linalg.norm(clipped["w"]), 1.5) and np.allclose(clipped["w"] / clipped["w"][0], 1.0)
+
+
+def test_a_node_refuses_what_would_expose_its_update():
+    """A cohort of 2 (each reads the other off the mean), a threshold of half the shares,
+    a non-finite update, a bound the rounding error would exceed."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    from clients.secagg import SecAggRefusal, check_setup, masked_update
+
+    with pytest.raises(SecAggRefusal, match="at least 3"):
+        check_setup({Key.SAMPLE_NUMBER: 2, Key.SHARE_NUMBER: 2, Key.THRESHOLD: 2})
+    with pytest.raises(SecAggRefusal, match="exceed half"):
+        check_setup({Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: 4, Key.THRESHOLD: 2})
+    check_setup({Key.SAMPLE_NUMBER: 5, Key.SHARE_NUMBER: 5, Key.THRESHOLD: 3})
+    with pytest.raises(SecAggRefusal, match="non-finite"):
+        masked_update({"w": np.array([1.0, np.nan])}, 1.0)
+    with pytest.raises(SecAggRefusal, match="no room"):
+        masked_update({"w": np.ones(100)}, 1e-6, quantum=1e-6)
+    clipped = masked_update({"w": np.full(100, 3.0)}, 2.0, quantum=1e-3)
+    assert np.linalg.norm(clipped["w"]) <= 2.0 - 1e-3 * 10 + 1e-9  # room left for the rounding
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round(tiny_bert, tmp_path):
+    from clients.client_app import app
+    from fedtune.adapter import adapter_state
+    from fedtune.privacy.policy import request_text, server_request
+    from fedtune.runtime import MODELS
+    from tests.conftest import delivered, make_texts, node_context, write_csv
+
+    data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=1))
+    server = build_config({"model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"labels": ["neg", "pos"]},
+                           "training": {"epochs": 1, "batch_size": 8}})
+    node = {"state-dir": str(tmp_path / "state"), "data-path": str(data), "max-epsilon": 8.0,
+            "model-path": str(tiny_bert), "budget-dir": str(tmp_path / "budgets"), "require-secure-aggregation": True}
+    arrays = adapter_state(MODELS.get(server, 2)[0])
+    reply = app(delivered("train", 1, request_text(server_request(server)), arrays), node_context(node))
+    status = dict(reply.content["status"])
+    assert status["status"] == "policy-refused" and "SecAgg+" in status["message"] and "arrays" not in reply.content
+    assert not (tmp_path / "budgets").exists()
