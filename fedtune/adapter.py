@@ -10,6 +10,7 @@ loads with stock `PeftModel.from_pretrained(base, dir)`.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -23,8 +24,13 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from fedtune.errors import ModelError
 
 def _state_key(parameter_name: str, adapter_name: str = "default") -> str:
-    """peft state-dict key of a parameter: the adapter name drops out of the path."""
-    return parameter_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
+    """peft state-dict key of a parameter: the adapter name drops out of the path (LoRA's
+    `lora_A.default.weight`, IA3's `ia3_l.default`); a prompt-learning method (prefix
+    tuning) saves its prompt encoder's table as one tensor, `prompt_embeddings`."""
+    if parameter_name.startswith(f"prompt_encoder.{adapter_name}."):
+        return "prompt_embeddings"
+    name = parameter_name.replace(f".modules_to_save.{adapter_name}.", ".")
+    return re.sub(rf"\.{re.escape(adapter_name)}(?=\.|$)", "", name)
 
 
 def adapter_state(model: PeftModel) -> "OrderedDict[str, np.ndarray]":
@@ -85,8 +91,11 @@ def load_state(model: PeftModel, state: Mapping[str, np.ndarray], partial: bool 
     if partial:
         tensors = {**{k: v for k, v in current.items() if k not in tensors}, **tensors}
     result = set_peft_model_state_dict(model, tensors)
-    if getattr(result, "unexpected_keys", None):
-        raise ModelError(f"peft refused adapter tensors: {result.unexpected_keys[:3]}")
+    # a prompt-learning method's table is loaded into its encoder by peft directly, and then
+    # reported as "unexpected" by the model-wide load that follows: not a refusal
+    refused = [k for k in getattr(result, "unexpected_keys", None) or () if k != "prompt_embeddings"]
+    if refused:
+        raise ModelError(f"peft refused adapter tensors: {refused[:3]}")
 
 
 def save_adapter_dir(model: PeftModel, directory: str | Path, extra_files: Mapping[str, str] = {},

@@ -14,10 +14,10 @@ import numpy as np
 
 from fedtune.adapter import load_state
 from fedtune.config import Config
-from fedtune.data import LabelMap, TokenCache, read_table, to_dataset
+from fedtune.data import LabelMap, TokenCache, read_for_task, to_dataset
 from fedtune.datasets_builtin import Table
 from fedtune.errors import ConfigError
-from fedtune.evaluate import evaluate, majority_baseline
+from fedtune.evaluate import evaluate, evaluate_instruct, majority_baseline
 
 
 def central_table(config: Config) -> Table | None:
@@ -25,8 +25,7 @@ def central_table(config: Config) -> Table | None:
     path = config.federation.central_eval_path
     if not path:
         return None
-    label_column = config.data.label_column if config.task_is_classification else None
-    return read_table(path, config.data.text_column, label_column)
+    return read_for_task(path, config.data, config.model.task)
 
 
 class CentralEvaluator:
@@ -40,6 +39,20 @@ class CentralEvaluator:
         self.size = len(table)
         label_ids = None
         self.majority_accuracy = None
+        self.samples: list[dict] = []  # instruct: a few generated answers of the latest evaluation
+        self.summary: dict | None = None
+        self.tokenizer = tokenizer
+        if config.model.task == "instruct":
+            from fedtune.instruct import encode_instruct
+
+            held = encode_instruct(tokenizer, table.texts, table.labels, config.model.max_seq_len,
+                                   bool(config.data.messages_column))
+            self.summary = held.summary()
+            self.size = len(held.kept)
+            self.dataset = to_dataset({"input_ids": held.input_ids, "attention_mask": held.attention_mask}, None,
+                                      labels=held.labels)
+            self.prompts = (held.prompt_ids, [table.labels[i] for i in held.kept])
+            return
         if config.task_is_classification:
             label_ids = LabelMap.from_config(config.data.labels).encode(table.labels, source=f"{table.source} (central evaluation)")
             self.majority_accuracy = majority_baseline(label_ids)
@@ -48,8 +61,13 @@ class CentralEvaluator:
 
     def __call__(self, adapter: "OrderedDict[str, np.ndarray]") -> dict:
         load_state(self.model, adapter)
-        num_classes = len(self.config.data.labels) or None
-        metrics = evaluate(self.model, self.dataset, self.config.model.task, num_classes=num_classes)
+        if self.config.model.task == "instruct":
+            metrics = evaluate_instruct(self.model, self.tokenizer, self.dataset, *self.prompts,
+                                        self.config.model.max_new_tokens, precision=self.config.training.precision)
+            self.samples = metrics.pop("samples")
+        else:
+            num_classes = len(self.config.data.labels) or None
+            metrics = evaluate(self.model, self.dataset, self.config.model.task, num_classes=num_classes)
         scores = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.majority_accuracy is not None:
             scores["majority_accuracy"] = float(self.majority_accuracy)

@@ -13,6 +13,7 @@ libraries (torch, Flower) are imported inside the commands, after the arguments 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -109,6 +110,33 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="answer prompts with an instruct adapter (greedy decoding)")
+    parser.add_argument("adapter", help="a PEFT adapter directory (train-local's or simulate's adapter/, or an export)")
+    parser.add_argument("prompt", nargs="?", help="the prompt (the user's turn)")
+    parser.add_argument("--file", help="prompts, one per line (or a JSONL file with a \"prompt\" field)")
+    parser.add_argument("--model", default="", help="the base model (a folder or bundled name); default: the one the "
+                        "adapter names")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer (default 64)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from fedtune.generation import generate_answers, read_prompts
+
+    if (args.prompt is None) == (args.file is None):
+        raise FedtuneError("give a prompt or --file, not both and not neither")
+    prompts = read_prompts(args.file) if args.file else [args.prompt]
+    answers = generate_answers(args.adapter, prompts, args.max_new_tokens, args.model, args.device)
+    if args.file:
+        for prompt, answer in zip(prompts, answers):
+            print(json.dumps({"prompt": prompt, "answer": answer}, ensure_ascii=False))
+    else:
+        print(answers[0])
+    return 0
+
+
 def _add_report_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "report", help="rebuild a federation run's CSV tables, summary.md and plots from its raw records")
@@ -161,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certs_parser(subparsers)
     _add_export_parser(subparsers)
     _add_report_parser(subparsers)
+    _add_generate_parser(subparsers)
     _add_privacy_parser(subparsers)
     return parser
 

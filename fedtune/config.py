@@ -20,9 +20,9 @@ from typing import Any, get_origin, get_type_hints
 
 from fedtune.errors import ConfigError
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "instruct")
 OPTIMIZERS = ("adamw", "sgd")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "loop")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -41,16 +41,19 @@ def _fail(key: str, value: Any, expected: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = opt("", "Local directory of a transformers model; \"\" means the bundled all-MiniLM-L6-v2.", flag="model")
-    task: str = opt("classification", "\"classification\" (sequence classification) or \"causal-lm\" (next-token loss).", flag="task")
+    path: str = opt("", "Local directory of a transformers model, or a bundled model's name (minilm, smollm2-135m-instruct); \"\" means the task's default: minilm (all-MiniLM-L6-v2) for classification and causal-lm, smollm2-135m-instruct for instruct.", flag="model")
+    task: str = opt("classification", "\"classification\" (sequence classification), \"causal-lm\" (next-token loss on one text column) or \"instruct\" (prompt -> response, loss on the response tokens only, scored by generation).", flag="task")
     max_seq_len: int = opt(64, "Tokens per example. 64 keeps a CPU node fast (a news lead, a tweet, most of a review); raise it for long documents: time per step grows about linearly.", flag="max_seq_len")
     device: str = opt("auto", "\"auto\" picks CUDA when present, else CPU.", flag="device")
+    max_new_tokens: int = opt(0, "Instruct: tokens generated per answer when scoring by generation (greedy); 0 = the longest expected answer plus 4.", flag="max_new_tokens")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             _fail("model.task", self.task, f"one of {', '.join(TASKS)}")
         if not 8 <= self.max_seq_len <= 8192:
             _fail("model.max_seq_len", self.max_seq_len, "a whole number in [8, 8192]")
+        if not 0 <= self.max_new_tokens <= 4096:
+            _fail("model.max_new_tokens", self.max_new_tokens, "a whole number in [0, 4096] (0 = automatic)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             _fail("model.device", self.device, "'auto', 'cpu' or 'cuda[:N]'")
 
@@ -75,13 +78,16 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    method: str = opt("lora", "The PEFT method (an entry of fedtune.adapters.ADAPTER_METHODS): \"lora\" today, with its options in [lora] (FFA-LoRA is one of them).", flag="adapter")
+    method: str = opt("lora", "The PEFT method (an entry of fedtune.adapters.ADAPTER_METHODS): \"lora\" (options in [lora]; FFA-LoRA is one of them), \"ia3\" (learned scaling vectors, peft's default targets; needs dp.grad_sample_mode = \"loop\" under DP) or \"prefix\" (prefix tuning, causal LM / instruct).", flag="adapter")
+    num_virtual_tokens: int = opt(8, "Prefix tuning: the number of virtual tokens whose keys and values train in every layer.")
 
     def __post_init__(self) -> None:
         from fedtune.adapters import ADAPTER_METHODS  # the one registry: a new method is one entry there
 
         if self.method not in ADAPTER_METHODS:
             _fail("adapter.method", self.method, f"one of {', '.join(ADAPTER_METHODS)}")
+        if not 1 <= self.num_virtual_tokens <= 512:
+            _fail("adapter.num_virtual_tokens", self.num_virtual_tokens, "a whole number in [1, 512]")
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class DPConfig:
     noise_multiplier: float = opt(0.0, "Fixed noise multiplier; 0 means calibrate it from target_epsilon for the planned run.", flag="noise_multiplier")
     max_grad_norm: float = opt(1.0, "Per-example clipping norm C (Opacus max_grad_norm).", flag="max_grad_norm")
     accountant: str = opt("rdp", "\"rdp\" or \"prv\" (Opacus accountants).", flag="accountant")
-    grad_sample_mode: str = opt("hooks", "\"hooks\" (default; cheapest for LoRA) or \"ghost\" (ghost clipping, two backwards).", flag="grad_sample_mode")
+    grad_sample_mode: str = opt("hooks", "\"hooks\" (default; Opacus's per-layer rules, cheapest for LoRA), \"ghost\" (ghost clipping, two backwards; less memory on large models) or \"loop\" (exact per-example gradients one example at a time, handed to Opacus's DP optimizer: any adapter, e.g. IA3, whose layers Opacus has no rule for; the slowest).", flag="grad_sample_mode")
     secure_mode: bool = opt(False, "Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's floating-point-attack mitigation). Needs the torchcsprng package, which does not install for current torch; without it the noise is already secret (`noise_seed`).")
     noise_seed: int = opt(-1, "-1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw from generators seeded per call from OS entropy, so nobody can replay them. >= 0: reproducible from this seed, for simulations and tests only; every output of such a run says \"reproducible noise: not for production\". A node never takes it from a server.", flag="noise_seed")
 
@@ -134,6 +140,7 @@ class TrainingConfig:
     optimizer: str = opt("adamw", "\"adamw\" or \"sgd\".", flag="optimizer")
     weight_decay: float = opt(0.0, "Weight decay of the local optimizer.")
     seed: int = opt(0, "Seeds what the whole federation must share or may know: LoRA init (FFA-LoRA's frozen A must be the same on every node), the validation split, simulation partitions. Never the DP noise or the Poisson batches (see dp.noise_seed).", flag="seed")
+    physical_batch_size: int = opt(0, "Rows per forward/backward pass; a larger Poisson batch is processed in chunks of this size and takes one DP-SGD step (as Opacus's BatchMemoryManager), so the privacy is that of the whole batch and memory that of a chunk. 0 = the whole batch at once.", flag="physical_batch_size")
     precision: str = opt("fp32", "\"fp32\", or \"bf16\": the forward pass under torch.autocast (weights, gradients, Opacus's per-sample clipping and noise stay fp32). No \"fp16\": it needs loss scaling, and a scaled loss scales every per-sample gradient before DP-SGD clips it.", flag="precision")
 
     def __post_init__(self) -> None:
@@ -147,6 +154,8 @@ class TrainingConfig:
             _fail("training.learning_rate", self.learning_rate, "a number > 0")
         if self.optimizer not in OPTIMIZERS:
             _fail("training.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        if self.physical_batch_size < 0:
+            _fail("training.physical_batch_size", self.physical_batch_size, "a whole number >= 0 (0 = whole batch)")
         if self.weight_decay < 0:
             _fail("training.weight_decay", self.weight_decay, "a number >= 0")
         if self.precision not in PRECISIONS:
@@ -156,10 +165,13 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = opt("bbc-news", "A named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes) ...", flag="dataset")
+    dataset: str = opt("bbc-news", "A named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes; for instruct: tweets-instruct, bbc-news-instruct, drug-reviews-instruct) ...", flag="dataset")
     path: str = opt("", "... or a local CSV / JSONL / Parquet file (takes precedence when set).", flag="data")
     text_column: str = opt("text", "The column of the node's file that holds the text.", flag="text_column")
     label_column: str = opt("label", "The column of the node's file that holds the label (ignored for causal-lm).", flag="label_column")
+    prompt_column: str = opt("prompt", "Instruct: the column that holds the prompt (the user's turn).", flag="prompt_column")
+    response_column: str = opt("response", "Instruct: the column that holds the expected response (the only tokens the loss sees).", flag="response_column")
+    messages_column: str = opt("", "Instruct, instead of prompt/response: a column of chat messages ([{role, content}, ...], a JSON string in CSV) whose last message is the assistant's response.", flag="messages_column")
     val_fraction: float = opt(0.15, "Held-out share for validation, split with training.seed.")
     eval_path: str = opt("", "Optional separate evaluation file (same columns); replaces the split when set.", flag="eval_data")
     max_examples: int = opt(0, "Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.", flag="max_examples")
@@ -347,6 +359,15 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
 
     def __post_init__(self) -> None:
+        from fedtune.adapters import ADAPTER_METHODS
+
+        method = ADAPTER_METHODS[self.adapter.method]
+        if self.dp.enabled and self.dp.grad_sample_mode not in method.grad_sample_modes:
+            _fail("dp.grad_sample_mode", self.dp.grad_sample_mode, f"one of {', '.join(method.grad_sample_modes)} with "
+                  f"adapter.method = {self.adapter.method!r} ({method.why_modes})")
+        if self.model.task not in method.tasks:
+            _fail("adapter.method", self.adapter.method, f"one for task {self.model.task!r}: "
+                  f"{', '.join(m for m, a in ADAPTER_METHODS.items() if self.model.task in a.tasks)}")
         if self.node.max_epsilon and self.dp.enabled and self.dp.target_epsilon > self.node.max_epsilon:
             _fail("dp.target_epsilon", self.dp.target_epsilon, f"at most node.max_epsilon = {self.node.max_epsilon:g}")
 

@@ -99,11 +99,38 @@ def read_table(path: str | Path, text_column: str, label_column: str | None) -> 
     return Table(texts, labels, extra, str(path))
 
 
+def read_instruct_table(path: str | Path, config: DataConfig) -> Table:
+    """An instruct file: prompt/response columns, or one messages column whose last message
+    is the response. A messages row keeps its earlier turns as JSON in `texts`."""
+    if not config.messages_column:
+        return read_table(path, config.prompt_column, config.response_column)
+    from fedtune.instruct import parse_messages
+
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    if config.messages_column not in rows[0]:
+        raise DataError(f"{path}: missing column {config.messages_column!r} (columns: {', '.join(map(str, rows[0]))})")
+    texts, labels = [], []
+    for number, row in enumerate(rows, start=1):
+        messages = parse_messages(row.get(config.messages_column), f"{path}: row {number}")
+        texts.append(json.dumps(messages[:-1], ensure_ascii=False))
+        labels.append(messages[-1]["content"])
+    return Table(texts, labels, {}, str(path))
+
+
+def read_for_task(path: str | Path, config: DataConfig, task: str) -> Table:
+    """A node's file read with the columns its task uses."""
+    if task == "instruct":
+        return read_instruct_table(path, config)
+    return read_table(path, config.text_column, config.label_column if task == "classification" else None)
+
+
 def load_table(config: DataConfig, task: str) -> Table:
     """The training table named by the config: a local file, else a built-in dataset."""
-    label_column = config.label_column if task == "classification" else None
     if config.path:
-        return read_table(config.path, config.text_column, label_column)
+        return read_for_task(config.path, config, task)
     return load_builtin(config.dataset)
 
 
@@ -265,12 +292,16 @@ def _torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def to_dataset(encoded: dict[str, torch.Tensor], label_ids: np.ndarray | None) -> TensorDataset:
+def to_dataset(encoded: dict[str, torch.Tensor], label_ids: np.ndarray | None,
+               labels: torch.Tensor | None = None) -> TensorDataset:
     """(input_ids, attention_mask, labels) tuples, the shape Opacus's DPDataLoader needs.
 
-    For causal LM (`label_ids=None`) the labels are the input ids with padding ignored.
+    For causal LM (`label_ids=None`) the labels are the input ids with padding ignored;
+    instruct passes its own token `labels` (the prompt masked out).
     """
     input_ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    if labels is not None:
+        return TensorDataset(input_ids, mask, labels)
     if label_ids is None:
         labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
     else:

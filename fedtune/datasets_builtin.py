@@ -119,8 +119,90 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 }
 
 
+# -- instruction tasks (FlowerTune style: a prompt, a short expected answer) --------------
+SPLIT_COLUMN = "split"  # "train" or "test": an instruct task's fixed held-out split
+HELD_OUT_SEED = 20261127  # fixed forever: every run, node and paper scores the same held-out rows
+
+
+@dataclass(frozen=True)
+class InstructTask:
+    """An instruction task built from a bundled dataset: prompt from each row, the expected
+    short answer from its label (and columns), a fixed held-out split."""
+
+    name: str
+    base: str
+    description: str
+    held_out: int
+    prompt: Callable[[str, dict], str]  # (text, the row's extra columns) -> prompt
+    answer: Callable[[str, dict], str]  # (label, the row's extra columns) -> expected answer
+
+
+def _words(text: str, limit: int) -> str:
+    """The first `limit` words: the built-in prompts stay short enough for a CPU node."""
+    words = text.split()
+    return " ".join(words[:limit]) + (" ..." if len(words) > limit else "")
+
+
+def _condition(extra: dict) -> str:
+    value = extra.get("condition", "").strip()
+    return "" if not value or "</span>" in value else value  # drugs.com rows where a vote count replaced it
+
+
+BBC_TOPICS = "business, entertainment, politics, sport or tech"
+
+INSTRUCT_TASKS: dict[str, InstructTask] = {
+    t.name: t
+    for t in (
+        InstructTask("tweets-instruct", "tweets", "tweet sentiment: answer negative, neutral or positive", 300,
+                     lambda text, _: "Classify the sentiment of this tweet as negative, neutral or positive. "
+                                     f"Answer with one word.\nTweet: {text}",
+                     lambda label, _: str(label)),
+        InstructTask("bbc-news-instruct", "bbc-news", f"news topic: answer {BBC_TOPICS}", 225,
+                     lambda text, _: f"What is the topic of this news article: {BBC_TOPICS}? Answer with one word.\n"
+                                     f"Article: {_words(text, 60)}",
+                     lambda label, _: str(label)),
+        InstructTask("drug-reviews-instruct", "drug-reviews",
+                     "patient drug reviews: answer the sentiment, and the condition treated where the review has one",
+                     100,
+                     lambda text, extra: f"A patient reviewed the drug {extra.get('drug', '')}. What is the review's "
+                                         "sentiment (negative, neutral or positive), and what condition was the drug "
+                                         "taken for? Answer as: sentiment, condition (or just the sentiment if no "
+                                         f"condition is given).\nReview: {_words(text, 60)}",
+                     lambda label, extra: f"{label}, {_condition(extra).lower()}" if _condition(extra) else str(label)),
+    )
+}
+
+
+def _instruct_table(task: InstructTask) -> Table:
+    import numpy as np
+
+    base = load_builtin(task.base)
+    rows = [{k: v[i] for k, v in base.extra.items()} for i in range(len(base))]
+    prompts = [task.prompt(text, row) for text, row in zip(base.texts, rows)]
+    answers = [task.answer(label, row) for label, row in zip(base.labels, rows)]
+    held_out = set(np.random.default_rng(HELD_OUT_SEED).permutation(len(base))[: task.held_out].tolist())
+    split = ["test" if i in held_out else "train" for i in range(len(base))]
+    return Table(prompts, answers, {**base.extra, SPLIT_COLUMN: split}, task.name)
+
+
 def load_builtin(name: str) -> Table:
+    if name in INSTRUCT_TASKS:
+        return _instruct_table(INSTRUCT_TASKS[name])
     if name not in BUILTIN_DATASETS:
-        raise DataError(f"data.dataset = {name!r}: expected one of {', '.join(BUILTIN_DATASETS)} or data.path set to a file")
+        raise DataError(f"data.dataset = {name!r}: expected one of {', '.join([*BUILTIN_DATASETS, *INSTRUCT_TASKS])} "
+                        "or data.path set to a file")
     dataset = BUILTIN_DATASETS[name]
     return dataset.reader(_dist_file(dataset))
+
+
+def fixed_split(table: Table) -> tuple[Table, Table] | None:
+    """(train rows, held-out rows) of a table with a fixed split column, else None."""
+    split = table.extra.get(SPLIT_COLUMN)
+    if split is None:
+        return None
+    parts = []
+    for wanted in ("train", "test"):
+        keep = [i for i, s in enumerate(split) if s == wanted]
+        parts.append(Table([table.texts[i] for i in keep], [table.labels[i] for i in keep],
+                           {k: [v[i] for i in keep] for k, v in table.extra.items()}, table.source))
+    return parts[0], parts[1]

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from opacus.data_loader import wrap_collate_with_empty
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -218,11 +219,76 @@ def _noise_only_step(dp_optimizer, parameters, mode: str) -> None:
     dp_optimizer.step()
 
 
+def physical_chunks(batch, size: int) -> list:
+    """A Poisson batch cut into chunks of at most `size` rows (0 = the whole batch)."""
+    rows = len(batch[-1])
+    if not size or rows <= size:
+        return [batch]
+    return [[part[start:start + size] for part in batch] for start in range(0, rows, size)]
+
+
+def _batch_step(model, batch, optimizer, criterion, step_criterion, config: Config, private: bool, device) -> float:
+    """One optimizer step on one Poisson batch, run in chunks of `training.physical_batch_size`
+    rows (Opacus's BatchMemoryManager, without its own sampler): under DP each chunk's
+    per-example gradients are clipped and added to the running sum with the step skipped
+    (`signal_skip_step`), and the last chunk's step adds the noise once and scales by the
+    expected batch size, so the step is the same mechanism as one pass over the batch and
+    Opacus's accountant counts it once. Without DP the chunks' gradients accumulate with
+    weights that make them the batch mean. Returns the batch's mean loss."""
+    chunks = physical_chunks(batch, config.training.physical_batch_size)
+    rows = len(batch[-1])
+    total = 0.0
+    for index, chunk in enumerate(chunks):
+        logits, labels = _forward_loss(model, chunk, criterion, config.model.task, device, config.training.precision)
+        loss = step_criterion(logits, labels)
+        share = len(chunk[-1]) / rows
+        if private:
+            loss.backward()
+            if index < len(chunks) - 1:
+                optimizer.signal_skip_step(do_skip=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            (loss * share).backward()
+        total += float(loss.item()) * share
+    optimizer.step()
+    return total
+
+
+def _loop_batch_step(model, batch, optimizer, criterion, parameters, config: Config, device) -> float:
+    """One DP-SGD step with exact per-example gradients computed one example at a time
+    (`dp.grad_sample_mode = "loop"`): for adapters Opacus has no per-layer rule for. The
+    gradients go to Opacus's DP optimizer as `grad_sample`, which clips, sums, noises and
+    accounts exactly as with its hooks. Returns the batch's mean loss."""
+    rows = len(batch[-1])
+    per_example: list[list[torch.Tensor]] = [[] for _ in parameters]
+    total = 0.0
+    for row in range(rows):
+        example = [part[row:row + 1] for part in batch]
+        logits, labels = _forward_loss(model, example, criterion, config.model.task, device, config.training.precision)
+        loss = criterion(logits, labels)
+        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        for store, grad, parameter in zip(per_example, grads, parameters):
+            store.append(torch.zeros_like(parameter) if grad is None else grad.detach())
+        total += float(loss.item())
+    for parameter, store in zip(parameters, per_example):
+        parameter.grad_sample = torch.stack(store)
+    optimizer.step()
+    return total / rows
+
+
 def _attach_opacus(model, optimizer, criterion, loader, config: Config, plan: DPPlan, noise: torch.Generator | None):
     """Opacus for one call: per-sample clipping and noise on `optimizer`, hooks on `model`
     (`wrap_model=False`, removed by the caller's `hooks.cleanup()`)."""
     engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=config.dp.secure_mode)
     mode = config.dp.grad_sample_mode
+    if mode == "loop":  # no hooks: `_loop_batch_step` hands Opacus exact per-example gradients
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                                   expected_batch_size=int(len(loader.dataset) / len(loader)), loss_reduction="mean",
+                                   generator=engine.secure_rng if config.dp.secure_mode else noise,
+                                   secure_mode=config.dp.secure_mode)
+        dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=1 / len(loader)))
+        return engine, None, dp_optimizer, criterion
     prepared = engine.make_private(
         module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
@@ -270,12 +336,12 @@ def _train(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sa
                     if plan.private:
                         _noise_only_step(optimizer, parameters, config.dp.grad_sample_mode)
                 else:
-                    logits, labels = _forward_loss(model, batch, criterion, task, device, config.training.precision)
-                    loss = step_criterion(logits, labels)
-                    loss.backward()
-                    optimizer.step()
-                    seen += len(labels)
-                    losses.append(float(loss.item()))
+                    if plan.private and config.dp.grad_sample_mode == "loop":
+                        losses.append(_loop_batch_step(model, batch, optimizer, criterion, parameters, config, device))
+                    else:
+                        losses.append(_batch_step(model, batch, optimizer, criterion, step_criterion, config,
+                                                  plan.private, device))
+                    seen += len(batch[-1])
                 optimizer.zero_grad(set_to_none=True)
                 _proximal_step(parameters, anchors, config)
                 step += 1

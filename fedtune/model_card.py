@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from fedtune.adapters import describe_adapter
+from fedtune.adapters import adapter_method, describe_adapter
 from fedtune.config import Config
 
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled package ships (never fetched)
@@ -21,8 +21,13 @@ BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled pack
 def base_model_reference(config: Config) -> str:
     """A name that means the same on any machine: the bundled model's name, or the base
     model folder's own name (its `_name_or_path` when it records one)."""
-    if not config.model.path:
+    from fedtune.models_builtin import BUILTIN_MODELS, DEFAULT_MODEL
+
+    name = config.model.path or DEFAULT_MODEL[config.model.task]
+    if name == "minilm":
         return BUNDLED_NAME
+    if name in BUILTIN_MODELS and not Path(name).exists():
+        return name
     folder = Path(config.model.path)
     try:
         recorded = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path", "")
@@ -38,7 +43,7 @@ def _epsilon(value) -> str:
 def model_card(config: Config, privacy_lines: list[str], trained: str) -> str:
     labels = ", ".join(config.data.labels) if config.data.labels else "(causal LM)"
     return "\n".join([
-        f"# LoRA adapter for {base_model_reference(config)}",
+        f"# {adapter_method(config).title} adapter for {base_model_reference(config)}",
         "",
         f"- base model: `{base_model_reference(config)}` (load it locally; nothing here downloads it)",
         f"- task: {config.model.task}; labels: {labels}",

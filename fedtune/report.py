@@ -151,6 +151,40 @@ def save_figure(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+ZERO_SHOT_FILE = "zero_shot.json"  # instruct: round 0, the initial adapter (the base model for LoRA / IA3)
+SAMPLES_FILE = "samples.jsonl"  # instruct: a few generated answers per round, from the central held-out set
+DATA_SUMMARY_FILE = "data_summary.json"  # instruct: rows kept / skipped / prompts shortened
+
+
+def _instruct_lines(run_dir: Path) -> list[str]:
+    """The instruct part of a summary: zero-shot baseline, what fit, a few generations."""
+    lines = []
+    zero_path, samples_path, data_path = run_dir / ZERO_SHOT_FILE, run_dir / SAMPLES_FILE, run_dir / DATA_SUMMARY_FILE
+    if zero_path.is_file():
+        zero = json.loads(zero_path.read_text(encoding="utf-8"))
+        lines += ["## Scored by generation", "",
+                  f"Round 0 (the initial adapter, i.e. the base model zero-shot for LoRA and IA3): exact-match accuracy "
+                  f"**{zero['accuracy']:.4f}**, response loss {zero['loss']:.4f}, on {int(zero['examples'])} held-out "
+                  "examples (greedy decoding, normalised answer).", ""]
+    if data_path.is_file():
+        data = json.loads(data_path.read_text(encoding="utf-8"))
+        for part, counts in data.items():
+            lines.append(f"- {part}: {counts['kept']} of {counts['examples']} examples used; "
+                         f"{counts['skipped_response_too_long']} skipped (response does not fit in model.max_seq_len), "
+                         f"{counts['prompts_shortened']} prompt(s) shortened")
+        lines.append("")
+    if samples_path.is_file():
+        last = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines() if line.strip()][-1]
+        lines += [f"Generated answers after round {last['round']} (first held-out examples):", "",
+                  "| prompt (end) | expected | generated |", "|---|---|---|"]
+        for sample in last["samples"]:
+            prompt, expected, generated = (" ".join(str(sample[k]).split()).replace("|", "\\|")
+                                           for k in ("prompt", "expected", "generated"))
+            lines.append(f"| ...{prompt[-120:]} | {expected} | {generated} |")
+        lines.append("")
+    return lines
+
+
 def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: float | None,
              privacy: list[dict]) -> str:
     last = metrics[-1]
@@ -162,7 +196,7 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
     if config_path.is_file():
         from fedtune.adapters import describe_adapter
         from fedtune.config import config_from_toml_text
-        from fedtune.model_card import secure_aggregation_line
+        from fedtune.model_card import base_model_reference, secure_aggregation_line
 
         config = config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path))
         fed, dp, t = config.federation, config.dp, config.training
@@ -170,7 +204,7 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
         lines += [f"- data: `{data}`, {fed.num_clients} clients ({fed.partitioner}"
                   + (f", alpha {fed.dirichlet_alpha:g}" if fed.partitioner == "dirichlet" else "") + f"), "
                   f"{fed.clients_per_round} per round, {len(metrics)} of {t.rounds} rounds done",
-                  f"- model: `{config.model.path or 'all-MiniLM-L6-v2 (bundled)'}`, {describe_adapter(config)}"
+                  f"- model: `{base_model_reference(config)}`, task {config.model.task}, {describe_adapter(config)}"
                   f", {t.epochs} local epoch(s), batch {t.batch_size}, lr {t.learning_rate:g}",
                   "- privacy: " + (f"record-level DP-SGD per client, target epsilon {dp.target_epsilon:g}" if dp.enabled
                                    else "**NON-PRIVATE** (no differential privacy)"),
@@ -196,6 +230,7 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
         lines.append(f"User-level epsilon (DP-FedAvg at the server): {last['user_epsilon']:.4g}.")
     total = sum(r.get("seconds", 0) for r in metrics)
     lines += [f"Wall time over all rounds: {total:.1f} s.", ""]
+    lines += _instruct_lines(run_dir)
     if privacy:
         lines += privacy_markdown(privacy, noise)
     lines += ["Plots: `accuracy.png`, `loss.png`, `epsilon.png`. Raw records: `metrics.jsonl`, `clients/*/ledger-*.json`, "

@@ -32,7 +32,7 @@ from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
 from fedtune.privacy.policy import REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
-from fedtune.report import write_report
+from fedtune.report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
 from fedtune.strategy import short_reason
 from server.secagg import secure_round
 
@@ -176,6 +176,8 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
         log(f"resuming after round {server.round_done} from {run_dir / 'checkpoint.safetensors'}")
 
     log(f"noise: {server.randomness.label}; cohorts: {fed.cohort_sampling}")
+    if central is not None and config.model.task == "instruct" and not (run_dir / ZERO_SHOT_FILE).exists():
+        write_zero_shot(run_dir, central, server.adapter, log)
 
     def fit_config(server_round) -> dict:
         return {"server-round": server_round, REQUEST_KEY: request,
@@ -214,6 +216,8 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
             record = _train_and_aggregate(grid, server, server_round, cohort, payload, fit_config(server_round), send,
                                           started, outcome)
         progress.update(record)
+        if central is not None and central.samples:
+            append_jsonl(run_dir / SAMPLES_FILE, {"round": server_round, "samples": central.samples})
     progress.close()
 
     load_state(model, server.adapter)
@@ -226,6 +230,16 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     written = write_report(run_dir)
     log(f"wrote {', '.join(p.name for p in written)} in {run_dir}")
     return server
+
+
+def write_zero_shot(run_dir: Path, central, adapter, log) -> None:
+    """Round 0 of an instruct run: the initial adapter scored like every later round. For
+    LoRA (B = 0) and IA3 (all scales 1) that is exactly the base model: the zero-shot
+    baseline the federation has to beat."""
+    scores = central(adapter)
+    record = {"round": 0, **scores, "samples": central.samples, "held_out": central.summary}
+    atomic_write_text(run_dir / ZERO_SHOT_FILE, json.dumps(record, indent=2) + "\n")
+    log(f"round 0 (initial adapter, before any training): accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f}")
 
 
 def resident_memory_mb() -> float:

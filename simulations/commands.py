@@ -9,7 +9,8 @@ from pathlib import Path
 from fedtune.cli import NODE_SECTIONS, add_config_flags, config_flags, config_from_args
 
 SIMULATE_FLAGS = config_flags(NODE_SECTIONS + ("federation",))  # the nodes' and the federation's fields
-DEFAULT_TEXT = "simulations/default.toml (BBC News, 5 clients, all 5 every round, 5 rounds, epsilon 8)"
+DEFAULT_TEXT = ("simulations/default.toml (BBC News, 5 clients, all 5 every round, 5 rounds, epsilon 8); with "
+                "--task instruct, simulations/instruct.toml (SmolLM2-135M-Instruct on tweets-instruct, 5 clients)")
 
 
 def register_simulate(subparsers) -> None:
@@ -18,7 +19,8 @@ def register_simulate(subparsers) -> None:
         help="federated fine-tuning of virtual clients on this host (Flower simulation engine)",
         description=f"Run a federation of virtual clients with Flower's simulation engine. With no arguments: {DEFAULT_TEXT}.",
     )
-    add_config_flags(parser, SIMULATE_FLAGS, "TOML config (default: simulations/default.toml)")
+    add_config_flags(parser, SIMULATE_FLAGS, "TOML config (default: simulations/default.toml, or "
+                     "simulations/instruct.toml with --task instruct)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client")
     parser.add_argument("--gpus-per-client", type=float, default=None,
                         help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
@@ -27,13 +29,14 @@ def register_simulate(subparsers) -> None:
     parser.set_defaults(run=run_simulate)
 
 
-def default_config_path() -> str:
-    """`simulations/default.toml`: what `fedtune simulate` runs with no arguments."""
-    return str(Path(__file__).resolve().parent / "default.toml")
+def default_config_path(task: str | None = None) -> str:
+    """What `fedtune simulate` runs with no --config: `simulations/default.toml`, or
+    `simulations/instruct.toml` (SmolLM2 on tweets-instruct) with `--task instruct`."""
+    return str(Path(__file__).resolve().parent / ("instruct.toml" if task == "instruct" else "default.toml"))
 
 
 def run_simulate(args) -> int:
-    config = config_from_args(args, default_file=default_config_path())  # before torch and Flower load
+    config = config_from_args(args, default_file=default_config_path(args.task))  # before torch and Flower load
     from simulations.run import simulate
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")

@@ -17,8 +17,8 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedtune.config import Config
-from fedtune.data import SUPPORTED_SUFFIXES, load_table, read_table, select, subsample, train_val_split
-from fedtune.datasets_builtin import Table
+from fedtune.data import SUPPORTED_SUFFIXES, load_table, read_for_task, select, subsample, train_val_split
+from fedtune.datasets_builtin import Table, fixed_split
 from fedtune.errors import ConfigError, DataError
 
 FILE_COLUMN = "__client_file__"
@@ -38,11 +38,14 @@ def source_table(config: Config) -> Table:
     """The whole dataset; for pre-split files, their concatenation tagged with the file."""
     fed = config.federation
     if fed.partitioner != "files":
-        return subsample(load_table(config.data, config.model.task), config.data.max_examples, config.training.seed)
-    label_column = config.data.label_column if config.task_is_classification else None
+        table = load_table(config.data, config.model.task)
+        split = fixed_split(table)
+        if split is not None:  # a built-in instruct task: train on its train rows only
+            table = split[0]
+        return subsample(table, config.data.max_examples, config.training.seed)
     texts, labels, tags = [], [], []
     for number, path in enumerate(_client_files(fed.client_files)):
-        part = read_table(path, config.data.text_column, label_column)
+        part = read_for_task(path, config.data, config.model.task)
         texts += part.texts
         labels += part.labels
         tags += [f"{number:05d}"] * len(part)
@@ -74,7 +77,11 @@ def _group_column(config: Config, table: Table) -> list[str] | None:
 def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
     table = source_table(config)
     held_out = None
-    if config.federation.central_holdout > 0:
+    split = (fixed_split(load_table(config.data, config.model.task))
+             if not config.data.path and config.federation.partitioner != "files" else None)
+    if split is not None:
+        held_out = split[1]  # the task's fixed held-out rows (never trained on) win over central_holdout
+    elif config.federation.central_holdout > 0:
         table, held_out = train_val_split(table, config.federation.central_holdout, config.training.seed + 1)
     labels = [str(x) for x in table.labels] if table.labels else [""] * len(table)
     columns = {"row": list(range(len(table))), "label": labels}

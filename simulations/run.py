@@ -25,6 +25,7 @@ from fedtune.errors import ConfigError
 from fedtune.federation import FederationServer
 from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
+from fedtune.report import DATA_SUMMARY_FILE
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
 if TYPE_CHECKING:
@@ -148,6 +149,20 @@ def gpus_per_client(requested: float | None) -> float:
     return gpus
 
 
+def instruct_data_summary(config: Config) -> dict:
+    """How many instruct rows fit `model.max_seq_len`, over every client's rows and the
+    held-out set: the run's data summary (each node also logs its own skips)."""
+    from fedtune.instruct import encode_instruct
+    from fedtune.model import load_tokenizer, resolve_model_path
+    from simulations.partition import held_out_table, training_pool
+
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    parts = {"training rows (all clients)": training_pool(config), "held-out rows": held_out_table(config)}
+    return {name: encode_instruct(tokenizer, table.texts, table.labels, config.model.max_seq_len,
+                                  bool(config.data.messages_column)).summary()
+            for name, table in parts.items() if table is not None}
+
+
 def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
              log=print) -> Path:
     from flwr.simulation import run_simulation
@@ -163,6 +178,8 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     backend = ray_backend(config, num_cpus_per_client, num_gpus_per_client)  # so does an unreachable Ray cluster
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
+    if config.model.task == "instruct":
+        atomic_write_json(run_dir / DATA_SUMMARY_FILE, instruct_data_summary(config))
     if config.dp.noise_seed >= 0:
         log(f"dp.noise_seed = {config.dp.noise_seed}: {REPRODUCIBLE_LABEL}")
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))

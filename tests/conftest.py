@@ -79,6 +79,52 @@ def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> Path:
     return _save_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir)
 
 
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                      "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def _with_chat_template(source: Path, directory: Path) -> Path:
+    """A copy of a tiny model whose tokenizer has a (tiny) chat template and [SEP] as EOS."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, directory, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, tiny_llama) -> Path:
+    return _with_chat_template(tiny_llama, tmp_path_factory.mktemp("tiny-chat-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gpt2(tmp_path_factory, tiny_gpt2) -> Path:
+    return _with_chat_template(tiny_gpt2, tmp_path_factory.mktemp("tiny-chat-gpt2"))
+
+
+def make_instruct_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, response) rows: the answer is a word of the prompt, so a model can learn it."""
+    rows = []
+    for prompt, label in make_texts(n, seed):
+        rows.append((f"classify: {prompt}", label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def instruct_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "instruct.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "response"])
+        writer.writerows(make_instruct_rows(120))
+    return path
+
+
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "sentiment.csv"
