@@ -162,3 +162,24 @@ def test_instruct_rows_without_their_columns_are_one_line_errors(tmp_path):
     config = build_config({"model": {"task": "instruct"}, "data": {"path": str(path)}})
     with pytest.raises(DataError, match=r"plain.csv: missing column 'prompt'"):
         load_table(config.data, "instruct")
+
+
+def test_simulate_task_instruct_defaults_to_the_smollm2_federation():
+    from fedtune.config import load_config
+    from fedtune.model_card import base_model_reference
+    from simulations.commands import default_config_path
+
+    config = load_config(default_config_path("instruct"))
+    assert config.model.task == "instruct" and config.data.dataset == "tweets-instruct"
+    assert base_model_reference(config) == "smollm2-135m-instruct" and config.dp.enabled
+    assert default_config_path(None).endswith("default.toml")
+
+
+def test_builtin_instruct_tasks_have_fixed_held_out_rows():
+    from fedtune.datasets_builtin import fixed_split, load_builtin
+
+    first, second = fixed_split(load_builtin("tweets-instruct")), fixed_split(load_builtin("tweets-instruct"))
+    assert len(first[1]) == 300 and first[1].texts == second[1].texts  # the same rows on every load
+    assert len(first[0]) + len(first[1]) == 38158
+    assert set(first[1].labels) <= {"negative", "neutral", "positive"}
+    assert first[1].texts[0].startswith("Classify the sentiment of this tweet")

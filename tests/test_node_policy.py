@@ -64,6 +64,9 @@ def test_honest_request_trains_and_the_reply_holds_only_listed_values(node):
     ("node", "max_epsilon", 1000.0),                # raise the cap
     ("node", "release_evaluation", "dp"),           # open a release the node closed
     ("federation", "central_eval_path", "/x.csv"),  # a server-only setting
+    ("data", "response_column", "diagnosis"),       # choose which column of the node's file the model learns to emit
+    ("data", "messages_column", "chart"),           # ... or which column is read as a conversation
+    ("training", "physical_batch_size", 1),         # the node's memory is the node's
     ("nonsense", "key", 1),                         # not a section at all
 ])
 def test_a_request_outside_the_policy_is_refused_and_the_ledger_is_unchanged(node, section, key, value):
@@ -77,6 +80,19 @@ def test_a_request_outside_the_policy_is_refused_and_the_ledger_is_unchanged(nod
     assert status["message"].startswith(f"policy-refused: {section if section == 'nonsense' else f'{section}.{key}'}")
     assert _ledger_files(node) == before
     assert json.loads((node["state"] / "node.json").read_text())["rounds_trained"] == rounds_before
+
+
+def test_an_adapter_opacus_cannot_clip_is_refused_before_any_charge(node):
+    """A server asking for IA3 under Opacus hooks (which never see IA3's vectors, so they
+    would not be clipped per example) is refused, not trained without per-example clipping."""
+    assert _train(node, server_request(node["server"]))[0]["status"] == "ok"
+    before = _ledger_files(node)
+    crafted = server_request(node["server"])
+    crafted.setdefault("adapter", {})["method"] = "ia3"
+    status, _, content = _train(node, crafted, server_round=2)
+    assert status["status"] == "policy-refused" and "arrays" not in content
+    assert "dp.grad_sample_mode" in status["message"]
+    assert _ledger_files(node) == before
 
 
 def test_a_node_without_a_cap_refuses_to_train(node):

@@ -138,3 +138,17 @@ def test_ia3_under_hooks_is_refused_not_silently_unprotected(tiny_chat_llama, in
 
     with pytest.raises(ConfigError, match="Opacus has no per-sample rule for peft's IA3"):
         _config(tiny_chat_llama, instruct_csv, "ia3", dp={"grad_sample_mode": "hooks"})
+
+
+def test_ia3_trains_a_classifier_under_dp_with_its_head(tiny_bert, sentiment_csv):
+    """IA3 is not only for causal LMs: on an encoder classifier the scaling vectors and the
+    fresh head train together under DP-SGD, with exact per-example gradients."""
+    config = tiny_config(tiny_bert, sentiment_csv, adapter={"method": "ia3"},
+                         dp={"grad_sample_mode": "loop", "noise_seed": 3})
+    node = prepare_node(config)
+    names = [name for name, _ in trainable_named_parameters(node.model)]
+    assert any("ia3_l" in name for name in names) and any("modules_to_save" in name for name in names)
+    before = trainable_state(node.model)
+    result = train_call(node.model, node.data.train, config, node.plan, new_ledger(config, node.plan))
+    after = trainable_state(node.model)
+    assert result.private and all(not np.array_equal(before[k], after[k]) for k in before)
