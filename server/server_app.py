@@ -176,7 +176,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
         log(f"resuming after round {server.round_done} from {run_dir / 'checkpoint.safetensors'}")
 
     log(f"noise: {server.randomness.label}; cohorts: {fed.cohort_sampling}")
-    if central is not None and config.model.task == "instruct" and not (run_dir / ZERO_SHOT_FILE).exists():
+    if central is not None and config.model.task == "instruct" and server.round_done == 0:  # never a trained adapter
         write_zero_shot(run_dir, central, server.adapter, log)
 
     def fit_config(server_round) -> dict:

@@ -117,22 +117,12 @@ def make_instruct_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="session")
 def instruct_csv(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "instruct.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["prompt", "response"])
-        writer.writerows(make_instruct_rows(120))
-    return path
+    return write_csv(tmp_path_factory.mktemp("data") / "instruct.csv", make_instruct_rows(120), ("prompt", "response"))
 
 
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows(make_texts(120))
-    return path
+    return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", make_texts(120))
 
 
 def tiny_config(model_dir: Path, data_path: Path, **sections):
@@ -149,10 +139,10 @@ def tiny_config(model_dir: Path, data_path: Path, **sections):
     return build_config(raw)
 
 
-def write_csv(path: Path, rows) -> Path:
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
+        writer.writerow(list(header))
         writer.writerows(rows)
     return path
 
