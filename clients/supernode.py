@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from fedtune.config import load_toml, toml_value
 from fedtune.errors import ConfigError
+from fedtune.models_builtin import BUILTIN_MODELS
 from fedtune.privacy.policy import STATE_DIR_KEY, NodePolicy
 from fedtune.processes import flower_executable
 
@@ -34,11 +35,12 @@ def read_policy_file(path: str) -> dict[str, Any]:
 def resolve_policy(file_values: Mapping[str, Any], flag_values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Policy file values overridden by flags, paths made absolute, then validated whole."""
     values = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
-    for key in ("data-path", "eval-path", "model-path", "budget-dir"):
+    bundled = values.get("model-path") in BUILTIN_MODELS and not Path(str(values["model-path"])).exists()
+    for key in ("data-path", "eval-path", "budget-dir") + (() if bundled else ("model-path",)):
         if values.get(key):
             values[key] = str(Path(str(values[key])).expanduser().resolve())
     NodePolicy.from_node_config(values, source=source)  # one-line errors for a bad policy
-    for key, kind in (("data-path", "file"), ("eval-path", "file"), ("model-path", "folder")):
+    for key, kind in (("data-path", "file"), ("eval-path", "file")) + (() if bundled else (("model-path", "folder"),)):
         path = values.get(key)
         if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
             raise ConfigError(f"{source}: {key} = {path}: {kind} not found")

@@ -58,6 +58,25 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(seconds % 60)} s"
 
 
+TRY_PROMPTS = ["Classify the sentiment of this tweet as negative, neutral or positive. Answer with one word.\n"
+               "Tweet: my flight got cancelled again, three hours on the phone and nobody can help",
+               "Classify the sentiment of this tweet as negative, neutral or positive. Answer with one word.\n"
+               "Tweet: the new bridge opens to traffic on monday"]
+
+
+def stock_peft_lines(adapter: Path) -> list[str]:
+    """The exported DP adapter loaded with stock `PeftModel.from_pretrained` on the converted
+    base (what `fedtune generate` does), answering prompts that are not in the data."""
+    from fedtune.generation import generate_answers
+
+    answers = generate_answers(adapter, TRY_PROMPTS, max_new_tokens=8)
+    lines = ["", "The exported epsilon-8 adapter, loaded with stock `PeftModel.from_pretrained` on the converted base "
+             f"(`fedtune generate {adapter} \"PROMPT\"`), on tweets written for this page:", ""]
+    for prompt, answer in zip(TRY_PROMPTS, answers):
+        lines.append(f"- \"{prompt.split('Tweet: ', 1)[1]}\" -> `{answer}`")
+    return lines
+
+
 def write_report(out: Path, report: Path, dataset: str) -> Path:
     runs = {name: out / name for name in SETTINGS}
     missing = [str(run) for run in runs.values() if not (run / "summary.md").is_file()]
@@ -98,6 +117,7 @@ def write_report(out: Path, report: Path, dataset: str) -> Path:
     for i, sample in enumerate(zero["samples"]):
         cells = [sample["expected"], sample["generated"]] + [final[name]["samples"][i]["generated"] for name in runs]
         lines.append("| " + " | ".join(" ".join(str(c).split()).replace("|", "\\|") for c in cells) + " |")
+    lines += stock_peft_lines(runs["dp-eps8"] / "adapter")
     lines += ["", "Each run's `summary.md` has the privacy table (every epsilon recomputed by Opacus and by "
               "dp-accounting from the ledgers).", "", "The base configuration (`simulations/instruct.toml`):", "",
               "```toml", config_text.rstrip(), "```", ""]

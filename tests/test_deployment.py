@@ -8,7 +8,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedtune.cli import main
 from fedtune.devcerts import make_dev_certs
-from tests.conftest import tiny_config
+from fedtune.errors import ConfigError
+from tests.conftest import make_texts, tiny_config, write_csv
 
 
 def test_dev_certs_chain_and_node_keys(tmp_path):
@@ -113,3 +114,16 @@ def test_export_checkpoint_as_adapter_and_merged(tiny_bert, sentiment_csv, tmp_p
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
     assert (merged / "label_map.json").is_file()
+
+
+def test_a_node_may_name_a_bundled_model_in_its_policy(tmp_path):
+    """`fedtune client --model smollm2-135m-instruct` names the bundled LLM, not a folder."""
+    from clients.supernode import resolve_policy
+
+    data = write_csv(tmp_path / "ward.csv", make_texts(4))
+    policy = resolve_policy({}, {"data-path": str(data), "max-epsilon": 3.0, "model-path": "smollm2-135m-instruct"},
+                            source="fedtune client")
+    assert policy["model-path"] == "smollm2-135m-instruct"
+    with pytest.raises(ConfigError, match="model-path = .*no-such-model: folder not found"):
+        resolve_policy({}, {"data-path": str(data), "max-epsilon": 3.0, "model-path": "no-such-model"},
+                       source="fedtune client")
