@@ -64,6 +64,47 @@ TRY_PROMPTS = ["Classify the sentiment of this tweet as negative, neutral or pos
                "Tweet: the new bridge opens to traffic on monday"]
 
 
+def majority_line(dataset: str) -> str:
+    """The share of the held-out rows whose answer is the most common one: what always
+    giving that answer would score (a reference, not a model)."""
+    from collections import Counter
+
+    from fedtune.datasets_builtin import fixed_split, load_builtin
+
+    answers = fixed_split(load_builtin(dataset))[1].labels
+    answer, count = Counter(answers).most_common(1)[0]
+    return (f"For reference, always answering the most common held-out answer (\"{answer}\") would score "
+            f"{count / len(answers):.3f}.")
+
+
+def answer_counts(run: Path, dataset: str) -> dict[str, int]:
+    """How often each (normalised) answer was given on the held-out rows by the run's final
+    adapter, generated once and kept in the run folder: whether a model learned the
+    mapping or only the most common answer."""
+    import torch
+
+    from fedtune.datasets_builtin import fixed_split, load_builtin
+    from fedtune.dp_train import autocast
+    from fedtune.generation import load_for_generation
+    from fedtune.instruct import answer_budget, encode_instruct, generate_from_ids, normalise_answer
+
+    path = run / "answer_counts.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    model, tokenizer = load_for_generation(run / "adapter")
+    held_out = fixed_split(load_builtin(dataset))[1]
+    encoding = encode_instruct(tokenizer, held_out.texts, held_out.labels, 128)
+    with torch.no_grad(), autocast(next(model.parameters()).device, "bf16"):
+        answers = generate_from_ids(model, tokenizer, encoding.prompt_ids, answer_budget(tokenizer, held_out.labels, 0))
+    counts: dict[str, int] = {}
+    for answer in answers:
+        key = normalise_answer(answer) or "(empty)"
+        counts[key] = counts.get(key, 0) + 1
+    counts = dict(sorted(counts.items(), key=lambda item: -item[1]))
+    atomic_write_json(path, counts)
+    return counts
+
+
 def stock_peft_lines(adapter: Path) -> list[str]:
     """The exported DP adapter loaded with stock `PeftModel.from_pretrained` on the converted
     base (what `fedtune generate` does), answering prompts that are not in the data."""
@@ -105,6 +146,10 @@ def write_report(out: Path, report: Path, dataset: str) -> Path:
         eps_text = "inf (NON-PRIVATE)" if name == "non-private" else f"{float(eps):.2f}"
         lines.append(f"| {SETTINGS[name][0]}, {last['round']} rounds | {last['accuracy']:.3f} | {last['loss']:.3f} | "
                      f"{eps_text} | {_minutes(seconds)} |")
+    lines += ["", majority_line(dataset), "", "Answers the final adapters give on the held-out rows (normalised):", ""]
+    for name, run in runs.items():
+        counts = answer_counts(run, dataset)
+        lines.append(f"- {SETTINGS[name][0]}: " + ", ".join(f"{answer} {count}" for answer, count in counts.items()))
     lines += ["", "Wall times include the round-0 evaluation, every round's evaluation on the held-out rows and "
               "starting Ray.", "", "Per round (accuracy, loss):", ""]
     for name, run in runs.items():
