@@ -44,7 +44,8 @@ def tokenizer_dir() -> Path:
 
 
 def _save_tiny(kind: str, directory: Path, tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     vocab = len(tokenizer)
@@ -54,6 +55,10 @@ def _save_tiny(kind: str, directory: Path, tokenizer_dir: Path) -> Path:
                                      intermediate_size=64, max_position_embeddings=128))
     elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                             pad_token_id=tokenizer.pad_token_id))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
                                              pad_token_id=tokenizer.pad_token_id))
     else:
@@ -100,6 +105,12 @@ def _with_chat_template(source: Path, directory: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_chat_llama(tmp_path_factory, tiny_llama) -> Path:
     return _with_chat_template(tiny_llama, tmp_path_factory.mktemp("tiny-chat-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_qwen2(tmp_path_factory, tokenizer_dir) -> Path:
+    tiny = _save_tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir)
+    return _with_chat_template(tiny, tmp_path_factory.mktemp("tiny-chat-qwen2"))
 
 
 @pytest.fixture(scope="session")

@@ -111,11 +111,13 @@ def test_generation_accuracy_comes_from_the_generated_text(tiny_chat_llama, inst
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1  # the response-only teacher-forced loss
 
 
-def test_train_local_instruct_writes_generation_metrics(tiny_chat_gpt2, instruct_csv, tmp_path):
+@pytest.mark.parametrize("family", ["tiny_chat_gpt2", "tiny_chat_qwen2"])
+def test_train_local_instruct_writes_generation_metrics(family, instruct_csv, tmp_path, request):
+    """Other causal-LM families work the same way (LoRA targets from peft's table)."""
     from fedtune.local import prepare_node, train_local
 
-    node = prepare_node(tiny_config(tiny_chat_gpt2, instruct_csv, model={"task": "instruct", "max_seq_len": 32},
-                                    dp={"noise_seed": 0}))
+    node = prepare_node(tiny_config(request.getfixturevalue(family), instruct_csv,
+                                    model={"task": "instruct", "max_seq_len": 32}, dp={"noise_seed": 0}))
     assert node.data.summary["train"]["kept"] == len(node.data.train)
     record = train_local(node, tmp_path / "run", echo=lambda _: None, progress=False)
     assert 0 <= record["val_accuracy"] <= 1 and record["val_perplexity"] > 1 and record["epsilon"] <= 8
