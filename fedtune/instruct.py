@@ -65,13 +65,23 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _apply_template(tokenizer, turns: list[dict], **kwargs) -> str:
+    """The tokenizer's chat template, with a refusal (some templates reject a system turn or
+    two user turns in a row) turned into a one-line data error."""
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+    except Exception as exc:  # jinja2 raises TemplateError subclasses, and templates raise their own
+        roles = ", ".join(turn["role"] for turn in turns)
+        raise DataError(f"the model's chat template refused a conversation with roles [{roles}] ({exc})") from None
+
+
 def render(tokenizer, turns: list[dict], response: str | None) -> tuple[str, str]:
     """(prompt text up to where the assistant starts, response text with its end marker)."""
     if has_chat_template(tokenizer):
-        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        prompt = _apply_template(tokenizer, turns, add_generation_prompt=True)
         if response is None:
             return prompt, ""
-        full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
+        full = _apply_template(tokenizer, turns + [{"role": "assistant", "content": response}])
         if full.startswith(prompt):
             return prompt, full[len(prompt):]
         return prompt, response + (tokenizer.eos_token or "")  # a template that rewrites earlier turns

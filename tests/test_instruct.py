@@ -82,6 +82,19 @@ def test_messages_column_is_read_and_bad_messages_are_one_line_errors(tmp_path, 
         read_instruct_table(path, config.data)
 
 
+def test_a_conversation_the_chat_template_refuses_is_a_one_line_error(tiny_chat_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    strict = tmp_path / "strict"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('no system turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    tokenizer.save_pretrained(strict)
+    turns = json.dumps([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    with pytest.raises(DataError, match=r"chat template refused a conversation with roles \[system, user\]"):
+        encode_instruct(load_tokenizer(strict), [turns], ["ok"], 32, messages_mode=True)
+
+
 def test_normalised_exact_match():
     assert normalise_answer("  Positive.\nBecause the tweet...") == "positive"
     assert normalise_answer('"Neutral"') == "neutral"
