@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from fedtune.config import load_toml, toml_value
 from fedtune.errors import ConfigError
-from fedtune.models_builtin import BUILTIN_MODELS
+from fedtune.models_builtin import bundled_name
 from fedtune.privacy.policy import STATE_DIR_KEY, NodePolicy
 from fedtune.processes import flower_executable
 
@@ -35,7 +35,7 @@ def read_policy_file(path: str) -> dict[str, Any]:
 def resolve_policy(file_values: Mapping[str, Any], flag_values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Policy file values overridden by flags, paths made absolute, then validated whole."""
     values = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
-    bundled = values.get("model-path") in BUILTIN_MODELS and not Path(str(values["model-path"])).exists()
+    bundled = bool(values.get("model-path")) and bundled_name(str(values["model-path"])) is not None
     for key in ("data-path", "eval-path", "budget-dir") + (() if bundled else ("model-path",)):
         if values.get(key):
             values[key] = str(Path(str(values[key])).expanduser().resolve())

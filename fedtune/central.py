@@ -43,15 +43,12 @@ class CentralEvaluator:
         self.summary: dict | None = None
         self.tokenizer = tokenizer
         if config.model.task == "instruct":
-            from fedtune.instruct import encode_instruct
+            from fedtune.instruct import encode_rows
 
-            held = encode_instruct(tokenizer, table.texts, table.labels, config.model.max_seq_len,
-                                   bool(config.data.messages_column))
+            held, self.dataset, self.prompts = encode_rows(tokenizer, table, config.model.max_seq_len,
+                                                           bool(config.data.messages_column))
             self.summary = held.summary()
             self.size = len(held.kept)
-            self.dataset = to_dataset({"input_ids": held.input_ids, "attention_mask": held.attention_mask}, None,
-                                      labels=held.labels)
-            self.prompts = (held.prompt_ids, [table.labels[i] for i in held.kept])
             return
         if config.task_is_classification:
             label_ids = LabelMap.from_config(config.data.labels).encode(table.labels, source=f"{table.source} (central evaluation)")

@@ -75,9 +75,8 @@ def evaluate_instruct(model, tokenizer, dataset: Dataset, prompt_ids: list[list[
     """Response-only loss and perplexity (teacher forcing), then greedy generation scored by
     exact match of the normalised answer; the first `samples` generations are kept for
     the run's summary (they stay on the machine that evaluated)."""
-    from fedtune.instruct import answer_budget, exact_match, generate_from_ids
-
     from fedtune.dp_train import autocast
+    from fedtune.instruct import answer_budget, exact_match, generate_from_ids
 
     metrics = evaluate(model, dataset, "instruct", batch_size=16, precision=precision)
     with autocast(next(model.parameters()).device, precision):

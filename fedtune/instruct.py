@@ -167,6 +167,16 @@ def encode_instruct(tokenizer, prompts: list[str], responses: list[str], max_len
     return InstructEncoding(input_ids, attention_mask, labels, prompt_ids, kept, skipped, truncated)
 
 
+def encode_rows(tokenizer, table, max_len: int, messages_mode: bool = False):
+    """A table of (prompt, response) rows -> (its encoding, the response-masked dataset, and
+    (prompt ids, expected answers) of the rows kept, for scoring by generation)."""
+    from fedtune.data import to_dataset
+
+    encoding = encode_instruct(tokenizer, table.texts, table.labels, max_len, messages_mode)
+    dataset = to_dataset(vars(encoding), None, labels=encoding.labels)
+    return encoding, dataset, (encoding.prompt_ids, [table.labels[i] for i in encoding.kept])
+
+
 def describe_skips(encoding: InstructEncoding, source: str, max_len: int) -> str | None:
     """One line for the log when rows were skipped or prompts shortened; None when none."""
     if not encoding.skipped and not encoding.truncated:

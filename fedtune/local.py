@@ -122,23 +122,20 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
 def _instruct_data(config: Config, tokenizer, train_table: Table, val_table: Table | None, fingerprint: str,
                    records: int) -> NodeData:
     """Instruct rows -> response-masked datasets; what did not fit is counted and said."""
-    from fedtune.instruct import describe_skips, encode_instruct
+    from fedtune.instruct import describe_skips, encode_rows
 
     length, messages = config.model.max_seq_len, bool(config.data.messages_column)
-    encoding = encode_instruct(tokenizer, train_table.texts, train_table.labels, length, messages)
+    encoding, train, _ = encode_rows(tokenizer, train_table, length, messages)
     summary = {"train": encoding.summary()}
     line = describe_skips(encoding, train_table.source, length)
     if line:
         print(f"fedtune: {line}", file=sys.stderr)
     if not encoding.kept:
         raise DataError(f"{train_table.source}: no example fits in model.max_seq_len = {length}; raise it")
-    train = to_dataset(vars(encoding), None, labels=encoding.labels)
     val = val_prompts = None
     if val_table is not None:
-        held = encode_instruct(tokenizer, val_table.texts, val_table.labels, length, messages)
+        held, val, val_prompts = encode_rows(tokenizer, val_table, length, messages)
         summary["validation"] = held.summary()
-        val = to_dataset(vars(held), None, labels=held.labels)
-        val_prompts = (held.prompt_ids, [val_table.labels[i] for i in held.kept])
     check_against_data(config, len(train))
     return NodeData(train, val, None, None, fingerprint, records, summary, val_prompts)
 

@@ -47,12 +47,12 @@ def bundled_model_path() -> Path:
 def resolve_model_path(config: ModelConfig) -> Path:
     """The local folder of the base model: `model.path`, a bundled model's name
     (`fedtune.models_builtin`), or the task's default bundled model when empty."""
-    from fedtune.models_builtin import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_path
+    from fedtune.models_builtin import builtin_model_path, bundled_name
 
-    name = config.path or DEFAULT_MODEL[config.task]
-    if name in BUILTIN_MODELS and not Path(name).exists():
+    name = bundled_name(config.path, config.task)
+    if name:
         return builtin_model_path(name)
-    path = Path(name)
+    path = Path(config.path)
     if not (path / "config.json").is_file():
         raise ModelError(f"model.path = {str(path)!r}: not a transformers model folder (no config.json)")
     return path

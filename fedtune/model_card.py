@@ -21,13 +21,11 @@ BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the bundled pack
 def base_model_reference(config: Config) -> str:
     """A name that means the same on any machine: the bundled model's name, or the base
     model folder's own name (its `_name_or_path` when it records one)."""
-    from fedtune.models_builtin import BUILTIN_MODELS, DEFAULT_MODEL
+    from fedtune.models_builtin import bundled_name
 
-    name = config.model.path or DEFAULT_MODEL[config.model.task]
-    if name == "minilm":
-        return BUNDLED_NAME
-    if name in BUILTIN_MODELS and not Path(name).exists():
-        return name
+    name = bundled_name(config.model.path, config.model.task)
+    if name:
+        return BUNDLED_NAME if name == "minilm" else name
     folder = Path(config.model.path)
     try:
         recorded = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path", "")

@@ -57,6 +57,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 DEFAULT_MODEL = {"classification": "minilm", "causal-lm": "minilm", "instruct": "smollm2-135m-instruct"}
 
 
+def bundled_name(path: str, task: str = "classification") -> str | None:
+    """The bundled model a `model.path` value names ("" = the task's default), or None when
+    it is a folder (a local folder of the same name wins)."""
+    name = path or DEFAULT_MODEL[task]
+    return name if name in BUILTIN_MODELS and not Path(name).exists() else None
+
+
 def _anchor(model: BuiltinModel) -> Path:
     try:
         dist = metadata.distribution(model.distribution)
