@@ -113,9 +113,9 @@ class InstructEncoding:
                 "skipped_response_too_long": len(self.skipped), "prompts_shortened": self.truncated}
 
 
-def _fit_prompt(tokenizer, turns: list[dict], response_len: int, max_len: int, messages_mode: bool):
+def _fit_prompt(tokenizer, turns: list[dict], prompt_text: str, response_len: int, max_len: int,
+                messages_mode: bool):
     """The prompt's token ids, shortened to leave room for the response; None if it cannot."""
-    prompt_text, _ = render(tokenizer, turns, None)
     ids = _ids(tokenizer, prompt_text, prompt=True)
     room = max_len - response_len
     if len(ids) <= room:
@@ -145,9 +145,9 @@ def encode_instruct(tokenizer, prompts: list[str], responses: list[str], max_len
     rows_ids, rows_labels, prompt_ids, kept, skipped, truncated = [], [], [], [], [], 0
     for index, (prompt, response) in enumerate(zip(prompts, responses)):
         turns = conversation(prompt, messages_mode)
-        _, response_text = render(tokenizer, turns, str(response))
+        prompt_text, response_text = render(tokenizer, turns, str(response))
         response_ids = _ids(tokenizer, response_text, prompt=False)
-        ids, shortened = _fit_prompt(tokenizer, turns, len(response_ids), max_len, messages_mode)
+        ids, shortened = _fit_prompt(tokenizer, turns, prompt_text, len(response_ids), max_len, messages_mode)
         if ids is None:
             skipped.append(index)
             continue

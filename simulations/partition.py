@@ -34,14 +34,21 @@ def _client_files(folder: str) -> list[Path]:
     return files
 
 
+@lru_cache(maxsize=4)
+def _builtin_split(config: Config) -> tuple[Table, Table] | None:
+    """(train rows, fixed held-out rows) of a built-in task that has a fixed split, else None;
+    loaded once per config (the partitioner and the held-out set both need it)."""
+    if config.data.path or config.federation.partitioner == "files":
+        return None
+    return fixed_split(load_table(config.data, config.model.task))
+
+
 def source_table(config: Config) -> Table:
     """The whole dataset; for pre-split files, their concatenation tagged with the file."""
     fed = config.federation
     if fed.partitioner != "files":
-        table = load_table(config.data, config.model.task)
-        split = fixed_split(table)
-        if split is not None:  # a built-in instruct task: train on its train rows only
-            table = split[0]
+        split = _builtin_split(config)  # a built-in instruct task trains on its train rows only
+        table = split[0] if split is not None else load_table(config.data, config.model.task)
         return subsample(table, config.data.max_examples, config.training.seed)
     texts, labels, tags = [], [], []
     for number, path in enumerate(_client_files(fed.client_files)):
@@ -77,8 +84,7 @@ def _group_column(config: Config, table: Table) -> list[str] | None:
 def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
     table = source_table(config)
     held_out = None
-    split = (fixed_split(load_table(config.data, config.model.task))
-             if not config.data.path and config.federation.partitioner != "files" else None)
+    split = _builtin_split(config)
     if split is not None:
         held_out = split[1]  # the task's fixed held-out rows (never trained on) win over central_holdout
     elif config.federation.central_holdout > 0:
