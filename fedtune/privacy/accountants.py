@@ -42,7 +42,10 @@ def _check_delta(delta: float) -> None:
         raise ConfigError(f"delta = {delta!r}: expected a number in (0, 1)")
 
 
-PLD_INTERVAL = 1e-3  # dp-accounting's loss discretization: pessimistic, so a coarser grid only over-counts
+# dp-accounting's loss discretization: pessimistic, so a coarser grid only over-counts. At
+# `fedtune simulate`'s defaults (q = 1/12, 60 steps, delta 1/3780, epsilon 8) PLD needs noise
+# 0.681 where RDP needs 0.736: 7.5% less noise for the same guarantee.
+PLD_INTERVAL = 1e-3
 
 
 def pld_epsilon(history, delta: float, interval: float = PLD_INTERVAL) -> float:
