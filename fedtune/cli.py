@@ -163,6 +163,18 @@ def _add_privacy_parser(subparsers) -> None:
                                   "policy, or the server (the table of docs/deployment.md)")
     ledger = sub.add_parser("ledger", help="recompute a ledger's epsilon with Opacus and, independently, dp-accounting")
     ledger.add_argument("path", help="a ledger file (a budget folder's ledger-*.json, or a run's ledger.json)")
+    advise = sub.add_parser("advise", help="before running: the mechanism a federation of this shape gets and whether "
+                                           "its noise lets it learn (calibrated on measured runs)")
+    advise.add_argument("--rows-per-client", type=int, required=True, help="training rows per client")
+    advise.add_argument("--clients", type=int, required=True, help="clients averaged per round")
+    advise.add_argument("--rounds", type=int, required=True)
+    advise.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
+    advise.add_argument("--batch-size", type=int, required=True, help="expected Poisson batch size")
+    advise.add_argument("--epsilon", type=float, required=True, help="target epsilon per client")
+    advise.add_argument("--params", type=int, default=73_728,
+                        help="trainable adapter parameters (default 73,728: LoRA r8 on MiniLM's query/value)")
+    advise.add_argument("--delta", type=float, default=0.0, help="default 1/(10 x rows per client)")
+    advise.add_argument("--accountant", default="rdp", help="rdp, prv or pld")
     for p in (eps, plan):
         p.add_argument("--sample-rate", type=float, help="Poisson sample rate q (or give --examples and --batch-size)")
         p.add_argument("--examples", type=int, help="training examples n (q = 1/ceil(n/B))")
@@ -274,6 +286,20 @@ def _run_privacy(args) -> int:
         from fedtune.privacy.policy import ownership_markdown
 
         print(ownership_markdown(), end="")
+        return 0
+    if args.privacy_command == "advise":
+        from fedtune.privacy.advise import advise
+
+        for name in ("rows_per_client", "clients", "rounds", "epochs", "batch_size", "params"):
+            if getattr(args, name) <= 0:
+                raise FedtuneError(f"--{name.replace('_', '-')} = {getattr(args, name)}: expected a whole number > 0")
+        a = advise(args.rows_per_client, args.clients, args.rounds, args.epochs, args.batch_size, args.epsilon,
+                   args.params, args.delta, args.accountant)
+        print(f"mechanism: noise multiplier {a.noise_multiplier:.4f}, sample rate {a.sample_rate:.4g}, "
+              f"{a.steps_per_round} steps per round, {a.steps} in all, delta {a.delta:.3g} ({args.accountant})")
+        print(f"noise-to-signal (vs the largest possible signal): per step {a.nsr_step:.2f}, per averaged round "
+              f"{a.nsr_round:.2f}, over the run {a.nsr_run:.2f}")
+        print(f"verdict: {a.verdict}")
         return 0
     if args.privacy_command == "ledger":
         ledger = PrivacyLedger.load(args.path)

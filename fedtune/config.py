@@ -23,7 +23,7 @@ from fedtune.errors import ConfigError
 TASKS = ("classification", "causal-lm", "instruct")
 OPTIMIZERS = ("adamw", "sgd")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "loop")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")
 
 
 def opt(default: Any, help: str, flag: str | None = None) -> Any:
@@ -97,7 +97,7 @@ class DPConfig:
     delta: float = opt(0.0, "0 means automatic: 1 / (10 n) for n training examples, well under 1/n.", flag="delta")
     noise_multiplier: float = opt(0.0, "Fixed noise multiplier; 0 means calibrate it from target_epsilon for the planned run.", flag="noise_multiplier")
     max_grad_norm: float = opt(1.0, "Per-example clipping norm C (Opacus max_grad_norm).", flag="max_grad_norm")
-    accountant: str = opt("rdp", "\"rdp\" or \"prv\" (Opacus accountants).", flag="accountant")
+    accountant: str = opt("rdp", "\"rdp\" or \"prv\" (Opacus accountants), or \"pld\" (Google dp-accounting's privacy loss distribution, pessimistic discretization: an upper bound on the true epsilon, about 10% below RDP's).", flag="accountant")
     grad_sample_mode: str = opt("hooks", "\"hooks\" (default; Opacus's per-layer rules, cheapest for LoRA), \"ghost\" (ghost clipping, two backwards; less memory on large models) or \"loop\" (exact per-example gradients one example at a time, handed to Opacus's DP optimizer: any adapter, e.g. IA3, whose layers Opacus has no rule for; the slowest).", flag="grad_sample_mode")
     secure_mode: bool = opt(False, "Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's floating-point-attack mitigation). Needs the torchcsprng package, which does not install for current torch; without it the noise is already secret (`noise_seed`).")
     noise_seed: int = opt(-1, "-1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw from generators seeded per call from OS entropy, so nobody can replay them. >= 0: reproducible from this seed, for simulations and tests only; every output of such a run says \"reproducible noise: not for production\". A node never takes it from a server.", flag="noise_seed")

@@ -280,7 +280,9 @@ def _loop_batch_step(model, batch, optimizer, criterion, parameters, config: Con
 def _attach_opacus(model, optimizer, criterion, loader, config: Config, plan: DPPlan, noise: torch.Generator | None):
     """Opacus for one call: per-sample clipping and noise on `optimizer`, hooks on `model`
     (`wrap_model=False`, removed by the caller's `hooks.cleanup()`)."""
-    engine = PrivacyEngine(accountant=config.dp.accountant, secure_mode=config.dp.secure_mode)
+    # Opacus's engine only records the history here (the ledger computes epsilon); it has no PLD
+    engine = PrivacyEngine(accountant="prv" if config.dp.accountant == "pld" else config.dp.accountant,
+                           secure_mode=config.dp.secure_mode)
     mode = config.dp.grad_sample_mode
     if mode == "loop":  # no hooks: `_loop_batch_step` hands Opacus exact per-example gradients
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,

@@ -61,8 +61,10 @@ def user_entry(user_ledger: dict | None, fed: dict) -> dict | None:
 def privacy_markdown(entries: list[dict], noise: str) -> list[str]:
     lines = ["## Privacy", "",
              f"Noise: {noise or 'unknown'}. Each epsilon is recomputed from the logged (noise multiplier, sample rate, "
-             "steps) history by Opacus and, independently, by dp-accounting; `privacy.json` holds the parameters.", "",
-             "| level | who | accountant | delta | epsilon (Opacus) | epsilon (dp-accounting) | history (sigma, q, steps) |",
+             "steps) history twice: by the ledger's accountant (Opacus for rdp and prv, dp-accounting for pld) and, "
+             "independently, by the other library; `privacy.json` holds the parameters.", "",
+             "| level | who | accountant | delta | epsilon (ledger's accountant) | epsilon (other library) "
+             "| history (sigma, q, steps) |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         history = "; ".join(f"({s:.4g}, {q:.4g}, {n})" for s, q, n in e["history"][:4])

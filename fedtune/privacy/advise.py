@@ -1,0 +1,79 @@
+"""`fedtune privacy advise`: can a federation of this shape learn under this budget?
+
+Before anything runs, from the shape alone (rows per client, clients per round, rounds,
+local epochs, batch size, trainable parameters) and the target epsilon, it gives the
+DP-SGD mechanism fedtune would use (noise multiplier, sample rate, steps: the same
+planning code as training) and the expected noise-to-signal ratio of the update:
+
+    per step, one node:     sigma * sqrt(d) / B
+    per round, averaged:    sigma * sqrt(d) / (B * sqrt(T_round * K))
+    over the run:           sigma * sqrt(d) / (B * sqrt(T * K))
+
+for d trainable parameters, expected batch B, T_round local steps per round, K clients
+averaged, T steps in all: the L2 norm of the Gaussian noise (sigma C per coordinate, over
+the batch) against the largest possible signal (the clipped mean gradient, norm C, all
+steps and clients pointing the same way). Real gradients are far less consistent than that bound,
+so the verdict's thresholds are calibrated on measured runs of this project (epsilon 8,
+LoRA r8, see `CALIBRATION`): the one that learned had a run ratio of 0.36, the three that
+stayed near the class prior 0.63, 0.89 and 2.27. Four points: a first calibration, to be
+refined by the results report's data-per-client curve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from fedtune.privacy.accountants import noise_for_budget
+from fedtune.privacy.planning import poisson_schedule
+
+
+@dataclass(frozen=True)
+class Advice:
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    steps: int
+    delta: float
+    nsr_step: float
+    nsr_round: float
+    nsr_run: float
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+LEARNS, PRIOR = 0.5, 1.0  # run noise-to-signal thresholds, from CALIBRATION
+
+# (rows per client, clients, rounds, epochs, batch, trainable params) -> what was measured at epsilon 8
+CALIBRATION = {
+    (378, 5, 5, 1, 32, 73_728): "learned: BBC News, fedtune simulate default, 0.889 (non-private 0.94)",
+    (170, 10, 3, 1, 16, 73_728): "class prior: tweets, docs/results.md, 0.444 (majority 0.403, non-private 0.610)",
+    (102, 10, 3, 1, 16, 73_728): "class prior: BBC News, docs/results.md, 0.293 (majority 0.222, non-private 0.937)",
+    (120, 5, 2, 2, 24, 460_800): "class prior: tweets-instruct on SmolLM2, docs/results-instruct.md, 0.453 "
+                                 "(majority 0.450, non-private 0.500)",
+}
+
+
+def verdict(nsr_run: float) -> str:
+    if nsr_run < LEARNS:
+        return "can learn: noise-to-signal in the range where measured federations learned"
+    if nsr_run < PRIOR:
+        return ("marginal: measured federations in this range stayed near the class prior; more rows per client "
+                "(a larger batch at the same sample rate) helps most")
+    return ("noise dominates: expect little beyond the class prior; bring more rows per client, fewer trainable "
+            "parameters (FFA-LoRA halves them) or a larger epsilon")
+
+
+def advise(rows: int, clients: int, rounds: int, epochs: int, batch_size: int, epsilon: float, params: int,
+           delta: float = 0.0, accountant: str = "rdp") -> Advice:
+    q, per_epoch = poisson_schedule(rows, batch_size)
+    per_round = per_epoch * epochs
+    steps = per_round * rounds
+    delta = delta or 1.0 / (10 * rows)
+    sigma = noise_for_budget(epsilon, delta, q, steps, accountant)
+    expected_batch = q * rows
+    step = sigma * math.sqrt(params) / expected_batch
+    return Advice(sigma, q, per_round, steps, delta, step, step / math.sqrt(per_round * clients),
+                  step / math.sqrt(steps * clients), verdict(step / math.sqrt(steps * clients)))
