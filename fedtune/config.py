@@ -66,6 +66,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] = opt((), "Module names to adapt; empty means peft's default for the architecture.")
     train_head: bool = opt(True, "Train the classification head (classification only). A fresh head must train unless it was trained before; freezing it is for ablations.")
     ffa: bool = opt(False, "FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains, so federated averaging is exact and half the tensors travel.")
+    top_layers: int = opt(0, "Adapt only the last N transformer blocks (0 = every block). Fewer adapted blocks mean fewer noised coordinates under DP and a backward pass that stops at the lowest adapted block.", flag="top_layers")
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -74,6 +75,8 @@ class LoraSettings:
             _fail("lora.alpha", self.alpha, "a number > 0")
         if not 0 <= self.dropout < 1:
             _fail("lora.dropout", self.dropout, "a number in [0, 1)")
+        if self.top_layers < 0:
+            _fail("lora.top_layers", self.top_layers, "a whole number >= 0 (0 = every block)")
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ class FederationConfig:
     round_timeout: float = opt(3600.0, "Seconds the server waits for a round's replies.")
     central_eval_path: str = opt("", "Central evaluation (the server scores each new global adapter on one held-out set): a file the operator owns (same columns as the clients' data) ...")
     central_holdout: float = opt(0.0, "... or, in simulation, this share of the dataset kept back before partitioning. With neither, evaluation is federated (sampled clients' validation splits).")
+    rows_per_client: int = opt(0, "Simulation, IID or Dirichlet: give each client this many training rows (a seeded sample of the pool left after the held-out share), 0 = split the whole pool. The held-out set does not depend on it, so runs that differ only here are scored on the same rows: a data-per-client curve.", flag="rows_per_client")
 
     def __post_init__(self) -> None:
         if self.clients_per_round <= 0:
@@ -335,6 +339,11 @@ class FederationConfig:
             _fail("federation.round_timeout", self.round_timeout, "a number of seconds > 0")
         if not 0 <= self.central_holdout < 1:
             _fail("federation.central_holdout", self.central_holdout, "a number in [0, 1) (0 = none)")
+        if self.rows_per_client < 0:
+            _fail("federation.rows_per_client", self.rows_per_client, "a whole number >= 0 (0 = split the whole pool)")
+        if self.rows_per_client and self.partitioner in ("natural", "files"):
+            _fail("federation.rows_per_client", self.rows_per_client, f"0 with partitioner = {self.partitioner!r} "
+                  "(its clients' sizes are the data's)")
 
 
 def secagg_bound(fed: "FederationConfig") -> float:

@@ -122,6 +122,7 @@ def attach_lora(base, lora: LoraSettings, task: str, seed: int) -> PeftModel:
         raise ModelError(f"lora.target_modules: {missing} not found in the model")
     heads = [h for h in HEAD_MODULES if h in module_names] if task == "classification" else []
     config = LoraConfig(
+        layers_to_transform=top_layer_indices(base, lora.top_layers),
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -143,6 +144,18 @@ def attach_lora(base, lora: LoraSettings, task: str, seed: int) -> PeftModel:
             if ".modules_to_save." in name:
                 parameter.requires_grad_(False)
     return model
+
+
+def top_layer_indices(model, top_layers: int) -> list[int] | None:
+    """The indices of the last `top_layers` transformer blocks (None = every block)."""
+    if top_layers == 0:
+        return None
+    blocks = getattr(model.config, "num_hidden_layers", None)
+    if not blocks:
+        raise ModelError(f"lora.top_layers = {top_layers}: the model's config names no num_hidden_layers; use 0")
+    if top_layers > blocks:
+        raise ModelError(f"lora.top_layers = {top_layers}: the model has {blocks} transformer blocks; expected 0..{blocks}")
+    return list(range(blocks - top_layers, blocks))
 
 
 def ia3_targets(model) -> tuple[list[str], list[str]]:

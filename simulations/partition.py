@@ -89,6 +89,7 @@ def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
         held_out = split[1]  # the task's fixed held-out rows (never trained on) win over central_holdout
     elif config.federation.central_holdout > 0:
         table, held_out = train_val_split(table, config.federation.central_holdout, config.training.seed + 1)
+    table = _pool_of_size(table, config)
     labels = [str(x) for x in table.labels] if table.labels else [""] * len(table)
     columns = {"row": list(range(len(table))), "label": labels}
     groups = _group_column(config, table)
@@ -100,6 +101,20 @@ def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
     partitioner = _partitioner(config, table)
     partitioner.dataset = dataset
     return table, held_out, partitioner
+
+
+def _pool_of_size(table: Table, config: Config) -> Table:
+    """The training pool cut to rows_per_client x num_clients rows (seeded), after the
+    held-out share was taken: every point of a data-per-client curve scores on the same rows."""
+    fed = config.federation
+    if not fed.rows_per_client:
+        return table
+    wanted = fed.rows_per_client * fed.num_clients
+    if wanted > len(table):
+        raise ConfigError(f"federation.rows_per_client = {fed.rows_per_client}: {fed.num_clients} clients need "
+                          f"{wanted} rows, the training pool of {table.source} has {len(table)} (after the held-out "
+                          f"share); expected at most {len(table) // fed.num_clients}")
+    return subsample(table, wanted, config.training.seed + 2)
 
 
 def count_partitions(config: Config) -> int:

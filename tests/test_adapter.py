@@ -86,3 +86,23 @@ def test_only_frozen_tensors_may_be_left_out_of_a_payload(tiny_bert, sentiment_c
     without_b = {k: v for k, v in full.items() if ".lora_B." not in k}
     with pytest.raises(ModelError, match="missing"):
         load_state(node.model, without_b, frozen_may_be_missing=True)
+
+
+def test_top_layers_adapts_only_the_last_blocks_and_trains_under_dp(tiny_bert, sentiment_csv):
+    """lora.top_layers = 1 on a 2-block model: LoRA only in block 1 (plus the head), so
+    fewer coordinates are noised, and DP-SGD trains exactly those."""
+    every = prepare_node(tiny_config(tiny_bert, sentiment_csv))
+    top = prepare_node(tiny_config(tiny_bert, sentiment_csv, lora={"top_layers": 1}, dp={"noise_seed": 0}))
+    lora_every = [k for k in trainable_state(every.model) if "lora_" in k]
+    lora_top = [k for k in trainable_state(top.model) if "lora_" in k]
+    assert lora_top and all(".layer.1." in k for k in lora_top)
+    assert len(lora_top) * 2 == len(lora_every)
+    before = trainable_state(top.model)
+    train_call(top.model, top.data.train, top.config, top.plan, new_ledger(top.config, top.plan))
+    after = trainable_state(top.model)
+    assert any(not np.array_equal(before[k], after[k]) for k in lora_top if "lora_B" in k)
+
+
+def test_top_layers_beyond_the_model_is_a_one_line_error(tiny_bert, sentiment_csv):
+    with pytest.raises(ModelError, match=r"lora.top_layers = 3: the model has 2 transformer blocks"):
+        prepare_node(tiny_config(tiny_bert, sentiment_csv, lora={"top_layers": 3}))

@@ -93,3 +93,26 @@ def test_partition_keys_are_validated():
         build_config({"federation": {"partitioner": "natural"}})
     with pytest.raises(ConfigError, match="federation.central_holdout"):
         build_config({"federation": {"central_holdout": 1.5}})
+
+
+def test_rows_per_client_cuts_the_pool_and_keeps_the_held_out_rows(sorted_csv):
+    """A data-per-client curve scores every size on the same held-out rows: the held-out
+    share is taken before the pool is cut to rows_per_client x num_clients."""
+    sizes = {}
+    for rows in (0, 10, 20):
+        config = _config(sorted_csv, central_holdout=0.2, rows_per_client=rows)
+        sizes[rows] = [r["examples"] for r in partition_report(config)]
+        held_out = held_out_table(config)
+        if rows == 0:
+            reference = held_out.texts
+        assert held_out.texts == reference
+        trained = {text for pid in range(4) for text in client_table(config, pid).texts}
+        assert not trained & set(held_out.texts)
+    assert sizes == {0: [24, 24, 24, 24], 10: [10, 10, 10, 10], 20: [20, 20, 20, 20]}
+
+
+def test_rows_per_client_beyond_the_pool_is_a_one_line_error(sorted_csv):
+    with pytest.raises(ConfigError, match=r"rows_per_client = 30: 4 clients need 120 rows.*has 96.*at most 24"):
+        partition_report(_config(sorted_csv, central_holdout=0.2, rows_per_client=30))
+    with pytest.raises(ConfigError, match="rows_per_client"):
+        _config(sorted_csv, partitioner="natural", partition_column="site", rows_per_client=5)

@@ -45,6 +45,7 @@ OWNERS: dict[str, tuple[str, str]] = {
     "lora.target_modules": (SERVER, "adapter shape, federation-wide"),
     "lora.train_head": (SERVER, "what trains, federation-wide"),
     "lora.ffa": (SERVER, "FFA-LoRA: A frozen on every node"),
+    "lora.top_layers": (SERVER, "adapter shape: which blocks carry adapters, federation-wide"),
     "dp.enabled": (WITHIN_POLICY, "false is honoured only where the node's policy allows non-private training (never by default)"),
     "dp.target_epsilon": (WITHIN_POLICY, "calibration target of this training: at most the node's max_epsilon"),
     "dp.delta": (WITHIN_POLICY, "0 = the node's own; a stricter (smaller) delta is honoured, a larger one refused"),
@@ -82,7 +83,7 @@ OWNERS: dict[str, tuple[str, str]] = {
                     "secagg_clipping_range", "secagg_quantization_range",
                     "user_dp_clip", "user_dp_noise", "cohort_sampling", "population", "user_dp_delta", "num_clients",
                     "partitioner", "dirichlet_alpha", "partition_column", "client_files", "ray_address",
-                    "round_timeout", "central_eval_path", "central_holdout")},
+                    "round_timeout", "central_eval_path", "central_holdout", "rows_per_client")},
     **{f"node.{name}": (NODE, "the node's own policy")
        for name in ("max_epsilon", "budget_dir", "release_train_loss", "release_evaluation",
                     "metric_noise_multiplier", "metric_loss_clip", "max_evaluations_per_round",
