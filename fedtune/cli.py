@@ -288,7 +288,7 @@ def _run_privacy(args) -> int:
         print(ownership_markdown(), end="")
         return 0
     if args.privacy_command == "advise":
-        from fedtune.privacy.advise import advise
+        from fedtune.privacy.advise import advise, recommend
 
         for name in ("rows_per_client", "clients", "rounds", "epochs", "batch_size", "params"):
             if getattr(args, name) <= 0:
@@ -300,6 +300,16 @@ def _run_privacy(args) -> int:
         print(f"noise-to-signal (vs the largest possible signal): per step {a.nsr_step:.2f}, per averaged round "
               f"{a.nsr_round:.2f}, over the run {a.nsr_run:.2f}")
         print(f"verdict: {a.verdict}")
+        best = recommend(args.rows_per_client, args.clients, args.rounds, args.epochs, args.epsilon, args.params,
+                         args.delta, args.accountant)
+        if best is not None and best.batch_size != a.batch_size:
+            print(f"recommended: batch size {best.batch_size} for the same rounds and epochs (noise multiplier "
+                  f"{best.noise_multiplier:.4f}, {best.steps} steps): noise-to-signal over the run {best.nsr_run:.2f}, "
+                  f"{best.verdict.split(':')[0]}")
+        elif best is not None:
+            print(f"recommended: batch size {a.batch_size} is already the least noisy for these rounds and epochs")
+        print("fewer trainable parameters lower every ratio by sqrt(d): --params for lora.top_layers, a smaller "
+              "lora.rank or FFA-LoRA (half the tensors)")
         return 0
     if args.privacy_command == "ledger":
         ledger = PrivacyLedger.load(args.path)

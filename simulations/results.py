@@ -1,27 +1,32 @@
-"""Utility vs privacy on bundled real data: the sweeps behind `docs/results.md`.
+"""Where DP works: the runs behind `docs/results.md` (report v2).
 
-For each dataset, one `fedtune sweep` (every cell a real `fedtune simulate`: Flower
-simulation engine, Ray, Opacus, peft) over 10 IID or Dirichlet(0.3) clients, target
-epsilon 1, 3, 8 and non-private, LoRA and FFA-LoRA, three seeds, plus the sweep's
-centralized non-private LoRA reference on the pooled training rows. Finished cells are
-skipped on a re-run, so an interrupted run resumes. Then `docs/results.md` is written
-from the sweeps' `results.csv` files: nothing in the report is typed by hand.
+Two studies, every cell a real `fedtune simulate` run (Flower simulation engine, Ray,
+Opacus, peft) in its own process, with the private recipe in `RECIPE`:
 
-    python -m simulations.results [--datasets tweets,bbc-news] [--seeds 0,1,2] [--out runs/results]
-    python -m simulations.results --report-only        # rewrite docs/results.md from finished sweeps
+- **Data per client** (`CURVE`): accuracy at epsilon 1, 3, 8 and non-private against the
+  rows each client holds, on two bundled datasets, 5 clients (a consortium), all of them
+  every round. Every size is scored on the same held-out rows (`rows_per_client` cuts the
+  pool after the held-out share), so the curve moves only with the data.
+- **Utility vs epsilon at a realistic size** (`TABLE`): rotten-tomatoes, 10 clients x
+  1,000 rows, IID and Dirichlet(0.3), three seeds, beside a centralized non-private
+  reference tuned over learning rates (the best one counts): the bar is federated DP at
+  epsilon 8 >= 0.95 of it.
 
-Sized for a 2-core CPU (about 30 minutes per dataset): short sequences, three rounds of
-one local epoch, and every client sampled every round (cross-silo). The sizes are in
-`DATASETS` and are printed into the report.
+Cells run in priority order (what the report needs first), each skipped when it finished
+before, so the whole plan resumes across invocations; `--max-minutes` stops launching
+new cells after that much wall time, and the report marks what has not run. Nothing in
+the report is typed by hand: it is rendered from the cells' metrics.
+
+    python -m simulations.results [--only curve|table] [--max-minutes M] [--out runs/results]
+    python -m simulations.results --report-only
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import shutil
+import math
 import statistics
 import sys
 import time
@@ -29,237 +34,351 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.atomic import atomic_write_json, atomic_write_text
-from fedtune.config import config_from_toml_text
+from fedtune.config import Config, config_from_toml_text
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.machine import machine_description
-from simulations.sweep import Cell, centralized_baseline, grid, sweep
+from fedtune.privacy.accountants import noise_for_budget
+from fedtune.privacy.advise import advise
+from fedtune.privacy.planning import poisson_schedule
+from fedtune.report import read_metrics
+from simulations.sweep import Cell, centralized_baseline, run_cell
 
 ROOT = Path(__file__).resolve().parent.parent
-EPSILONS = "inf,8,3,1"
-REFERENCE_RATES = (0.001,)  # besides the federation's own 0.01
-CLIENTS = "10"
+EPSILONS = (math.inf, 8.0, 3.0, 1.0)
 
-
-@dataclass(frozen=True)
-class DatasetPlan:
-    """One dataset's base configuration: what every cell of its sweep shares."""
-
-    name: str
-    max_examples: int  # 0 = all rows
-    max_seq_len: int
-    why: str
-    lora_iid_only: bool = False  # the smallest dataset runs only the IID LoRA row, to fit the budget
-
-    def base_toml(self) -> str:
-        return f"""
-[data]
-dataset = "{self.name}"
-max_examples = {self.max_examples}
-
+# The private recipe every cell shares (see docs/results.md, "The recipe", for why each value).
+RECIPE = """
 [model]
-max_seq_len = {self.max_seq_len}
+max_seq_len = 32
+
+[lora]
+rank = 8
+top_layers = 2
 
 [training]
 rounds = 3
 epochs = 1
-batch_size = 16
-learning_rate = 0.01
+batch_size = 64
+learning_rate = 0.003
 
 [dp]
-target_epsilon = 8.0
+accountant = "pld"
+max_grad_norm = 1.0
 
 [federation]
-num_clients = 10
-clients_per_round = 10
-min_clients = 8
 central_holdout = 0.15
 """
 
 
-DATASETS = {
-    "tweets": DatasetPlan("tweets", 2000, 32, "3-way sentiment of short tweets; a seeded 2,000-row sample, 32 tokens"),
-    "bbc-news": DatasetPlan("bbc-news", 1200, 32, "5-topic news articles; a seeded 1,200-row sample, the headline "
-                            "and first sentence (32 tokens)"),
-    "drug-reviews": DatasetPlan("drug-reviews", 0, 64, "Medical case: all 979 drugs.com patient reviews, rating as "
-                                "sentiment, 64 tokens; the IID LoRA row only, to fit the budget", lora_iid_only=True),
-}
+@dataclass(frozen=True)
+class Study:
+    """One sweep folder: a dataset at a shape, over epsilons, partitions and seeds."""
 
-# (partition, FFA mode, epsilons): LoRA on IID and Dirichlet(0.3) clients over every budget;
-# FFA-LoRA beside it on IID clients, non-private and at epsilon 8 (the full FFA row,
-# and FFA on Dirichlet clients, come with --all-ffa).
-SETTINGS = [("iid", "off", EPSILONS), ("0.3", "off", EPSILONS), ("iid", "on", "inf,8")]
-ALL_FFA = [("iid", "on", "3,1"), ("0.3", "on", EPSILONS)]
+    dataset: str
+    clients: int
+    rows_per_client: int
+    partitions: tuple[str, ...] = ("iid",)
+    seeds: tuple[int, ...] = (0,)
+    max_examples: int = 0  # a seeded sample of the dataset before the held-out share (0 = all)
+    reference_rates: tuple[float, ...] = ()  # centralized non-private references, tuned over these
 
+    @property
+    def folder(self) -> str:
+        return f"{self.dataset}-c{self.clients}-n{self.rows_per_client}"
 
-def cells_for(seeds: str, all_ffa: bool, lora_iid_only: bool = False) -> list[Cell]:
-    settings = SETTINGS[:1] if lora_iid_only else SETTINGS + (ALL_FFA if all_ffa else [])
-    return [cell for partition, ffa, epsilons in settings for cell in grid(epsilons, CLIENTS, partition, ffa, seeds)]
+    def config(self) -> Config:
+        base = config_from_toml_text(RECIPE, source="simulations/results.py RECIPE")
+        return base.replace(
+            data=dataclasses.replace(base.data, dataset=self.dataset, max_examples=self.max_examples),
+            federation=dataclasses.replace(base.federation, num_clients=self.clients, clients_per_round=self.clients,
+                                           min_clients=max(1, self.clients - 2), rows_per_client=self.rows_per_client))
 
-
-def run_dataset(plan: DatasetPlan, seeds: str, all_ffa: bool, out: Path) -> Path:
-    started = time.perf_counter()
-    base = config_from_toml_text(plan.base_toml(), source=f"results plan {plan.name}")
-    target = out / plan.name
-    sweep(base, cells_for(seeds, all_ffa, plan.lora_iid_only), target)
-    # The pooled reference takes rounds x epochs consecutive steps at the federation's rate;
-    # a lower rate is run beside it, so a reference that overshoots is visible as such.
-    for rate in REFERENCE_RATES:
-        centralized_baseline(base.replace(training=dataclasses.replace(base.training, learning_rate=rate)), target,
-                             filename=f"baseline-lr{rate:g}.json")
-    atomic_write_json(target / "plan.json", {"dataset": plan.name, "seeds": seeds, "all_ffa": all_ffa,
-                                             "learning_rate": base.training.learning_rate,
-                                             "base_config": plan.base_toml(), "why": plan.why,
-                                             "last_invocation_seconds": round(time.perf_counter() - started, 1)})
-    return target
+    def cells(self, epsilons=EPSILONS) -> list[Cell]:
+        """Seed 0 first over every epsilon and partition, then the further seeds."""
+        partitions = ["iid" if p == "iid" else f"dirichlet-{float(p):g}" for p in self.partitions]
+        return [Cell(e, self.clients, p, False, s) for s in self.seeds for p in partitions for e in epsilons]
 
 
-# ---------------------------------------------------------------- report
+# The tweets pool is a 12,000-row sample so that its held-out set (1,800 rows) scores as fast as the others'.
+CURVE_ROWS = (100, 400, 1600)
+CURVE = [Study(name, 5, rows, max_examples=12_000 if name == "tweets" else 0)
+         for name in ("rotten-tomatoes", "tweets") for rows in CURVE_ROWS]
+TABLE = Study("rotten-tomatoes", 10, 1000, partitions=("iid", "0.3"), seeds=(0, 1, 2), reference_rates=(0.001, 0.003))
 
 
-def _read_rows(folder: Path) -> list[dict]:
-    with open(folder / "results.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+def plan(only: str = "") -> list[tuple[Study, list[Cell]]]:
+    """Every (study, cells) in the order they run: the table's first seed at epsilon 8 and
+    non-private (the bar), the curve's epsilon 8 and non-private, then the rest."""
+    first = [(TABLE, [c for c in TABLE.cells((8.0, math.inf)) if c.seed == 0 and c.partition == "iid"])]
+    curve_main = [(s, s.cells((8.0, math.inf))) for s in CURVE]
+    table_rest = [(TABLE, [c for c in TABLE.cells() if c not in first[0][1]])]
+    curve_rest = [(s, s.cells((3.0, 1.0))) for s in CURVE]
+    order = {"table": first + table_rest, "curve": curve_main + curve_rest}
+    return order.get(only) or first + curve_main + table_rest + curve_rest
 
 
-def _cell(values: list[float]) -> str:
+def run_plan(out: Path, only: str, max_minutes: float, log=print) -> None:
+    started = time.monotonic()
+    deadline = started + max_minutes * 60 if max_minutes > 0 else math.inf
+    references_done = False
+    for study, cells in plan(only):
+        folder = out / study.folder
+        base = study.config()
+        atomic_write_json(folder / "study.json", {**dataclasses.asdict(study), "recipe": RECIPE})
+        if study.reference_rates and not references_done:
+            for rate in study.reference_rates:
+                if time.monotonic() > deadline:
+                    break
+                _reference(base, rate, folder, log)
+            references_done = True
+        for cell in cells:
+            if time.monotonic() > deadline:
+                log(f"[results] --max-minutes {max_minutes:g} reached: the report marks the cells not run")
+                return
+            run_cell(cell, base, folder, log)
+
+
+def _reference(base: Config, rate: float, folder: Path, log) -> dict:
+    """Centralized non-private LoRA on the pooled rows at one learning rate, as many epochs
+    as the federation's rounds x local epochs."""
+    tuned = base.replace(training=dataclasses.replace(base.training, learning_rate=rate))
+    return centralized_baseline(tuned, folder, log, filename=f"reference-lr{rate:g}.json")
+
+
+# ---------------------------------------------------------------- reading the cells
+
+
+def _finished(folder: Path, cell: Cell) -> dict | None:
+    run_dir = folder / "cells" / cell.name
+    try:
+        metrics = read_metrics(run_dir)
+    except FedtuneError:
+        return None
+    config = config_from_toml_text((run_dir / "cell.toml").read_text(encoding="utf-8"))
+    if len(metrics) < config.training.rounds:
+        return None
+    last = metrics[-1]
+    return {"accuracy": last["accuracy"], "majority": last.get("majority_accuracy"),
+            "epsilon_spent": last.get("epsilon_max"), "seconds": sum(m.get("seconds", 0.0) for m in metrics)}
+
+
+def collect(out: Path) -> dict:
+    """Every finished cell and reference, keyed for the report."""
+    found = {"cells": {}, "references": {}, "planned": 0, "seconds": 0.0}
+    for study, cells in plan():
+        found["planned"] += len(cells)
+        for cell in cells:
+            result = _finished(out / study.folder, cell)
+            if result is not None:
+                found["cells"][(study.folder, cell.partition, cell.epsilon, cell.seed)] = result
+                found["seconds"] += result["seconds"]
+    for study in dict.fromkeys(study for study, _ in plan()):
+        found["planned"] += len(study.reference_rates)
+        for rate in study.reference_rates:
+            path = out / study.folder / f"reference-lr{rate:g}.json"
+            if path.is_file():
+                reference = json.loads(path.read_text(encoding="utf-8"))
+                found["references"][(study.folder, rate)] = reference
+                found["seconds"] += reference["seconds"]
+    return found
+
+
+def _values(found: dict, study: Study, partition: str, epsilon: float) -> list[float]:
+    return [r["accuracy"] for (f, p, e, _), r in sorted(found["cells"].items())
+            if f == study.folder and p == partition and e == epsilon]
+
+
+def _mean(values: list[float]) -> str:
     if not values:
-        return "-"
+        return "not run"
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
 
 
-def _setting(row: dict) -> str:
-    partition = "IID" if row["partition"] == "iid" else row["partition"].replace("dirichlet-", "Dirichlet(") + ")"
-    return f"{partition}, {'FFA-LoRA' if row['ffa'] == 'True' else 'LoRA'}"
+def _eps_label(epsilon: float) -> str:
+    return "non-private" if math.isinf(epsilon) else f"epsilon {epsilon:g}"
 
 
-def dataset_section(name: str, folder: Path, figures: Path) -> tuple[list[str], float]:
-    rows = _read_rows(folder)
-    baseline = json.loads((folder / "baseline.json").read_text(encoding="utf-8"))
-    plan = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
-    cells = [r for r in rows if r["cell"] != "centralized-nonprivate-baseline"]
-    columns = ["inf", "8.0", "3.0", "1.0"]
-    table: dict[str, dict[str, list[float]]] = {}
-    spent: dict[str, list[float]] = {}
-    for row in cells:
-        table.setdefault(_setting(row), {}).setdefault(row["target_epsilon"], []).append(float(row["accuracy"]))
-        if row["epsilon_spent_max"] not in ("", "inf"):
-            spent.setdefault(row["target_epsilon"], []).append(float(row["epsilon_spent_max"]))
-    seeds = sorted({r["seed"] for r in cells})
-    seconds = sum(float(r["seconds"]) for r in rows)
-    figures.mkdir(parents=True, exist_ok=True)
-    figure = figures / f"{name}.png"
-    shutil.copyfile(folder / "results.png", figure)
-    lines = [f"## {name}", "", f"{DATASETS[name].why if name in DATASETS else plan['why']}. Held-out set: 15% of the rows, kept back before partitioning "
-             f"(majority class {baseline['majority_accuracy']:.3f}). Seeds: {', '.join(seeds)}.", "",
-             "| setting (10 clients) | non-private | epsilon 8 | epsilon 3 | epsilon 1 |", "|---|---|---|---|---|",
-             f"| centralized, pooled, LoRA, lr {json.loads((folder / 'plan.json').read_text())['learning_rate']:g} "
-             f"(reference, seed 0) | {baseline['accuracy']:.3f} | | | |"]
-    for path in sorted(folder.glob("baseline-lr*.json")):
-        other = json.loads(path.read_text(encoding="utf-8"))
-        lines.append(f"| centralized, pooled, LoRA, lr {path.stem.removeprefix('baseline-lr')} (reference, seed 0) "
-                     f"| {other['accuracy']:.3f} | | | |")
-    for setting, by_eps in table.items():
-        lines.append(f"| federated, {setting} | " + " | ".join(_cell(by_eps.get(c, [])) for c in columns) + " |")
-    worst = {eps: max(v) for eps, v in spent.items()}
-    lines += ["", "Accuracy on the held-out set after the last round, mean ± standard deviation over seeds. "
-              "Largest epsilon any client actually spent (recomputed from its ledger by Opacus): "
-              + ", ".join(f"{worst[e]:.3f} at target {float(e):g}" for e in columns if e in worst) + ".", "",
-              f"![utility vs privacy, {name}](results/{figure.name})", "",
-              "(In the figure, the dashed centralized line is the lr 0.01 reference; the table has both.)", ""]
-    return lines, seconds
+# ---------------------------------------------------------------- advise, checked
 
 
-ANCHORS = """## Reading the tables
+LEARNED_SHARE = 0.5  # "learned": closed at least half the gap from the majority class to non-private
 
-- **Non-private federated LoRA works** on both datasets from three short rounds, and FFA-LoRA
-  (A frozen, half the upload) stays within a few points of LoRA.
-- **Dirichlet(0.3) clients cost utility even without DP**: each client sees one or two labels,
-  and three rounds of FedAvg do not undo the drift.
-- **Record-level DP per client is the binding constraint at this size.** Each client holds a
-  hundred-odd to a few hundred rows, and DP-SGD's noise is divided by the expected batch and
-  amortised over the few steps a client takes, so at epsilon 1-8 the adapters learn little
-  beyond the majority class. This is the small-silo regime, not a property of the code: the
-  default `fedtune simulate` (5 clients of ~380 BBC articles, 5 rounds, epsilon 8, sequence
-  64) reaches 0.889 held-out accuracy against a 0.231 majority class (measured in issue 4;
-  `fedtune simulate`, 3 min 14 s on this machine). More rows per client, more rounds (epsilon
-  is planned over all of them) or larger batches move these rows up.
-- **drug-reviews (when run) teaches nothing at this size**: every setting there, both
-  centralized references included, ends on the majority class (positive; its share of each
-  seed's held-out split is the 0.6-0.64 in the table). 832 training reviews, 64 tokens and
-  three epochs do not let MiniLM + LoRA separate ratings; the row is there for completeness,
-  not as evidence about DP.
-- The pooled centralized reference at the federation's learning rate (0.01) overshoots when
-  it takes all its steps in a row; the lr 0.001 row is the fair upper reference.
 
-## Published anchors (context, not the same settings)
+def advise_for(study: Study, epsilon: float) -> tuple[float, str]:
+    config = study.config()
+    params = trainable_parameters(config)
+    a = advise(study.rows_per_client, study.clients, config.training.rounds, config.training.epochs,
+               config.training.batch_size, epsilon, params, accountant=config.dp.accountant)
+    return a.nsr_run, a.verdict.split(":")[0]
+
+
+def trainable_parameters(config: Config) -> int:
+    """LoRA parameters of the recipe on MiniLM (6 blocks, width 384, query + value)."""
+    blocks = config.lora.top_layers or 6
+    return blocks * 2 * 2 * 384 * config.lora.rank
+
+
+def learned(accuracy: float, majority: float, nonprivate: float) -> bool:
+    return nonprivate > majority and accuracy - majority >= LEARNED_SHARE * (nonprivate - majority)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def curve_section(found: dict, figures: Path) -> list[str]:
+    lines = ["## Data per client", "",
+             f"5 clients, all training every round, IID; rows per client {', '.join(map(str, CURVE_ROWS))}; seed 0. "
+             "Each point is the held-out accuracy after the last round; every size of a dataset scores on the "
+             "same held-out rows. The last column is `fedtune privacy advise` for the same shape at epsilon 8 "
+             "(run noise-to-signal and verdict), next to what happened.", ""]
+    checks = []
+    for dataset in dict.fromkeys(s.dataset for s in CURVE):
+        studies = [s for s in CURVE if s.dataset == dataset]
+        majority = next((r["majority"] for (f, *_), r in found["cells"].items()
+                         if f in {s.folder for s in studies} and r["majority"]), None)
+        lines += [f"### {dataset}" + (f" (majority class {majority:.3f})" if majority else ""), "",
+                  "| rows per client | non-private | epsilon 8 | epsilon 3 | epsilon 1 | advise at epsilon 8 |",
+                  "|---|---|---|---|---|---|"]
+        for study in studies:
+            row = {e: _values(found, study, "iid", e) for e in EPSILONS}
+            nsr, verdict = advise_for(study, 8.0)
+            lines.append(f"| {study.rows_per_client} | " + " | ".join(_mean(row[e]) for e in EPSILONS)
+                         + f" | {nsr:.2f}, {verdict} |")
+            if row[8.0] and row[math.inf] and majority:
+                checks.append((dataset, study.rows_per_client, nsr, verdict,
+                               learned(row[8.0][0], majority, row[math.inf][0])))
+        lines += ["", f"![data per client, {dataset}](results/curve-{dataset}.png)", ""]
+        _plot_curve(figures / f"curve-{dataset}.png", found, studies, majority, dataset)
+    if checks:
+        agree = sum((verdict == "can learn") == did for *_, verdict, did in checks)
+        lines += [f"**advise, checked:** its verdict at epsilon 8 matched the outcome in {agree} of {len(checks)} "
+                  f"measured shapes (\"learned\" = closed at least {LEARNED_SHARE:.0%} of the gap from the majority "
+                  "class to non-private at the same size):", ""]
+        lines += [f"- {d}, {n} rows: advise {nsr:.2f} \"{v}\"; measured: {'learned' if did else 'did not learn'}"
+                  for d, n, nsr, v, did in checks]
+        lines.append("")
+    return lines
+
+
+def table_section(found: dict, figures: Path) -> list[str]:
+    study = TABLE
+    references = {rate: found["references"][(study.folder, rate)] for rate in study.reference_rates
+                  if (study.folder, rate) in found["references"]}
+    lines = ["## Utility vs epsilon at a realistic size", "",
+             f"{study.dataset}, {study.clients} clients x {study.rows_per_client} rows, all training every round; "
+             f"seeds {', '.join(map(str, study.seeds))}; mean ± standard deviation over the seeds that ran. The "
+             "centralized reference trains non-private LoRA on the pooled rows (the same recipe, rounds x epochs "
+             "epochs in a row) at each learning rate listed; the best one is the reference.", "",
+             "| setting | non-private | epsilon 8 | epsilon 3 | epsilon 1 |", "|---|---|---|---|---|"]
+    for rate, reference in sorted(references.items()):
+        lines.append(f"| centralized, pooled, lr {rate:g} (reference) | {reference['accuracy']:.3f} | | | |")
+    for partition, title in (("iid", "IID"), ("dirichlet-0.3", "Dirichlet(0.3)")):
+        lines.append(f"| federated, {title} | " + " | ".join(_mean(_values(found, study, partition, e))
+                                                            for e in EPSILONS) + " |")
+    spent = [r["epsilon_spent"] for (f, _, e, _), r in found["cells"].items()
+             if f == study.folder and math.isfinite(e) and r["epsilon_spent"] is not None]
+    lines.append("")
+    if spent:
+        lines.append(f"Largest epsilon any client spent (its ledger, PLD): {max(spent):.3f}.")
+    iid8 = _values(found, study, "iid", 8.0)
+    if references and iid8:
+        best_rate, best = max(references.items(), key=lambda item: item[1]["accuracy"])
+        ratio = statistics.mean(iid8) / best["accuracy"]
+        lines += ["", f"**The bar:** federated IID at epsilon 8 reaches {statistics.mean(iid8):.3f} against the "
+                  f"tuned centralized non-private {best['accuracy']:.3f} (lr {best_rate:g}): ratio **{ratio:.3f}** "
+                  f"(goal >= 0.95; {'met' if ratio >= 0.95 else 'not met'}; {len(iid8)} seed(s))."]
+    nsr, verdict = advise_for(study, 8.0)
+    lines += ["", f"`fedtune privacy advise` for this shape at epsilon 8: run noise-to-signal {nsr:.2f}, \"{verdict}\".", ""]
+    return lines
+
+
+def recipe_section() -> list[str]:
+    config = config_from_toml_text(RECIPE)
+    t = config.training
+    q, per_epoch = poisson_schedule(TABLE.rows_per_client, t.batch_size)
+    steps = per_epoch * t.epochs * t.rounds
+    delta = 1.0 / (10 * TABLE.rows_per_client)
+    rdp, pld = (noise_for_budget(8.0, delta, q, steps, a) for a in ("rdp", "pld"))
+    return ["## The recipe", "",
+            f"Every cell: all-MiniLM-L6-v2, LoRA rank {config.lora.rank} on query/value of the last "
+            f"{config.lora.top_layers} blocks + the classifier head, sequence {config.model.max_seq_len} tokens, "
+            f"{t.rounds} rounds x {t.epochs} local epoch, expected Poisson batch {t.batch_size}, AdamW lr "
+            f"{t.learning_rate:g}, clipping norm {config.dp.max_grad_norm:g}, record-level DP-SGD per client at "
+            f"delta = 1/(10 n), accounted with PLD (`dp.accountant = \"pld\"`, Google's dp-accounting; every "
+            f"ledger is re-checked with Opacus's PRV).", "",
+            f"What the tight accountant saves at the table's shape (q = {q:.4f}, {steps} steps, delta {delta:g}, "
+            f"epsilon 8): noise multiplier {pld:.4f} with PLD against {rdp:.4f} with RDP, "
+            f"{(1 - pld / rdp):.1%} less noise for the same guarantee.", ""]
+
+
+def _plot_curve(path: Path, found: dict, studies: list[Study], majority: float | None, dataset: str) -> None:
+    from fedtune.report import new_figure, save_figure
+
+    figure, axes = new_figure((6.0, 4.0))
+    for epsilon in EPSILONS:
+        points = [(s.rows_per_client, _values(found, s, "iid", epsilon)) for s in studies]
+        points = [(x, statistics.mean(v)) for x, v in points if v]
+        if points:
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=_eps_label(epsilon))
+    if majority:
+        axes.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority class")
+    axes.set_xscale("log")
+    axes.set(xlabel="training rows per client (5 clients)", ylabel="held-out accuracy", title=f"data per client: {dataset}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(figure, path)
+
+
+ANCHORS = """## Published anchors (context, not the same settings)
 
 - **Yu et al. 2022**, *Differentially Private Fine-tuning of Language Models* (ICLR 2022):
   DP LoRA on RoBERTa-Large at epsilon = 6.7 reaches 87.8% on MNLI, 95.3% on SST-2, 87.4% on
   QQP and 90.8% on QNLI, a few points under non-private fine-tuning: one central dataset of
   tens to hundreds of thousands of examples, batches in the thousands, many epochs.
-- **Opacus text-classification tutorial** (*Building text classifier with Differential
-  Privacy*, opacus.ai/tutorials): BERT-base on SNLI (550k sentence pairs), only the top
-  layers trained with DP-SGD at epsilon = 7.5; its notebook reports the accuracy reached
-  (not restated here: we could not re-run it on this machine).
-
-Neither is the same setting as the tables above (a 22.7M-parameter MiniLM at 32 tokens,
-10 clients of a few hundred rows, epsilon spent per client, three short rounds on a 2-core
-CPU); they show where DP fine-tuning lands when each party has a lot of data.
+- **Li et al. 2022**, *Large Language Models Can Be Strong Differentially Private Learners*
+  (ICLR 2022): full fine-tuning under DP works with large batches, small clipping norms and
+  many steps; the utility loss shrinks as the data per private learner grows, which is
+  what the data-per-client curve measures per silo.
 """
 
 
 def write_report(out: Path, report: Path) -> Path:
-    folders = [out / name for name in DATASETS if (out / name / "results.csv").is_file()]
-    if not folders:
-        raise ConfigError(f"{out}: no finished sweep (results.csv) to report; run `python -m simulations.results` first")
+    found = collect(out)
+    if not found["cells"]:
+        raise ConfigError(f"{out}: no finished cell to report; run `python -m simulations.results` first")
     figures = report.parent / "results"
-    described = machine_description()
-    sections, seconds, cells = [], 0.0, 0
-    for folder in folders:
-        lines, spent_seconds = dataset_section(folder.name, folder, figures)
-        sections += lines
-        seconds += spent_seconds
-        cells += sum(1 for _ in (folder / "cells").iterdir()) if (folder / "cells").is_dir() else 0
-    header = [
-        "# Results: utility vs privacy on bundled real data", "",
-        "Produced by `python -m simulations.results` (the script writes this file; re-run it to reproduce). "
-        "Every federated cell is a real `fedtune simulate` run: Flower's simulation engine, Opacus DP-SGD "
-        "per client (record-level, RDP accountant, delta = 1/(10 n) for a client with n rows), peft LoRA on all-MiniLM-L6-v2.", "",
-        f"Machine: {described}.", "",
-        f"Budget: {cells} federated runs, sized for this machine: 10 clients, all sampled every "
-        "round, 3 rounds x 1 local epoch, batch 16, AdamW lr 0.01, LoRA r=8 on query/value + classifier head "
-        "(FFA-LoRA freezes A), sequence length as stated per dataset. "
-        f"Training and evaluation time summed over all runs: {seconds / 60:.0f} min (each run also pays about "
-        "10 s of process and Ray start-up)"
-        + ". The sweeps took about an hour of wall time on this machine.", "",
-        "Settings not run, to fit the budget: FFA-LoRA at epsilon 3 and 1 and on Dirichlet clients "
-        "(`--all-ffa` adds them), more rounds, longer sequences, the full datasets, and the centralized "
-        "reference over several seeds (seed 0 only).", "",
-    ]
+    done = len(found["cells"]) + len(found["references"])
+    header = ["# Results v2: where DP fine-tuning works", "",
+              "Produced by `python -m simulations.results` (the script writes this file and its figures from the "
+              "cells' own metrics; re-run it to resume or reproduce). Every federated cell is a real `fedtune "
+              "simulate` run: Flower's simulation engine, Opacus DP-SGD per client (record-level), peft LoRA on "
+              "all-MiniLM-L6-v2. \"not run\" marks a planned cell the budget has not reached yet.", "",
+              f"Machine: {machine_description()}.", "",
+              f"Budget: {done} of {found['planned']} planned runs finished; their "
+              f"training and evaluation time summed: {found['seconds'] / 60:.0f} min on this machine (each run also "
+              "pays about 15 s of process and Ray start-up).", ""]
+    sections = recipe_section() + table_section(found, figures) + curve_section(found, figures)
     atomic_write_text(report, "\n".join(header + sections) + "\n" + ANCHORS)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.results", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="tweets,bbc-news", help=f"any of {', '.join(DATASETS)} (default tweets,bbc-news)")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds per cell (default 0,1,2)")
-    parser.add_argument("--all-ffa", action="store_true", help="FFA-LoRA at every epsilon and on Dirichlet clients too")
-    parser.add_argument("--out", default="runs/results", help="sweep folders (default runs/results)")
+    parser.add_argument("--only", default="", choices=["", "curve", "table"], help="run one study (default both)")
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="stop launching cells after this much wall time")
+    parser.add_argument("--out", default="runs/results", help="cell folders (default runs/results)")
     parser.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="report to write (default docs/results.md)")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished sweeps")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished cells")
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
+        if args.max_minutes < 0:
+            raise ConfigError(f"--max-minutes = {args.max_minutes:g}: expected minutes >= 0 (0 = no limit)")
         if not args.report_only:
-            names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-            unknown = [n for n in names if n not in DATASETS]
-            if unknown or not names:
-                raise ConfigError(f"--datasets = {args.datasets!r}: expected names from {', '.join(DATASETS)}")
-            for name in names:
-                run_dataset(DATASETS[name], args.seeds, args.all_ffa, out)
+            run_plan(out, args.only, args.max_minutes)
         print(f"wrote {write_report(out, Path(args.report))}")
     except FedtuneError as error:
         print(f"error: {error}", file=sys.stderr)

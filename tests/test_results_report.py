@@ -7,57 +7,72 @@ from pathlib import Path
 
 from fedtune.atomic import atomic_write_json
 from fedtune.config import config_from_toml_text
-from simulations.results import DATASETS, cells_for, main, write_report
-from simulations.sweep import write_tables
+from simulations.results import CURVE, TABLE, Study, collect, main, plan, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-def test_grid_covers_every_budget_for_lora_and_both_partitions():
-    cells = cells_for("0,1,2", all_ffa=False)
-    lora = {(c.partition, c.epsilon) for c in cells if not c.ffa}
-    assert lora == {(p, e) for p in ("iid", "dirichlet-0.3") for e in (math.inf, 8.0, 3.0, 1.0)}
-    assert {c.seed for c in cells} == {0, 1, 2} and all(c.num_clients == 10 for c in cells)
-    assert len(cells_for("0,1,2", all_ffa=True)) == 3 * 16
+def test_the_plan_covers_both_studies_and_runs_the_bar_first():
+    cells = plan()
+    first_study, first_cells = cells[0]
+    assert first_study == TABLE and [(c.epsilon, c.seed, c.partition) for c in first_cells] == [
+        (8.0, 0, "iid"), (math.inf, 0, "iid")]
+    table = {(c.partition, c.epsilon, c.seed) for s, cs in cells if s == TABLE for c in cs}
+    assert table == {(p, e, seed) for p in ("iid", "dirichlet-0.3") for e in (math.inf, 8.0, 3.0, 1.0) for seed in (0, 1, 2)}
+    curve = {(s.dataset, s.rows_per_client, c.epsilon) for s, cs in cells if s in CURVE for c in cs}
+    assert curve == {(d, n, e) for d in ("rotten-tomatoes", "tweets") for n in (100, 400, 1600)
+                     for e in (math.inf, 8.0, 3.0, 1.0)}
+    assert sum(len(cs) for _, cs in cells) == len({(s.folder, c.name) for s, cs in cells for c in cs})  # none twice
 
 
-def test_every_dataset_plan_is_a_valid_config():
-    for plan in DATASETS.values():
-        config = config_from_toml_text(plan.base_toml())
-        assert config.federation.num_clients == 10 and config.federation.central_holdout > 0
+def test_every_study_fits_its_dataset_and_shares_one_held_out_set():
+    from simulations.partition import held_out_table, partition_report
+
+    for study in (TABLE, max((s for s in CURVE if s.dataset == "tweets"), key=lambda s: s.rows_per_client)):
+        config = study.config()
+        assert {r["examples"] for r in partition_report(config)} == {study.rows_per_client}
+    small, large = (s for s in CURVE if s.dataset == "rotten-tomatoes" and s.rows_per_client in (100, 1600))
+    assert held_out_table(small.config()).texts == held_out_table(large.config()).texts
 
 
-def _fake_sweep(folder: Path) -> None:
-    cells = cells_for("0,1", all_ffa=False)[:4]  # non-private and epsilon 8, IID LoRA, two seeds
-    rows = [{"cell": c.name, "target_epsilon": "inf" if math.isinf(c.epsilon) else c.epsilon, "num_clients": 10,
-             "partition": c.partition, "ffa": c.ffa, "seed": c.seed, "accuracy": 0.8 - 0.1 * i, "macro_f1": 0.5,
-             "loss": 1.0, "best_accuracy": 0.8, "epsilon_spent_max": math.inf if math.isinf(c.epsilon) else 7.99,
-             "rounds": 3, "seconds": 60.0} for i, c in enumerate(cells)]
-    baseline = {"accuracy": 0.9, "macro_f1": 0.88, "loss": 0.3, "majority_accuracy": 0.4, "seconds": 30.0}
-    folder.mkdir(parents=True)
-    write_tables(folder, cells, rows, baseline)
-    atomic_write_json(folder / "baseline.json", baseline)
-    atomic_write_json(folder / "plan.json", {"why": "a test plan", "learning_rate": 0.01})
-    atomic_write_json(folder / "baseline-lr0.001.json", {**baseline, "accuracy": 0.95})
+def _fake_cell(out: Path, study: Study, cell, accuracy: float) -> None:
+    run_dir = out / study.folder / "cells" / cell.name
+    run_dir.mkdir(parents=True)
+    config = cell.config(study.config())
+    (run_dir / "cell.toml").write_text(config.to_toml())
+    rounds = [{"round": r, "accuracy": accuracy, "majority_accuracy": 0.5, "seconds": 10.0,
+               "epsilon_max": None if math.isinf(cell.epsilon) else cell.epsilon * r / 3} for r in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
 
 
-def test_report_is_written_from_the_sweep_tables(tmp_path):
-    _fake_sweep(tmp_path / "runs" / "tweets")
-    report = write_report(tmp_path / "runs", tmp_path / "docs" / "results.md")
-    text = report.read_text()
-    assert "| federated, IID, LoRA | 0.750 ± 0.071 | 0.550 ± 0.071 | - | - |" in text
-    assert "| centralized, pooled, LoRA, lr 0.01 (reference, seed 0) | 0.900 |" in text
-    assert "| centralized, pooled, LoRA, lr 0.001 (reference, seed 0) | 0.950 |" in text
-    assert "7.990 at target 8" in text and "Machine:" in text
-    assert (tmp_path / "docs" / "results" / "tweets.png").is_file()
+def test_report_is_rendered_from_the_cells_with_the_bar_and_advise_checked(tmp_path):
+    out = tmp_path / "runs"
+    iid = {c.epsilon: c for c in TABLE.cells() if c.seed == 0 and c.partition == "iid"}
+    _fake_cell(out, TABLE, iid[8.0], 0.76)
+    _fake_cell(out, TABLE, iid[math.inf], 0.80)
+    atomic_write_json(out / TABLE.folder / "reference-lr0.001.json", {"accuracy": 0.78, "seconds": 30.0})
+    atomic_write_json(out / TABLE.folder / "reference-lr0.003.json", {"accuracy": 0.80, "seconds": 30.0})
+    curve = next(s for s in CURVE if s.dataset == "tweets" and s.rows_per_client == 100)
+    by_eps = {c.epsilon: c for c in curve.cells()}
+    _fake_cell(out, curve, by_eps[8.0], 0.51)
+    _fake_cell(out, curve, by_eps[math.inf], 0.70)
+    assert len(collect(out)["cells"]) == 4
+    text = write_report(out, tmp_path / "docs" / "results.md").read_text()
+    assert "| federated, IID | 0.800 | 0.760 | not run | not run |" in text
+    assert "| centralized, pooled, lr 0.003 (reference) | 0.800 |" in text
+    assert "ratio **0.950**" in text and "goal >= 0.95; met; 1 seed(s)" in text
+    assert "| 100 | 0.700 | 0.510 | not run | not run |" in text
+    assert "tweets, 100 rows: advise" in text and "measured: did not learn" in text
+    assert "6 of 50 planned runs finished" in text and "less noise for the same guarantee" in text
+    assert (tmp_path / "docs" / "results" / "curve-tweets.png").is_file()
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     report = tmp_path / "results.md"
-    assert main(["--datasets", "nope", "--out", str(tmp_path / "runs"), "--report", str(report)]) == 2
+    assert main(["--max-minutes", "-1", "--out", str(tmp_path / "runs"), "--report", str(report)]) == 2
     assert main(["--report-only", "--out", str(tmp_path / "runs"), "--report", str(report)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert "--datasets = 'nope'" in errors[0] and "no finished sweep" in errors[1]
+    assert "--max-minutes = -1" in errors[0] and "no finished cell" in errors[1]
     assert not report.exists()
 
 
@@ -88,9 +103,10 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
     a changed value must."""
     from simulations.sweep import _ran_with
 
-    config = config_from_toml_text(DATASETS["tweets"].base_toml())
+    config = TABLE.config()
     path = tmp_path / "cell.toml"
     path.write_text(config.to_toml().replace('precision = "fp32"\n', ""))
     assert _ran_with(path) == config
+    assert "rounds = 3" in config.to_toml()
     path.write_text(config.to_toml().replace("rounds = 3", "rounds = 4"))
     assert _ran_with(path) != config
