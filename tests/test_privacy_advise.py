@@ -34,3 +34,22 @@ def test_the_command_prints_mechanism_ratio_and_verdict(capsys):
     assert main(["privacy", "advise", "--rows-per-client", "0", "--clients", "10", "--rounds", "3",
                  "--batch-size", "16", "--epsilon", "8"]) == 2
     assert "--rows-per-client = 0" in capsys.readouterr().err
+
+
+def test_recommend_picks_the_least_noisy_batch_that_still_takes_steps():
+    from fedtune.privacy.advise import BATCH_CANDIDATES, MIN_STEPS_PER_EPOCH, recommend
+
+    best = recommend(1000, 10, 3, 1, 8.0, 73_728)
+    fitting = [b for b in BATCH_CANDIDATES if b * MIN_STEPS_PER_EPOCH <= 1000]
+    ratios = {b: advise(1000, 10, 3, 1, b, 8.0, 73_728).nsr_run for b in fitting}
+    assert best.batch_size == min(ratios, key=ratios.get) == 128  # 256 would leave 3 steps per epoch
+    assert ratios[128] < ratios[64] < ratios[16]
+    assert recommend(40, 10, 3, 1, 8.0, 73_728) is None  # no candidate batch fits 40 rows 4 times
+
+
+def test_the_command_recommends_a_batch(capsys):
+    from fedtune.cli import main
+
+    assert main(["privacy", "advise", "--rows-per-client", "1000", "--clients", "10", "--rounds", "3",
+                 "--batch-size", "32", "--epsilon", "8"]) == 0
+    assert "recommended: batch size 128 for the same rounds and epochs" in capsys.readouterr().out
