@@ -267,18 +267,20 @@ def curve_section(found: dict, figures: Path) -> list[str]:
             nsr, verdict = advise_for(study, 8.0)
             lines.append(f"| {study.rows_per_client} | " + " | ".join(_mean(row[e]) for e in EPSILONS)
                          + f" | {nsr:.2f}, {verdict} |")
-            if row[8.0] and row[math.inf] and majority:
-                checks.append((dataset, study.rows_per_client, nsr, verdict,
-                               learned(row[8.0][0], majority, row[math.inf][0])))
+            for epsilon in (8.0, 3.0, 1.0):
+                if row[epsilon] and row[math.inf] and majority:
+                    nsr_e, verdict_e = (nsr, verdict) if epsilon == 8.0 else advise_for(study, epsilon)
+                    checks.append((dataset, study.rows_per_client, epsilon, nsr_e, verdict_e,
+                                   learned(row[epsilon][0], majority, row[math.inf][0])))
         lines += ["", f"![data per client, {dataset}](results/curve-{dataset}.png)", ""]
         _plot_curve(figures / f"curve-{dataset}.png", found, studies, majority, dataset)
     if checks:
         agree = sum((verdict == "can learn") == did for *_, verdict, did in checks)
-        lines += [f"**advise, checked:** its verdict at epsilon 8 matched the outcome in {agree} of {len(checks)} "
-                  f"measured shapes (\"learned\" = closed at least {LEARNED_SHARE:.0%} of the gap from the majority "
-                  "class to non-private at the same size):", ""]
-        lines += [f"- {d}, {n} rows: advise {nsr:.2f} \"{v}\"; measured: {'learned' if did else 'did not learn'}"
-                  for d, n, nsr, v, did in checks]
+        lines += [f"**advise, checked:** its verdict matched the outcome in {agree} of {len(checks)} measured "
+                  f"(shape, epsilon) pairs (\"learned\" = closed at least {LEARNED_SHARE:.0%} of the gap from the "
+                  "majority class to non-private at the same size):", ""]
+        lines += [f"- {d}, {n} rows, epsilon {e:g}: advise {nsr:.2f} \"{v}\"; measured: "
+                  f"{'learned' if did else 'did not learn'}" for d, n, e, nsr, v, did in checks]
         lines.append("")
     return lines
 

@@ -62,7 +62,8 @@ def test_report_is_rendered_from_the_cells_with_the_bar_and_advise_checked(tmp_p
     assert "| centralized, pooled, lr 0.003 (reference) | 0.800 |" in text
     assert "ratio **0.950**" in text and "goal >= 0.95; met; 1 seed(s)" in text
     assert "| 100 | 0.700 | 0.510 | not run | not run |" in text
-    assert "tweets, 100 rows: advise" in text and "measured: did not learn" in text
+    assert "tweets, 100 rows, epsilon 8: advise 0.40 \"can learn\"; measured: did not learn" in text
+    assert "matched the outcome in 0 of 1 measured" in text
     assert "6 of 50 planned runs finished" in text and "less noise for the same guarantee" in text
     assert (tmp_path / "docs" / "results" / "curve-tweets.png").is_file()
 
