@@ -12,12 +12,15 @@ Opacus, peft) in its own process, with the private recipe in `RECIPE`:
   reference tuned over learning rates (the best one counts): the bar is federated DP at
   epsilon 8 >= 0.95 of it.
 
+How the recipe was chosen is a third, cheap study: a proxy grid on one silo
+(`simulations/recipe_grid.py`), rendered in the same report.
+
 Cells run in priority order (what the report needs first), each skipped when it finished
 before, so the whole plan resumes across invocations; `--max-minutes` stops launching
 new cells after that much wall time, and the report marks what has not run. Nothing in
 the report is typed by hand: it is rendered from the cells' metrics.
 
-    python -m simulations.results [--only curve|table] [--max-minutes M] [--out runs/results]
+    python -m simulations.results [--only curve|table|recipe] [--max-minutes M] [--out runs/results]
     python -m simulations.results --report-only
 """
 
@@ -41,6 +44,7 @@ from fedtune.privacy.accountants import noise_for_budget
 from fedtune.privacy.advise import advise
 from fedtune.privacy.planning import poisson_schedule
 from fedtune.report import read_metrics
+from simulations import recipe_grid
 from simulations.sweep import Cell, centralized_baseline, run_cell
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +135,9 @@ def run_plan(out: Path, only: str, max_minutes: float, log=print) -> None:
     started = time.monotonic()
     deadline = started + max_minutes * 60 if max_minutes > 0 else math.inf
     references_done = False
+    if only == "recipe":
+        recipe_grid.run_grid(out / "recipe", lambda: time.monotonic() > deadline, log)
+        return
     for study, cells in plan(only):
         folder = out / study.folder
         base = study.config()
@@ -146,6 +153,8 @@ def run_plan(out: Path, only: str, max_minutes: float, log=print) -> None:
                 log(f"[results] --max-minutes {max_minutes:g} reached: the report marks the cells not run")
                 return
             run_cell(cell, base, folder, log)
+    if not only:
+        recipe_grid.run_grid(out / "recipe", lambda: time.monotonic() > deadline, log)
 
 
 REFERENCE_LORA = {"rank": 8, "top_layers": 0}  # the non-private reference needs no DP-motivated restriction
@@ -383,14 +392,16 @@ def write_report(out: Path, report: Path) -> Path:
               f"Budget: {done} of {found['planned']} planned runs finished; their "
               f"training and evaluation time summed: {found['seconds'] / 60:.0f} min on this machine (each run also "
               "pays about 15 s of process and Ray start-up).", ""]
-    sections = recipe_section() + table_section(found, figures) + curve_section(found, figures)
+    sections = (recipe_section() + recipe_grid.section(out / "recipe") + table_section(found, figures)
+                + curve_section(found, figures))
     atomic_write_text(report, "\n".join(header + sections) + "\n" + ANCHORS)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.results", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", choices=["", "curve", "table"], help="run one study (default both)")
+    parser.add_argument("--only", default="", choices=["", "curve", "table", "recipe"],
+                        help="run one study (default all: table and curve, then the recipe grid's remaining runs)")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop launching cells after this much wall time")
     parser.add_argument("--out", default="runs/results", help="cell folders (default runs/results)")
     parser.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="report to write (default docs/results.md)")

@@ -111,3 +111,17 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
     assert "rounds = 3" in config.to_toml()
     path.write_text(config.to_toml().replace("rounds = 3", "rounds = 4"))
     assert _ran_with(path) != config
+
+
+def test_the_recipe_grid_section_reads_finished_runs_and_marks_the_rest(tmp_path):
+    from simulations.recipe_grid import GRID, section
+
+    name, args = GRID[2]
+    run = tmp_path / name
+    run.mkdir()
+    epochs = [{"epoch": e, "val_accuracy": 0.7 + e / 100, "val_loss": 0.6} for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    (tmp_path / f"{name}.log").write_text("majority-class baseline accuracy on validation: 0.5773\n")
+    text = "\n".join(section(tmp_path))
+    assert f"| {name} | `{args}` | 0.720 | 0.600 |" in text
+    assert f"| {GRID[0][0]} | `{GRID[0][1]}` | not run | |" in text and "Majority class on the validation rows: 0.577." in text
