@@ -316,8 +316,10 @@ def _run_privacy(args) -> int:
         if not ledger.is_private:
             print(f"epsilon = inf: {ledger.non_private_steps} steps were taken WITHOUT differential privacy")
             return 0
-        print(f"epsilon = {ledger.epsilon():.6f} (Opacus {opacus_version}, {ledger.accountant}), "
-              f"{independent_epsilon(ledger.accountant, ledger.history, ledger.delta):.6f} (dp-accounting) "
+        library, other = (("dp-accounting", f"Opacus {opacus_version} PRV") if ledger.accountant == "pld"
+                          else (f"Opacus {opacus_version}", "dp-accounting"))
+        print(f"epsilon = {ledger.epsilon():.6f} ({library}, {ledger.accountant}), "
+              f"{independent_epsilon(ledger.accountant, ledger.history, ledger.delta):.6f} ({other}) "
               f"at delta {ledger.delta:g}; cap {ledger.target_epsilon}; history (sigma, q, steps): "
               + "; ".join(f"({s:g}, {q:.6g}, {n})" for s, q, n in ledger.history))
         return 0

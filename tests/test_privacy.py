@@ -102,10 +102,11 @@ def test_corrupt_ledger_file_is_a_clear_error(tmp_path):
         PrivacyLedger.load(path)
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
 def test_every_ledger_epsilon_is_reproduced_by_an_independent_accountant(accountant, tmp_path, capsys):
     """DP-SGD steps, a change of sample rate and Gaussian metric releases (q = 1) in one ledger:
-    dp-accounting (RDP, or PLD for PRV ledgers) agrees with the epsilon fedtune prints."""
+    the other library (dp-accounting's RDP, or its PLD for PRV ledgers; Opacus's PRV for PLD
+    ledgers) agrees with the epsilon fedtune prints, and the command names both."""
     from fedtune.cli import main
     from fedtune.privacy import independent_epsilon
 
@@ -117,7 +118,11 @@ def test_every_ledger_epsilon_is_reproduced_by_an_independent_accountant(account
     ledger.save(tmp_path / "ledger.json")
     assert main(["privacy", "ledger", str(tmp_path / "ledger.json")]) == 0
     out = capsys.readouterr().out
-    assert f"epsilon = {ledger.epsilon():.6f}" in out and "(dp-accounting)" in out
+    assert f"epsilon = {ledger.epsilon():.6f}" in out
+    if accountant == "pld":
+        assert "(dp-accounting, pld)" in out and "PRV)" in out
+    else:
+        assert "(dp-accounting)" in out
 
 
 def test_a_cap_change_and_a_stricter_delta_are_recorded_and_never_undercount():
