@@ -51,10 +51,16 @@ PLD_INTERVAL = 1e-3
 def pld_epsilon(history, delta: float, interval: float = PLD_INTERVAL) -> float:
     """Epsilon of a history by dp-accounting's PLD accountant (pessimistic estimate: never
     below the true epsilon of the Poisson-subsampled Gaussian, add-or-remove-one)."""
-    import dp_accounting
     from dp_accounting import pld
 
-    counter = pld.PLDAccountant(value_discretization_interval=interval)
+    return _dp_accounting_epsilon(pld.PLDAccountant(value_discretization_interval=interval), history, delta)
+
+
+def _dp_accounting_epsilon(counter, history, delta: float) -> float:
+    """Compose a (sigma, q, steps) history into a dp-accounting accountant: Poisson-subsampled
+    Gaussian steps, or plain Gaussian releases where q = 1."""
+    import dp_accounting
+
     for sigma, q, steps in history:
         if steps:
             event = dp_accounting.GaussianDpEvent(float(sigma))
@@ -95,7 +101,6 @@ def independent_epsilon(accountant: str, history: list[tuple[float, float, int]]
     it cannot evaluate, always on the conservative side)."""
     import logging
 
-    import dp_accounting
     from dp_accounting import pld, rdp
 
     # dp-accounting logs a warning for every fractional order it cannot evaluate and drops
@@ -106,14 +111,7 @@ def independent_epsilon(accountant: str, history: list[tuple[float, float, int]]
         return 0.0
     if _check_accountant(accountant) == "pld":  # a dp-accounting ledger is checked by Opacus's PRV
         return float(make_accountant("prv", history).get_epsilon(delta=delta))
-    counter = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
-    for sigma, q, steps in history:
-        if steps:
-            event = dp_accounting.GaussianDpEvent(float(sigma))
-            if q < 1:
-                event = dp_accounting.PoissonSampledDpEvent(float(q), event)
-            counter.compose(event, int(steps))
-    return float(counter.get_epsilon(delta))
+    return _dp_accounting_epsilon(rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant(), history, delta)
 
 
 def compute_epsilon(
