@@ -377,6 +377,15 @@ ANCHORS = """## Published anchors (context, not the same settings)
 """
 
 
+def _remaining(found: dict, done: int) -> str:
+    left = found["planned"] - done
+    if left <= 0:
+        return ""
+    per_run = found["seconds"] / max(1, done)
+    return (f"; the {left} runs not finished yet need about {left * per_run / 3600:.1f} h more at the mean so far "
+            f"({per_run / 60:.1f} min a run): `python -m simulations.results` resumes them")
+
+
 def write_report(out: Path, report: Path) -> Path:
     found = collect(out)
     if not found["cells"]:
@@ -391,7 +400,7 @@ def write_report(out: Path, report: Path) -> Path:
               f"Machine: {machine_description()}.", "",
               f"Budget: {done} of {found['planned']} planned runs finished; their "
               f"training and evaluation time summed: {found['seconds'] / 60:.0f} min on this machine (each run also "
-              "pays about 15 s of process and Ray start-up).", ""]
+              f"pays about 15 s of process and Ray start-up){_remaining(found, done)}.", ""]
     sections = (recipe_section() + recipe_grid.section(out / "recipe") + table_section(found, figures)
                 + curve_section(found, figures))
     atomic_write_text(report, "\n".join(header + sections) + "\n" + ANCHORS)
