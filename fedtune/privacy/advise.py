@@ -59,7 +59,9 @@ CALIBRATION = {
 
 def verdict(nsr_run: float) -> str:
     if nsr_run < LEARNS:
-        return "can learn: noise-to-signal in the range where measured federations learned"
+        return ("can learn: noise-to-signal in the range where measured federations learned, given a learning rate "
+                "tuned under DP (the ratio is blind to it: docs/results.md has runs at this ratio that a wrong rate kept "
+                "at the class prior)")
     if nsr_run < PRIOR:
         return ("marginal: measured federations in this range stayed near the class prior; more rows per client "
                 "(a larger batch at the same sample rate) helps most")
