@@ -114,7 +114,7 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
 
 
 def test_the_recipe_grid_section_reads_finished_runs_and_marks_the_rest(tmp_path):
-    from simulations.recipe_grid import GRID, section
+    from simulations.recipe_grid import FEDERATED, GRID, section
 
     name, args = GRID[2]
     run = tmp_path / name
@@ -125,3 +125,10 @@ def test_the_recipe_grid_section_reads_finished_runs_and_marks_the_rest(tmp_path
     text = "\n".join(section(tmp_path))
     assert f"| {name} | `{args}` | 0.720 | 0.600 |" in text
     assert f"| {GRID[0][0]} | `{GRID[0][1]}` | not run | |" in text and "Majority class on the validation rows: 0.577." in text
+    probe, probe_args = FEDERATED[0]
+    assert f"| {probe} | `{probe_args}` | not run |" in text
+    (tmp_path / "federated" / probe).mkdir(parents=True)
+    (tmp_path / "federated" / probe / "summary.md").write_text("done")
+    (tmp_path / "federated" / probe / "metrics.jsonl").write_text(
+        "".join(json.dumps({"round": r, "accuracy": a}) + "\n" for r, a in ((1, 0.6), (2, 0.7))))
+    assert f"| {probe} | `{probe_args}` | 0.600, 0.700 |" in "\n".join(section(tmp_path))
