@@ -50,8 +50,8 @@ FEDERATED_BASE = ["--dataset", "rotten-tomatoes", "--max-seq-len", "32", "--num-
 FEDERATED = [
     ("oneshot-adam-lr01", "--batch-size 64 --lr 0.01 --rounds 1 --epochs 3"),
     ("sgd-lr1", "--batch-size 64 --lr 1.0 --optimizer sgd --rounds 3 --epochs 1"),
-    ("ffa-adam-lr01", "--batch-size 64 --lr 0.01 --rounds 3 --epochs 1 --ffa"),
-    ("ffa-adam-lr02", "--batch-size 64 --lr 0.02 --rounds 3 --epochs 1 --ffa"),
+    ("adam-lr03", "--batch-size 64 --lr 0.03 --rounds 3 --epochs 1"),
+    ("ffa-adam-lr03", "--batch-size 64 --lr 0.03 --rounds 3 --epochs 1 --ffa"),
 ]
 
 
