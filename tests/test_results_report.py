@@ -16,7 +16,7 @@ def test_the_plan_covers_both_studies_and_runs_the_bar_first():
     cells = plan()
     first_study, first_cells = cells[0]
     assert first_study == TABLE and [(c.epsilon, c.seed, c.partition) for c in first_cells] == [
-        (e, seed, "iid") for seed in (0, 1, 2) for e in (8.0, math.inf)]
+        (8.0, 0, "iid"), (math.inf, 0, "iid"), (8.0, 1, "iid"), (8.0, 2, "iid")]
     table = {(c.partition, c.epsilon, c.seed) for s, cs in cells if s == TABLE for c in cs}
     assert table == {(p, e, seed) for p in ("iid", "dirichlet-0.3") for e in (math.inf, 8.0, 3.0, 1.0) for seed in (0, 1, 2)}
     curve = {(s.dataset, s.rows_per_client, c.epsilon) for s, cs in cells if s in CURVE for c in cs}
