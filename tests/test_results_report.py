@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedtune.atomic import atomic_write_json
 from fedtune.config import config_from_toml_text
-from simulations.results import CURVE, TABLE, Study, collect, main, plan, write_report
+from simulations.results import CURVE, TABLE, Study, advise_for, collect, main, plan, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -40,8 +40,10 @@ def _fake_cell(out: Path, study: Study, cell, accuracy: float) -> None:
     run_dir.mkdir(parents=True)
     config = cell.config(study.config())
     (run_dir / "cell.toml").write_text(config.to_toml())
+    planned = config.training.rounds
     rounds = [{"round": r, "accuracy": accuracy, "majority_accuracy": 0.5, "seconds": 10.0,
-               "epsilon_max": None if math.isinf(cell.epsilon) else cell.epsilon * r / 3} for r in (1, 2, 3)]
+               "epsilon_max": None if math.isinf(cell.epsilon) else cell.epsilon * r / planned}
+              for r in range(1, planned + 1)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
 
 
@@ -50,8 +52,8 @@ def test_report_is_rendered_from_the_cells_with_the_bar_and_advise_checked(tmp_p
     iid = {c.epsilon: c for c in TABLE.cells() if c.seed == 0 and c.partition == "iid"}
     _fake_cell(out, TABLE, iid[8.0], 0.76)
     _fake_cell(out, TABLE, iid[math.inf], 0.80)
-    atomic_write_json(out / TABLE.folder / "reference-lr0.001.json", {"accuracy": 0.78, "seconds": 30.0})
-    atomic_write_json(out / TABLE.folder / "reference-lr0.003.json", {"accuracy": 0.80, "seconds": 30.0})
+    atomic_write_json(out / TABLE.folder / "reference-lr0.001.json", {"accuracy": 0.78, "epochs": 3, "seconds": 30.0})
+    atomic_write_json(out / TABLE.folder / "reference-lr0.003.json", {"accuracy": 0.80, "epochs": 3, "seconds": 30.0})
     curve = next(s for s in CURVE if s.dataset == "tweets" and s.rows_per_client == 100)
     by_eps = {c.epsilon: c for c in curve.cells()}
     _fake_cell(out, curve, by_eps[8.0], 0.51)
@@ -59,11 +61,12 @@ def test_report_is_rendered_from_the_cells_with_the_bar_and_advise_checked(tmp_p
     assert len(collect(out)["cells"]) == 4
     text = write_report(out, tmp_path / "docs" / "results.md").read_text()
     assert "| federated, IID | 0.800 | 0.760 | not run | not run |" in text
-    assert "| centralized, pooled, lr 0.003 (reference) | 0.800 |" in text
+    assert "| centralized, pooled, lr 0.003, 3 epochs (reference) | 0.800 |" in text
     assert "ratio **0.950**" in text and "goal >= 0.95; met; 1 seed(s)" in text
     assert "| 100 | 0.700 | 0.510 | not run | not run |" in text
-    assert "tweets, 100 rows, epsilon 8: advise 0.40 \"can learn\"; measured: did not learn" in text
-    assert "matched the outcome in 0 of 1 measured" in text
+    nsr, verdict = advise_for(curve, 8.0)
+    assert f"tweets, 100 rows, epsilon 8: advise {nsr:.2f} \"{verdict}\"; measured: did not learn" in text
+    assert f"matched the outcome in {int(verdict != 'can learn')} of 1 measured" in text
     assert "6 of 50 planned runs finished" in text and "less noise for the same guarantee" in text
     assert (tmp_path / "docs" / "results" / "curve-tweets.png").is_file()
 
@@ -108,8 +111,9 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
     path = tmp_path / "cell.toml"
     path.write_text(config.to_toml().replace('precision = "fp32"\n', ""))
     assert _ran_with(path) == config
-    assert "rounds = 3" in config.to_toml()
-    path.write_text(config.to_toml().replace("rounds = 3", "rounds = 4"))
+    rounds = f"rounds = {config.training.rounds}"
+    assert rounds in config.to_toml()
+    path.write_text(config.to_toml().replace(rounds, f"rounds = {config.training.rounds + 1}"))
     assert _ran_with(path) != config
 
 
