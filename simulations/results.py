@@ -336,7 +336,7 @@ def recipe_section() -> list[str]:
     rdp, pld = (noise_for_budget(8.0, delta, q, steps, a) for a in ("rdp", "pld"))
     return ["## The recipe", "",
             f"Every cell: all-MiniLM-L6-v2, LoRA rank {config.lora.rank} on query/value of the last "
-            f"{config.lora.top_layers} blocks + the classifier head, sequence {config.model.max_seq_len} tokens, "
+            f"{'block' if config.lora.top_layers == 1 else f'{config.lora.top_layers} blocks'} + the classifier head, sequence {config.model.max_seq_len} tokens, "
             f"{t.rounds} rounds x {t.epochs} local epoch, expected Poisson batch {t.batch_size}, AdamW lr "
             f"{t.learning_rate:g}, clipping norm {config.dp.max_grad_norm:g}, record-level DP-SGD per client at "
             f"delta = 1/(10 n), accounted with PLD (`dp.accountant = \"pld\"`, Google's dp-accounting; every "
@@ -360,7 +360,8 @@ def _plot_curve(path: Path, found: dict, studies: list[Study], majority: float |
     axes.set_xscale("log")
     axes.set(xlabel="training rows per client (5 clients)", ylabel="held-out accuracy", title=f"data per client: {dataset}")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(figure, path)
 
