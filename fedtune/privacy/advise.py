@@ -54,6 +54,8 @@ CALIBRATION = {
     (102, 10, 3, 1, 16, 73_728): "class prior: BBC News, docs/results.md, 0.293 (majority 0.222, non-private 0.937)",
     (120, 5, 2, 2, 24, 460_800): "class prior: tweets-instruct on SmolLM2, docs/results-instruct.md, 0.453 "
                                  "(majority 0.450, non-private 0.500)",
+    (1000, 10, 5, 1, 64, 6_914): "learned: rotten-tomatoes, docs/results.md table, seed 0, LoRA r4 on the last block, "
+                                 "lr 0.03, 0.738 (majority 0.586, centralized non-private 0.815)",
 }
 
 
