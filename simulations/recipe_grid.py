@@ -7,7 +7,10 @@ average over 10 clients divides each client's noise by sqrt(10)), at a third of 
 so the settings that matter under DP (learning rate, batch size, LoRA rank, which blocks
 carry adapters, clipping norm, FFA-LoRA) are compared there, with a non-private run of the
 winner beside them. The winner is then checked at the real federated shape (`FEDERATED`):
-the proxy cannot see what averaging does to adapters that noise pushed apart. Each run is an ordinary `fedtune train-local` in its own folder;
+the proxy cannot see what averaging does. What the probes showed: the proxy's rate (0.01) kept
+every federation at the class prior, 0.03 did not. Adam normalises each client's step by that
+client's own (larger) noise, so the average of 10 clients travels less far along the signal
+than one silo of the pooled size; the federation needs a larger rate. Each run is an ordinary `fedtune train-local` in its own folder;
 finished runs are skipped, so the grid resumes.
 """
 
