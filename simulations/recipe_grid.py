@@ -62,15 +62,15 @@ def run_grid(out: Path, deadline_passed=lambda: False, log=print) -> None:
     for name, args in GRID:
         if read_run(out / name) is None and not deadline_passed():
             _run(out, name, ["train-local", *BASE, "--budget-dir", str(out / f"{name}.budget"), "--out",
-                             str(out / name), *args.split()], {})
+                             str(out / name), *args.split()], {}, log)
     federated = out / "federated"
     for name, args in FEDERATED:
         if read_federated(federated / name) is None and not deadline_passed():
             _run(federated, name, ["simulate", *FEDERATED_BASE, "--out", str(federated / name), *args.split()],
-                 {"FEDTUNE_HOME": str(federated / f"{name}.home")})
+                 {"FEDTUNE_HOME": str(federated / f"{name}.home")}, log)
 
 
-def _run(out: Path, name: str, arguments: list[str], env: dict, log=print) -> None:
+def _run(out: Path, name: str, arguments: list[str], env: dict, log) -> None:
     log(f"[recipe] {name}: running")
     out.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "fedtune", *arguments], capture_output=True, text=True,
