@@ -78,6 +78,38 @@ def _add_train_parser(subparsers) -> None:
     parser.set_defaults(run=_run_train_local)
 
 
+def _add_audit_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "audit", help="one-run privacy audit: train once with canaries, print the epsilon lower bound beside the claim",
+        description="Train this node's configuration once with canaries (each included by a fair coin), guess which "
+        "were included and print the epsilon lower bound the guesses prove at 95%% confidence (Steinke, Nasr and "
+        "Jagielski 2023) beside the claimed epsilon, with the noise multiplier the canaries measured. Charged to the "
+        "data's budget like any training; the audited adapter is never written. Exit 1 when the run is not sound or "
+        "a control failed.")
+    add_config_flags(parser, TRAIN_FLAGS, "TOML config file ([model] [lora] [dp] [training] [data] [node])")
+    parser.add_argument("--canaries", type=int, default=1000, help="gradient canaries (white-box), default 1000")
+    parser.add_argument("--guesses", type=int, default=200,
+                        help="guesses on gradient canaries, fixed before training: half 'in', half 'out' (default 200)")
+    parser.add_argument("--input-canaries", type=int, default=0, help="random-token records (black-box), default 0")
+    parser.add_argument("--input-guesses", type=int, default=0, help="guesses on input canaries")
+    parser.add_argument("--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)")
+    parser.add_argument("--controls", default="", help="comma list: noise-off (bundled public data only), no-canaries")
+    parser.add_argument("--out", help="folder for audit.json and audit.md (default: runs/audit-<time>)")
+    parser.set_defaults(run=_run_audit)
+
+
+def _run_audit(args) -> int:
+    config = config_from_args(args)
+    from fedtune.audit import AuditDesign, audit_node, overall
+
+    design = AuditDesign(args.canaries, args.guesses, args.input_canaries, args.input_guesses, args.confidence)
+    controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("audit-%Y%m%d-%H%M%S")
+    sound, why = overall(audit_node(config, design, controls, out))
+    print(f"fedtune audit: {why}; wrote {out}/audit.json and audit.md")
+    return 0 if sound else 1
+
+
 def _add_certs_parser(subparsers) -> None:
     certs = subparsers.add_parser("certs", help="make development TLS certificates and SuperNode keys (not for production)")
     certs.add_argument("--out", required=True, help="new folder for ca.crt, server.pem/.key and node-N key pairs")
@@ -196,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show the library warnings fedtune filters as harmless")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
+    _add_audit_parser(subparsers)
     for register in registered_commands():
         register(subparsers)
     _add_certs_parser(subparsers)

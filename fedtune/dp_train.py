@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from opacus import PrivacyEngine
@@ -44,6 +44,9 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import DPPlan
 from fedtune.quiet import harmless_warnings_filtered, quiet_libraries
 from fedtune.privacy.randomness import Randomness
+
+if TYPE_CHECKING:
+    from fedtune.privacy.canaries import GradientCanaries
 
 
 def poisson_loader(dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator | None) -> DataLoader:
@@ -114,6 +117,7 @@ def train_call(
     on_step: Callable[[int, float], None] | None = None,
     randomness: Randomness | None = None,
     deadline: float = 0.0,
+    canaries: "GradientCanaries | None" = None,
 ) -> TrainResult:
     """Train `model`'s adapter for `plan.epochs` local epochs and charge `ledger`.
 
@@ -124,13 +128,20 @@ def train_call(
     the ledger protects and the steps it has already charged.
        `deadline` (a time.time() value, 0 = none): past it the call stops with
     `DeadlinePassedError` and releases nothing; the charge stands (an over-count).
+       `canaries` (only `fedtune.audit` passes them): gradient canaries inserted into the
+    noise step. A private plan with noise multiplier 0 is the audit's noise-off control:
+    clipping without noise, charged to the ledger as NON-PRIVATE (epsilon infinite); no
+    calibration ever plans it (`noise_for_budget` returns a positive multiplier).
     """
     started = time.perf_counter()
     steps = plan.steps_per_call
     randomness = randomness or Randomness.from_setting(config.dp.noise_seed)
     stream = (ledger.data_fingerprint, ledger.steps)  # before the charge: each call its own stream
-    if plan.private:
+    if plan.private and plan.noise_multiplier > 0:
         epsilon = ledger.charge(plan.noise_multiplier, plan.sample_rate, steps, label=label)
+    elif plan.private:
+        ledger.charge_non_private(steps, label=f"{label} (DP-SGD with the noise OFF: an audit control)")
+        epsilon = math.inf
     else:
         ledger.charge_non_private(steps, label=label)
         epsilon = math.inf
@@ -146,7 +157,7 @@ def train_call(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), harmless_warnings_filtered():
         quiet_libraries()  # this may be a Ray worker: the driver's logging settings did not reach it
         torch.manual_seed(randomness.seed_for("dropout", *stream))
-        losses, seen, empty = _train(model, dataset, config, plan, steps, on_step, sampling, noise, deadline)
+        losses, seen, empty = _train(model, dataset, config, plan, steps, on_step, sampling, noise, deadline, canaries)
     check_adapter_changed(model, before, plan.private)
     return TrainResult(
         steps=steps,
@@ -306,7 +317,7 @@ def _attach_opacus(model, optimizer, criterion, loader, config: Config, plan: DP
 
 
 def _train(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sampling: torch.Generator,
-           noise: torch.Generator, deadline: float = 0.0):
+           noise: torch.Generator, deadline: float = 0.0, canaries=None):
     """The one training loop. With DP, Opacus clips per example and adds noise in the
     optimizer; without (a NON-PRIVATE baseline), the same loop runs on the same Poisson
     batches with plain steps, and an empty batch is a step with nothing to learn from."""
@@ -325,6 +336,10 @@ def _train(model, dataset, config: Config, plan: DPPlan, steps: int, on_step, sa
     if plan.private:
         engine, hooks, optimizer, step_criterion = _attach_opacus(model, optimizer, criterion, loader, config, plan,
                                                                   None if secure else noise)
+        if canaries is not None:
+            canaries.attach(optimizer, plan.sample_rate)
+    elif canaries is not None:
+        raise ValueError("gradient canaries need a private plan: there is no DP-SGD noise step to insert them into")
     model.train()
     losses, seen, step, empty = [], 0, 0, 0
     try:
