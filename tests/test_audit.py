@@ -1,0 +1,206 @@
+"""`fedtune audit`: the one-run bound against the paper, the controls on a real tiny model
+under real Opacus, the false-alarm rate of a correct mechanism, and canaries that never
+reach a normal run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom
+
+from conftest import make_texts, tiny_config, write_csv
+from fedtune.audit import AuditDesign, audit_node, run_audit
+from fedtune.cli import main
+from fedtune.dp_train import train_call
+from fedtune.errors import ConfigError
+from fedtune.local import prepare_node
+from fedtune.model import trainable_named_parameters
+from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound, p_value
+from fedtune.privacy.canaries import GradientCanaries, guess
+from fedtune.privacy.planning import new_ledger
+from fedtune.privacy.randomness import Randomness
+
+
+# ------------------------------------------------------------------ the bound
+
+
+def test_the_bound_reproduces_the_papers_printed_examples():
+    # arXiv:2305.08846v1, Appendix D: m = 1000 canaries, r = 100 guesses, v = 75 right, delta 1e-4, 95%: 0.673
+    assert epsilon_lower_bound(1000, 100, 75, 1e-4) == pytest.approx(0.673, abs=1e-3)
+    # Section 7 (Figure 11's white-box example): m = 1e5, r = 1510, v = 1439, delta 1e-5: 2.675 (printed truncated)
+    assert 2.675 <= epsilon_lower_bound(100_000, 1510, 1439, 1e-5) < 2.677
+
+
+def test_the_bound_agrees_with_the_binomial_it_is_built_on():
+    # delta = 0: the p-value is the randomized-response tail P[Binomial(r, e^eps/(1+e^eps)) >= v]
+    assert p_value(100, 100, 75, math.log(3), 0.0) == pytest.approx(binom.sf(74, 100, 0.75), rel=1e-12)
+    # every guess right, delta 0: q^r = beta at the bound, so eps = log(q / (1 - q)) with q = beta^(1/r)
+    q = 0.05 ** (1 / 200)
+    assert epsilon_lower_bound(200, 200, 200, 0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-6)
+    # chance-level guesses prove nothing; more right guesses never prove less; delta only weakens
+    assert epsilon_lower_bound(1000, 200, 100, 1e-5) == 0.0
+    bounds = [epsilon_lower_bound(1000, 200, v, 1e-5) for v in range(120, 201, 10)]
+    assert bounds == sorted(bounds) and bounds[-1] == best_possible_bound(1000, 200, 1e-5)
+    assert epsilon_lower_bound(1000, 200, 180, 1e-3) < epsilon_lower_bound(1000, 200, 180, 1e-6)
+
+
+def test_the_bound_refuses_impossible_counts():
+    with pytest.raises(ConfigError, match="correct guesses v"):
+        epsilon_lower_bound(100, 10, 11, 1e-5)
+    with pytest.raises(ConfigError, match="confidence"):
+        epsilon_lower_bound(100, 10, 5, 1e-5, confidence=1.0)
+
+
+def test_guesses_count_the_top_as_included_and_the_bottom_as_excluded():
+    scores = np.array([5.0, -1.0, 3.0, 0.0, -4.0, 2.0])
+    included = np.array([True, False, False, True, False, True])
+    # top 2 (5.0 in, 3.0 out) and bottom 2 (-4.0 out, -1.0 out): 3 of 4 right
+    assert guess(scores, included, 4) == (4, 3)
+    with pytest.raises(ConfigError, match="--guesses 7"):
+        guess(scores, included, 7)
+
+
+# ------------------------------------------------------------------ audits of a real tiny training
+
+
+@pytest.fixture
+def audit_data(tmp_path):
+    return write_csv(tmp_path / "rows.csv", make_texts(64, seed=3))
+
+
+def _config(tiny_bert, data, seed, epsilon=1.0, **dp):
+    return tiny_config(tiny_bert, data, dp={"noise_seed": seed, "target_epsilon": epsilon, "delta": 1e-5, **dp},
+                       training={"rounds": 1, "epochs": 2, "batch_size": 16})
+
+
+def _audit(config, design, control=""):
+    node = prepare_node(config)
+    ledger = new_ledger(config, node.plan, node.data.fingerprint)
+    ledger.target_epsilon = None
+    return run_audit(node, design, ledger, None, control, echo=lambda line: None)
+
+
+DESIGN = AuditDesign(canaries=1000, guesses=1000)
+
+
+def test_the_noise_off_control_proves_more_than_the_claim_and_the_real_run_does_not(tiny_bert, audit_data):
+    config = _config(tiny_bert, audit_data, seed=11)
+    broken = _audit(config, DESIGN, "noise-off")
+    assert broken.lower_bound > broken.claimed_epsilon  # the audit catches a mechanism without noise
+    assert broken.noise.measured_noise == 0.0 and not broken.noise.as_planned
+    assert broken.verdict()[0] and "caught" in broken.verdict()[1]
+    sound = _audit(config, DESIGN)
+    assert sound.lower_bound <= sound.claimed_epsilon and sound.noise.as_planned and sound.verdict()[0]
+    # the claim was within the design's reach: the control's pass is not a foregone conclusion
+    assert best_possible_bound(1000, 1000, sound.delta) > sound.claimed_epsilon
+
+
+def test_with_nothing_inserted_the_bound_is_about_zero(tiny_bert, audit_data):
+    result = _audit(_config(tiny_bert, audit_data, seed=12), DESIGN, "no-canaries")
+    assert result.lower_bound < 0.5 and result.noise.as_planned and result.verdict()[0]
+
+
+@pytest.mark.slow  # 20 trainings, ~1 min: CI runs it with the slow tests
+@pytest.mark.timeout(600)
+def test_a_correct_mechanism_does_not_raise_false_alarms_over_seeds(tiny_bert, audit_data):
+    """The theorem allows a lower bound above the true epsilon in at most 5% of runs (95%
+    confidence). Over 20 independent seeds a correct mechanism alarms 5 or more times with
+    probability P[Binomial(20, 0.05) >= 5] = 0.26%: the false-alarm rate of this test.
+    The claim (epsilon 1 at delta 1e-5) is within the design's reach (at most ~5.8), so a
+    broken mechanism would alarm (the noise-off test shows it does)."""
+    assert binom.sf(4, 20, 0.05) < 0.003
+    alarms, noise_alarms = 0, 0
+    for seed in range(20):
+        result = _audit(_config(tiny_bert, audit_data, seed=100 + seed), DESIGN)
+        alarms += result.lower_bound > result.claimed_epsilon
+        noise_alarms += not result.noise.as_planned  # 99.9% interval: P[>= 2 of 20] = 0.02%
+    assert alarms < 5 and noise_alarms < 2
+
+
+# ------------------------------------------------------------------ canaries never reach a normal run
+
+
+def _adapter_after(tiny_bert, data, canaries_factory=None):
+    config = _config(tiny_bert, data, seed=5, epsilon=8.0)
+    node = prepare_node(config)
+    ledger = new_ledger(config, node.plan, node.data.fingerprint)
+    canaries = canaries_factory(node.model) if canaries_factory else None
+    train_call(node.model, node.data.train, config, node.plan, ledger, randomness=Randomness(5), canaries=canaries)
+    return {n: p.detach().clone() for n, p in trainable_named_parameters(node.model)}, canaries
+
+
+def test_canaries_change_only_an_audited_run(tiny_bert, audit_data):
+    normal, _ = _adapter_after(tiny_bert, audit_data)
+    again, _ = _adapter_after(tiny_bert, audit_data)
+    assert all(torch.equal(normal[n], again[n]) for n in normal)  # same seed, same release: the comparison is exact
+
+    def silent(model):  # coins drawn, nothing inserted: the instrumentation alone changes nothing
+        return GradientCanaries([p for _, p in trainable_named_parameters(model)], 50, Randomness(9), inject=False)
+
+    instrumented, _ = _adapter_after(tiny_bert, audit_data, silent)
+    assert all(torch.equal(normal[n], instrumented[n]) for n in normal)
+
+    def inserted(model):
+        return GradientCanaries([p for _, p in trainable_named_parameters(model)], 50, Randomness(9))
+
+    audited, canaries = _adapter_after(tiny_bert, audit_data, inserted)
+    assert canaries.included.any() and canaries.steps > 0
+    assert any(not torch.equal(normal[n], audited[n]) for n in normal)
+
+
+def test_a_normal_training_call_has_no_canaries_to_insert(tiny_bert, audit_data):
+    """Only `fedtune audit` builds canaries: a call without them leaves Opacus's own noise
+    step in place (no wrapper), whatever the config says."""
+    config = _config(tiny_bert, audit_data, seed=6, epsilon=8.0)
+    node = prepare_node(config)
+    seen = []
+    from opacus.optimizers import DPOptimizer
+
+    original = DPOptimizer.add_noise
+
+    def spy(self):
+        seen.append(type(self).add_noise is spy and "add_noise" not in self.__dict__)
+        return original(self)
+
+    DPOptimizer.add_noise = spy
+    try:
+        train_call(node.model, node.data.train, config, node.plan, new_ledger(config, node.plan), randomness=Randomness(6))
+    finally:
+        DPOptimizer.add_noise = original
+    assert seen and all(seen)
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_audit_command_writes_its_table_and_exits_by_its_verdict(tiny_bert, audit_data, tmp_path, capsys):
+    out = tmp_path / "audit"
+    code = main(["audit", "--model", str(tiny_bert), "--data", str(audit_data), "--max-seq-len", "16",
+                 "--batch-size", "16", "--epochs", "2", "--noise-seed", "4", "--canaries", "300", "--guesses", "100",
+                 "--input-canaries", "16", "--input-guesses", "8", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "audit sound" in printed and "lower bound" in printed
+    saved = json.loads((out / "audit.json").read_text())
+    assert saved["design"]["canaries"] == 300 and saved["results"][0]["passed"] is True
+    kinds = [f["kind"] for f in saved["results"][0]["findings"]]
+    assert kinds == ["gradient (white-box)", "input (black-box)"]
+    assert not (out / "adapter").exists()  # an audited adapter is never released
+    assert "| audit (gradient (white-box)) |" in (out / "audit.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--guesses", "2000"], "--guesses 2000: expected 1 to --canaries (1000)"),
+    (["--controls", "noise-off"], "only on a bundled public dataset"),
+    (["--controls", "loud"], "unknown 'loud'"),
+    (["--input-canaries", "10"], "needs --input-guesses"),
+])
+def test_audit_command_bad_input_is_one_line(tiny_bert, audit_data, tmp_path, capsys, extra, message):
+    code = main(["audit", "--model", str(tiny_bert), "--data", str(audit_data), "--max-seq-len", "16",
+                 "--out", str(tmp_path / "a"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
