@@ -305,12 +305,13 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
 
 
 def prepare_node_for_table(config, table):
-    """A prepared node whose rows are `table` (a simulation client's partition)."""
+    """A prepared node whose rows are `table` (a simulation client's partition, all of it trained on,
+    as the simulation's client does)."""
     from fedtune.local import PreparedNode, build_model, prepare_data
     from fedtune.model import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(config.model))
-    data = prepare_data(config, tokenizer, table=table)
+    data = prepare_data(config, tokenizer, table=table, validation=False)  # a simulation client trains on every row
     plan = plan_training(config, len(data.train), delta=config.dp.resolved_delta(data.records))
     model = build_model(config, tokenizer, len(data.label_map) if data.label_map else None)
     return PreparedNode(config, model, tokenizer, data, plan)

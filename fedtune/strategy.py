@@ -93,6 +93,8 @@ class Strategy:
         self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_learning_rate)
         self.user_ledger = (PrivacyLedger("rdp", delta=user_level_delta(fed), target_epsilon=None)
                             if fed.user_dp_noise > 0 else None)
+        self.canaries = None  # UpdateCanaries: set only by a federated audit (simulations.federated_audit)
+        self.noise_off = False  # the audit's noise-off control: set only by a federated audit, never by a config
 
     # -- configure a round -----------------------------------------------------------
     def cohort(self, node_ids: list[int], server_round: int) -> Cohort:
@@ -136,8 +138,11 @@ class Strategy:
             self._check_population(server_round, cohort)
             clipped = constrain_sensitivity(updates, fed.user_dp_clip)
             rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
-            step = add_noise(clipped, reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
             self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
+            if self.canaries is not None:
+                step = self._audited_step(clipped, reference, cohort, rng)
+            else:
+                step = add_noise(clipped, reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
         else:
             if fed.adaptive_norm_bound and len(updates) >= 3:
                 limit = fed.adaptive_norm_bound * float(np.median([norm(u) for u in updates]))
@@ -147,6 +152,19 @@ class Strategy:
             step = AGGREGATORS[fed.aggregator](updates, weights, **options)
         target = OrderedDict((k, reference[k] + step[k]) for k in reference)
         return self.optimizer.apply(reference, target, server_round)
+
+    def _audited_step(self, clipped, reference, cohort: Cohort, rng) -> "OrderedDict[str, np.ndarray]":
+        """The user-level step of a federated audit: the canary clients that joined this
+        round are added to the clipped sum, the noise goes on as always (or not, for the
+        noise-off control), and each canary is scored by the released sum minus the real
+        nodes' clipped sum."""
+        fed = self.config.federation
+        noise = 0.0 if self.noise_off else fed.user_dp_noise
+        joined = self.canaries.updates(reference, fed.user_dp_clip, cohort.accounted_rate)
+        step = add_noise(list(clipped) + joined, reference, fed.user_dp_clip, noise, cohort.expected_size, rng)
+        nodes = add_noise(clipped, reference, fed.user_dp_clip, 0.0, 1.0, rng)  # the plain sum (no noise drawn)
+        self.canaries.score({k: v * cohort.expected_size for k, v in step.items()}, nodes, fed.user_dp_clip)
+        return step
 
     def aggregate_secure(self, server_round: int, reference: Mapping[str, np.ndarray],
                          mean_update: Mapping[str, np.ndarray], contributors: int,

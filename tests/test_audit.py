@@ -204,3 +204,36 @@ def test_audit_command_bad_input_is_one_line(tiny_bert, audit_data, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "a").exists()
+
+
+# ------------------------------------------------------------------ federated: canary clients, user-level DP
+
+
+def _federation(tiny_bert, data, seed):
+    return tiny_config(tiny_bert, data, dp={"noise_seed": seed, "target_epsilon": 8.0},
+                       training={"rounds": 2, "epochs": 1, "batch_size": 16},
+                       federation={"num_clients": 3, "clients_per_round": 3, "min_clients": 2, "user_dp_clip": 0.5,
+                                   "user_dp_noise": 3.0, "population": 1_000_000})
+
+
+def test_canary_clients_audit_user_level_dp_and_catch_it_without_noise(tiny_bert, audit_data):
+    from simulations.federated_audit import audit_user_level
+
+    config = _federation(tiny_bert, audit_data, seed=21)
+    quiet = dict(canaries=1000, guesses=1000, echo=lambda line: None)
+    sound = audit_user_level(config, **quiet)
+    assert sound.steps == 2 and sound.claimed_epsilon < best_possible_bound(1000, 1000, sound.delta)
+    assert sound.lower_bound <= sound.claimed_epsilon and sound.noise.as_planned and sound.verdict()[0]
+    broken = audit_user_level(config, control="noise-off", **quiet)
+    assert broken.lower_bound > broken.claimed_epsilon and broken.noise.measured_noise < 1e-9  # round-off only
+    assert broken.verdict()[0] and "caught" in broken.verdict()[1]
+    silent = audit_user_level(config, control="no-canaries", **quiet)
+    assert silent.lower_bound < 0.5 and silent.verdict()[0]
+
+
+def test_a_federation_without_user_level_dp_has_nothing_to_audit(tiny_bert, audit_data):
+    from simulations.federated_audit import audit_user_level
+
+    config = tiny_config(tiny_bert, audit_data, federation={"num_clients": 3, "clients_per_round": 3, "min_clients": 2})
+    with pytest.raises(ConfigError, match="user_dp_noise = 0"):
+        audit_user_level(config, echo=lambda line: None)

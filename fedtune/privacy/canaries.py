@@ -121,3 +121,53 @@ def guess(scores: np.ndarray, included: np.ndarray, guesses: int) -> tuple[int, 
     negative = order[:guesses - guesses // 2]
     right = int(included[positive].sum()) + int((~included[negative]).sum())
     return guesses, right
+
+
+class UpdateCanaries:
+    """Canary clients for auditing user-level DP-FedAvg (`fedtune.strategy.Strategy`).
+
+    Canary client i's update is S * e_j for its own coordinate j of the travelling adapter
+    (S the user-level clipping norm): already clipped, so it moves the sum exactly as much
+    as one real node may. An included canary client joins each round with the cohort's
+    accounted sampling rate, as a node would; the server's released noisy sum, minus the
+    real nodes' clipped sum (which the auditing server holds), scores it."""
+
+    def __init__(self, reference: dict[str, np.ndarray], count: int, randomness: Randomness, include: str = "coin",
+                 inject: bool = True):
+        self.keys = list(reference)
+        sizes = [int(np.asarray(reference[k]).size) for k in self.keys]
+        total = sum(sizes)
+        if not 1 <= count <= total:
+            raise ConfigError(f"federated audit: {count} canary clients; expected 1 to {total:,} (one distinct "
+                              "coordinate of the travelling adapter each)")
+        rng = randomness.numpy_generator("audit", "canary clients")
+        self.count, self.inject, self.rounds = count, inject, 0
+        self.coordinates = np.sort(rng.choice(total, size=count, replace=False))
+        self.included = coin_flips(count, rng, include)
+        self.scores = np.zeros(count)
+        self._draws = randomness.numpy_generator("audit", "canary client sampling")
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+
+    def _locate(self):
+        for index, key in enumerate(self.keys):
+            ids = np.nonzero((self.coordinates >= self._starts[index]) & (self.coordinates < self._starts[index + 1]))[0]
+            if len(ids):
+                yield key, ids, self.coordinates[ids] - self._starts[index]
+
+    def updates(self, reference: dict[str, np.ndarray], clip: float, sample_rate: float) -> list[dict[str, np.ndarray]]:
+        """This round's participating canary clients, summed into one update (the sum is all
+        the mechanism sees)."""
+        joined = (self._draws.random(self.count) < sample_rate) & self.included & self.inject
+        total = {k: np.zeros(np.asarray(v).shape, np.float64) for k, v in reference.items()}
+        for key, ids, offsets in self._locate():
+            flat = total[key].reshape(-1)
+            flat[offsets] += joined[ids] * clip
+        return [total]
+
+    def score(self, released_sum: dict[str, np.ndarray], nodes_sum: dict[str, np.ndarray], clip: float) -> None:
+        """Add this round's released noisy sum minus the real nodes' clipped sum, per canary."""
+        for key, ids, offsets in self._locate():
+            released = np.asarray(released_sum[key], np.float64).reshape(-1)[offsets]
+            own = np.asarray(nodes_sum[key], np.float64).reshape(-1)[offsets]
+            self.scores[ids] += (released - own) / clip
+        self.rounds += 1

@@ -1,0 +1,114 @@
+"""Federated audit: canary clients against user-level DP-FedAvg, in a simulation.
+
+The mechanism audited is the server's user-level DP (`fedtune.strategy.Strategy.aggregate`:
+each node's update clipped to S, Gaussian noise z S on the sum, the fixed denominator,
+the user-level ledger). m canary clients (`fedtune.privacy.canaries.UpdateCanaries`),
+each included by a fair coin, join the rounds at the cohort's sampling rate with an
+update of S along their own adapter coordinate; the real clients train for real on their
+partitions (record-level DP-SGD, as configured). The auditing server scores each canary
+by the released noisy sum minus the real nodes' clipped sum, over every round, and the
+one-run bound (`fedtune.privacy.audit_bound`) turns the guesses into a lower bound on the
+user-level epsilon, beside what the user-level ledger claims.
+
+This drives the core (the same `Strategy`, local training and partitions a Flower
+simulation uses) round by round in one process, without Flower's engine: the mechanism
+audited lives entirely in the strategy, and a canary client has no data to train on.
+
+    python -m simulations.federated_audit [--config file.toml] [--canaries 1000] [--guesses 200] [--control noise-off]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import numpy as np
+
+from fedtune.adapter import load_state, trainable_state
+from fedtune.audit import AuditResult, CanaryFinding, noise_check, prepare_node_for_table
+from fedtune.dp_train import train_call
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.local import prepare_data
+from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound
+from fedtune.privacy.canaries import UpdateCanaries, guess
+from fedtune.privacy.planning import new_ledger, plan_training
+from fedtune.privacy.randomness import Randomness
+from fedtune.strategy import ClientReply, Strategy
+from simulations.partition import client_table, count_partitions
+
+
+def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: str = "", confidence: float = 0.95,
+                     echo=print) -> AuditResult:
+    """Run the federation of `config` with canary clients and return what the audit proves
+    about its user-level DP. `control`: "" (the audit), "noise-off" (no user-level noise:
+    the audit must flag it) or "no-canaries" (coins drawn, nothing inserted)."""
+    fed = config.federation
+    if fed.user_dp_noise <= 0:
+        raise ConfigError("federation.user_dp_noise = 0: user-level DP is off, there is no user-level claim to audit")
+    if control not in ("", "noise-off", "no-canaries"):
+        raise ConfigError(f"federated audit control {control!r}: expected noise-off or no-canaries")
+    clients = count_partitions(config)
+    first = prepare_node_for_table(config, client_table(config, 0))
+    model, tokenizer = first.model, first.tokenizer
+    data = [first.data] + [prepare_data(config, tokenizer, table=client_table(config, i), validation=False)
+                           for i in range(1, clients)]
+    ledgers = [new_ledger(config, plan_training(config, len(d.train), delta=config.dp.resolved_delta(d.records)))
+               for d in data]
+    randomness = Randomness.from_setting(config.dp.noise_seed)
+    strategy = Strategy(config)
+    reference = trainable_state(model)
+    strategy.canaries = UpdateCanaries(reference, canaries, randomness, inject=control != "no-canaries")
+    strategy.noise_off = control == "noise-off"
+    echo(f"federated audit{' (control: ' + control + ')' if control else ''}: {clients} clients, {canaries} canary "
+         f"clients ({int(strategy.canaries.included.sum())} included), {guesses} guesses, {config.training.rounds} "
+         f"rounds, user-level clip {fed.user_dp_clip} noise {fed.user_dp_noise}")
+    for server_round in range(1, config.training.rounds + 1):
+        cohort = strategy.cohort(list(range(clients)), server_round)
+        replies = []
+        for node in cohort.sampled:
+            load_state(model, reference, partial=True)
+            plan = plan_training(config, len(data[node].train), delta=ledgers[node].delta)
+            train_call(model, data[node].train, config, plan, ledgers[node], label=f"round {server_round}",
+                       randomness=randomness)
+            replies.append(ClientReply(node, "ok", trainable_state(model), len(data[node].train)))
+        reference = strategy.aggregate(server_round, reference, replies, cohort)
+    scores, included = strategy.canaries.scores, strategy.canaries.included
+    r, v = guess(scores, included, guesses)
+    delta = strategy.user_ledger.delta
+    claim = strategy.user_ledger.epsilon()
+    finding = CanaryFinding("canary clients (white-box, user level)", canaries, int(included.sum()), r, v,
+                            epsilon_lower_bound(canaries, r, v, delta, confidence),
+                            best_possible_bound(canaries, r, delta, confidence))
+    planned = dataclasses.replace(first.plan, noise_multiplier=fed.user_dp_noise, sample_rate=cohort.accounted_rate)
+    as_included = included if control != "no-canaries" else np.zeros(canaries, dtype=bool)
+    return AuditResult(control, claim, delta, strategy.canaries.rounds, (finding,),
+                       noise_check(scores, as_included, strategy.canaries.rounds, planned))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedtune.audit import report_line
+    from fedtune.config import load_config
+    from simulations.commands import default_config_path
+
+    parser = argparse.ArgumentParser(description="Federated (user-level) one-run audit with canary clients")
+    parser.add_argument("--config", default=default_config_path())
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--canaries", type=int, default=1000)
+    parser.add_argument("--guesses", type=int, default=200)
+    parser.add_argument("--control", default="")
+    args = parser.parse_args(argv)
+    try:
+        from fedtune.config import parse_override
+
+        config = load_config(args.config, [parse_override(text) for text in args.set])
+        result = audit_user_level(config, args.canaries, args.guesses, args.control)
+    except FedtuneError as error:
+        print(f"federated audit: error: {error}", file=sys.stderr)
+        return 2
+    print(report_line(result))
+    return 0 if result.verdict()[0] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
