@@ -190,6 +190,12 @@ def test_audit_command_writes_its_table_and_exits_by_its_verdict(tiny_bert, audi
     assert kinds == ["gradient (white-box)", "input (black-box)"]
     assert not (out / "adapter").exists()  # an audited adapter is never released
     assert "| audit (gradient (white-box)) |" in (out / "audit.md").read_text()
+    # the audit trained on the data under DP: it was charged to the data's budget, so a second one at the
+    # same cap (epsilon 8) is refused before training, in one line
+    code = main(["audit", "--model", str(tiny_bert), "--data", str(audit_data), "--max-seq-len", "16",
+                 "--batch-size", "16", "--epochs", "2", "--out", str(tmp_path / "again")])
+    err = capsys.readouterr().err
+    assert code == 2 and "charged like any training" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra, message", [
