@@ -100,6 +100,8 @@ class NoiseCheck:
     high: float
     planned_rate: float
     measured_rate: float  # (mean included - mean excluded score) / steps; nan without included canaries
+    noise_floor: float = math.nan  # one-sided lower confidence bound on the noise multiplier, from the measurement
+    epsilon_as_measured: float = math.nan  # the accountant's epsilon at that floor (planned q, steps, delta)
 
     @property
     def as_planned(self) -> bool:
@@ -123,7 +125,8 @@ class AuditResult:
         """(passed, why): for the audit, sound; for a control, the audit behaved as it must."""
         bound, claim = self.lower_bound, self.claimed_epsilon
         noise = (f"measured noise multiplier {self.noise.measured_noise:.3f} vs planned {self.noise.planned_noise:.3f} "
-                 f"(accepted {self.noise.low:.3f}-{self.noise.high:.3f})")
+                 f"(accepted {self.noise.low:.3f}-{self.noise.high:.3f}; epsilon of the mechanism as measured "
+                 f"{self.noise.epsilon_as_measured:.3f})")
         if self.control == "noise-off":
             caught = bound > claim or not self.noise.as_planned
             why = (f"lower bound {bound:.3f} {'>' if bound > claim else '<='} claimed {claim:.3f}; {noise}")
@@ -154,11 +157,14 @@ def claimed_epsilon(config, plan: DPPlan) -> float:
                            plan.delta, config.dp.accountant)
 
 
-def noise_check(scores: np.ndarray, included: np.ndarray, steps: int, plan: DPPlan) -> NoiseCheck:
+def noise_check(scores: np.ndarray, included: np.ndarray, steps: int, plan: DPPlan, accountant: str = "rdp",
+                confidence: float = 0.95) -> NoiseCheck:
     """Measured noise multiplier and sample rate from the gradient canaries' scores: an
     excluded canary's score is a sum of `steps` N(0, sigma^2) draws, so sum(score^2) /
     (sigma^2 steps) is chi-square with one degree per excluded canary (the mean is known
-    to be 0)."""
+    to be 0). The measurement's lower confidence bound on sigma, put through the same
+    accountant with the planned q and steps, is the epsilon of the mechanism as measured:
+    the claim, re-derived from what the noise actually was (infinite when it was off)."""
     out = scores[~included]
     count = len(out)
     measured = math.sqrt(float(np.mean(out ** 2)) / steps) if count else float("nan")
@@ -166,7 +172,10 @@ def noise_check(scores: np.ndarray, included: np.ndarray, steps: int, plan: DPPl
     low = plan.noise_multiplier * math.sqrt(chi2.ppf(tail, count) / count) if count else 0.0
     high = plan.noise_multiplier * math.sqrt(chi2.ppf(1 - tail, count) / count) if count else math.inf
     rate = (float(np.mean(scores[included]) - np.mean(out)) / steps) if included.any() and count else float("nan")
-    return NoiseCheck(plan.noise_multiplier, measured, low, high, plan.sample_rate, rate)
+    floor = measured * math.sqrt(count / chi2.ppf(confidence, count)) if count else 0.0
+    measured_epsilon = (compute_epsilon(floor, plan.sample_rate, steps, plan.delta, accountant)
+                        if floor > 1e-6 else math.inf)
+    return NoiseCheck(plan.noise_multiplier, measured, low, high, plan.sample_rate, rate, floor, measured_epsilon)
 
 
 def _finding(kind: str, scores: np.ndarray, included: np.ndarray, guesses: int, delta: float,
@@ -253,7 +262,7 @@ def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callabl
                                  design.confidence))
     # nothing inserted: every canary's score is noise alone
     scored_as_included = canaries.included if canaries.inject else np.zeros(design.canaries, dtype=bool)
-    check = noise_check(canaries.scores, scored_as_included, steps, planned)
+    check = noise_check(canaries.scores, scored_as_included, steps, planned, config.dp.accountant, design.confidence)
     return AuditResult(control, claim, plan.delta, steps, tuple(findings), check)
 
 
@@ -329,13 +338,14 @@ def report_line(result: AuditResult) -> str:
 def audit_markdown(results: list[AuditResult]) -> str:
     """The audit's table: lower bound beside the claim, for the audit and each control."""
     lines = ["| run | claimed epsilon | delta | canaries | guesses | right | lower bound (95%) | design's maximum | "
-             "noise measured / planned | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "noise measured / planned | epsilon as measured | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         passed, why = r.verdict()
         for f in r.findings:
             lines.append(f"| {r.control or 'audit'} ({f.kind}) | {r.claimed_epsilon:.3f} | {r.delta:.3g} | {f.canaries} "
                          f"({f.included} in) | {f.guesses} | {f.correct} ({f.accuracy:.1%}) | {f.lower_bound:.3f} | "
                          f"{f.best_possible:.3f} | {r.noise.measured_noise:.3f} / {r.noise.planned_noise:.3f} | "
+                         f"{r.noise.epsilon_as_measured:.3f} | "
                          f"{'pass' if passed else 'FAIL'}: {why.split(':')[0]} |")
     return "\n".join(lines) + "\n"
 

@@ -83,7 +83,8 @@ def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: 
     planned = dataclasses.replace(first.plan, noise_multiplier=fed.user_dp_noise, sample_rate=cohort.accounted_rate)
     as_included = included if control != "no-canaries" else np.zeros(canaries, dtype=bool)
     return AuditResult(control, claim, delta, strategy.canaries.rounds, (finding,),
-                       noise_check(scores, as_included, strategy.canaries.rounds, planned))
+                       noise_check(scores, as_included, strategy.canaries.rounds,
+                                   dataclasses.replace(planned, delta=delta), strategy.user_ledger.accountant))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,8 +93,11 @@ def test_the_noise_off_control_proves_more_than_the_claim_and_the_real_run_does_
     assert broken.lower_bound > broken.claimed_epsilon  # the audit catches a mechanism without noise
     assert broken.noise.measured_noise == 0.0 and not broken.noise.as_planned
     assert broken.verdict()[0] and "caught" in broken.verdict()[1]
+    assert math.isinf(broken.noise.epsilon_as_measured)  # the mechanism as measured protects nothing
     sound = _audit(config, DESIGN)
     assert sound.lower_bound <= sound.claimed_epsilon and sound.noise.as_planned and sound.verdict()[0]
+    # the claim re-derived from the measured noise (its 95% floor) lands near the claim, a little above it
+    assert sound.claimed_epsilon * 0.8 < sound.noise.epsilon_as_measured < sound.claimed_epsilon * 2
     # the claim was within the design's reach: the control's pass is not a foregone conclusion
     assert best_possible_bound(1000, 1000, sound.delta) > sound.claimed_epsilon
 
