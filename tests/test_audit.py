@@ -13,7 +13,7 @@ import torch
 from scipy.stats import binom
 
 from conftest import make_texts, tiny_config, write_csv
-from fedtune.audit import AuditDesign, audit_node, run_audit
+from fedtune.audit import AuditDesign, run_audit
 from fedtune.cli import main
 from fedtune.dp_train import train_call
 from fedtune.errors import ConfigError
