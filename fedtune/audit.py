@@ -295,7 +295,7 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
         raise FedtuneError(f"{out}: already holds an audit (audit.json); choose a new --out")
     results = []
     for control in ("",) + tuple(controls):
-        node = prepare_node(config) if table is None else prepare_node_for_table(config, table)
+        node = prepare_node(config, table)
         if control == "noise-off":
             scratch = new_ledger(config, node.plan, node.data.fingerprint)
             scratch.target_epsilon = None
@@ -311,19 +311,6 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
     atomic_write_json(out / "audit.json", {"design": dataclasses.asdict(design), "results": [r.to_dict() for r in results]})
     atomic_write_text(out / "audit.md", audit_markdown(results))
     return results
-
-
-def prepare_node_for_table(config, table):
-    """A prepared node whose rows are `table` (a simulation client's partition, all of it trained on,
-    as the simulation's client does)."""
-    from fedtune.local import PreparedNode, build_model, prepare_data
-    from fedtune.model import load_tokenizer, resolve_model_path
-
-    tokenizer = load_tokenizer(resolve_model_path(config.model))
-    data = prepare_data(config, tokenizer, table=table, validation=False)  # a simulation client trains on every row
-    plan = plan_training(config, len(data.train), delta=config.dp.resolved_delta(data.records))
-    model = build_model(config, tokenizer, len(data.label_map) if data.label_map else None)
-    return PreparedNode(config, model, tokenizer, data, plan)
 
 
 def report_line(result: AuditResult) -> str:

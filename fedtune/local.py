@@ -147,10 +147,12 @@ def build_model(config: Config, tokenizer, num_labels: int | None):
     return model.to(resolve_device(config.model.device))
 
 
-def prepare_node(config: Config) -> PreparedNode:
+def prepare_node(config: Config, table: Table | None = None) -> PreparedNode:
+    """`table` (a simulation client's partition) replaces the configured source; such a
+    node trains on every row, as the simulation's client does."""
     resolve_device(config.model.device)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, table=table, validation=table is None)
     plan = plan_training(config, len(data.train), delta=config.dp.resolved_delta(data.records))
     model = build_model(config, tokenizer, len(data.label_map) if data.label_map else None)
     return PreparedNode(config, model, tokenizer, data, plan)

@@ -138,7 +138,10 @@ class Strategy:
             self._check_population(server_round, cohort)
             clipped = constrain_sensitivity(updates, fed.user_dp_clip)
             rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
-            self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
+            if self.noise_off:  # a federated audit's control: the ledger says what ran, never less
+                self.user_ledger.charge_non_private(1, label=f"round {server_round} (noise OFF: audit control)")
+            else:
+                self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
             if self.canaries is not None:
                 step = self._audited_step(clipped, reference, cohort, rng)
             else:
@@ -162,7 +165,7 @@ class Strategy:
         noise = 0.0 if self.noise_off else fed.user_dp_noise
         joined = self.canaries.updates(reference, fed.user_dp_clip, cohort.accounted_rate)
         step = add_noise(list(clipped) + joined, reference, fed.user_dp_clip, noise, cohort.expected_size, rng)
-        nodes = add_noise(clipped, reference, fed.user_dp_clip, 0.0, 1.0, rng)  # the plain sum (no noise drawn)
+        nodes = {k: sum((np.asarray(u[k], np.float64) for u in clipped), np.zeros(np.shape(v))) for k, v in reference.items()}
         self.canaries.score({k: v * cohort.expected_size for k, v in step.items()}, nodes, fed.user_dp_clip)
         return step
 

@@ -26,10 +26,11 @@ import sys
 import numpy as np
 
 from fedtune.adapter import load_state, trainable_state
-from fedtune.audit import AuditResult, CanaryFinding, noise_check, prepare_node_for_table
+from fedtune.audit import AuditResult, CanaryFinding, noise_check
 from fedtune.dp_train import train_call
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.local import prepare_data
+from fedtune.local import prepare_data, prepare_node
+from fedtune.privacy.accountants import compute_epsilon
 from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound
 from fedtune.privacy.canaries import UpdateCanaries, guess
 from fedtune.privacy.planning import new_ledger, plan_training
@@ -49,7 +50,7 @@ def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: 
     if control not in ("", "noise-off", "no-canaries"):
         raise ConfigError(f"federated audit control {control!r}: expected noise-off or no-canaries")
     clients = count_partitions(config)
-    first = prepare_node_for_table(config, client_table(config, 0))
+    first = prepare_node(config, client_table(config, 0))
     model, tokenizer = first.model, first.tokenizer
     data = [first.data] + [prepare_data(config, tokenizer, table=client_table(config, i), validation=False)
                            for i in range(1, clients)]
@@ -76,7 +77,9 @@ def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: 
     scores, included = strategy.canaries.scores, strategy.canaries.included
     r, v = guess(scores, included, guesses)
     delta = strategy.user_ledger.delta
-    claim = strategy.user_ledger.epsilon()
+    # the claim is the planned mechanism's; a noise-off ledger rightly says infinite
+    claim = compute_epsilon(fed.user_dp_noise, cohort.accounted_rate, config.training.rounds, delta,
+                            strategy.user_ledger.accountant)
     finding = CanaryFinding("canary clients (white-box, user level)", canaries, int(included.sum()), r, v,
                             epsilon_lower_bound(canaries, r, v, delta, confidence),
                             best_possible_bound(canaries, r, delta, confidence))
