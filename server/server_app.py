@@ -3,8 +3,10 @@ and its strategy (`fedtune.strategy`: cohorts, screening, aggregation, evaluatio
 averaging, user-level accounting, checkpoints, metrics).
 
 Run config (`[tool.flwr.app.config]` or `--run-config`):
-    config    path of the federation's fedtune TOML (default: built-in defaults)
+    config    path of the federation's fedtune TOML (required)
     run-dir   where checkpoints, metrics and the exported adapter go (default: runs/federation)
+    any field, e.g. `training.rounds=10 dp.target-epsilon=3`, over the TOML's value; fields
+              the nodes decide are refused (`fedtune.run_config`)
 A restarted ServerApp with the same run-dir resumes after the last completed round.
 """
 
@@ -23,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
 from fedtune.atomic import append_jsonl, atomic_write_text
 from fedtune.central import CentralEvaluator, central_table
-from fedtune.config import Config, load_config, secagg_bound
+from fedtune.config import Config, secagg_bound
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.export import federation_card
@@ -32,6 +34,7 @@ from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
 from fedtune.privacy.policy import REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
+from fedtune.run_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config
 from fedtune.report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
 from fedtune.strategy import short_reason
 from server.secagg import secure_round
@@ -68,20 +71,26 @@ def _reply(message: Message) -> ClientReply:
     )
 
 
+POLL_FIRST, POLL_MAX = 0.01, 0.25  # seconds between pulls: a reply waits at most POLL_MAX to be seen
+
+
 def send_and_watch(grid: Grid, messages: list[Message], timeout: float, on_reply) -> list[Message]:
     """Flower's send_and_receive, reporting each reply as it lands (`on_reply(done, total)`),
     so a long round shows its progress; replies not back by `timeout` are left out."""
     pending = {i for i in grid.push_messages(messages) if i}
     total, replies = len(pending), []
     deadline = time.monotonic() + timeout
+    wait = POLL_FIRST
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(list(pending)))
         replies += arrived
         pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
         if arrived:
             on_reply(len(replies), total)
+        # poll soon after a reply (the next often follows), back off while nodes are busy
+        wait = POLL_FIRST if arrived else min(wait * 2, POLL_MAX)
         if pending:
-            time.sleep(0.5)
+            time.sleep(wait)
     return replies
 
 
@@ -320,8 +329,8 @@ def main(grid: Grid, context: Context) -> None:
     """`flwr run . FEDERATION --run-config 'config="..." run-dir="..."'`: a deployment.
     Simulations run through `fedtune simulate` or `flwr run simulations/flwr_app`."""
     run_config = context.run_config
-    if not run_config.get("config"):
+    if not run_config.get(CONFIG_KEY):
         raise ConfigError("run config: config is required: the federation's TOML (flwr run . FEDERATION --run-config "
                           "'config=\"/abs/federation.toml\" run-dir=\"/abs/run\"'); for a simulation use "
                           "`fedtune simulate` or `flwr run simulations/flwr_app`")
-    run_federation(grid, load_config(str(run_config["config"])), run_config.get("run-dir", "runs/federation"))
+    run_federation(grid, config_from_run_config(run_config), run_config.get(RUN_DIR_KEY) or "runs/federation")

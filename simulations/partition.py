@@ -139,8 +139,10 @@ def training_pool(config: Config) -> Table:
     return _partitioned(config)[0]
 
 
+@lru_cache(maxsize=4096)
 def client_table(config: Config, partition_id: int) -> Table:
-    """Rows of virtual client `partition_id` (0-based)."""
+    """Rows of virtual client `partition_id` (0-based), cut once per worker process: a
+    cross-device population is sampled again and again."""
     table, _, partitioner = _partitioned(config)
     rows = partitioner.load_partition(partition_id)["row"]
     return select(table, rows)

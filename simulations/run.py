@@ -9,9 +9,11 @@ unless `federation.ray_address` names a running cluster to attach to.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.atomic import atomic_write_json
-from fedtune.config import Config, load_config
+from fedtune.config import Config
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.federation import FederationServer
 from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
 from fedtune.report import DATA_SUMMARY_FILE
+from fedtune.run_config import RUN_DIR_KEY, config_from_run_config
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
 if TYPE_CHECKING:
@@ -78,15 +81,21 @@ class SimulationNodes:
 
 
 @lru_cache(maxsize=4)
-def _flwr_run_nodes(config_path: str, run_dir: str) -> SimulationNodes:
-    return SimulationNodes(prepare_simulation(load_config(config_path or default_config_path())), run_dir)
+def _flwr_run_nodes(run_config: tuple) -> SimulationNodes:
+    values = dict(run_config)
+    return SimulationNodes(flwr_run_config(values), str(values.get(RUN_DIR_KEY) or "runs/flwr-simulation"))
+
+
+def flwr_run_config(run_config) -> Config:
+    """The simulation a `flwr run simulations/flwr_app` run config describes: its `config`
+    TOML (else the built-in default) with every `--run-config` value applied and checked."""
+    return prepare_simulation(config_from_run_config(run_config, default_config_path()))
 
 
 def flwr_run_setup(context) -> "NodeSetup":
     """`flwr run` on the local simulation engine: the run config names the simulation
     (as for the ServerApp), each virtual node its partition."""
-    run_config = context.run_config
-    return _flwr_run_nodes(str(run_config.get("config", "")), str(run_config.get("run-dir", "runs/federation")))(context)
+    return _flwr_run_nodes(tuple(sorted(context.run_config.items())))(context)
 
 
 GPU_SHARE = 0.25  # four virtual clients per GPU: a LoRA client on MiniLM-sized models uses a sliver of one
@@ -114,6 +123,47 @@ def ray_backend(config: Config, num_cpus_per_client: float, num_gpus_per_client:
         init_args["num_cpus"] = os.cpu_count() or 1
     return {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
             "init_args": init_args}
+
+
+WARM_CONFIG_ENV = "FEDTUNE_WARM_CONFIG"  # the simulation's config (TOML) for the workers' warm-up
+
+
+def start_ray(config: Config, backend: dict) -> None:
+    """Start Ray once, before Flower would, with what the workers need: the import path,
+    and a setup hook (`warm_worker`) that imports torch, transformers, peft and Opacus and
+    loads the base model as each worker process starts, while the server is still loading
+    its own model, instead of on the round's first message. Flower's backend sees Ray
+    running and uses it as it is (it shuts it down at the end)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join([str(Path(__file__).resolve().parent.parent), *sys.path,
+                                  *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    os.environ["PYTHONPATH"] = pythonpath  # what Flower's backend would set: workers import like this process
+    env = {"PYTHONPATH": pythonpath}
+    if not backend["client_resources"]["num_gpus"]:  # a GPU worker learns its device only when its actor starts
+        env[WARM_CONFIG_ENV] = config.to_toml()
+    ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": "simulations.run.warm_worker"},
+             **backend["init_args"])
+
+
+def warm_worker() -> None:
+    """Ray's setup hook in each worker process: the imports and the base-model load the
+    first ClientApp call would otherwise wait for. Best effort: a failure here only means
+    the first call pays for it, as it would have."""
+    try:
+        importlib.import_module("clients.client_app")  # torch, transformers, peft, Opacus
+
+        text = os.environ.get(WARM_CONFIG_ENV)
+        if text:
+            from fedtune.config import config_from_toml_text
+            from fedtune.runtime import MODELS
+
+            config = config_from_toml_text(text, source=WARM_CONFIG_ENV)
+            MODELS.get(config, len(config.data.labels) if config.task_is_classification else None)
+    except Exception:  # noqa: BLE001  (never fail a worker over a warm-up)
+        pass
 
 
 def node_time_share(config: Config, backend: dict) -> float:
@@ -176,6 +226,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     run_dir = Path(run_dir)
     FederationServer.check_run_dir(config, run_dir)  # a resume that cannot work fails before any write
     backend = ray_backend(config, num_cpus_per_client, num_gpus_per_client)  # so does an unreachable Ray cluster
+    start_ray(config, backend)  # the workers warm up while the rest of the set-up runs
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
     if config.model.task == "instruct":

@@ -107,12 +107,11 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr
         _wait_for(lambda: (run_dir / "adapter" / "adapter_config.json").is_file(), 300, "the exported adapter")
-        # one more round, with SecAgg+: the operator sees only the three nodes' masked sum
-        secure = tmp_path / "federation-secagg.toml"
-        secure.write_text(federation.read_text().replace("rounds = 2", "rounds = 1").replace(
-            "target_epsilon = 3.0", "target_epsilon = 1.0") + "secure_aggregation = true\n")
+        # one more round, with SecAgg+: the operator sees only the three nodes' masked sum; the
+        # same TOML, changed by `--run-config` overrides (mapped and checked by fedtune.run_config)
         run = subprocess.run([BIN / "flwr", "run", str(ROOT), "fedtune", "--run-config",
-                              f'config="{secure}" run-dir="{secure_dir}"'],
+                              f'config="{federation}" run-dir="{secure_dir}" training.rounds=1 '
+                              'dp.target-epsilon=1.0 federation.secure-aggregation=true'],
                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr
         _wait_for(lambda: (secure_dir / "adapter" / "adapter_config.json").is_file(), 300, "the SecAgg+ round's adapter")
@@ -131,6 +130,8 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
         assert len(trained) == 3 and ledger["epsilon"] <= cap and ledger["max_epsilon"] == cap  # 2 plain, 1 SecAgg+
         assert ledger["delta"] == pytest.approx(delta)
     assert "policy: max epsilon 5, delta 0.0001" in logs["node-2.log"]
+    secure_config = (secure_dir / "config.toml").read_text()
+    assert "rounds = 1" in secure_config and "target_epsilon = 1.0" in secure_config
     secure_record = json.loads((secure_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert secure_record["secure_aggregation"] is True and len(secure_record["clients_accepted"]) == 3
     assert "SecAgg+" in (secure_dir / "summary.md").read_text()
