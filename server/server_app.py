@@ -5,6 +5,7 @@ averaging, user-level accounting, checkpoints, metrics).
 Run config (`[tool.flwr.app.config]` or `--run-config`):
     config    path of the federation's fedtune TOML (required)
     run-dir   where checkpoints, metrics and the exported adapter go (default: runs/federation)
+    log-to    experiment trackers, e.g. "tensorboard,mlflow" (`fedtune.tracking`; default none)
     any field, e.g. `training.rounds=10 dp.target-epsilon=3`, over the TOML's value; fields
               the nodes decide are refused (`fedtune.run_config`)
 A restarted ServerApp with the same run-dir resumes after the last completed round.
@@ -34,9 +35,10 @@ from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
 from fedtune.privacy.policy import REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
-from fedtune.run_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config
+from fedtune.run_config import CONFIG_KEY, LOG_TO_KEY, RUN_DIR_KEY, config_from_run_config
 from fedtune.report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
 from fedtune.strategy import short_reason
+from fedtune.tracking import Trackers, config_params, parse_log_to
 from server.secagg import secure_round
 
 
@@ -155,14 +157,15 @@ def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
 
 
 def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, eval_table=None,
-                   node_time_share: float = 1.0) -> FederationServer:
+                   node_time_share: float = 1.0, log_to: tuple[str, ...] = ()) -> FederationServer:
     """Rounds until `training.rounds`, resuming from the run dir's checkpoint.
 
     Evaluation is central when there is a held-out table (`eval_table`, from a simulation's
     holdout, or the operator's `federation.central_eval_path`), federated otherwise. Each
     node may train for `node_time_share` of the round's timeout: deployed nodes run side by
     side (1.0); a simulation whose nodes queue for a few workers gives each its share, so a
-    slow one cannot take the others' time.
+    slow one cannot take the others' time. `log_to` names experiment trackers
+    (`fedtune.tracking`) fed with each round's record, as metrics.jsonl is.
     """
     if config.task_is_classification and not config.data.labels:
         raise ConfigError("data.labels: a federation must fix its label set (e.g. labels = [\"neg\", \"pos\"]) "
@@ -205,6 +208,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
         return send_and_watch(grid, messages, fed.round_timeout,
                               lambda done, total: progress.inside(f"round {server_round}: {done}/{total} nodes {what}"))
 
+    trackers = Trackers(log_to, run_dir, config_params(config))
     progress = RoundProgress(config.training.rounds, server.round_done, log)
     for server_round in range(server.round_done + 1, config.training.rounds + 1):
         started = time.perf_counter()
@@ -225,9 +229,11 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
             record = _train_and_aggregate(grid, server, server_round, cohort, payload, fit_config(server_round), send,
                                           started, outcome)
         progress.update(record)
+        trackers.log(record)
         if central is not None and central.samples:
             append_jsonl(run_dir / SAMPLES_FILE, {"round": server_round, "samples": central.samples})
     progress.close()
+    trackers.close()
 
     load_state(model, server.adapter)
     meta = {"node_epsilon": server.node_epsilon, "node_privacy": server.node_privacy, **server.strategy.state_meta()}
@@ -310,13 +316,14 @@ def _round_line(record: dict) -> str:
 
 
 def make_server_app(config: Config, run_dir: str | Path, eval_table=None, log=print,
-                    node_time_share: float = 1.0) -> ServerApp:
+                    node_time_share: float = 1.0, log_to: tuple[str, ...] = ()) -> ServerApp:
     """A ServerApp bound to a config object (simulation harness, tests)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, run_dir, log=log, eval_table=eval_table, node_time_share=node_time_share)
+        run_federation(grid, config, run_dir, log=log, eval_table=eval_table, node_time_share=node_time_share,
+                       log_to=log_to)
 
     return app
 
@@ -333,4 +340,5 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("run config: config is required: the federation's TOML (flwr run . FEDERATION --run-config "
                           "'config=\"/abs/federation.toml\" run-dir=\"/abs/run\"'); for a simulation use "
                           "`fedtune simulate` or `flwr run simulations/flwr_app`")
-    run_federation(grid, config_from_run_config(run_config), run_config.get(RUN_DIR_KEY) or "runs/federation")
+    run_federation(grid, config_from_run_config(run_config), run_config.get(RUN_DIR_KEY) or "runs/federation",
+                   log_to=parse_log_to(str(run_config.get(LOG_TO_KEY, "")), source=f"run config {LOG_TO_KEY}"))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from fedtune.cli import NODE_SECTIONS, add_config_flags, config_flags, config_from_args
+from fedtune.tracking import parse_log_to
 
 SIMULATE_FLAGS = config_flags(NODE_SECTIONS + ("federation",))  # the nodes' and the federation's fields
 DEFAULT_TEXT = ("simulations/default.toml (BBC News, 5 clients, all 5 every round, 5 rounds, epsilon 8); with "
@@ -26,6 +27,9 @@ def register_simulate(subparsers) -> None:
                         help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
                              "clients share each GPU; 0 without one)")
     parser.add_argument("--out", help="run directory (default: runs/simulate-<time>)")
+    parser.add_argument("--log-to", default="", metavar="TRACKERS",
+                        help="experiment trackers fed each round's record, written inside the run directory: "
+                             "tensorboard, mlflow, wandb (offline), comma-separated (pip install -e \".[tracking]\")")
     parser.set_defaults(run=run_simulate)
 
 
@@ -37,10 +41,11 @@ def default_config_path(task: str | None = None) -> str:
 
 def run_simulate(args) -> int:
     config = config_from_args(args, default_file=default_config_path(args.task))  # before torch and Flower load
+    log_to = parse_log_to(args.log_to)
     from simulations.run import simulate
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-    simulate(config, out, args.cpus_per_client, args.gpus_per_client)
+    simulate(config, out, args.cpus_per_client, args.gpus_per_client, log_to=log_to)
     return 0
 
 

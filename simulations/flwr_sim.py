@@ -10,7 +10,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import make_client_app
-from fedtune.run_config import RUN_DIR_KEY
+from fedtune.run_config import LOG_TO_KEY, RUN_DIR_KEY
+from fedtune.tracking import parse_log_to
 from server.server_app import run_federation
 from simulations.partition import held_out_table
 from simulations.run import flwr_run_config, flwr_run_setup
@@ -23,4 +24,5 @@ serverapp = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     config = flwr_run_config(run_config)
-    run_federation(grid, config, run_config.get(RUN_DIR_KEY) or "runs/flwr-simulation", eval_table=held_out_table(config))
+    run_federation(grid, config, run_config.get(RUN_DIR_KEY) or "runs/flwr-simulation", eval_table=held_out_table(config),
+                   log_to=parse_log_to(str(run_config.get(LOG_TO_KEY, "")), source=f"run config {LOG_TO_KEY}"))

@@ -29,6 +29,7 @@ from fedtune.privacy.policy import NodePolicy
 from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
 from fedtune.report import DATA_SUMMARY_FILE
 from fedtune.run_config import RUN_DIR_KEY, config_from_run_config
+from fedtune.tracking import parse_log_to
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ def instruct_data_summary(config: Config) -> dict:
 
 
 def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
-             log=print) -> Path:
+             log=print, log_to: tuple[str, ...] = ()) -> Path:
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
@@ -222,6 +223,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     from simulations.partition import held_out_table, partition_report
 
     num_gpus_per_client = gpus_per_client(num_gpus_per_client)
+    log_to = parse_log_to(",".join(log_to))  # a tracker that is not installed fails before anything runs
     config = prepare_simulation(config)
     run_dir = Path(run_dir)
     FederationServer.check_run_dir(config, run_dir)  # a resume that cannot work fails before any write
@@ -236,7 +238,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
     share = node_time_share(config, backend)
     run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
-                                              node_time_share=share),
+                                              node_time_share=share, log_to=log_to),
                    client_app=client_app, num_supernodes=config.federation.num_clients,
                    backend_config=backend)
     return run_dir

@@ -30,7 +30,7 @@ def _as_flower_passes_it(text: str, pyproject: Path = ROOT / "pyproject.toml") -
 @pytest.mark.parametrize("pyproject", list(APPS), ids=lambda p: p.parent.name)
 def test_both_apps_declare_every_field_unset(pyproject):
     declared = _declared(pyproject)
-    assert set(declared) == {"config", "run-dir", *declared_keys()}
+    assert set(declared) == {"config", "run-dir", "log-to", *declared_keys()}
     assert declared["run-dir"] == APPS[pyproject]
     assert all(declared[key] == "" for key in declared_keys())
     assert len(declared_keys()) == len(OWNERS)

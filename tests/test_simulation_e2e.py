@@ -33,10 +33,26 @@ def _config(tiny_bert, data, rounds=2, **federation):
 
 
 def test_three_clients_two_rounds_write_every_output(tiny_bert, tmp_path):
-    from simulations.run import simulate
+    """Through the notebook API, with every tracker: the frames and the trackers' files
+    hold what metrics.jsonl and the clients' ledgers hold."""
+    import fedtune
+    from fedtune.run_frames import LEDGER_COLUMNS, METRICS_COLUMNS
+    from tests.test_tracking import expected, read_mlflow, read_tensorboard, read_wandb
 
-    run = simulate(_config(tiny_bert, _data(tmp_path)), tmp_path / "run")
+    result = fedtune.simulate(_config(tiny_bert, _data(tmp_path)), out=tmp_path / "run",
+                              log_to="tensorboard,mlflow,wandb")
+    run = result.run_dir
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert list(result.metrics.columns[:len(METRICS_COLUMNS)]) == list(METRICS_COLUMNS)
+    assert result.metrics["accuracy"].tolist() == [r["accuracy"] for r in records]
+    assert result.metrics["clients_accepted"].tolist() == [3, 3]
+    assert list(result.ledger.columns) == list(LEDGER_COLUMNS) and sorted(set(result.ledger["client"])) == [0, 1, 2]
+    charges = result.ledger[result.ledger["event"] == "charge"]
+    assert charges.groupby("client")["epsilon_after"].max().max() == pytest.approx(records[-1]["epsilon_max"])
+    assert len(result.clients) == 3 and result.config.training.rounds == 2
+    want = expected(records)
+    assert read_mlflow(run / "mlflow.db") == want and read_wandb(run / "wandb") == want
+    assert read_tensorboard(run / "tensorboard").keys() == want.keys()
     assert [r["round"] for r in records] == [1, 2]
     assert all(len(r["clients_accepted"]) == 3 and not r["clients_rejected"] for r in records)
     assert all(r["evaluation"] == "federated" and 0 <= r["accuracy"] <= 1 for r in records)
