@@ -57,15 +57,16 @@ def resolve_config(config: Config | str | Path | Mapping | None = None,
 
 def simulate(config: Config | str | Path | Mapping | None = None, overrides: Mapping[str, Any] | None = None, *,
              out: str | Path | None = None, cpus_per_client: float = 1.0, gpus_per_client: float | None = None,
-             log_to: str | tuple[str, ...] = (), log=print) -> RunResult:
+             log_to: str | tuple[str, ...] = (), engine: str = "auto", log=print) -> RunResult:
     """Run a federation of virtual clients on this host and return its tables
     (`fedtune.run_frames.RunResult`: metrics, ledger, clients DataFrames and the run dir).
-    `log_to`: "tensorboard,mlflow,wandb" or a tuple of them (`fedtune.tracking`)."""
+    `log_to`: "tensorboard,mlflow,wandb" or a tuple of them (`fedtune.tracking`); `engine`:
+    "auto", "in-process" or "ray" (as `fedtune simulate --engine`)."""
     from simulations.run import simulate as run_simulation
 
     resolved = resolve_config(config, overrides)
     names = tuple(n.strip() for n in log_to.split(",")) if isinstance(log_to, str) else tuple(log_to)
     run_dir = Path(out) if out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     run_simulation(resolved, run_dir, cpus_per_client, gpus_per_client, log=log,
-                   log_to=tuple(n for n in names if n))
+                   log_to=tuple(n for n in names if n), engine=engine)
     return load_run(run_dir)

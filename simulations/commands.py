@@ -27,6 +27,10 @@ def register_simulate(subparsers) -> None:
                         help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
                              "clients share each GPU; 0 without one)")
     parser.add_argument("--out", help="run directory (default: runs/simulate-<time>)")
+    parser.add_argument("--engine", default="auto", choices=("auto", "in-process", "ray"),
+                        help="where virtual clients run: in this process, one at a time (no Ray), or on Flower's Ray "
+                             "backend (parallel workers, GPU shares, clusters); auto = in-process when Ray would run "
+                             "one client at a time (--cpus-per-client >= the cores, no GPU share, no cluster)")
     parser.add_argument("--log-to", default="", metavar="TRACKERS",
                         help="experiment trackers fed each round's record, written inside the run directory: "
                              "tensorboard, mlflow, wandb (offline), comma-separated (pip install -e \".[tracking]\")")
@@ -45,7 +49,7 @@ def run_simulate(args) -> int:
     from simulations.run import simulate
 
     out = Path(args.out) if args.out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-    simulate(config, out, args.cpus_per_client, args.gpus_per_client, log_to=log_to)
+    simulate(config, out, args.cpus_per_client, args.gpus_per_client, log_to=log_to, engine=args.engine)
     return 0
 
 

@@ -8,6 +8,7 @@ unless `federation.ray_address` names a running cluster to attach to.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -171,10 +172,14 @@ def node_time_share(config: Config, backend: dict) -> float:
     """Each virtual node's share of a round's timeout: the cohort queues for the Ray workers
     (CPUs / CPUs per client), so with W workers and a cohort of K a node gets 1 / ceil(K / W)
     of the timeout, and a slow node stops before the others it queues ahead of time out."""
-    resources = backend["client_resources"]
+    return 1.0 / math.ceil(config.federation.clients_per_round / workers(backend))
+
+
+def workers(backend: dict) -> int:
+    """How many virtual clients run at once: the CPUs over each client's CPUs (on a Ray
+    cluster, this host's CPUs: a lower bound)."""
     cpus = backend["init_args"].get("num_cpus") or os.cpu_count() or 1
-    workers = max(1, int(cpus // max(resources["num_cpus"], 1e-9)))
-    return 1.0 / math.ceil(config.federation.clients_per_round / workers)
+    return max(1, int(cpus // max(backend["client_resources"]["num_cpus"], 1e-9)))
 
 
 def check_ray_address(address: str, timeout: float = 10.0) -> None:
@@ -214,12 +219,34 @@ def instruct_data_summary(config: Config) -> dict:
             for name, table in parts.items() if table is not None}
 
 
+ENGINES = ("auto", "in-process", "ray")
+
+
+def choose_engine(engine: str, config: Config, backend: dict) -> str:
+    """`auto`: in this process when Ray would run one client at a time on this host (every
+    core per client, no GPU share, no cluster), Ray otherwise (`simulations.in_process`
+    says why)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine = {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "in-process" and config.federation.ray_address:
+        raise ConfigError(f"--engine in-process: federation.ray_address = {config.federation.ray_address!r} "
+                          "names a Ray cluster; leave it empty or use --engine ray")
+    if engine != "auto":
+        return engine
+    one_worker = workers(backend) == 1 and not backend["client_resources"]["num_gpus"]
+    return "in-process" if one_worker and not config.federation.ray_address else "ray"
+
+
 def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
-             log=print, log_to: tuple[str, ...] = ()) -> Path:
+             log=print, log_to: tuple[str, ...] = (), engine: str = "auto") -> Path:
+    """Run the federation `config` describes with virtual clients on this host, writing
+    `run_dir`. `engine`: "ray" (Flower's Ray backend: parallel workers, GPU shares,
+    clusters), "in-process" (`simulations.in_process`: one worker, no Ray), or "auto"."""
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
     from server.server_app import make_server_app
+    from simulations.in_process import in_process_engine
     from simulations.partition import held_out_table, partition_report
 
     num_gpus_per_client = gpus_per_client(num_gpus_per_client)
@@ -228,17 +255,22 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     run_dir = Path(run_dir)
     FederationServer.check_run_dir(config, run_dir)  # a resume that cannot work fails before any write
     backend = ray_backend(config, num_cpus_per_client, num_gpus_per_client)  # so does an unreachable Ray cluster
-    start_ray(config, backend)  # the workers warm up while the rest of the set-up runs
+    engine = choose_engine(engine, config, backend)
+    if engine == "ray":
+        start_ray(config, backend)  # the workers warm up while the rest of the set-up runs
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
     if config.model.task == "instruct":
         atomic_write_json(run_dir / DATA_SUMMARY_FILE, instruct_data_summary(config))
     if config.dp.noise_seed >= 0:
         log(f"dp.noise_seed = {config.dp.noise_seed}: {REPRODUCIBLE_LABEL}")
+    where = "one client at a time, in this process" if engine == "in-process" else f"{workers(backend)} Ray worker(s)"
+    log(f"simulation engine: {engine} ({where})")
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
     share = node_time_share(config, backend)
-    run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
-                                              node_time_share=share, log_to=log_to),
-                   client_app=client_app, num_supernodes=config.federation.num_clients,
-                   backend_config=backend)
+    with in_process_engine() if engine == "in-process" else contextlib.nullcontext():
+        run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
+                                                  node_time_share=share, log_to=log_to),
+                       client_app=client_app, num_supernodes=config.federation.num_clients,
+                       backend_config=backend)
     return run_dir
