@@ -71,6 +71,7 @@ def supernode_command(superlink: str, state_dir: str, ca: str | None, key: str |
 def exec_supernode(command: list[str], state_dir: str, policy_line: str) -> None:
     Path(state_dir).mkdir(parents=True, exist_ok=True)  # only now: every check has passed
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports to flower.ai from a private node or server
     print(policy_line, flush=True)
     print("starting: " + " ".join(command), flush=True)
     os.execv(command[0], command)

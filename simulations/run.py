@@ -33,6 +33,11 @@ from fedtune.run_config import RUN_DIR_KEY, config_from_run_config
 from fedtune.tracking import parse_log_to
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
+# Flower reports usage events to telemetry.flower.ai (a thread, up to 60 s per attempt) unless
+# told not to; a simulation of private data has no business calling out. Read when Flower's
+# telemetry module loads, which happens after this module is imported.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
 if TYPE_CHECKING:
     from clients.node import NodeSetup
 
