@@ -15,7 +15,9 @@ Ray for fedtune, everything), in ABBA order when repeated so drift hits both ali
   pfl      pfl's `FederatedAveraging` on its `SimulatedBackend`, in one process
 
     python benchmarks/pfl_compare.py [--quick] [--repeats 1] [--json out.json]
-    pip install pfl==0.6.0            # the one extra this benchmark needs
+    pip install --no-deps pfl==0.6.0 prv-accountant==0.2.0   # what this benchmark adds
+    (--no-deps: pfl 0.6.0 pins dp-accounting < 0.6, fedtune needs 0.6; the parts of pfl used
+    here, FedAvg on its simulated backend and its Gaussian mechanism, run with 0.6)
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Three simulations of the same workload (tweets, all-MiniLM-L6-v2 + LoRA, DP-SGD 
 epsilon 8, 10 clients sampled per round, 35 rows per client, same seed, so the same
 clients and the same Poisson batches), each `fedtune simulate` in its own process:
 
-  fedtune      the real thing: one base model per worker process, adapters swapped in
-  reload       the FlowerTune pattern: a fresh base model in every ClientApp call
-               (FEDTUNE_RELOAD_MODEL_EVERY_CALL=1), everything else identical
+  fedtune      the real thing (`--engine auto`: here one client at a time in-process), one
+               base model per worker, adapters swapped in
+  reload       the FlowerTune pattern: Flower's Ray backend and a fresh base model in every
+               ClientApp call (FEDTUNE_RELOAD_MODEL_EVERY_CALL=1), everything else identical
   fedtune-1000 the fedtune run with 1,000 registered clients instead of 10
   ffa          the fedtune run with FFA-LoRA (A frozen, so A never travels)
   cohort-N     the fedtune run with N clients per round (scale: round time vs cohort)
@@ -53,10 +54,11 @@ class Variant:
     per_round: int = PER_ROUND
     ffa: bool = False
     env: tuple = ()
+    engine: str = "auto"
 
 
 def variants(cohorts: tuple[int, ...]) -> list[Variant]:
-    return [Variant("fedtune"), Variant("reload", env=(("FEDTUNE_RELOAD_MODEL_EVERY_CALL", "1"),)),
+    return [Variant("fedtune"), Variant("reload", env=(("FEDTUNE_RELOAD_MODEL_EVERY_CALL", "1"),), engine="ray"),
             Variant("fedtune-1000", registered=1000), Variant("ffa", ffa=True)] + [
             Variant(f"cohort-{n}", registered=n, per_round=n) for n in cohorts if n != PER_ROUND]
 
@@ -91,7 +93,7 @@ def run(variant: Variant, rounds: int, workdir: Path, index: int) -> dict:
     out = workdir / f"{variant.name}-{index}"
     cpus = os.cpu_count() or 1
     command = [sys.executable, "-m", "fedtune", "simulate", "--config", str(config), "--out", str(out),
-               "--cpus-per-client", str(cpus)]
+               "--cpus-per-client", str(cpus), "--engine", variant.engine]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1", **dict(variant.env)})

@@ -157,7 +157,7 @@ def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
 
 
 def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, eval_table=None,
-                   node_time_share: float = 1.0, log_to: tuple[str, ...] = ()) -> FederationServer:
+                   node_time_share: float = 1.0, log_to: tuple[str, ...] = (), compute=None) -> FederationServer:
     """Rounds until `training.rounds`, resuming from the run dir's checkpoint.
 
     Evaluation is central when there is a held-out table (`eval_table`, from a simulation's
@@ -165,7 +165,10 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     node may train for `node_time_share` of the round's timeout: deployed nodes run side by
     side (1.0); a simulation whose nodes queue for a few workers gives each its share, so a
     slow one cannot take the others' time. `log_to` names experiment trackers
-    (`fedtune.tracking`) fed with each round's record, as metrics.jsonl is.
+    (`fedtune.tracking`) fed with each round's record, as metrics.jsonl is. `compute(fn)`
+    runs the server's own model work (central evaluation) where the caller wants it: an
+    in-process simulation runs it on the thread its clients train on
+    (`simulations.in_process.ComputeThread`).
     """
     if config.task_is_classification and not config.data.labels:
         raise ConfigError("data.labels: a federation must fix its label set (e.g. labels = [\"neg\", \"pos\"]) "
@@ -181,6 +184,8 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     request = request_text(server_request(config))  # what nodes may be asked: the same every round
     eval_table = eval_table if eval_table is not None else central_table(config)
     central = CentralEvaluator(config, model, tokenizer, eval_table) if eval_table is not None else None
+    if central is not None and compute is not None:
+        central = _ComputedElsewhere(central, compute)
     if central is not None:
         baseline = f", majority-class accuracy {central.majority_accuracy:.4f}" if central.majority_accuracy is not None else ""
         log(f"central evaluation on {central.size} held-out examples{baseline}")
@@ -245,6 +250,19 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     written = write_report(run_dir)
     log(f"wrote {', '.join(p.name for p in written)} in {run_dir}")
     return server
+
+
+class _ComputedElsewhere:
+    """A central evaluator whose calls run through `compute` (its attributes pass through)."""
+
+    def __init__(self, evaluator: CentralEvaluator, compute):
+        self._evaluator, self._compute = evaluator, compute
+
+    def __call__(self, adapter) -> dict:
+        return self._compute(lambda: self._evaluator(adapter))
+
+    def __getattr__(self, name):
+        return getattr(self._evaluator, name)
 
 
 def write_zero_shot(run_dir: Path, central, adapter, log) -> None:
@@ -316,14 +334,14 @@ def _round_line(record: dict) -> str:
 
 
 def make_server_app(config: Config, run_dir: str | Path, eval_table=None, log=print,
-                    node_time_share: float = 1.0, log_to: tuple[str, ...] = ()) -> ServerApp:
+                    node_time_share: float = 1.0, log_to: tuple[str, ...] = (), compute=None) -> ServerApp:
     """A ServerApp bound to a config object (simulation harness, tests)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_federation(grid, config, run_dir, log=log, eval_table=eval_table, node_time_share=node_time_share,
-                       log_to=log_to)
+                       log_to=log_to, compute=compute)
 
     return app
 

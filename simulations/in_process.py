@@ -15,6 +15,13 @@ of one `run_simulation` call and restores it after (a test checks that a simulat
 it starts no Ray and runs its clients in this process). The `Backend` interface is
 Flower's own (`flwr.server.superlink.fleet.vce.backend.Backend`).
 
+Every torch call of the run happens on one thread (`ComputeThread`): the clients' training
+and the server's central evaluation. PyTorch's OpenMP runtime keeps a team of threads per
+calling thread, and GNU OpenMP throttles its spin-waiting as soon as a process holds more
+OpenMP threads than cores; with the evaluation on the ServerApp's thread, every client
+after the first round trained about 30% slower on this 2-core host (measured:
+`benchmarks/pfl_compare.py`, rounds 2+ against round 1).
+
 Isolation between virtual clients is what it is under Ray's single worker: one process
 serves them in turn, each with its own state dir and ledger; arrays cross the message
 boundary serialised (`flwr.app.Array` holds bytes), so neither side can alias the other's
@@ -23,12 +30,31 @@ tensors.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
+
+T = TypeVar("T")
+
+
+class ComputeThread:
+    """One thread that runs the simulation's model work, in the order it is handed in."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtune-compute")
+
+    def __call__(self, work: Callable[[], T]) -> T:
+        return self._executor.submit(work).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+_COMPUTE: list[ComputeThread] = []  # the running in-process engine's thread (one at a time)
 
 
 class ClientAppError(Exception):
@@ -58,21 +84,26 @@ class InProcessBackend(Backend):
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
         if self.app_fn is None:
             raise ValueError("InProcessBackend: build() was not called")
+        app = self.app_fn()
         try:
-            return self.app_fn()(message=message, context=context), context
+            return _COMPUTE[-1](lambda: app(message=message, context=context)), context
         except Exception as exc:  # what Ray's actor does: the engine replies with an error
             raise ClientAppError(f"{type(exc).__name__}: {exc}") from exc
 
 
 @contextmanager
-def in_process_engine() -> Iterator[None]:
+def in_process_engine() -> Iterator[ComputeThread]:
     """Within this block, Flower's simulation engine builds `InProcessBackend` where it
-    would build its Ray backend."""
+    would build its Ray backend. Yields the compute thread, for the server's own model work."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     original = raybackend.RayBackend
     raybackend.RayBackend = InProcessBackend
+    compute = ComputeThread()
+    _COMPUTE.append(compute)
     try:
-        yield
+        yield compute
     finally:
         raybackend.RayBackend = original
+        _COMPUTE.remove(compute)
+        compute.close()

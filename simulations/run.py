@@ -273,9 +273,9 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     log(f"simulation engine: {engine} ({where})")
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
     share = node_time_share(config, backend)
-    with in_process_engine() if engine == "in-process" else contextlib.nullcontext():
+    with in_process_engine() if engine == "in-process" else contextlib.nullcontext() as compute:
         run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
-                                                  node_time_share=share, log_to=log_to),
+                                                  node_time_share=share, log_to=log_to, compute=compute),
                        client_app=client_app, num_supernodes=config.federation.num_clients,
                        backend_config=backend)
     return run_dir

@@ -1,0 +1,70 @@
+"""The in-process simulation engine: Flower's engine with `InProcessBackend` in place of
+Ray, chosen when Ray would run one client at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fedtune.errors import ConfigError
+from fedtune.privacy import PrivacyLedger
+from simulations.run import choose_engine, ray_backend
+from tests.conftest import make_texts, tiny_config, write_csv
+
+
+def _config(tiny_bert, tmp_path, **federation):
+    data = write_csv(tmp_path / "rows.csv", make_texts(90, seed=4))
+    return tiny_config(tiny_bert, data, training={"rounds": 2, "epochs": 1, "batch_size": 8},
+                       federation={"num_clients": 3, "clients_per_round": 3, "min_clients": 3, **federation})
+
+
+@pytest.mark.parametrize("cpus_per_client, gpus, address, engine, chosen", [
+    (None, 0.0, "", "auto", "in-process"),   # every core per client: one at a time
+    (1.0, 0.0, "", "auto", "ray"),           # several at once (on 2+ cores)
+    (None, 0.25, "", "auto", "ray"),         # GPU shares are Ray's
+    (None, 0.0, "auto", "auto", "ray"),      # a cluster is Ray's
+    (1.0, 0.0, "", "in-process", "in-process"),
+    (None, 0.0, "", "ray", "ray"),
+])
+def test_auto_picks_in_process_only_when_ray_would_run_one_client_at_a_time(tiny_bert, tmp_path, cpus_per_client, gpus,
+                                                                            address, engine, chosen):
+    if cpus_per_client == 1.0 and (os.cpu_count() or 1) < 2 and chosen == "ray":
+        pytest.skip("one core: one client at a time either way")
+    config = _config(tiny_bert, tmp_path, ray_address=address)
+    backend = ray_backend(config, cpus_per_client or os.cpu_count() or 1, gpus)
+    assert choose_engine(engine, config, backend) == chosen
+
+
+def test_engine_mistakes_are_one_line_errors(tiny_bert, tmp_path):
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0}, "init_args": {"num_cpus": 2}}
+    with pytest.raises(ConfigError, match="--engine = 'threads': expected one of auto, in-process, ray"):
+        choose_engine("threads", _config(tiny_bert, tmp_path), backend)
+    with pytest.raises(ConfigError, match="names a Ray cluster"):
+        choose_engine("in-process", _config(tiny_bert, tmp_path, ray_address="10.0.0.1:6379"), backend)
+
+
+def test_an_in_process_simulation_runs_every_client_here_without_ray(tiny_bert, tmp_path):
+    """No Ray is started; the virtual clients run in this process (its model cache loads
+    one base model for all of them); rounds, replies and ledgers are those of a Ray run."""
+    import ray
+
+    from fedtune.runtime import MODELS
+    from simulations.run import simulate
+
+    loads = MODELS.loads
+    lines = []
+    run = simulate(_config(tiny_bert, tmp_path), tmp_path / "run", num_cpus_per_client=os.cpu_count() or 1,
+                   log=lines.append)
+    assert not ray.is_initialized()
+    assert MODELS.loads == loads + 1
+    assert "simulation engine: in-process (one client at a time, in this process)" in lines
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2] and all(len(r["clients_accepted"]) == 3 for r in records)
+    ledgers = [PrivacyLedger.load(p) for p in sorted((run / "clients").glob("client-*/ledger-*.json"))]
+    assert len(ledgers) == 3 and all(len([c for c in ledger.calls if "steps" in c]) == 2 for ledger in ledgers)
+    assert records[-1]["epsilon_max"] == pytest.approx(max(ledger.epsilon() for ledger in ledgers))
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    assert raybackend.RayBackend.__name__ == "RayBackend"  # Flower's own backend is back in its place
