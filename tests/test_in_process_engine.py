@@ -68,3 +68,40 @@ def test_an_in_process_simulation_runs_every_client_here_without_ray(tiny_bert, 
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     assert raybackend.RayBackend.__name__ == "RayBackend"  # Flower's own backend is back in its place
+
+
+def test_the_compute_thread_runs_work_in_order_on_one_thread_and_passes_errors_back():
+    import threading
+
+    from simulations.in_process import ComputeThread
+
+    compute = ComputeThread()
+    try:
+        threads = {compute(lambda: threading.get_ident()) for _ in range(5)}
+        assert len(threads) == 1 and threading.get_ident() not in threads
+        assert compute(lambda: 6 * 7) == 42
+        with pytest.raises(ZeroDivisionError):
+            compute(lambda: 1 / 0)
+        assert compute(lambda: "still serving") == "still serving"
+    finally:
+        compute.close()
+
+
+def test_a_client_app_that_raises_becomes_an_error_reply_not_a_crash():
+    """As under Ray: the engine turns the exception into an error Message for the server."""
+    from flwr.clientapp import ClientApp
+
+    from simulations.in_process import ClientAppError, InProcessBackend, in_process_engine
+    from tests.conftest import delivered, node_context
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        raise RuntimeError("out of memory on the node")
+
+    with in_process_engine():
+        backend = InProcessBackend({})
+        backend.build(lambda: app)
+        with pytest.raises(ClientAppError, match="RuntimeError: out of memory on the node"):
+            backend.process_message(delivered("train", 1, "", {}), node_context({}))
