@@ -26,19 +26,15 @@ wall time, and the ratios flowertune / fedtune (goal >= 2) and fedtune-ray / fed
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedtune.machine import machine  # noqa: E402
+from simulate_runs import abba, rounds_main, run_simulate  # noqa: E402
 
 ROWS_PER_CLIENT = 20
 HELD_OUT = 300
@@ -86,20 +82,8 @@ central_holdout = {HELD_OUT / (rows + HELD_OUT):.6f}
 
 
 def run(variant: Variant, rounds: int, workdir: Path, index: int) -> dict:
-    config = workdir / f"{variant.name}-{index}.toml"
-    config.write_text(_config(variant, rounds))
-    out = workdir / f"{variant.name}-{index}"
-    command = [sys.executable, "-m", "fedtune", "simulate", "--config", str(config), "--out", str(out),
-               "--cpus-per-client", str(os.cpu_count() or 1), "--engine", variant.engine]
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1",
-                                                                         **dict(variant.env)})
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"{variant.name} failed:\n{result.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    if len(records) != rounds:
-        sys.exit(f"{variant.name}: {len(records)} of {rounds} rounds recorded; see {out}")
+    wall, records = run_simulate(variant.name, _config(variant, rounds), rounds, workdir, index, variant.engine,
+                                 variant.env)
     return {"name": variant.name, "registered": variant.registered, "per_round": variant.per_round,
             "engine": variant.engine, "process_seconds": round(wall, 2),
             "round_seconds": [round(r["seconds"] - r["evaluation_seconds"], 3) for r in records],
@@ -137,13 +121,9 @@ def measure(rounds: int = 4, repeats: int = 1, plan: list[Variant] | None = None
     if rounds < 2:
         raise ValueError("rounds: at least 2 (round 1 is warm-up)")
     plan = plan or variants()
-    runs: dict[str, list[dict]] = {v.name: [] for v in plan}
-    with tempfile.TemporaryDirectory(prefix="fedtune-xdevice-") as tmp:
-        for repeat in range(repeats):
-            for index, variant in enumerate(plan if repeat % 2 == 0 else plan[::-1]):
-                log(f"[cross-device] {variant.name} ({variant.registered} registered, {variant.per_round} per round, "
-                    f"engine {variant.engine}) ...")
-                runs[variant.name].append(run(variant, rounds, Path(tmp), repeat * 100 + index))
+    runs = abba(plan, repeats, lambda variant, workdir, index: run(variant, rounds, workdir, index),
+                lambda v: f"[cross-device] {v.name} ({v.registered} registered, {v.per_round} per round, engine {v.engine}) ...",
+                log)
     return {"benchmark": "cross_device", "machine": machine(),
             "workload": {"dataset": "tweets", "model": "all-MiniLM-L6-v2 + LoRA r8", "registered": 1000,
                          "rows_per_client": ROWS_PER_CLIENT, "clients_per_round": 10, "rounds": rounds,
@@ -153,17 +133,7 @@ def measure(rounds: int = 4, repeats: int = 1, plan: list[Variant] | None = None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, in ABBA order")
-    parser.add_argument("--json", help="write the results here as JSON")
-    args = parser.parse_args()
-    if args.rounds < 2:
-        sys.exit("--rounds: at least 2 (round 1 is warm-up)")
-    report = measure(args.rounds, args.repeats)
-    print(json.dumps({"machine": report["machine"], "summary": report["summary"]}, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    rounds_main(__doc__, measure)
 
 
 if __name__ == "__main__":
