@@ -151,8 +151,8 @@ def start_ray(config: Config, backend: dict) -> None:
     env = {"PYTHONPATH": pythonpath}
     if not backend["client_resources"]["num_gpus"]:  # a GPU worker learns its device only when its actor starts
         env[WARM_CONFIG_ENV] = config.to_toml()
-    ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": "simulations.run.warm_worker"},
-             **backend["init_args"])
+    init_args = {"logging_level": "WARNING", "log_to_driver": True, **backend["init_args"]}  # Flower's defaults
+    ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": "simulations.run.warm_worker"}, **init_args)
 
 
 def warm_worker() -> None:
