@@ -27,6 +27,12 @@ def register_simulate(subparsers) -> None:
                         help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
                              "clients share each GPU; 0 without one)")
     parser.add_argument("--out", help="run directory (default: runs/simulate-<time>)")
+    add_run_flags(parser)
+    parser.set_defaults(run=run_simulate)
+
+
+def add_run_flags(parser) -> None:
+    """How a simulation runs and what it reports to (`simulate`, and each `sweep` cell)."""
     parser.add_argument("--engine", default="auto", choices=("auto", "in-process", "ray"),
                         help="where virtual clients run: in this process, one at a time (no Ray), or on Flower's Ray "
                              "backend (parallel workers, GPU shares, clusters); auto = in-process when Ray would run "
@@ -34,7 +40,6 @@ def register_simulate(subparsers) -> None:
     parser.add_argument("--log-to", default="", metavar="TRACKERS",
                         help="experiment trackers fed each round's record, written inside the run directory: "
                              "tensorboard, mlflow, wandb (offline), comma-separated (pip install -e \".[tracking]\")")
-    parser.set_defaults(run=run_simulate)
 
 
 def default_config_path(task: str | None = None) -> str:
@@ -68,6 +73,8 @@ def register_sweep(subparsers) -> None:
     parser.add_argument("--ffa-modes", dest="ffa_modes", default="off", help="FFA-LoRA off and/or on (default off)")
     parser.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client, in every cell")
+    add_run_flags(parser)
     parser.set_defaults(run=run_sweep)
 
 
@@ -75,7 +82,9 @@ def run_sweep(args) -> int:
     config = config_from_args(args, default_file=default_config_path())
     from simulations.sweep import grid, sweep
 
+    log_to = parse_log_to(args.log_to)  # before any cell runs
     cells = grid(args.epsilons, args.clients or str(config.federation.num_clients), args.partitions,
                  args.ffa_modes, args.seeds)
-    sweep(config, cells, args.out)
+    sweep(config, cells, args.out, simulate_args=("--cpus-per-client", str(args.cpus_per_client), "--engine", args.engine,
+                                                  *(("--log-to", ",".join(log_to)) if log_to else ())))
     return 0

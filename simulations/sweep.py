@@ -131,7 +131,7 @@ def _ran_with(config_path: Path) -> Config | None:
         return None
 
 
-def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
+def run_cell(cell: Cell, base: Config, out: Path, log=print, simulate_args: tuple[str, ...] = ()) -> Path:
     """One simulation in a child process (its own Ray); skipped when already finished."""
     run_dir = out / "cells" / cell.name
     config = cell.config(base)
@@ -148,7 +148,8 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print) -> Path:
     atomic_write_text(config_path, config.to_toml())
     log(f"[sweep] {cell.name}: running")
     started = time.perf_counter()
-    command = [sys.executable, "-m", "fedtune", "simulate", "--config", str(config_path), "--out", str(run_dir)]
+    command = [sys.executable, "-m", "fedtune", "simulate", "--config", str(config_path), "--out", str(run_dir),
+               *simulate_args]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     atomic_write_text(run_dir / "simulate.log", result.stdout + result.stderr)
     if result.returncode != 0 or not cell_finished(run_dir, config.training.rounds):
@@ -271,12 +272,12 @@ def _plot(path: Path, groups: dict, baseline: dict) -> None:
     save_figure(figure, path)
 
 
-def sweep(base: Config, cells: list[Cell], out: str | Path, log=print) -> list[Path]:
+def sweep(base: Config, cells: list[Cell], out: str | Path, log=print, simulate_args: tuple[str, ...] = ()) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"[sweep] {len(cells)} cells into {out}")
     baseline = centralized_baseline(base, out, log)
-    rows = [_cell_row(cell, run_cell(cell, base, out, log)) for cell in cells]
+    rows = [_cell_row(cell, run_cell(cell, base, out, log, simulate_args)) for cell in cells]
     written = write_tables(out, cells, rows, baseline)
     log(f"[sweep] wrote {', '.join(str(p) for p in written)}")
     return written

@@ -95,7 +95,10 @@ def test_two_cell_sweep_writes_its_table(tiny_bert, tmp_path):
     base = _config(tiny_bert, _data(tmp_path), rounds=1, central_holdout=0.2)
     cells = grid("8,inf", "3", "iid", "off", "0")
     out = tmp_path / "sweep"
-    written = sweep(base, cells, out)
+    written = sweep(base, cells, out, simulate_args=("--cpus-per-client", "64", "--log-to", "tensorboard"))
+    for cell in ("eps8_c3_iid_lora_s0", "nodp_c3_iid_lora_s0"):  # each cell in-process, with its tracker
+        log = (out / "cells" / cell / "simulate.log").read_text()
+        assert "simulation engine: in-process" in log and list((out / "cells" / cell / "tensorboard").iterdir())
     assert {p.name for p in written} == {"results.csv", "results.md", "results.png"}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["cell"] for r in rows] == ["eps8_c3_iid_lora_s0", "nodp_c3_iid_lora_s0", "centralized-nonprivate-baseline"]

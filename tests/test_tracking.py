@@ -144,12 +144,13 @@ def test_no_tracker_is_the_default():
     assert parse_log_to(" TensorBoard , mlflow,tensorboard") == ("tensorboard", "mlflow")
 
 
-def test_the_simulate_command_refuses_a_bad_tracker_before_anything_runs(tmp_path):
+@pytest.mark.parametrize("command", ["simulate", "sweep"])
+def test_the_commands_refuse_a_bad_tracker_before_anything_runs(tmp_path, command):
     import subprocess
     import sys
 
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "fedtune", "simulate", "--log-to", "neptune", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "fedtune", command, "--log-to", "neptune", "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "neptune" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
