@@ -20,7 +20,7 @@ from fedtune.config import load_toml, toml_value
 from fedtune.errors import ConfigError
 from fedtune.models_builtin import bundled_name
 from fedtune.privacy.policy import STATE_DIR_KEY, NodePolicy
-from fedtune.processes import flower_executable
+from fedtune.processes import flower_environment, flower_executable
 
 
 def read_policy_file(path: str) -> dict[str, Any]:
@@ -70,8 +70,7 @@ def supernode_command(superlink: str, state_dir: str, ca: str | None, key: str |
 
 def exec_supernode(command: list[str], state_dir: str, policy_line: str) -> None:
     Path(state_dir).mkdir(parents=True, exist_ok=True)  # only now: every check has passed
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports to flower.ai from a private node or server
+    flower_environment()
     print(policy_line, flush=True)
     print("starting: " + " ".join(command), flush=True)
     os.execv(command[0], command)

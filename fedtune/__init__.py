@@ -15,7 +15,7 @@ def simulate(config=None, overrides=None, **options):
     (one row per round), `ledger` (every client's ledger entries), `clients` (pandas
     DataFrames) and `run_dir`. `config`: a TOML path, a `Config`, or a mapping of overrides
     such as `{"dp.target_epsilon": 3}` on the default simulation; `overrides` go on top;
-    options: `out`, `cpus_per_client`, `gpus_per_client`, `log_to`, `log`.
+    options: `out`, `cpus_per_client`, `gpus_per_client`, `log_to`, `engine`, `log`.
 
     The harness lives in the `simulations` package; the core finds it through the
     `fedtune.api` entry point, as the CLI finds its commands, and never imports it."""

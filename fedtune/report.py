@@ -97,7 +97,8 @@ def clients_csv(rows: list[dict]) -> str:
     return _csv([columns] + [[_cell(r[c]) for c in columns] for r in rows])
 
 
-def _round_of(label: str) -> int | None:
+def round_of(label: str) -> int | None:
+    """The server round a ledger label names (\"round 3\"), else None."""
     parts = label.split()
     return int(parts[1]) if len(parts) == 2 and parts[0] == "round" and parts[1].isdigit() else None
 
@@ -106,7 +107,7 @@ def epsilon_by_round(ledger: PrivacyLedger) -> list[tuple[int, float]]:
     """(round, epsilon after it) for each round the client trained in."""
     points = []
     for call in ledger.calls:
-        server_round = _round_of(str(call.get("label", "")))
+        server_round = round_of(str(call.get("label", "")))
         if server_round is not None:
             points.append((server_round, math.inf if call.get("non_private") else float(call["epsilon_after"])))
     return points

@@ -93,6 +93,13 @@ def config_from_run_config(run_config: Mapping[str, Any], default_path: str | Pa
     return load_config(base, overrides(run_config))
 
 
+def log_to_of(run_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The run config's `log-to` trackers, checked (`fedtune.tracking.parse_log_to`)."""
+    from fedtune.tracking import parse_log_to
+
+    return parse_log_to(str(run_config.get(LOG_TO_KEY, "")), source=f"run config {LOG_TO_KEY}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the declaration block (to paste into an app's pyproject.toml)."""
     import sys

@@ -42,11 +42,6 @@ def flat_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _round_of(label: str) -> int | None:
-    parts = str(label).split()
-    return int(parts[1]) if len(parts) >= 2 and parts[0] == "round" and parts[1].isdigit() else None
-
-
 @dataclass(frozen=True)
 class RunResult:
     """A run directory and its tables (see the module docstring for the columns)."""
@@ -62,7 +57,7 @@ def load_run(run_dir: str | Path) -> RunResult:
     """Read a run directory written by `fedtune simulate` / `fedtune.simulate` / a ServerApp."""
     import pandas as pd
 
-    from fedtune.report import ledger_rows, read_ledgers, read_metrics
+    from fedtune.report import ledger_rows, read_ledgers, read_metrics, round_of
 
     run_dir = Path(run_dir)
     metrics = pd.DataFrame([flat_record(r) for r in read_metrics(run_dir)])
@@ -74,7 +69,7 @@ def load_run(run_dir: str | Path) -> RunResult:
         for number, call in enumerate(ledger.calls, start=1):
             event = call.get("event") or ("non-private" if call.get("non_private") else "charge")
             rows.append({"client": client, "call": number, "event": event, "label": call.get("label", ""),
-                         "round": _round_of(call.get("label", "")), "noise_multiplier": call.get("noise_multiplier"),
+                         "round": round_of(str(call.get("label", ""))), "noise_multiplier": call.get("noise_multiplier"),
                          "sample_rate": call.get("sample_rate"), "steps": call.get("steps"),
                          "epsilon_after": call.get("epsilon_after"), "non_private": bool(call.get("non_private", False)),
                          "accountant": ledger.accountant, "delta": ledger.delta, "max_epsilon": ledger.target_epsilon})

@@ -10,7 +10,8 @@ Everything is written inside the run directory, nothing leaves the machine:
     wandb         RUN_DIR/wandb/         an offline run (wandb sync RUN_DIR/wandb/offline-run-*)
 
 A resumed run continues the same MLflow and W&B runs (their ids are kept in the run
-directory). MLflow stores an infinite epsilon (a non-private round) as the largest float. What is logged: every number in a round's record (accuracy, loss, epsilon_max,
+directory). MLflow stores an infinite epsilon (a non-private round) as the largest float.
+What is logged: every number in a round's record (accuracy, loss, epsilon_max,
 user_epsilon, seconds, bytes, ...), client lists as counts, the cohort's numbers as
 `cohort_*`; the run's config once, as parameters. Nothing a node did not release.
 """
@@ -21,6 +22,7 @@ import importlib.util
 import math
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -102,7 +104,6 @@ class _MLflow:
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
@@ -138,7 +139,6 @@ class Trackers:
 
     def __init__(self, names: tuple[str, ...], run_dir: str | Path, params: Mapping[str, Any]):
         run_dir = Path(run_dir)
-        self.names = names
         self._open = [_KINDS[name](run_dir, params) for name in names]
 
     def log(self, record: Mapping[str, Any]) -> None:

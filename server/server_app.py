@@ -35,10 +35,10 @@ from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
 from fedtune.privacy.policy import REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
-from fedtune.run_config import CONFIG_KEY, LOG_TO_KEY, RUN_DIR_KEY, config_from_run_config
+from fedtune.run_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, log_to_of
 from fedtune.report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
 from fedtune.strategy import short_reason
-from fedtune.tracking import Trackers, config_params, parse_log_to
+from fedtune.tracking import Trackers, config_params
 from server.secagg import secure_round
 
 
@@ -359,4 +359,4 @@ def main(grid: Grid, context: Context) -> None:
                           "'config=\"/abs/federation.toml\" run-dir=\"/abs/run\"'); for a simulation use "
                           "`fedtune simulate` or `flwr run simulations/flwr_app`")
     run_federation(grid, config_from_run_config(run_config), run_config.get(RUN_DIR_KEY) or "runs/federation",
-                   log_to=parse_log_to(str(run_config.get(LOG_TO_KEY, "")), source=f"run config {LOG_TO_KEY}"))
+                   log_to=log_to_of(run_config))

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from fedtune.errors import ConfigError
-from fedtune.processes import flower_executable
+from fedtune.processes import flower_environment, flower_executable
 
 CERT_FILES = {"ca": "ca.crt", "certificate": "server.pem", "key": "server.key"}
 
@@ -65,7 +65,6 @@ def _check_tls_files(folder: Path) -> None:
 
 def exec_superlink(command: list[str], state: str) -> None:
     Path(state).mkdir(parents=True, exist_ok=True)  # only now: every check has passed
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage reports to flower.ai from a private node or server
+    flower_environment()
     print("starting: " + " ".join(command), flush=True)
     os.execv(command[0], command)

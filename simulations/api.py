@@ -65,8 +65,7 @@ def simulate(config: Config | str | Path | Mapping | None = None, overrides: Map
     from simulations.run import simulate as run_simulation
 
     resolved = resolve_config(config, overrides)
-    names = tuple(n.strip() for n in log_to.split(",")) if isinstance(log_to, str) else tuple(log_to)
     run_dir = Path(out) if out else Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     run_simulation(resolved, run_dir, cpus_per_client, gpus_per_client, log=log,
-                   log_to=tuple(n for n in names if n), engine=engine)
+                   log_to=log_to, engine=engine)
     return load_run(run_dir)

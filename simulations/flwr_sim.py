@@ -10,8 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import make_client_app
-from fedtune.run_config import LOG_TO_KEY, RUN_DIR_KEY
-from fedtune.tracking import parse_log_to
+from fedtune.run_config import RUN_DIR_KEY, log_to_of
 from server.server_app import run_federation
 from simulations.partition import held_out_table
 from simulations.run import flwr_run_config, flwr_run_setup
@@ -25,4 +24,4 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     config = flwr_run_config(run_config)
     run_federation(grid, config, run_config.get(RUN_DIR_KEY) or "runs/flwr-simulation", eval_table=held_out_table(config),
-                   log_to=parse_log_to(str(run_config.get(LOG_TO_KEY, "")), source=f"run config {LOG_TO_KEY}"))
+                   log_to=log_to_of(run_config))

@@ -27,16 +27,14 @@ from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.federation import FederationServer
 from fedtune.privacy.policy import NodePolicy
+from fedtune.processes import flower_environment
 from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
 from fedtune.report import DATA_SUMMARY_FILE
 from fedtune.run_config import RUN_DIR_KEY, config_from_run_config
 from fedtune.tracking import parse_log_to
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
-# Flower reports usage events to telemetry.flower.ai (a thread, up to 60 s per attempt) unless
-# told not to; a simulation of private data has no business calling out. Read when Flower's
-# telemetry module loads, which happens after this module is imported.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+flower_environment()  # before Flower's modules load (this module imports them lazily)
 
 if TYPE_CHECKING:
     from clients.node import NodeSetup
@@ -243,7 +241,7 @@ def choose_engine(engine: str, config: Config, backend: dict) -> str:
 
 
 def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
-             log=print, log_to: tuple[str, ...] = (), engine: str = "auto") -> Path:
+             log=print, log_to: str | tuple[str, ...] = (), engine: str = "auto") -> Path:
     """Run the federation `config` describes with virtual clients on this host, writing
     `run_dir`. `engine`: "ray" (Flower's Ray backend: parallel workers, GPU shares,
     clusters), "in-process" (`simulations.in_process`: one worker, no Ray), or "auto"."""
@@ -255,7 +253,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     from simulations.partition import held_out_table, partition_report
 
     num_gpus_per_client = gpus_per_client(num_gpus_per_client)
-    log_to = parse_log_to(",".join(log_to))  # a tracker that is not installed fails before anything runs
+    log_to = parse_log_to(log_to if isinstance(log_to, str) else ",".join(log_to))  # fails before anything runs
     config = prepare_simulation(config)
     run_dir = Path(run_dir)
     FederationServer.check_run_dir(config, run_dir)  # a resume that cannot work fails before any write
