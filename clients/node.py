@@ -8,12 +8,14 @@ hand back exactly the values `fedtune.privacy.releases` lists.
 
 The state directory (`state-dir` in node config; one per client in simulation) holds:
 
-    node.json     the data fingerprint it serves, the steps charged so far (a record that
-                  catches a lost or shortened ledger), rounds trained, evaluation counts
+    node.json     the steps charged to each ledger this node used (a record that catches a
+                  lost or shortened ledger), rounds trained, evaluation counts, rounds
+                  charged that released nothing
     node.lock     held for the whole cycle: a second process on this state dir refuses
 
-The ledger itself lives in the node's budget folder, keyed by the data's fingerprint
-(`fedtune.privacy.budget`), so the same data continues the same budget under any state dir.
+The ledgers themselves live in the node's budget folder and follow the records they
+protect (`fedtune.privacy.budget`): the same rows continue the same budget under any state
+dir, and a node whose data grew keeps its state dir and its charges.
 `client_app.py` only translates Flower messages to these calls.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import traceback
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -33,8 +36,7 @@ import numpy as np
 
 from fedtune.adapter import load_state, trainable_state
 from fedtune.atomic import atomic_write_json
-from fedtune.privacy.budget import (Budget, BudgetStore, LedgerLostError, StateLockedError, default_budget_dir,
-                            exclusive_lock)
+from fedtune.privacy.budget import Budget, LedgerLostError, StateLockedError, exclusive_lock
 from fedtune.config import Config
 from fedtune.datasets_builtin import Table
 from fedtune.dp_train import train_call
@@ -42,9 +44,10 @@ from fedtune.errors import BudgetExhaustedError, ConfigError, DeadlinePassedErro
 from fedtune.local import NodeData, prepare_data
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.metric_release import exact_metrics, noisy_metrics
-from fedtune.privacy.planning import DPPlan, new_ledger, plan_training
+from fedtune.privacy.planning import DPPlan, plan_training
 from fedtune.privacy.policy import NodePolicy, PolicyRefusal
 from fedtune.privacy.randomness import Randomness
+from fedtune.privacy.spending import OverBudgetError, spend
 from fedtune.runtime import MODELS
 
 STATUS_OK = "ok"
@@ -112,20 +115,32 @@ class NodeState:
     def _write(self, info: dict) -> None:
         atomic_write_json(self.info_path, info)
 
-    def check_data(self, fingerprint: str) -> int:
-        """The steps this state dir records as charged on `fingerprint`'s budget; refuses
-        a state dir that served other data (its budget would not be this data's)."""
+    def recorded_steps(self, ledger_id: str) -> tuple[int, str]:
+        """The steps this state dir records as charged to `ledger_id` (a check on the ledger
+        that the budget folder holds), and where it records them."""
         info = self.info()
-        known = info.get("data_fingerprint")
-        if known and known != fingerprint:
-            raise FedtuneError(f"{self.info_path}: this state dir serves other data (fingerprint {known[:16]}, the data "
-                               f"is now {fingerprint[:16]}); use a new state dir for new data")
-        return int(info.get("steps_charged", 0))
+        steps = int(info.get("ledgers", {}).get(ledger_id, 0))
+        legacy = str(info.get("data_fingerprint", ""))  # node.json written before budgets followed records
+        if legacy and legacy[:len(ledger_id)] == ledger_id:
+            steps = max(steps, int(info.get("steps_charged", 0)))
+        return steps, str(self.info_path)
 
-    def record_charge(self, fingerprint: str, ledger_path: Path, ledger: PrivacyLedger) -> None:
+    def record_charge(self, budget: Budget, ledger: PrivacyLedger) -> None:
         info = self.info()
-        info.update({"data_fingerprint": fingerprint, "ledger": str(ledger_path.resolve()),
-                     "steps_charged": max(int(info.get("steps_charged", 0)), ledger.steps)})
+        ledgers = dict(info.get("ledgers", {}))
+        ledger_id = ledger.data_fingerprint
+        ledgers[ledger_id] = max(int(ledgers.get(ledger_id, 0)), ledger.steps)
+        info.update({"ledgers": ledgers, "ledger": str(budget.ledger_path.resolve())})
+        self._write(info)
+
+    def unreleased_rounds(self) -> int:
+        """Rounds this node charged and then released nothing for (past the deadline, a
+        failure after the charge, a process killed mid-round): each spent budget for nothing."""
+        return int(self.info().get("unreleased_rounds", 0))
+
+    def record_unreleased(self, change: int) -> None:
+        info = self.info()
+        info["unreleased_rounds"] = max(0, int(info.get("unreleased_rounds", 0)) + change)
         self._write(info)
 
     def record_round(self, server_round: int, trained: bool, labels, central: bool = False) -> None:
@@ -166,24 +181,6 @@ def _load_global(model, global_arrays, config: Config) -> None:
     except ModelError as exc:
         raise ModelError(f"the server's adapter does not fit this node's base model "
                          f"({config.model.path or 'the bundled all-MiniLM-L6-v2'}): {exc}") from None
-
-
-@contextmanager
-def _open_budget(setup: NodeSetup, config: Config, state: NodeState, data: NodeData, plan: DPPlan) -> Iterator[Budget]:
-    """The data's budget, checked against this state dir's own record of charges."""
-    recorded = state.check_data(data.fingerprint)
-    store = BudgetStore(config.node.budget_dir or default_budget_dir())
-    with store.open(data.fingerprint, lambda: new_ledger(config, plan), recorded_steps=recorded,
-                    record_source=str(state.info_path)) as budget:
-        yield budget
-
-
-def _persist(budget: Budget, state: NodeState, fingerprint: str):
-    """Write-ahead: ledger and journal fsynced, then the state dir's record of it."""
-    def persist(ledger: PrivacyLedger) -> None:
-        budget.persist(ledger)
-        state.record_charge(fingerprint, budget.ledger_path, ledger)
-    return persist
 
 
 def _planned_releases(config: Config, central_evaluation: bool) -> int:
@@ -246,17 +243,6 @@ def _plan(config: Config, n_train: int, delta: float, releases: int = 0) -> DPPl
         raise PolicyRefusal.of(exc) from None
 
 
-def _ready(ledger: PrivacyLedger, setup: NodeSetup, config: Config, data: NodeData, label: str) -> float:
-    """Bring the ledger to the node's policy as it stands (its cap, a stricter delta) and
-    return the delta to account at. Both training and evaluation go through here."""
-    delta = setup.policy.delta_for(config, data.records)
-    if delta < ledger.delta:
-        ledger.lower_delta(delta, label=label)
-    if ledger.is_private and config.dp.enabled:
-        ledger.set_cap(config.max_epsilon, label=label)
-    return ledger.delta
-
-
 def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
                 server_round: int, central_evaluation: bool = False, deadline: float = 0.0) -> TrainOutcome:
     """One round of local DP training from the global adapter, within the node's policy.
@@ -278,32 +264,54 @@ def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_
     label = f"round {server_round}"
     releases = _planned_releases(config, central_evaluation)
     with state.locked():
+        _check_unreleased(state, config)
         model, data = _node_data(config, setup.table, validation=not central_evaluation)
         n = len(data.train)
-        first = _plan(config, n, setup.policy.delta_for(config, data.records), releases)
-        with _open_budget(setup, config, state, data, first) as budget:
-            ledger = budget.ledger
-            plan = _plan(config, n, _ready(ledger, setup, config, data, label), releases)
-            persist = _persist(budget, state, data.fingerprint)
-            _load_global(model, global_arrays, config)
-            try:
-                result = train_call(model, data.train, config, plan, ledger, persist, label=label, randomness=randomness,
-                                    deadline=deadline)
-            except BudgetExhaustedError as exc:
-                state.record_round(server_round, trained=False, labels=config.data.labels or None)
-                return TrainOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), message=str(exc),
+        try:
+            with spend(config, data.record_set, setup.policy.delta_for(config, data.records), label,
+                       plan_at=lambda delta: _plan(config, n, delta, releases), steps_to_fit=lambda plan: plan.steps_per_call,
+                       recorded_steps=state.recorded_steps, on_persist=state.record_charge) as spending:
+                ledger, plan = spending.ledger, spending.plan
+                _load_global(model, global_arrays, config)
+                if deadline and time.time() >= deadline:  # nothing charged for a round already over
+                    raise DeadlinePassedError("the round's deadline passed before training started; nothing charged")
+                state.record_unreleased(+1)  # until the round's values are handed back
+                try:
+                    result = train_call(model, data.train, config, plan, ledger, spending.persist, label=label,
+                                        randomness=randomness, deadline=deadline)
+                except BudgetExhaustedError as exc:  # the charge was refused: nothing spent
+                    state.record_unreleased(-1)
+                    raise OverBudgetError(str(exc), ledger) from None
+                metrics = {"train-seconds": result.seconds, "steps": result.steps,
+                           "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+                           "delta": ledger.delta, "private": int(plan.private)}
+                if config.node.release_train_loss == "dp":
+                    released = _release_metrics(ledger, spending.persist, config, model, data.train,
+                                                f"{label} train loss", randomness)
+                    if released is not None:
+                        metrics["train-loss"] = released["loss"]
+                state.record_round(server_round, trained=True, labels=config.data.labels or None,
+                                   central=central_evaluation)
+                state.record_unreleased(-1)
+                return TrainOutcome(STATUS_OK, trainable_state(model), n, ledger.epsilon(), metrics,
                                     ledger=ledger, noise=randomness.label)
-            metrics = {"train-seconds": result.seconds, "steps": result.steps,
-                       "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
-                       "delta": ledger.delta, "private": int(plan.private)}
-            if config.node.release_train_loss == "dp":
-                released = _release_metrics(ledger, persist, config, model, data.train, f"{label} train loss", randomness)
-                if released is not None:
-                    metrics["train-loss"] = released["loss"]
-            state.record_round(server_round, trained=True, labels=config.data.labels or None,
-                               central=central_evaluation)
-            return TrainOutcome(STATUS_OK, trainable_state(model), n, ledger.epsilon(), metrics,
-                                ledger=ledger, noise=randomness.label)
+        except BudgetExhaustedError as exc:
+            ledger = getattr(exc, "ledger", None)
+            state.record_round(server_round, trained=False, labels=config.data.labels or None)
+            return TrainOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon() if ledger else math.nan,
+                                message=str(exc), ledger=ledger, noise=randomness.label)
+
+
+def _check_unreleased(state: NodeState, config: Config) -> None:
+    """A server that stops waiting before the node can finish (a round timeout of a
+    millisecond, again and again) makes it spend budget for nothing. The node tolerates
+    `node.max_unreleased_rounds` such rounds over its life, then refuses until its operator
+    looks (and raises the limit, if the cause was innocent)."""
+    limit = config.node.max_unreleased_rounds
+    if state.unreleased_rounds() >= limit:
+        raise PolicyRefusal("round-timeout", f"this node has charged {state.unreleased_rounds()} rounds that released "
+                                             f"nothing, its limit (node.max_unreleased_rounds = {limit}); its operator "
+                                             "must look before it trains again")
 
 
 def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
@@ -332,13 +340,11 @@ def _evaluate(setup: NodeSetup, request, global_arrays, server_round: int) -> Ev
         model, data = _node_data(config, setup.table, validation=True)
         if data.val is None or len(data.val) == 0:
             raise PolicyRefusal("evaluation", "no validation rows")
-        first = _plan(config, len(data.train), setup.policy.delta_for(config, data.records))
-        with _open_budget(setup, config, state, data, first) as budget:
-            ledger = budget.ledger
-            _ready(ledger, setup, config, data, label)
+        with spend(config, data.record_set, setup.policy.delta_for(config, data.records), label,
+                   recorded_steps=state.recorded_steps, on_persist=state.record_charge) as spending:
+            ledger = spending.ledger
             _load_global(model, global_arrays, config)
-            released = _release_metrics(ledger, _persist(budget, state, data.fingerprint), config, model, data.val,
-                                        label, randomness)
+            released = _release_metrics(ledger, spending.persist, config, model, data.val, label, randomness)
             state.record_evaluation()
             if released is None:
                 return EvaluateOutcome(STATUS_BUDGET_EXHAUSTED, epsilon=ledger.epsilon(), noise=randomness.label,

@@ -50,11 +50,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and fsync; a crash loses at most the line being written."""
+def append_jsonl(path: str | os.PathLike, record: dict, private: bool = False) -> None:
+    """Append one JSON line and fsync; a crash loses at most the line being written.
+    `private`: a new file is readable by its owner only (a budget's journal, like its ledger)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o644)
+    if private:
+        os.fchmod(fd, 0o600)  # a file written before it was private becomes so
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())

@@ -36,7 +36,7 @@ from scipy.stats import chi2
 from torch.utils.data import TensorDataset
 
 from fedtune.dp_train import train_call
-from fedtune.errors import BudgetExhaustedError, ConfigError
+from fedtune.errors import ConfigError
 from fedtune.losses import PerExampleLoss
 from fedtune.model import trainable_named_parameters
 from fedtune.privacy.accountants import compute_epsilon
@@ -45,6 +45,7 @@ from fedtune.privacy.canaries import GradientCanaries, guess, input_canaries
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import DPPlan, plan_training
 from fedtune.privacy.randomness import Randomness
+from fedtune.privacy.spending import require_fit as fits
 
 CONTROLS = ("noise-off", "no-canaries")
 NOISE_CHECK_CONFIDENCE = 0.999  # the measured noise multiplier's acceptance interval (chi-square)
@@ -208,12 +209,15 @@ def _losses(model, dataset: TensorDataset, task: str) -> np.ndarray:
 
 
 def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callable[[PrivacyLedger], None] | None,
-              control: str = "", echo: Callable[[str], None] = print, randomness: Randomness | None = None) -> AuditResult:
+              control: str = "", echo: Callable[[str], None] = print, randomness: Randomness | None = None,
+              require_fit: Callable[[float, float, int, str], None] | None = None) -> AuditResult:
     """Train `node`'s model once with canaries and return what the audit proves.
 
     `node` is a prepared node (`fedtune.local.prepare_node`) whose model is fresh; the
     training follows its config's plan (rounds x epochs of DP-SGD on its rows), charged to
-    `ledger` before each call. `control` is "" (the audit), "noise-off" or "no-canaries"."""
+    `ledger` before each call. `control` is "" (the audit), "noise-off" or "no-canaries".
+    `require_fit` (an open budget's `Spending.require_fit`) refuses a training that would pass
+    the cap before it starts; the ledger's own charge refuses it at the latest."""
     if control not in ("",) + CONTROLS:
         raise ConfigError(f"audit control {control!r}: expected one of {', '.join(CONTROLS)}")
     config, model = node.config, node.model
@@ -235,12 +239,10 @@ def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callabl
     claim = claimed_epsilon(config, planned)
     plan = dataclasses.replace(planned, noise_multiplier=0.0) if control == "noise-off" else planned
     total = plan.steps_per_call * plan.planned_calls
-    if plan.noise_multiplier > 0 and not ledger.remaining_fits(plan.noise_multiplier, plan.sample_rate, total):
-        raise BudgetExhaustedError(
-            f"audit{' control ' + control if control else ''}: this training would take the epsilon of this data to "
-            f"{ledger.epsilon_after(plan.noise_multiplier, plan.sample_rate, total):.3f}, above its cap "
-            f"{ledger.target_epsilon:g} (already spent {ledger.epsilon():.3f}); an audit trains on the data and is "
-            "charged like any training: raise the cap (--max-epsilon) or audit a copy of the data's shape")
+    require_fit = require_fit or (lambda *mechanism: fits(ledger, *mechanism))
+    require_fit(plan.noise_multiplier, plan.sample_rate, total,
+                f"the audit{' control ' + control if control else ''} (it trains on the data and is charged like any "
+                "training; audit a copy of the data's shape to spend nothing of it)")
     parameters = [p for _, p in trainable_named_parameters(model)]
     canaries = GradientCanaries(parameters, design.canaries, randomness, inject=control != "no-canaries")
     before = _losses(model, canary_rows, config.model.task) if canary_rows is not None else None
@@ -280,8 +282,8 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
     from fedtune.atomic import atomic_write_json, atomic_write_text
     from fedtune.errors import FedtuneError
     from fedtune.local import prepare_node
-    from fedtune.privacy.budget import BudgetStore, default_budget_dir
     from fedtune.privacy.planning import new_ledger
+    from fedtune.privacy.spending import spend
 
     unknown = [c for c in controls if c not in CONTROLS]
     if unknown:
@@ -303,9 +305,10 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
             results.append(run_audit(node, design, scratch, lambda ledger: ledger.save(out / "noise-off-ledger.json"),
                                      control, echo))
         else:
-            store = BudgetStore(config.node.budget_dir or default_budget_dir())
-            with store.open(node.data.fingerprint, lambda: new_ledger(config, node.plan, node.data.fingerprint)) as budget:
-                results.append(run_audit(node, design, budget.ledger, budget.persist, control, echo))
+            with spend(config, node.data.record_set, node.plan.delta, f"audit{' control ' + control if control else ''}") \
+                    as spending:
+                results.append(run_audit(node, design, spending.ledger, spending.persist, control, echo,
+                                         require_fit=spending.require_fit))
         echo(report_line(results[-1]))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "audit.json", {"design": dataclasses.asdict(design), "results": [r.to_dict() for r in results]})

@@ -20,18 +20,19 @@ from torch.utils.data import TensorDataset
 from fedtune.adapters import attach_adapter
 from fedtune.adapter import save_adapter_dir, state_nbytes, state_num_parameters, trainable_state
 from fedtune.atomic import append_jsonl, atomic_write_json, atomic_write_text
-from fedtune.privacy.budget import BudgetStore, data_fingerprint, default_budget_dir
+from fedtune.privacy.budget import RecordSet
 from fedtune.config import Config, check_against_data
 from fedtune.data import LabelMap, TokenCache, load_table, read_for_task, subsample, to_dataset, train_val_split
 from fedtune.datasets_builtin import Table, fixed_split
 from fedtune.dp_train import train_call
-from fedtune.errors import BudgetExhaustedError, DataError, FedtuneError
+from fedtune.errors import DataError, FedtuneError
 from fedtune.evaluate import evaluate, evaluate_instruct, majority_baseline
 from fedtune.model import load_base_model, load_tokenizer, resolve_device, resolve_model_path
 from fedtune.model_card import base_model_reference, model_card
 from fedtune.privacy import PrivacyLedger
-from fedtune.privacy.planning import DPPlan, new_ledger, plan_training
+from fedtune.privacy.planning import DPPlan, plan_training
 from fedtune.privacy.randomness import Randomness
+from fedtune.privacy.spending import spend
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
 
@@ -42,10 +43,11 @@ class NodeData:
     val: TensorDataset | None  # None when the node keeps no validation split
     label_map: LabelMap | None
     majority_accuracy: float | None
-    fingerprint: str = ""  # of every row the node holds (training file and evaluation file): its budget's key
+    fingerprint: str = ""  # of every row the node holds (training file and evaluation file)
     records: int = 0  # how many rows that budget protects: the n of the automatic delta 1 / (10 n)
     summary: dict | None = None  # instruct: rows kept, skipped (response too long), prompts shortened
     val_prompts: tuple | None = None  # instruct: the validation rows' prompt ids and expected answers
+    record_set: RecordSet | None = None  # each row's digest: finds the ledgers that already protect them
 
 
 @dataclass
@@ -63,13 +65,13 @@ def privacy_label(plan: DPPlan, epsilon: float) -> str:
     return f"epsilon={epsilon:.3f} (delta={plan.delta:.3g}, target {plan.target_epsilon:g})"
 
 
-def table_fingerprint(*tables: Table, with_labels: bool = False) -> str:
-    """The fingerprint of every record in `tables`, whatever their order. An instruct
-    record is its prompt and its response (`with_labels`): two data sets that ask the same
-    questions with different answers are different data."""
+def table_records(*tables: Table, with_labels: bool = False) -> RecordSet:
+    """Every record in `tables`, whatever their order, as the budget identifies them. An
+    instruct record is its prompt and its response (`with_labels`): two data sets that ask
+    the same questions with different answers are different data."""
     if with_labels:
-        return data_fingerprint([f"{text}\x1e{label}" for table in tables for text, label in zip(table.texts, table.labels)])
-    return data_fingerprint([text for table in tables for text in table.texts])
+        return RecordSet.of([f"{text}\x1e{label}" for table in tables for text, label in zip(table.texts, table.labels)])
+    return RecordSet.of([text for table in tables for text in table.texts])
 
 
 def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, table: Table | None = None,
@@ -94,7 +96,7 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
         rows = table
     eval_table = read_for_task(config.data.eval_path, config.data, task) if config.data.eval_path else held_out
     protected = [rows] + ([eval_table] if eval_table is not None and eval_table is not held_out else [])
-    fingerprint = table_fingerprint(*protected, with_labels=task == "instruct")
+    record_set = table_records(*protected, with_labels=task == "instruct")
     records = sum(len(t) for t in protected)
     if not validation:
         train_table, val_table = table, None
@@ -103,7 +105,7 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     else:
         train_table, val_table = train_val_split(table, config.data.val_fraction, config.training.seed)
     if task == "instruct":
-        return _instruct_data(config, tokenizer, train_table, val_table, fingerprint, records)
+        return _instruct_data(config, tokenizer, train_table, val_table, record_set, records)
     label_map = train_ids = val_ids = majority = None
     if task == "classification":
         label_map = (LabelMap.from_config(config.data.labels) if config.data.labels
@@ -116,10 +118,10 @@ def prepare_data(config: Config, tokenizer, cache: TokenCache | None = None, tab
     train = to_dataset(cache.tokenize(tokenizer, train_table.texts, length), train_ids)
     val = to_dataset(cache.tokenize(tokenizer, val_table.texts, length), val_ids) if val_table is not None else None
     check_against_data(config, len(train))
-    return NodeData(train, val, label_map, majority, fingerprint, records)
+    return NodeData(train, val, label_map, majority, record_set.fingerprint, records, record_set=record_set)
 
 
-def _instruct_data(config: Config, tokenizer, train_table: Table, val_table: Table | None, fingerprint: str,
+def _instruct_data(config: Config, tokenizer, train_table: Table, val_table: Table | None, record_set: RecordSet,
                    records: int) -> NodeData:
     """Instruct rows -> response-masked datasets; what did not fit is counted and said."""
     from fedtune.instruct import describe_skips, encode_rows
@@ -137,7 +139,7 @@ def _instruct_data(config: Config, tokenizer, train_table: Table, val_table: Tab
         held, val, val_prompts = encode_rows(tokenizer, val_table, length, messages)
         summary["validation"] = held.summary()
     check_against_data(config, len(train))
-    return NodeData(train, val, None, None, fingerprint, records, summary, val_prompts)
+    return NodeData(train, val, None, None, record_set.fingerprint, records, summary, val_prompts, record_set)
 
 
 def build_model(config: Config, tokenizer, num_labels: int | None):
@@ -169,8 +171,9 @@ def train_local(
 ) -> dict:
     """Train for `training.rounds` calls of `training.epochs` epochs; write the run dir.
 
-    The budget is the data's, not the run's: it is opened (and locked) in the node's budget
-    folder by the data fingerprint, so a new --out on the same rows continues it. A run
+    The budget is the records', not the run's: it is opened (and locked) in the node's budget
+    folder by the records' digests, so a new --out on the same rows, or on rows that grew,
+    continues it (`fedtune.privacy.spending`). A run
     that the remaining budget cannot carry to its end is refused before anything is written."""
     config, model, plan = node.config, node.model, node.plan
     run_dir = Path(run_dir)
@@ -178,22 +181,12 @@ def train_local(
         raise FedtuneError(f"--out {run_dir}: a file, not a folder; choose a new --out")
     if (run_dir / "ledger.json").exists():
         raise FedtuneError(f"{run_dir}: already holds a run (ledger.json); choose a new --out")
-    store = BudgetStore(config.node.budget_dir or default_budget_dir())
     randomness = Randomness.from_setting(config.dp.noise_seed)
-    with store.open(node.data.fingerprint, lambda: new_ledger(config, plan)) as budget:
-        ledger = budget.ledger
-        if plan.private:
-            if ledger.delta < plan.delta:  # this data was accounted at a stricter delta before: keep it
-                plan = plan_training(config, len(node.data.train), delta=ledger.delta)
-            ledger.lower_delta(plan.delta, label="train-local")
-            ledger.set_cap(config.max_epsilon, label="train-local")
-            total = plan.steps_per_call * plan.planned_calls
-            if not ledger.remaining_fits(plan.noise_multiplier, plan.sample_rate, total):
-                raise BudgetExhaustedError(
-                    f"{budget.ledger_path}: this run would take the epsilon of this data to "
-                    f"{ledger.epsilon_after(plan.noise_multiplier, plan.sample_rate, total):.3f}, above its cap "
-                    f"{ledger.target_epsilon:g} (already spent {ledger.epsilon():.3f}); the budget belongs to the data, "
-                    "not to the run folder. Raising the cap is your decision (--max-epsilon; the ledger keeps counting)")
+    n = len(node.data.train)
+    with spend(config, node.data.record_set, plan.delta, "train-local",
+               plan_at=lambda delta: plan_training(config, n, delta=delta),
+               steps_to_fit=lambda planned: planned.steps_per_call * planned.planned_calls) as spending:
+        ledger, plan, budget = spending.ledger, spending.plan, spending.budget
         spent_before = ledger.epsilon()
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", config.to_toml())
@@ -203,7 +196,7 @@ def train_local(
         snapshot = run_dir / "ledger.json"
 
         def persist(current: PrivacyLedger) -> None:
-            budget.persist(current)
+            spending.persist(current)
             current.save(snapshot)  # this run's copy; the budget's ledger is the authority
 
         metrics_path = run_dir / "metrics.jsonl"

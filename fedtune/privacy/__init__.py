@@ -4,7 +4,9 @@
     ledger          PrivacyLedger: all privacy spent on one data set (or by the server at user level)
     planning        DPPlan: the mechanism of a node's whole training, step counts that match Opacus
     policy          the node's privacy policy and what a server may request
-    budget          per-data budgets on disk: fingerprint, lock, journal, lost-ledger checks
+    budget          budgets on disk that follow the records: record index, lock, journal, lost-ledger checks
+    record_index    which ledger protects each record ever charged (digests only)
+    spending        the one ritual before a charge: open, cap, delta, plan, persist, check the fit
     randomness      secret generators (OS entropy); reproducible ones only on request
     releases        everything that leaves a node, with its cost
     metric_release  metrics as a charged Gaussian release

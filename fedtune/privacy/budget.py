@@ -1,31 +1,44 @@
-"""A node's privacy budget on disk: one ledger per dataset, locked, journaled, never reset.
+"""A node's privacy budget on disk: ledgers that follow the records, locked, journaled, never reset.
 
-The budget belongs to the data it protects, not to a run folder or a state directory. A
-ledger is found by the fingerprint of the node's rows (`data_fingerprint`), in a budget
-folder (`node.budget_dir`, default `$FEDTUNE_HOME/budgets`, i.e. `~/.fedtune/budgets`):
+The budget belongs to the records it protects, not to a run folder, a state directory or
+a file. A budget folder (`node.budget_dir`, default `$FEDTUNE_HOME/budgets`, i.e.
+`~/.fedtune/budgets`) holds:
 
-    ledger-<fp16>.json           the ledger (privacy.PrivacyLedger), replaced atomically
-    ledger-<fp16>.journal.jsonl  one fsynced line per charge: steps and epsilon after it
-    ledger-<fp16>.lock           held (flock) by the one process using this budget
+    records.sqlite               which ledger protects each record ever charged (its digest)
+    ledger-<id>.json             a ledger (privacy.PrivacyLedger), replaced atomically
+    ledger-<id>.journal.jsonl    one fsynced line per charge: steps and epsilon after it
+    ledger-<id>.lock             held (flock) by the one process using this ledger
 
-So a second `train-local --out elsewhere`, or a node restarted with a new state dir, on
-the same rows continues the same budget. What cannot happen by accident:
+Opening a budget for some rows (`BudgetStore.open`) looks each row's digest up:
 
-* two processes spending one budget at once: the second gets `StateLockedError`;
-* a lost ledger: if the journal (or the caller's own record, e.g. a node's `node.json`)
-  shows charges the ledger does not hold (file deleted, emptied, truncated, replaced by
-  an older copy), the budget refuses to open with `LedgerLostError`, saying how to act;
-* a ledger for other data: a ledger whose fingerprint differs is refused.
+* no row was ever charged: a new ledger, and every row is registered to it;
+* every charged row belongs to one ledger: that ledger continues, and the rows it did not
+  know yet (an appended week of data) join it, so they start from its spend (an
+  over-count, never an under-count). Re-exported, shuffled, deduplicated or subset copies of
+  the same rows land here too;
+* the rows come from several ledgers (two files merged): a new ledger starts with the
+  composition of all their histories (each row has spent at most that), and the rows
+  move to it; the old ledgers keep protecting the rows that did not move.
 
-A crash keeps the write-ahead guarantee: the ledger is written and fsynced before any
-training step, and the journal line follows it, so the journal never runs ahead of a
-ledger that reached the disk. Deliberately deleting ledger, journal and every record
-together is an operator's decision fedtune cannot prevent; it is never something a
-command does for you.
+So a second `train-local --out elsewhere`, a node restarted with a new state dir, or a node
+whose file grew continues the same charges. What cannot happen by accident:
+
+* two processes spending one ledger at once: the second gets `StateLockedError`;
+* a lost ledger: if the journal, the record index or the caller's own record (a node's
+  `node.json`) shows charges the ledger does not hold (file deleted, emptied, truncated,
+  replaced by an older copy), the budget refuses to open with `LedgerLostError`;
+* a ledger file swapped for another one: its stored id must match its name.
+
+A crash keeps the write-ahead guarantee: a ledger is written and fsynced before the index
+points at it and before any training step, and the journal line follows it, so neither the
+index nor the journal ever runs ahead of a ledger that reached the disk. Deliberately
+deleting ledgers, journals, the index and every record together is an operator's decision
+fedtune cannot prevent; it is never something a command does for you.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -33,12 +46,16 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from fedtune.atomic import append_jsonl
 from fedtune.errors import FedtuneError
 from fedtune.privacy import PrivacyLedger
+from fedtune.privacy.record_index import RecordIndex
+
+LEDGER_ID_LENGTH = 16  # hex digits of a ledger's id in its file names
 
 
 class StateLockedError(FedtuneError):
@@ -58,16 +75,36 @@ def default_budget_dir() -> Path:
     return fedtune_home() / "budgets"
 
 
+def record_digest(text: str) -> bytes:
+    """A record's identity in the budget: SHA-256 of its text (for instruct data, prompt and
+    response together). Nothing a server may request (the task, the label column) changes it."""
+    return hashlib.sha256(str(text).encode("utf-8")).digest()
+
+
 def data_fingerprint(texts: Sequence[str]) -> str:
     """SHA-256 over the sorted digests of the records' texts: the same records in any order
-    (a re-exported or shuffled copy of the file) give the same fingerprint, and nothing a
-    server may request (the task, which column is the label) changes it. Two files with the
-    same texts share one budget: an over-count, never an under-count."""
-    rows = sorted(hashlib.sha256(str(text).encode("utf-8")).digest() for text in texts)
-    digest = hashlib.sha256(b"fedtune-records-v2")
-    for row in rows:
-        digest.update(row)
-    return digest.hexdigest()
+    (a re-exported or shuffled copy of the file) give the same fingerprint."""
+    return RecordSet.of(texts).fingerprint
+
+
+@dataclass(frozen=True)
+class RecordSet:
+    """The records a budget protects: the data set's fingerprint (which names a new ledger)
+    and each distinct record's digest (which finds the ledgers that already protect it)."""
+
+    fingerprint: str
+    digests: frozenset[bytes]
+
+    @classmethod
+    def of(cls, texts: Sequence[str]) -> "RecordSet":
+        rows = sorted(record_digest(text) for text in texts)
+        digest = hashlib.sha256(b"fedtune-records-v2")
+        for row in rows:
+            digest.update(row)
+        return cls(digest.hexdigest(), frozenset(rows))
+
+    def __len__(self) -> int:
+        return len(self.digests)
 
 
 @contextmanager
@@ -109,52 +146,94 @@ class Budget:
         ledger.save(self.ledger_path)
         last = ledger.calls[-1] if ledger.calls else {}
         append_jsonl(self.journal_path, {"time": time.time(), "steps": ledger.steps, "epsilon": _json_number(ledger.epsilon()),
-                                         "label": last.get("label", ""), "entries": len(ledger.history)})
+                                         "label": last.get("label", ""), "entries": len(ledger.history)},
+                     private=True)
 
 
 class BudgetStore:
-    """The budget folder of one node: a ledger per data fingerprint."""
+    """The budget folder of one node: its ledgers and the index of the records they protect."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self.index = RecordIndex(self.directory)
 
-    def paths(self, fingerprint: str) -> tuple[Path, Path, Path]:
-        stem = f"ledger-{fingerprint[:16]}"
+    def paths(self, ledger_id: str) -> tuple[Path, Path, Path]:
+        stem = f"ledger-{ledger_id[:LEDGER_ID_LENGTH]}"
         return (self.directory / f"{stem}.json", self.directory / f"{stem}.journal.jsonl",
                 self.directory / f"{stem}.lock")
 
-    def ledger_path(self, fingerprint: str) -> Path:
-        return self.paths(fingerprint)[0]
+    def ledger_path(self, ledger_id: str) -> Path:
+        return self.paths(ledger_id)[0]
 
     @contextmanager
-    def open(self, fingerprint: str, new_ledger: Callable[[], PrivacyLedger], recorded_steps: int = 0,
-             record_source: str = "") -> Iterator[Budget]:
-        """Lock this data's budget and yield it: continued from disk, or new when nothing
-        was ever charged for it. `recorded_steps` is the caller's own record of steps
-        charged (a node's node.json), checked like the journal."""
-        ledger_path, journal_path, lock_path = self.paths(fingerprint)
-        with exclusive_lock(lock_path, f"the privacy budget {ledger_path}"):
-            journaled = _journaled_steps(journal_path)
-            if ledger_path.exists():
-                ledger = PrivacyLedger.load(ledger_path)
-                if ledger.data_fingerprint and ledger.data_fingerprint != fingerprint:
-                    raise FedtuneError(f"{ledger_path}: this ledger protects other data (fingerprint "
-                                       f"{ledger.data_fingerprint[:16]}, the data is {fingerprint[:16]}); refusing to mix budgets")
-                ledger.data_fingerprint = fingerprint
-            else:
-                ledger = None
-            for steps, source in ((journaled, str(journal_path)), (recorded_steps, record_source)):
-                held = ledger.steps if ledger is not None else 0
-                if steps > held:
-                    state = "is missing" if ledger is None else f"holds only {held} steps"
-                    raise LedgerLostError(
-                        f"{ledger_path} {state} but {source} records {steps} steps charged on this data: the budget "
-                        f"spent cannot be known, so nothing will train; restore the ledger from a backup (fedtune never "
-                        f"starts a data set's budget again)")
-            if ledger is None:
-                ledger = new_ledger()
-                ledger.data_fingerprint = fingerprint
-            yield Budget(ledger, ledger_path, journal_path)
+    def open(self, records: RecordSet, new_ledger: Callable[[], PrivacyLedger],
+             recorded_steps: Callable[[str], tuple[int, str]] | None = None) -> Iterator[Budget]:
+        """Lock the ledger that protects `records` and yield it (see the module docstring for
+        which one that is). `recorded_steps(ledger_id)` is the caller's own record of steps
+        charged to that ledger and where it keeps it (a node's node.json), checked like the
+        journal."""
+        recorded_steps = recorded_steps or (lambda _: (0, ""))
+        with contextlib.ExitStack() as held:
+            with exclusive_lock(self.directory / "records.lock", f"the record index of {self.directory}"):
+                owners = self.index.owners(records.digests)
+                if len(owners) <= 1:
+                    ledger_id = next(iter(owners), records.fingerprint[:LEDGER_ID_LENGTH])
+                    held.enter_context(self._lock(ledger_id))
+                    ledger = self._load(ledger_id, recorded_steps, known=bool(owners))
+                    fresh = ledger is None
+                    if fresh:
+                        ledger = new_ledger()
+                        ledger.data_fingerprint = ledger_id
+                else:  # rows from several ledgers: a new one carries all their charges
+                    sources = sorted(owners)
+                    ledger_id = hashlib.sha256("\n".join([records.fingerprint, *sources]).encode()).hexdigest()[
+                        :LEDGER_ID_LENGTH]
+                    held.enter_context(self._lock(ledger_id))
+                    ledger = self._load(ledger_id, recorded_steps, known=False)
+                    fresh = ledger is None
+                    if fresh:
+                        parts = []
+                        for source in sources:
+                            with self._lock(source):
+                                parts.append(self._load(source, recorded_steps, known=True))
+                        ledger = PrivacyLedger.merged(parts, ledger_id, label=f"records of ledgers {', '.join(sources)}")
+                ledger_path, journal_path, _ = self.paths(ledger_id)
+                budget = Budget(ledger, ledger_path, journal_path)
+                if fresh:
+                    budget.persist()  # on disk before the index points at it
+                if set(owners) != {ledger_id} or owners[ledger_id] != len(records):
+                    self.index.assign(records.digests, ledger_id)
+            yield budget
+
+    def _lock(self, ledger_id: str):
+        ledger_path, _, lock_path = self.paths(ledger_id)
+        return exclusive_lock(lock_path, f"the privacy budget {ledger_path}")
+
+    def _load(self, ledger_id: str, recorded_steps, known: bool) -> PrivacyLedger | None:
+        """The ledger `ledger_id` as on disk, checked against every record of its charges;
+        None when nothing was ever charged to it."""
+        ledger_path, journal_path, _ = self.paths(ledger_id)
+        ledger = None
+        if ledger_path.exists():
+            ledger = PrivacyLedger.load(ledger_path)
+            if ledger.data_fingerprint and ledger.data_fingerprint[:LEDGER_ID_LENGTH] != ledger_id[:LEDGER_ID_LENGTH]:
+                raise FedtuneError(f"{ledger_path}: this file holds ledger {ledger.data_fingerprint[:LEDGER_ID_LENGTH]}, "
+                                   f"not {ledger_id}; refusing to mix budgets (restore the right file from a backup)")
+            ledger.data_fingerprint = ledger.data_fingerprint or ledger_id
+        recorded, record_source = recorded_steps(ledger_id)
+        for steps, source in ((_journaled_steps(journal_path), str(journal_path)), (recorded, record_source)):
+            held = ledger.steps if ledger is not None else 0
+            if steps > held:
+                state = "is missing" if ledger is None else f"holds only {held} steps"
+                raise LedgerLostError(
+                    f"{ledger_path} {state} but {source} records {steps} steps charged on these records: the budget "
+                    f"spent cannot be known, so nothing will train; restore the ledger from a backup (fedtune never "
+                    f"starts a record's budget again)")
+        if ledger is None and known:
+            raise LedgerLostError(f"{ledger_path} is missing but {self.index.path} records it as the budget of these "
+                                  f"records: the budget spent cannot be known, so nothing will train; restore the "
+                                  f"ledger from a backup (fedtune never starts a record's budget again)")
+        return ledger
 
 
 def _journaled_steps(path: Path) -> int:

@@ -21,9 +21,13 @@ from opacus.accountants.accountant import IAccountant
 
 from fedtune.atomic import atomic_write_json
 from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
-from fedtune.privacy.accountants import _check_accountant, _check_delta, _check_mechanism, _epsilon_of, make_accountant
+from fedtune.privacy.accountants import (_check_accountant, _check_delta, _check_mechanism, _epsilon_of, make_accountant,
+                                         without_replacement_epsilon)
 
 LEDGER_FORMAT = 2  # 2 added data_fingerprint and the max_epsilon name; format 1 still loads
+# 3 adds `without_replacement`; a ledger is written as 3 only when it holds such entries, so
+# a reader that does not know them refuses the file instead of under-counting it.
+WITHOUT_REPLACEMENT_FORMAT = 3
 
 # Relative slack when comparing a planned epsilon with its target: the planner's own
 # bisection lands a hair under the target, and float round-off must not refuse it.
@@ -41,6 +45,12 @@ class PrivacyLedger:
     node's hard cap (its policy's max_epsilon); `data_fingerprint` names the data the
     budget protects. Metric releases (a Gaussian mechanism over the node's rows) enter the
     history as (sigma, 1.0, 1): a full-batch Gaussian step is exactly that mechanism.
+
+    `without_replacement` (the server's user-level ledger only) holds fixed-size cohorts
+    drawn from more users than they hold, as (noise_multiplier, registered, size, rounds):
+    sampling without replacement, where removing a user lets another take its slot. Once it
+    holds an entry, epsilon is of the replace-one relation, composed by dp-accounting
+    (`fedtune.privacy.accountants.without_replacement_epsilon`); Opacus has no such accountant.
     """
 
     accountant: str
@@ -50,17 +60,21 @@ class PrivacyLedger:
     non_private_steps: int = 0
     calls: list[dict] = field(default_factory=list)
     data_fingerprint: str = ""
+    without_replacement: list[tuple[float, int, int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_accountant(self.accountant)
         _check_delta(self.delta)
+        for noise, registered, size, rounds in self.without_replacement:
+            _check_cohort(noise, registered, size, rounds)
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ConfigError(f"target_epsilon = {self.target_epsilon!r}: expected a number > 0")
 
     # -- reading ---------------------------------------------------------------------
     @property
     def steps(self) -> int:
-        return sum(n for _, _, n in self.history) + self.non_private_steps
+        return (sum(n for _, _, n in self.history) + sum(r for *_, r in self.without_replacement)
+                + self.non_private_steps)
 
     @property
     def is_private(self) -> bool:
@@ -70,6 +84,8 @@ class PrivacyLedger:
         """Epsilon spent so far at this ledger's delta (inf after any non-private step)."""
         if not self.is_private:
             return math.inf
+        if self.without_replacement:
+            return without_replacement_epsilon(self.history, self.without_replacement, self.delta)
         return _epsilon_of(self.accountant, self.history, self.delta)
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -77,7 +93,10 @@ class PrivacyLedger:
         _check_mechanism(noise_multiplier, sample_rate, steps)
         if not self.is_private:
             return math.inf
-        return _epsilon_of(self.accountant, _merged(self.history, noise_multiplier, sample_rate, steps), self.delta)
+        history = _merged(self.history, noise_multiplier, sample_rate, steps)
+        if self.without_replacement:
+            return without_replacement_epsilon(history, self.without_replacement, self.delta)
+        return _epsilon_of(self.accountant, history, self.delta)
 
     def remaining_fits(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
         if self.target_epsilon is None:
@@ -116,6 +135,30 @@ class PrivacyLedger:
         )
         return eps
 
+    def charge_without_replacement(self, noise_multiplier: float, registered: int, size: int, rounds: int = 1,
+                                   label: str = "") -> float:
+        """Record `rounds` rounds of a fixed-size cohort: `size` of the `registered` users,
+        drawn without replacement, Gaussian noise `noise_multiplier` x clip on the sum of
+        their clipped updates. Refused (nothing recorded) past `target_epsilon`.
+
+        A cohort of every registered user is full participation: charge it with `charge`
+        (q = 1), which stays add/remove. Returns the epsilon after the charge."""
+        _check_cohort(noise_multiplier, registered, size, rounds)
+        if self.accountant != "rdp":
+            raise ConfigError(f"accountant = {self.accountant!r}: sampling without replacement is accounted by "
+                              "dp-accounting's RDP accountant only; keep this ledger's accountant 'rdp'")
+        entries = _merged_cohorts(self.without_replacement, noise_multiplier, registered, size, rounds)
+        after = without_replacement_epsilon(self.history, entries, self.delta) if self.is_private else math.inf
+        if self.target_epsilon is not None and not after <= self.target_epsilon * (1 + _BUDGET_SLACK):
+            raise BudgetExhaustedError(
+                f"privacy budget exhausted: epsilon would reach {after:.4f} > target {self.target_epsilon} "
+                f"(spent {self.epsilon():.4f} at delta={self.delta:g})")
+        self.without_replacement = entries
+        self.calls.append({"label": label, "time": time.time(), "sampling": "without replacement",
+                           "noise_multiplier": float(noise_multiplier), "registered": int(registered),
+                           "size": int(size), "rounds": int(rounds), "epsilon_after": _json_float(after)})
+        return after
+
     def lower_delta(self, delta: float, label: str = "") -> None:
         """Account everything (past included) at a smaller delta from now on. The epsilon
         of the whole history only grows, so this never under-counts; raising is refused."""
@@ -142,10 +185,32 @@ class PrivacyLedger:
         self.non_private_steps += int(steps)
         self.calls.append({"label": label, "time": time.time(), "steps": int(steps), "non_private": True})
 
+    @classmethod
+    def merged(cls, ledgers: "list[PrivacyLedger]", ledger_id: str, label: str = "") -> "PrivacyLedger":
+        """One ledger for records gathered from several: every history composed (a record
+        spent at most the sum of what its own ledger spent, so this over-counts, never
+        under-counts), at the smallest delta and cap any of them held."""
+        if not ledgers:
+            raise ValueError("merged() needs at least one ledger")
+        history: list = []
+        for ledger in ledgers:
+            for sigma, rate, steps in ledger.history:
+                history = _merged(history, sigma, rate, steps)
+        caps = [ledger.target_epsilon for ledger in ledgers if ledger.target_epsilon is not None]
+        merged = cls(accountant=ledgers[0].accountant, delta=min(ledger.delta for ledger in ledgers),
+                     target_epsilon=min(caps) if caps else None, history=history,
+                     non_private_steps=sum(ledger.non_private_steps for ledger in ledgers), data_fingerprint=ledger_id)
+        merged.calls.append({"label": label, "time": time.time(), "event": "merged",
+                             "from": [ledger.data_fingerprint for ledger in ledgers],
+                             "epsilon_after": _json_float(merged.epsilon())})
+        return merged
+
     # -- persistence -----------------------------------------------------------------
     def to_dict(self) -> dict:
+        extra = ({"without_replacement": [list(entry) for entry in self.without_replacement]}
+                 if self.without_replacement else {})
         return {
-            "format": LEDGER_FORMAT,
+            "format": WITHOUT_REPLACEMENT_FORMAT if self.without_replacement else LEDGER_FORMAT,
             "data_fingerprint": self.data_fingerprint,
             "accountant": self.accountant,
             "delta": self.delta,
@@ -154,14 +219,15 @@ class PrivacyLedger:
             "non_private_steps": self.non_private_steps,
             "epsilon": _json_float(self.epsilon()),
             "calls": self.calls,
+            **extra,
         }
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "ledger") -> "PrivacyLedger":
         try:
-            if data.get("format") not in (1, LEDGER_FORMAT):
+            if data.get("format") not in (1, LEDGER_FORMAT, WITHOUT_REPLACEMENT_FORMAT):
                 raise FedtuneError(f"{source}: unsupported ledger format {data.get('format')!r}")
-            cap = data["max_epsilon"] if data.get("format") == LEDGER_FORMAT else data["target_epsilon"]
+            cap = data["target_epsilon"] if data.get("format") == 1 else data["max_epsilon"]
             return cls(
                 accountant=data["accountant"],
                 delta=float(data["delta"]),
@@ -170,6 +236,8 @@ class PrivacyLedger:
                 history=[(float(s), float(q), int(n)) for s, q, n in data["history"]],
                 non_private_steps=int(data.get("non_private_steps", 0)),
                 calls=list(data.get("calls", [])),
+                without_replacement=[(float(s), int(big), int(m), int(r))
+                                     for s, big, m, r in data.get("without_replacement", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FedtuneError(f"{source}: not a fedtune privacy ledger ({exc})") from None
@@ -199,6 +267,32 @@ def _merged(history, noise_multiplier, sample_rate, steps):
     else:
         out.append((float(noise_multiplier), float(sample_rate), int(steps)))
     return out
+
+
+def _merged_cohorts(entries, noise_multiplier, registered, size, rounds):
+    """`entries` plus `rounds` rounds of one fixed-size cohort, merged into the last entry
+    when noise, registered count and size are the same."""
+    out = [tuple(entry) for entry in entries]
+    if rounds == 0:
+        return out
+    key = (float(noise_multiplier), int(registered), int(size))
+    if out and out[-1][:3] == key:
+        out[-1] = (*key, out[-1][3] + int(rounds))
+    else:
+        out.append((*key, int(rounds)))
+    return out
+
+
+def _check_cohort(noise_multiplier, registered, size, rounds) -> None:
+    """A fixed-size cohort drawn without replacement: 0 < size < registered (a cohort of
+    everyone is full participation, charged with q = 1), noise > 0, rounds >= 0."""
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0):
+        raise ConfigError(f"noise_multiplier = {noise_multiplier!r}: expected a number > 0")
+    if not (0 < size < registered):
+        raise ConfigError(f"a cohort of {size} of {registered} registered users: sampling without replacement needs "
+                          "0 < size < registered (a cohort of everyone is full participation, q = 1)")
+    if rounds < 0:
+        raise ConfigError(f"rounds = {rounds!r}: expected a whole number >= 0")
 
 
 def _json_float(value: float) -> float | str:
