@@ -210,6 +210,7 @@ class NodeConfig:
     metric_loss_clip: float = opt(5.0, "Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).")
     require_secure_aggregation: bool = opt(False, "Refuse every training round that is not a SecAgg+ round (the node's update then never reaches the server unmasked).")
     max_evaluations_per_round: int = opt(1, "Evaluation requests the node answers per round it trains (counted by the node, not by the round number a message claims); more are refused.")
+    max_unreleased_rounds: int = opt(3, "Rounds the node may charge and then release nothing for (the server stopped waiting, a failure after the charge, a killed process) over its whole life; past it the node refuses to train until its operator raises this. A server that cuts rounds short on purpose would otherwise spend the budget for nothing.")
 
     def __post_init__(self) -> None:
         if self.max_epsilon < 0 or math.isinf(self.max_epsilon) or math.isnan(self.max_epsilon):
@@ -223,6 +224,8 @@ class NodeConfig:
             _fail("node.metric_loss_clip", self.metric_loss_clip, "a number > 0")
         if self.max_evaluations_per_round < 0:
             _fail("node.max_evaluations_per_round", self.max_evaluations_per_round, "a whole number >= 0")
+        if self.max_unreleased_rounds < 0:
+            _fail("node.max_unreleased_rounds", self.max_unreleased_rounds, "a whole number >= 0")
 
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
@@ -253,7 +256,7 @@ class FederationConfig:
     proximal_mu: float = opt(0.0, "FedProx mu: after each local step, pull the adapter towards the round's global (a decoupled proximal step: post-processing of the DP gradient, privacy-free).")
     user_dp_clip: float = opt(0.0, "User-level DP (DP-FedAvg): clip each client update to this norm (0 = off) ...")
     user_dp_noise: float = opt(0.0, "... and add Gaussian noise of this multiplier x clip to the sum.")
-    cohort_sampling: str = opt("fixed", "How the server picks each round's cohort from the nodes actually registered: \"fixed\" (clients_per_round of them, without replacement) or \"poisson\" (each node independently with rate clients_per_round / registered nodes). Both from secret randomness. User-level DP is accounted for the sampling used: Poisson with amplification at that rate, fixed-size cohorts without amplification (q = 1).")
+    cohort_sampling: str = opt("fixed", "How the server picks each round's cohort from the nodes actually registered: \"fixed\" (clients_per_round of them, without replacement) or \"poisson\" (each node independently with rate clients_per_round / registered nodes). Both from secret randomness. User-level DP is accounted for the sampling used: Poisson with amplification at that rate; a fixed cohort of fewer nodes than registered as sampling without replacement (replace-one: one node replaced moves the sum by twice the clip), one of every registered node as full participation (q = 1).")
     population: int = opt(0, "How many nodes (users) the federation has, as the operator declares it; user-level delta defaults to 1 / (10 x population). A simulation uses num_clients when 0.")
     user_dp_delta: float = opt(0.0, "User-level delta; 0 = 1 / (10 x population).")
     num_clients: int = opt(3, "Simulation: virtual clients and how the dataset is split among them.", flag="num_clients")
