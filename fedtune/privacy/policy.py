@@ -86,7 +86,7 @@ OWNERS: dict[str, tuple[str, str]] = {
                     "round_timeout", "central_eval_path", "central_holdout", "rows_per_client")},
     **{f"node.{name}": (NODE, "the node's own policy")
        for name in ("max_epsilon", "budget_dir", "release_train_loss", "release_evaluation",
-                    "metric_noise_multiplier", "metric_loss_clip", "max_evaluations_per_round",
+                    "metric_noise_multiplier", "metric_loss_clip", "max_evaluations_per_round", "max_unreleased_rounds",
                     "require_secure_aggregation")},
 }
 
@@ -111,6 +111,7 @@ NODE_CONFIG_KEYS: dict[str, str] = {
     "metric-noise-multiplier": "node.metric_noise_multiplier",
     "metric-loss-clip": "node.metric_loss_clip",
     "max-evaluations-per-round": "node.max_evaluations_per_round",
+    "max-unreleased-rounds": "node.max_unreleased_rounds",
     "require-secure-aggregation": "node.require_secure_aggregation",
 }
 ALLOW_NON_PRIVATE_KEY = "allow-non-private"
