@@ -351,10 +351,15 @@ def _run_privacy(args) -> int:
             return 0
         library, other = (("dp-accounting", f"Opacus {opacus_version} PRV") if ledger.accountant == "pld"
                           else (f"Opacus {opacus_version}", "dp-accounting"))
+        if ledger.without_replacement:  # only dp-accounting implements sampling without replacement
+            library, other = "dp-accounting rdp, replace-one", "dp-accounting, recomputed"
         print(f"epsilon = {ledger.epsilon():.6f} ({library}, {ledger.accountant}), "
-              f"{independent_epsilon(ledger.accountant, ledger.history, ledger.delta):.6f} ({other}) "
-              f"at delta {ledger.delta:g}; cap {ledger.target_epsilon}; history (sigma, q, steps): "
-              + "; ".join(f"({s:g}, {q:.6g}, {n})" for s, q, n in ledger.history))
+              f"{independent_epsilon(ledger.accountant, ledger.history, ledger.delta, ledger.without_replacement):.6f}"
+              f" ({other}) at delta {ledger.delta:g}; cap {ledger.target_epsilon}; history (sigma, q, steps): "
+              + "; ".join(f"({s:g}, {q:.6g}, {n})" for s, q, n in ledger.history)
+              + ("; without replacement (sigma, N, m, rounds): "
+                 + "; ".join(f"({s:g}, {big}, {m}, {r})" for s, big, m, r in ledger.without_replacement)
+                 if ledger.without_replacement else ""))
         return 0
 
     q, steps = _mechanism(args)

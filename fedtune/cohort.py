@@ -7,9 +7,14 @@ what the accountant may assume:
 
 * "poisson": every registered node joins independently with rate q = clients_per_round /
   registered. User-level DP is accounted as the Poisson-subsampled Gaussian at that q.
-* "fixed": exactly min(clients_per_round, registered) nodes, without replacement. Poisson
-  bounds do not cover fixed-size cohorts (autodp#3), so user-level DP is accounted without
-  amplification (q = 1), as Flower's own server-side accountant does.
+* "fixed": exactly m = min(clients_per_round, registered) of the N registered nodes,
+  without replacement. Poisson bounds do not cover fixed-size cohorts (autodp#3), and
+  neither does full participation (q = 1) when m < N: removing one user lets another take
+  its slot, so the noised sum moves by up to twice the clip. Such a round is accounted as
+  what it is, sampling without replacement of m of N under the replace-one relation
+  (dp-accounting's `SampledWithoutReplacementDpEvent`); N is the count registered in that
+  round, so every round's event is recorded on its own. A cohort of every registered node
+  (m = N) is full participation, accounted at q = 1 (add/remove).
 """
 
 from __future__ import annotations
@@ -30,9 +35,24 @@ class Cohort:
     expected_size: float      # the fixed denominator of DP-FedAvg: q x registered, or the cohort size
 
     @property
+    def without_replacement(self) -> bool:
+        """A fixed-size cohort of fewer nodes than were registered: sampling without replacement."""
+        return self.method == "fixed" and 0 < len(self.sampled) < self.registered
+
+    @property
     def accounted_rate(self) -> float:
-        """The sampling rate user-level DP may be accounted with."""
-        return self.rate if self.method == "poisson" else 1.0
+        """The sampling rate user-level DP is accounted at: Poisson's q, m / N for a fixed
+        cohort drawn without replacement, 1 for full participation."""
+        if self.method == "poisson":
+            return self.rate
+        return len(self.sampled) / self.registered if self.without_replacement else 1.0
+
+    @property
+    def accounted_as(self) -> str:
+        """How user-level DP accounts this round (`fedtune.strategy.charge_user_level`)."""
+        if self.method == "poisson":
+            return "poisson"
+        return "without replacement" if self.without_replacement else "full participation"
 
 
 def draw_cohort(node_ids: list[int], clients_per_round: int, method: str, rng: np.random.Generator) -> Cohort:

@@ -8,8 +8,9 @@ evaluated or sent anywhere, and appends one line to metrics.jsonl.
 `server/server_app.py` only moves messages.
 
 User-level DP (DP-FedAvg) is accounted for the cohort sampling actually used
-(`fedtune.cohort`): Poisson-subsampled Gaussian at the rate drawn, or without amplification
-for fixed-size cohorts; its delta comes from the population the operator declares; its
+(`fedtune.cohort`): Poisson-subsampled Gaussian at the rate drawn, sampling without
+replacement for a fixed-size cohort of fewer nodes than registered, full participation for
+a cohort of all of them; its delta comes from the population the operator declares; its
 noise is secret (OS entropy) unless a simulation asks for reproducible noise. A user-level
 round never fails for a small cohort: the noise covers any draw, and a retried draw would
 no longer be the sampling that was accounted.
@@ -179,7 +180,8 @@ class FederationServer:
             "epsilon_mean": _finite_or_inf(sum(epsilons) / len(epsilons)) if epsilons else None,
             "user_epsilon": self.user_ledger.epsilon() if self.user_ledger else None,
             "cohort": {"method": cohort.method, "registered": cohort.registered, "sampled": len(cohort.sampled),
-                       "rate": cohort.rate, "accounted_rate": cohort.accounted_rate},
+                       "rate": cohort.rate, "accounted_rate": cohort.accounted_rate,
+                       "accounted_as": cohort.accounted_as},
             "noise": self.randomness.label,
             "bytes_sent": bytes_sent,
             "bytes_received": sum(r.nbytes for r in replies),

@@ -85,6 +85,21 @@ def user_level_delta(fed: FederationConfig) -> float:
     return 1.0 / (10 * fed.population)
 
 
+def charge_user_level(ledger: PrivacyLedger, noise_multiplier: float, cohort: Cohort, rounds: int = 1,
+                      label: str = "") -> float:
+    """Charge `rounds` user-level rounds drawn like `cohort`, as the sampling that ran.
+
+    Poisson cohorts: the Poisson-subsampled Gaussian at the drawn rate (add/remove). A fixed
+    cohort of every registered node: full participation, q = 1, sensitivity the clip
+    (add/remove). A fixed cohort of m of N registered nodes (m < N): sampling without
+    replacement under replace-one, where N is the count registered in that round (never a
+    config value), recorded per round because N and m may change. Returns epsilon after."""
+    if cohort.without_replacement:
+        return ledger.charge_without_replacement(noise_multiplier, cohort.registered, len(cohort.sampled), rounds,
+                                                 label=label)
+    return ledger.charge(noise_multiplier, cohort.accounted_rate, rounds, label=label)
+
+
 class Strategy:
     def __init__(self, config: Config):
         self.config = config
@@ -141,7 +156,7 @@ class Strategy:
             if self.noise_off:  # a federated audit's control: the ledger says what ran, never less
                 self.user_ledger.charge_non_private(1, label=f"round {server_round} (noise OFF: audit control)")
             else:
-                self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
+                charge_user_level(self.user_ledger, fed.user_dp_noise, cohort, label=f"round {server_round}")
             if self.canaries is not None:
                 step = self._audited_step(clipped, reference, cohort, rng)
             else:
@@ -182,7 +197,7 @@ class Strategy:
             total = OrderedDict((k, np.asarray(mean_update[k], np.float64) * contributors) for k in reference)
             rng = self.randomness.numpy_generator("server", "user-level noise", server_round)
             step = add_noise([total], reference, fed.user_dp_clip, fed.user_dp_noise, cohort.expected_size, rng)
-            self.user_ledger.charge(fed.user_dp_noise, cohort.accounted_rate, 1, label=f"round {server_round}")
+            charge_user_level(self.user_ledger, fed.user_dp_noise, cohort, label=f"round {server_round}")
         else:
             step = OrderedDict((k, np.asarray(mean_update[k], np.float64)) for k in reference)
         target = OrderedDict((k, reference[k] + step[k]) for k in reference)

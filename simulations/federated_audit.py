@@ -30,12 +30,12 @@ from fedtune.audit import AuditResult, CanaryFinding, noise_check
 from fedtune.dp_train import train_call
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.local import prepare_data, prepare_node
-from fedtune.privacy.accountants import compute_epsilon
 from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound
 from fedtune.privacy.canaries import UpdateCanaries, guess
+from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import new_ledger, plan_training
 from fedtune.privacy.randomness import Randomness
-from fedtune.strategy import ClientReply, Strategy
+from fedtune.strategy import ClientReply, Strategy, charge_user_level
 from simulations.partition import client_table, count_partitions
 
 
@@ -77,9 +77,10 @@ def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: 
     scores, included = strategy.canaries.scores, strategy.canaries.included
     r, v = guess(scores, included, guesses)
     delta = strategy.user_ledger.delta
-    # the claim is the planned mechanism's; a noise-off ledger rightly says infinite
-    claim = compute_epsilon(fed.user_dp_noise, cohort.accounted_rate, config.training.rounds, delta,
-                            strategy.user_ledger.accountant)
+    # the claim is the planned mechanism's, charged as the strategy charges a round (a
+    # noise-off ledger rightly says infinite)
+    claimed = PrivacyLedger(strategy.user_ledger.accountant, delta, None)
+    claim = charge_user_level(claimed, fed.user_dp_noise, cohort, config.training.rounds)
     finding = CanaryFinding("canary clients (white-box, user level)", canaries, int(included.sum()), r, v,
                             epsilon_lower_bound(canaries, r, v, delta, confidence),
                             best_possible_bound(canaries, r, delta, confidence))

@@ -54,13 +54,17 @@ def test_poisson_cohorts_are_accounted_with_amplification_at_the_drawn_rate(tmp_
     assert record["cohort"]["accounted_rate"] == 0.5
 
 
-def test_fixed_cohorts_are_accounted_without_amplification(tmp_path):
-    """10 nodes, 5 per round, 20 rounds, z = 1: 21.9, not the 10.3 that Poisson bounds would claim."""
+def test_fixed_cohorts_are_accounted_as_sampling_without_replacement(tmp_path):
+    """10 nodes, 5 per round, 20 rounds, z = 1: 70.1 (replace-one), neither the 10.3 that
+    Poisson bounds would claim nor the 21.9 of full participation (q = 1)."""
     cohort = Cohort(registered=10, sampled=(1, 2, 3, 4, 5), method="fixed", rate=0.5, expected_size=5.0)
     server, record = _run(_config("fixed"), tmp_path, 20, cohort)
-    assert server.user_ledger.history == [(1.0, 1.0, 20)]
-    assert record["user_epsilon"] == pytest.approx(_dp_accounting_epsilon(1.0, 1.0, 20, 1 / 100), rel=1e-6)
-    assert record["user_epsilon"] == pytest.approx(21.91, abs=0.01)
+    assert server.user_ledger.history == [] and server.user_ledger.without_replacement == [(1.0, 10, 5, 20)]
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(10, 5, dp_accounting.GaussianDpEvent(0.5)), 20)
+    assert record["user_epsilon"] == pytest.approx(accountant.get_epsilon(1 / 100), rel=1e-9)
+    assert record["user_epsilon"] == pytest.approx(70.08, abs=0.01)
+    assert record["cohort"]["accounted_as"] == "without replacement" and record["cohort"]["accounted_rate"] == 0.5
 
 
 def test_user_level_delta_comes_from_the_declared_population(tmp_path):
@@ -81,7 +85,8 @@ def test_cohorts_are_drawn_secretly_unless_a_seed_is_asked_for():
     seeded = [draw_cohort(nodes, 50, "poisson", Randomness(1).numpy_generator("cohort", 4)).sampled for _ in range(2)]
     assert seeded[0] == seeded[1]
     fixed = draw_cohort(nodes, 50, "fixed", secret.numpy_generator())
-    assert len(fixed.sampled) == 50 and fixed.accounted_rate == 1.0 and set(fixed.sampled) <= set(nodes)
+    assert len(fixed.sampled) == 50 and set(fixed.sampled) <= set(nodes)
+    assert fixed.without_replacement and fixed.accounted_rate == 0.25
     poisson = draw_cohort(nodes, 50, "poisson", secret.numpy_generator())
     assert poisson.rate == 0.25 and poisson.expected_size == 50 and 20 < len(poisson.sampled) < 80
 

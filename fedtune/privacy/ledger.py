@@ -105,7 +105,8 @@ class PrivacyLedger:
         return after <= self.target_epsilon * (1 + _BUDGET_SLACK)
 
     def to_opacus(self) -> IAccountant:
-        """An Opacus accountant holding this ledger's history (for independent checks)."""
+        """An Opacus accountant holding this ledger's history (for independent checks); fixed
+        cohorts drawn without replacement have no Opacus accountant and are not in it."""
         return make_accountant(self.accountant, self.history)
 
     # -- spending --------------------------------------------------------------------
@@ -199,7 +200,8 @@ class PrivacyLedger:
         caps = [ledger.target_epsilon for ledger in ledgers if ledger.target_epsilon is not None]
         merged = cls(accountant=ledgers[0].accountant, delta=min(ledger.delta for ledger in ledgers),
                      target_epsilon=min(caps) if caps else None, history=history,
-                     non_private_steps=sum(ledger.non_private_steps for ledger in ledgers), data_fingerprint=ledger_id)
+                     non_private_steps=sum(ledger.non_private_steps for ledger in ledgers), data_fingerprint=ledger_id,
+                     without_replacement=[entry for ledger in ledgers for entry in ledger.without_replacement])
         merged.calls.append({"label": label, "time": time.time(), "event": "merged",
                              "from": [ledger.data_fingerprint for ledger in ledgers],
                              "epsilon_after": _json_float(merged.epsilon())})

@@ -5,7 +5,9 @@ history each node released with its replies), DP-SGD as Poisson-subsampled Gauss
 steps plus any Gaussian metric releases (q = 1). User-level: the server's DP-FedAvg
 ledger, Gaussian on the clipped sum, at the cohort sampling actually used. Every epsilon
 is computed twice, by Opacus and by Google's dp-accounting, from the logged parameters
-alone (`privacy.json` holds them, so anyone can recompute them).
+alone (`privacy.json` holds them, so anyone can recompute them). Fixed-size cohorts drawn
+from more nodes than they hold are sampling without replacement, a bound only dp-accounting
+implements: both columns are then dp-accounting's, the ledger's and a fresh recomputation.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ RECORD_MECHANISM = "DP-SGD: Poisson-subsampled Gaussian per step (+ Gaussian met
 
 
 def _entry(level: str, who: str, mechanism: str, accountant: str, delta: float, history: list,
-           non_private_steps: int = 0, extra: dict | None = None) -> dict:
+           non_private_steps: int = 0, extra: dict | None = None, without_replacement: list = ()) -> dict:
     history = [[float(s), float(q), int(n)] for s, q, n in history]
-    ledger = PrivacyLedger(accountant, delta, None, [tuple(h) for h in history], non_private_steps)
+    cohorts = [[float(s), int(big), int(m), int(r)] for s, big, m, r in without_replacement]
+    ledger = PrivacyLedger(accountant, delta, None, [tuple(h) for h in history], non_private_steps,
+                           without_replacement=[tuple(c) for c in cohorts])
     opacus = ledger.epsilon()
-    independent = math.inf if non_private_steps else independent_epsilon(accountant, history, delta)
+    independent = math.inf if non_private_steps else independent_epsilon(accountant, history, delta, cohorts)
+    sampled = ({"without_replacement": cohorts, "neighboring_relation": "replace-one"} if cohorts else {})
     return {"level": level, "who": who, "mechanism": mechanism, "accountant": accountant, "delta": delta,
-            "history": history, "non_private_steps": non_private_steps,
+            "history": history, "non_private_steps": non_private_steps, **sampled,
             "epsilon_opacus": _number(opacus), "epsilon_dp_accounting": _number(independent), **(extra or {})}
 
 
@@ -53,9 +58,12 @@ def user_entry(user_ledger: dict | None, fed: dict) -> dict | None:
     mechanism = (f"DP-FedAvg: each update clipped to {fed.get('user_dp_clip')}, Gaussian noise "
                  f"{fed.get('user_dp_noise')} x clip on the sum, fixed denominator; cohorts "
                  + ("Poisson-sampled from secret randomness (amplification at the drawn rate)" if sampling == "poisson"
-                    else "of fixed size (accounted without amplification, q = 1)"))
+                    else "of fixed size, drawn from secret randomness: m of the N nodes registered that round is "
+                         "sampling without replacement (replace-one: noise multiplier / 2 for the Gaussian, as one "
+                         "replaced node moves the sum by twice the clip), all N is full participation (q = 1)"))
     return _entry("user", "server", mechanism, ledger.accountant, ledger.delta, ledger.history,
-                  extra={"population": fed.get("population")})
+                  ledger.non_private_steps, extra={"population": fed.get("population")},
+                  without_replacement=ledger.without_replacement)
 
 
 def privacy_markdown(entries: list[dict], noise: str) -> list[str]:
@@ -70,11 +78,22 @@ def privacy_markdown(entries: list[dict], noise: str) -> list[str]:
         history = "; ".join(f"({s:.4g}, {q:.4g}, {n})" for s, q, n in e["history"][:4])
         if len(e["history"]) > 4:
             history += f"; ... ({len(e['history'])} entries)"
+        if e.get("without_replacement"):
+            cohorts = "; ".join(f"({s:.4g}, {big}, {m}, {r})" for s, big, m, r in e["without_replacement"][:4])
+            if len(e["without_replacement"]) > 4:
+                cohorts += f"; ... ({len(e['without_replacement'])} entries)"
+            history = "; ".join(filter(None, [history, "without replacement (sigma, N, m, rounds): " + cohorts]))
         lines.append(f"| {e['level']} | {e['who']} | {e['accountant']} | {e['delta']:.3g} | {_shown(e['epsilon_opacus'])} "
                      f"| {_shown(e['epsilon_dp_accounting'])} | {history} |")
     mechanisms = sorted({(e["level"], e["mechanism"]) for e in entries})
-    lines += [""] + [f"- {level}-level mechanism: {text}" for level, text in mechanisms] + [""]
-    return lines
+    lines += [""] + [f"- {level}-level mechanism: {text}" for level, text in mechanisms]
+    if any(e.get("without_replacement") for e in entries):
+        lines.append("- sampling without replacement is a bound only dp-accounting implements, so both columns are "
+                     "its own (the ledger's and a fresh recomputation): `rdp.RdpAccountant(neighboring_relation="
+                     "NeighboringRelation.REPLACE_ONE)` composing `SampledWithoutReplacementDpEvent(N, m, "
+                     "GaussianDpEvent(sigma / 2))` for each (sigma, N, m, rounds) and `GaussianDpEvent(sigma / 2)` for "
+                     "each (sigma, q, steps)")
+    return lines + [""]
 
 
 def _number(value: float):
