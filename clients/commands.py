@@ -13,6 +13,8 @@ CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
     "messages-column": (str, "instruct: a column of chat messages instead of prompt / response"),
     "physical-batch-size": (int, "rows per forward/backward pass (a larger Poisson batch runs in chunks, one DP step)"),
     "max-epsilon": (float, "REQUIRED: this node's hard epsilon cap over everything it releases from its data"),
+    "labels": (str, "classification: every label --data may hold, comma-separated (checked against the rows now; "
+                    "the server's label list must include them)"),
     "delta": (float, "this node's delta (default 1/(10 n)); a server may only ask for a smaller one"),
     "accountant": (str, "rdp (default) or prv"),
     "model": (str, "local base-model folder or bundled name (default: the task's bundled model)"),
@@ -23,6 +25,8 @@ CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
     "release-evaluation": (str, "off (default) or dp: noised, charged to the ledger"),
     "metric-noise-multiplier": (float, "noise multiplier of each metric release (default 5)"),
     "max-evaluations-per-round": (int, "evaluation requests answered per round the node trains (default 1)"),
+    "secagg-max-clip": (float, "largest L2 bound this node clips its update to in a SecAgg+ round (default 8); "
+                               "a server may only ask for a smaller one"),
 }
 CLIENT_FLAG_KEYS = {"data": "data-path", "model": "model-path", "eval-data": "eval-path"}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedtune.config import load_toml, toml_value
+from fedtune.data import check_declared_labels
 from fedtune.errors import ConfigError
 from fedtune.models_builtin import bundled_name
 from fedtune.privacy.policy import STATE_DIR_KEY, NodePolicy
@@ -39,11 +40,13 @@ def resolve_policy(file_values: Mapping[str, Any], flag_values: Mapping[str, Any
     for key in ("data-path", "eval-path", "budget-dir") + (() if bundled else ("model-path",)):
         if values.get(key):
             values[key] = str(Path(str(values[key])).expanduser().resolve())
-    NodePolicy.from_node_config(values, source=source)  # one-line errors for a bad policy
+    policy = NodePolicy.from_node_config(values, source=source)  # one-line errors for a bad policy
     for key, kind in (("data-path", "file"), ("eval-path", "file")) + (() if bundled else (("model-path", "folder"),)):
         path = values.get(key)
         if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
             raise ConfigError(f"{source}: {key} = {path}: {kind} not found")
+    if policy.own.node.labels:  # the rows meet the policy now, never in answer to a server
+        check_declared_labels(policy.own.data, policy.own.node.labels)
     return values
 
 

@@ -209,6 +209,8 @@ class NodeConfig:
     metric_noise_multiplier: float = opt(5.0, "Noise multiplier of each metric release (Gaussian mechanism, sensitivity-normalised). 5 costs little next to DP-SGD but leaves a +-7 example error on a count of correct predictions: metrics on small validation sets are rough under DP.")
     metric_loss_clip: float = opt(5.0, "Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).")
     require_secure_aggregation: bool = opt(False, "Refuse every training round that is not a SecAgg+ round (the node's update then never reaches the server unmasked).")
+    secagg_max_clip: float = opt(8.0, "The largest L2 bound this node clips its own update to in a SecAgg+ round: a server may declare a smaller bound (`federation.secagg_clip`), never a larger one (the server cannot check a masked update, so the bound is the node's). 8 is the bound a server with the default settings declares (the quantization's clipping range).")
+    labels: tuple[str, ...] = opt((), "Classification: every label this node's data may hold (its operator declares them; `fedtune client --labels`). A server's label list must include them all, and the node checks its own rows against them when it starts, never in answer to a request: a refusal that depended on the rows would tell the server what they hold. Empty: data.labels (train-local, simulation); a deployed node without it refuses classification.")
     max_evaluations_per_round: int = opt(1, "Evaluation requests the node answers per round it trains (counted by the node, not by the round number a message claims); more are refused.")
     max_unreleased_rounds: int = opt(3, "Rounds the node may charge and then release nothing for (the server stopped waiting, a failure after the charge, a killed process) over its whole life; past it the node refuses to train until its operator raises this. A server that cuts rounds short on purpose would otherwise spend the budget for nothing.")
 
@@ -222,6 +224,8 @@ class NodeConfig:
             _fail("node.metric_noise_multiplier", self.metric_noise_multiplier, "a number > 0")
         if not self.metric_loss_clip > 0:
             _fail("node.metric_loss_clip", self.metric_loss_clip, "a number > 0")
+        if not 0 < self.secagg_max_clip < math.inf:
+            _fail("node.secagg_max_clip", self.secagg_max_clip, "a finite number > 0")
         if self.max_evaluations_per_round < 0:
             _fail("node.max_evaluations_per_round", self.max_evaluations_per_round, "a whole number >= 0")
         if self.max_unreleased_rounds < 0:

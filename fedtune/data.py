@@ -127,6 +127,17 @@ def read_for_task(path: str | Path, config: DataConfig, task: str) -> Table:
     return read_table(path, config.text_column, config.label_column if task == "classification" else None)
 
 
+def check_declared_labels(config: DataConfig, labels) -> None:
+    """At a node's start, before it answers anything: every row of its files holds a label
+    its policy declares (`node.labels`). Run here, the check's outcome is the operator's to
+    see; run in answer to a request, it would tell the server whether some row holds a label."""
+    label_map = LabelMap.from_config(labels)
+    files = [config.path] + ([config.eval_path] if config.eval_path else [])
+    for path in files:
+        table = read_for_task(path, config, "classification")
+        label_map.encode(table.labels, source=f"{path} (the node's declared labels: {', '.join(map(str, labels))})")
+
+
 def load_table(config: DataConfig, task: str) -> Table:
     """The training table named by the config: a local file, else a built-in dataset."""
     if config.path:

@@ -107,10 +107,11 @@ class InstructEncoding:
     kept: list[int]
     skipped: list[int] = field(default_factory=list)  # rows whose response does not fit
     truncated: int = 0  # kept rows whose prompt was shortened
+    silenced: list[int] = field(default_factory=list)  # with keep_all: rows kept that teach nothing (see below)
 
     def summary(self) -> dict:
-        return {"examples": len(self.kept) + len(self.skipped), "kept": len(self.kept),
-                "skipped_response_too_long": len(self.skipped), "prompts_shortened": self.truncated}
+        return {"examples": len(self.kept) + len(self.skipped), "kept": len(self.kept) - len(self.silenced),
+                "skipped_response_too_long": len(self.skipped) + len(self.silenced), "prompts_shortened": self.truncated}
 
 
 def _fit_prompt(tokenizer, turns: list[dict], prompt_text: str, response_len: int, max_len: int,
@@ -138,16 +139,31 @@ def _fit_prompt(tokenizer, turns: list[dict], prompt_text: str, response_len: in
 
 
 def encode_instruct(tokenizer, prompts: list[str], responses: list[str], max_len: int,
-                    messages_mode: bool = False) -> InstructEncoding:
+                    messages_mode: bool = False, keep_all: bool = False) -> InstructEncoding:
     """Tokenize (prompt, response) rows into right-padded tensors of `max_len` with the
-    prompt masked out of the labels."""
+    prompt masked out of the labels.
+
+    A response is never cut (half an answer teaches a wrong one). A row whose response does
+    not fit is skipped, or, with `keep_all` (a node's own rows), kept as a *silent* row: its
+    prompt's first tokens with every label masked, so it adds nothing to any gradient. A node
+    keeps every row so that how many rows it trains on, and so everything it answers, never
+    depends on how long one private answer is (a server could otherwise probe lengths and read
+    the count)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows_ids, rows_labels, prompt_ids, kept, skipped, truncated = [], [], [], [], [], 0
+    rows_ids, rows_labels, prompt_ids, kept, skipped, silenced, truncated = [], [], [], [], [], [], 0
     for index, (prompt, response) in enumerate(zip(prompts, responses)):
         turns = conversation(prompt, messages_mode)
         prompt_text, response_text = render(tokenizer, turns, str(response))
         response_ids = _ids(tokenizer, response_text, prompt=False)
         ids, shortened = _fit_prompt(tokenizer, turns, prompt_text, len(response_ids), max_len, messages_mode)
+        if ids is None and keep_all:
+            ids = _ids(tokenizer, prompt_text, prompt=True)[:max_len]
+            rows_ids.append(ids)
+            rows_labels.append([IGNORE_INDEX] * len(ids))
+            prompt_ids.append(ids)
+            kept.append(index)
+            silenced.append(index)
+            continue
         if ids is None:
             skipped.append(index)
             continue
@@ -164,27 +180,30 @@ def encode_instruct(tokenizer, prompts: list[str], responses: list[str], max_len
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         labels[row, : len(target)] = torch.tensor(target)
-    return InstructEncoding(input_ids, attention_mask, labels, prompt_ids, kept, skipped, truncated)
+    return InstructEncoding(input_ids, attention_mask, labels, prompt_ids, kept, skipped, truncated, silenced)
 
 
-def encode_rows(tokenizer, table, max_len: int, messages_mode: bool = False):
+def encode_rows(tokenizer, table, max_len: int, messages_mode: bool = False, keep_all: bool = False):
     """A table of (prompt, response) rows -> (its encoding, the response-masked dataset, and
     (prompt ids, expected answers) of the rows kept, for scoring by generation)."""
     from fedtune.data import to_dataset
 
-    encoding = encode_instruct(tokenizer, table.texts, table.labels, max_len, messages_mode)
+    encoding = encode_instruct(tokenizer, table.texts, table.labels, max_len, messages_mode, keep_all)
     dataset = to_dataset(vars(encoding), None, labels=encoding.labels)
     return encoding, dataset, (encoding.prompt_ids, [table.labels[i] for i in encoding.kept])
 
 
 def describe_skips(encoding: InstructEncoding, source: str, max_len: int) -> str | None:
     """One line for the log when rows were skipped or prompts shortened; None when none."""
-    if not encoding.skipped and not encoding.truncated:
+    if not encoding.skipped and not encoding.truncated and not encoding.silenced:
         return None
     parts = []
     if encoding.skipped:
         parts.append(f"{len(encoding.skipped)} example(s) skipped: the response does not fit in model.max_seq_len = "
                      f"{max_len} beside the template (first: row {encoding.skipped[0] + 1})")
+    if encoding.silenced:
+        parts.append(f"{len(encoding.silenced)} example(s) kept but teaching nothing: the response does not fit in "
+                     f"model.max_seq_len = {max_len} beside the template (first: row {encoding.silenced[0] + 1})")
     if encoding.truncated:
         parts.append(f"{encoding.truncated} prompt(s) shortened to fit")
     return f"{source}: " + "; ".join(parts)

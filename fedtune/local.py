@@ -127,7 +127,8 @@ def _instruct_data(config: Config, tokenizer, train_table: Table, val_table: Tab
     from fedtune.instruct import describe_skips, encode_rows
 
     length, messages = config.model.max_seq_len, bool(config.data.messages_column)
-    encoding, train, _ = encode_rows(tokenizer, train_table, length, messages)
+    # every row is kept (too long ones silent): the count never depends on one answer's length
+    encoding, train, _ = encode_rows(tokenizer, train_table, length, messages, keep_all=True)
     summary = {"train": encoding.summary()}
     line = describe_skips(encoding, train_table.source, length)
     if line:
@@ -136,7 +137,7 @@ def _instruct_data(config: Config, tokenizer, train_table: Table, val_table: Tab
         raise DataError(f"{train_table.source}: no example fits in model.max_seq_len = {length}; raise it")
     val = val_prompts = None
     if val_table is not None:
-        held, val, val_prompts = encode_rows(tokenizer, val_table, length, messages)
+        held, val, val_prompts = encode_rows(tokenizer, val_table, length, messages, keep_all=True)
         summary["validation"] = held.summary()
     check_against_data(config, len(train))
     return NodeData(train, val, None, None, record_set.fingerprint, records, summary, val_prompts, record_set)

@@ -75,10 +75,10 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
         f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n\n[data]\nlabels = ["neg", "pos"]\n\n'
         '[training]\nrounds = 2\nepochs = 1\nbatch_size = 8\n\n[dp]\ntarget_epsilon = 3.0\n\n'
         '[federation]\nclients_per_round = 3\nmin_clients = 3\nround_timeout = 300\n')
-    policies = {1: ["--max-epsilon", "8", "--release-evaluation", "dp"],  # a generous node that shares metrics
-                2: ["--max-epsilon", "5", "--delta", "1e-4"],              # a strict one that shares nothing
-                3: ["--max-epsilon", "8"],
-                4: ["--max-epsilon", "1"]}
+    policies = {1: ["--max-epsilon", "8", "--labels", "neg,pos", "--release-evaluation", "dp"],  # a generous node that shares metrics
+                2: ["--max-epsilon", "5", "--labels", "neg,pos", "--delta", "1e-4"],              # a strict one that shares nothing
+                3: ["--max-epsilon", "8", "--labels", "neg,pos"],
+                4: ["--max-epsilon", "1", "--labels", "neg,pos"]}
     processes = []
     try:
         processes.append(_start([BIN / "fedtune", "server", "--certs", str(certs), "--host", "127.0.0.1",

@@ -84,10 +84,12 @@ OWNERS: dict[str, tuple[str, str]] = {
                     "user_dp_clip", "user_dp_noise", "cohort_sampling", "population", "user_dp_delta", "num_clients",
                     "partitioner", "dirichlet_alpha", "partition_column", "client_files", "ray_address",
                     "round_timeout", "central_eval_path", "central_holdout", "rows_per_client")},
+    "node.labels": (NODE, "the labels the node's data may hold: a server's label list must include them (a check of "
+                          "the request against the policy, never against the rows)"),
     **{f"node.{name}": (NODE, "the node's own policy")
        for name in ("max_epsilon", "budget_dir", "release_train_loss", "release_evaluation",
                     "metric_noise_multiplier", "metric_loss_clip", "max_evaluations_per_round", "max_unreleased_rounds",
-                    "require_secure_aggregation")},
+                    "require_secure_aggregation", "secagg_max_clip")},
 }
 
 # A deployed node's policy keys (SuperNode node config / `fedtune client` / a policy file).
@@ -113,6 +115,8 @@ NODE_CONFIG_KEYS: dict[str, str] = {
     "max-evaluations-per-round": "node.max_evaluations_per_round",
     "max-unreleased-rounds": "node.max_unreleased_rounds",
     "require-secure-aggregation": "node.require_secure_aggregation",
+    "secagg-max-clip": "node.secagg_max_clip",
+    "labels": "node.labels",
 }
 ALLOW_NON_PRIVATE_KEY = "allow-non-private"
 REQUEST_KEY = "fedtune-request"  # where a server message carries its request (TOML text)
@@ -120,6 +124,10 @@ REQUEST_KEY = "fedtune-request"  # where a server message carries its request (T
 SECAGG_KEYS_FIELD = "fedtune-keys"           # names of the payload's tensors, in order (JSON list)
 SECAGG_UPDATE_KEYS_FIELD = "fedtune-update"  # names of the tensors whose update is masked (JSON list)
 SECAGG_CLIP_FIELD = "secagg-clip"            # the L2 bound a node clips its update to
+# The survivor-set consistency round fedtune adds before SecAgg+'s unmask stage (clients/secagg.py):
+SECAGG_CONFIRM_STAGE = "fedtune-confirm"              # "these are the survivors": each node confirms to each neighbour
+SECAGG_CONFIRMERS_FIELD = "fedtune-confirmers"        # at unmask: who sent each relayed confirmation
+SECAGG_CONFIRMATIONS_FIELD = "fedtune-confirmations"  # at unmask: the confirmations, encrypted per pair
 STATE_DIR_KEY = "state-dir"
 
 
@@ -177,7 +185,8 @@ class NodePolicy:
     @classmethod
     def from_config(cls, config: Config) -> "NodePolicy":
         """train-local and simulation: the config is the node's policy, its cap resolved."""
-        own = config.replace(node=dataclasses.replace(config.node, max_epsilon=config.max_epsilon))
+        own = config.replace(node=dataclasses.replace(config.node, max_epsilon=config.max_epsilon,
+                                                      labels=config.node.labels or config.data.labels))
         return cls(own, allow_non_private=not config.dp.enabled)
 
     @classmethod
@@ -198,6 +207,8 @@ class NodePolicy:
                 raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(NODE_CONFIG_KEYS))}, "
                                   f"{ALLOW_NON_PRIVATE_KEY}, {STATE_DIR_KEY})")
             section, field = NODE_CONFIG_KEYS[key].split(".")
+            if field == "labels" and isinstance(value, str):  # node config values are scalars: "neg,pos"
+                value = [label.strip() for label in value.split(",") if label.strip()]
             raw.setdefault(section, {})[field] = value
         if "max_epsilon" not in raw.get("node", {}):
             raise ConfigError(f"{source}: max-epsilon is required: a deployed node refuses to start without its own "
@@ -231,6 +242,8 @@ class NodePolicy:
                     who = "the node decides this" if owner == NODE else "nodes take no such setting from a server"
                     raise PolicyRefusal(name, f"{who} ({why})")
                 raw[section][key] = value
+        if not raw["data"]["labels"]:  # no list from the server: the node's own, in its order
+            raw["data"]["labels"] = list(self.own.node.labels)
         target = raw["dp"]["target_epsilon"]
         if isinstance(target, (int, float)) and not isinstance(target, bool) and target > self.max_epsilon:
             raise PolicyRefusal("dp.target_epsilon", f"{target:g} is above this node's max_epsilon {self.max_epsilon:g}")
@@ -238,6 +251,7 @@ class NodePolicy:
             config = build_config(raw, source="server request")
         except ConfigError as exc:
             raise PolicyRefusal.of(exc) from None
+        _check_labels(config, self.own.node.labels)
         if not config.dp.enabled and not self.allow_non_private:
             raise PolicyRefusal("dp.enabled", "false asked, but this node never trains without differential privacy")
         own_delta = self.own.dp.delta
@@ -262,6 +276,27 @@ class NodePolicy:
         return (f"node policy: max epsilon {self.max_epsilon:g}, delta {delta}, {own.dp.accountant} accountant, "
                 f"non-private training {'allowed' if self.allow_non_private else 'never'}, "
                 f"train loss release {own.node.release_train_loss}, evaluation release {own.node.release_evaluation}")
+
+
+def _check_labels(config: Config, own: tuple[str, ...]) -> None:
+    """A classification request's label list against the node's declared labels: the list
+    decides which rows could be encoded, so it is checked against the policy here, where the
+    answer is the same whatever the rows hold (the rows meet the policy at the node's start)."""
+    if config.model.task != "classification":
+        return
+    if not own:
+        raise PolicyRefusal("data.labels", "this node declares no label set (node config `labels`, `fedtune client "
+                                           "--labels`), so it trains no classification")
+    requested = {_label_key(label) for label in config.data.labels}
+    missing = [label for label in own if _label_key(label) not in requested]
+    if config.data.labels and missing:
+        raise PolicyRefusal("data.labels", f"the request's labels leave out {missing}, which this node's policy "
+                                           "declares; the federation's label list must include every node's labels")
+
+
+def _label_key(label) -> str:
+    text = str(label).strip()
+    return str(int(text)) if text.lstrip("-").isdigit() else text
 
 
 def ownership_table() -> list[tuple[str, str, str]]:
