@@ -25,6 +25,8 @@ CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
     "release-evaluation": (str, "off (default) or dp: noised, charged to the ledger"),
     "metric-noise-multiplier": (float, "noise multiplier of each metric release (default 5)"),
     "max-evaluations-per-round": (int, "evaluation requests answered per round the node trains (default 1)"),
+    "max-unreleased-rounds": (int, "rounds the node may charge and release nothing for (a server that stops waiting) "
+                                   "before it refuses to train until you look (default 3)"),
     "secagg-max-clip": (float, "largest L2 bound this node clips its update to in a SecAgg+ round (default 8); "
                                "a server may only ask for a smaller one"),
 }
