@@ -12,8 +12,9 @@ Precedence, as for the CLI: defaults < the `config` TOML < run-config values.
 
 Fields a node decides (`fedtune.privacy.policy.OWNERS`: its data, its accountant, its cap,
 its noise seed, ...) are refused here with a one-line error: a run config is the operator's,
-and even in a simulation the nodes' own settings come from the nodes' side (the `config`
-TOML), never from what the server side was started with. Lists (`lora.target-modules`,
+and even in a simulation the nodes' own settings come from the nodes' side
+(`FEDTUNE_SIMULATION_POLICY` in a `flwr run` simulation), never from the run config or the
+`config` TOML it names. Lists (`lora.target-modules`,
 `data.labels`) travel as comma-separated text, because Flower's run config holds only
 scalars.
 """

@@ -1,8 +1,14 @@
 """The simulation as Flower apps, for `flwr run simulations/flwr_app` (Flower's own CLI on
-its local simulation engine). The harness wraps the deployment apps: the ServerApp runs
-the same federation as `fedtune simulate` (the run config's `config`, or the built-in
-default) with every `--run-config` value applied (`fedtune.run_config`), and each virtual node's ClientApp gets its policy, rows and state dir from the
-run config the researcher wrote, injected here, never from a server message."""
+its local simulation engine). The harness wraps the deployment apps.
+
+The run config is the server side's, as an operator's is in deployment: the ServerApp runs
+the federation its `config` TOML (or the built-in default) describes, with every
+`--run-config` value applied (`fedtune.run_config`), and the simulation's data, partition
+and model. Each virtual node's ClientApp gets its rows and state dir from the harness and
+its privacy policy from the node side of the process that runs the simulation
+(`FEDTUNE_SIMULATION_POLICY`, else the built-in default; `simulations.run`), never from the
+run config or a server message. A node-owned field in the run config, or in its `config`
+TOML where it differs from the nodes' policy, stops the run at the start in one line."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from clients.client_app import make_client_app
 from fedtune.run_config import RUN_DIR_KEY, log_to_of
 from server.server_app import run_federation
 from simulations.partition import held_out_table
-from simulations.run import flwr_run_config, flwr_run_setup
+from simulations.run import POLICY_ENV, flwr_run_config, flwr_run_setup, simulation_policy, simulation_policy_source
 
 clientapp = make_client_app(flwr_run_setup)
 serverapp = ServerApp()
@@ -23,5 +29,7 @@ serverapp = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     config = flwr_run_config(run_config)
+    source = simulation_policy_source()
+    print(f"virtual nodes' {simulation_policy(config, source).describe()} ({POLICY_ENV}: {source})", flush=True)
     run_federation(grid, config, run_config.get(RUN_DIR_KEY) or "runs/flwr-simulation", eval_table=held_out_table(config),
                    log_to=log_to_of(run_config))

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.atomic import atomic_write_json
-from fedtune.config import Config
+from fedtune.config import Config, build_config, load_config, load_toml
 from fedtune.data import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.federation import FederationServer
-from fedtune.privacy.policy import NodePolicy
+from fedtune.privacy.policy import NODE, OWNERS, WITHIN_POLICY, NodePolicy
 from fedtune.processes import flower_environment
 from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
 from fedtune.report import DATA_SUMMARY_FILE
-from fedtune.run_config import RUN_DIR_KEY, config_from_run_config
+from fedtune.run_config import CONFIG_KEY, FIELD_OF_KEY, RUN_DIR_KEY, UNSET, config_from_run_config
 from fedtune.tracking import parse_log_to
 from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
 
@@ -69,11 +69,14 @@ def prepare_simulation(config: Config) -> Config:
 @dataclass(frozen=True)
 class SimulationNodes:
     """The node side of every virtual client, injected into the deployment ClientApp:
-    the simulation's config is each client's policy, its rows are its partition, its
-    state dir (and budget) is `RUN_DIR/clients/client-NNNNN`. Picklable, so Ray ships it."""
+    its policy, its rows (its partition of the simulation config's data) and its state dir
+    (and budget), `RUN_DIR/clients/client-NNNNN`. `policy` is what every virtual node
+    enforces; None = the simulation config's own (`fedtune simulate`: one researcher's
+    config plays both sides). Picklable, so Ray ships it."""
 
     config: Config
     run_dir: str
+    policy: NodePolicy | None = None
 
     def __call__(self, context) -> "NodeSetup":
         from clients.node import NodeSetup
@@ -81,26 +84,138 @@ class SimulationNodes:
 
         pid = int(context.node_config["partition-id"])
         state_dir = Path(self.run_dir).resolve() / "clients" / f"client-{pid:05d}"
-        own = self.config.replace(node=dataclasses.replace(self.config.node, budget_dir=str(state_dir)))
-        return NodeSetup(NodePolicy.from_config(own), state_dir, client_table(self.config, pid))
+        policy = self.policy or NodePolicy.from_config(self.config)
+        own = policy.own.replace(node=dataclasses.replace(policy.own.node, budget_dir=str(state_dir)))
+        return NodeSetup(dataclasses.replace(policy, own=own), state_dir, client_table(self.config, pid))
+
+
+# -- `flwr run simulations/flwr_app`: the run config is the server side's ------------------
+#
+# Whoever submits a `flwr run` (its run config, and the `config` TOML it names) configures
+# the server side only, as an operator does in deployment. Each virtual node's policy comes
+# from the side of the process that runs the simulation: a fedtune config TOML named by
+# FEDTUNE_SIMULATION_POLICY, else the built-in default. (Flower 1.41's simulation sets no
+# per-node node config: its federation config takes only sizes and resources, and each
+# virtual node's node config is its partition-id and num-partitions.)
+
+POLICY_ENV = "FEDTUNE_SIMULATION_POLICY"
+
+# Node-owned fields that say what a virtual node holds rather than what it allows: its rows
+# (the partition) and the labels they may hold, its copy of the base model, its device and
+# memory chunking, and its budget folder (its state dir). The harness gives every virtual
+# node these from the simulation config, as it decides the partition; the ServerApp loads
+# the same model path in the same process, and none of them changes the DP mechanism a
+# node's policy bounds.
+HARNESS_NODE_FIELDS = frozenset(
+    [name for name, (owner, _) in OWNERS.items() if owner == NODE and name.startswith("data.")]
+    + ["node.labels", "model.path", "model.device", "training.physical_batch_size", "node.budget_dir"])
+
+# What each virtual node's policy takes from the node side: every other node-owned field
+# (cap, accountant, noise seed, secure mode, metric releases, ...) and the node's own values
+# of the fields a server may request only within the policy (dp.enabled: false allows
+# non-private training; dp.delta; dp.target_epsilon, the cap when node.max_epsilon is 0).
+POLICY_FIELDS = tuple(name for name, (owner, _) in OWNERS.items()
+                      if (owner == NODE and name not in HARNESS_NODE_FIELDS) or owner == WITHIN_POLICY)
+
+
+def simulation_policy_source() -> str:
+    """The virtual nodes' policy file: $FEDTUNE_SIMULATION_POLICY, else the built-in default.
+    Absolute only: the SuperLink, the simulation process and its Ray workers need not share
+    the directory `flwr run` was typed in."""
+    path = os.environ.get(POLICY_ENV, "")
+    if not path:
+        return default_config_path()
+    if not Path(path).is_absolute():
+        raise ConfigError(f"{POLICY_ENV} = {path!r}: give an absolute path to the virtual nodes' policy TOML "
+                          "(the simulation's processes may not run where `flwr run` was typed)")
+    if not Path(path).is_file():
+        raise ConfigError(f"{POLICY_ENV} = {path}: file not found (the virtual nodes' policy, a fedtune config TOML)")
+    return path
+
+
+def node_side_config(source: str) -> Config:
+    """The node-side TOML as a config. A file that caps epsilon (`node.max_epsilon`) but
+    names no `dp.target_epsilon` targets its cap, as a deployed node's policy does, instead
+    of failing on the default target being above it."""
+    raw = load_toml(source)
+    cap = raw["node"]["max_epsilon"] if _sets(raw, "node.max_epsilon") else 0
+    targets = _sets(raw, "dp.target_epsilon") or not isinstance(raw.get("dp", {}), dict)
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0 and not targets:
+        raw.setdefault("dp", {})["target_epsilon"] = cap
+    return build_config(raw, source=f"{POLICY_ENV} {source}")
+
+
+def simulation_policy(config: Config, source: str) -> NodePolicy:
+    """Each virtual node's policy: `config` (the simulation: rows, model, what the server
+    decides) with every `POLICY_FIELDS` value, and the resolved cap, from the node-side
+    TOML `source`."""
+    node_side = node_side_config(source)
+    raw, side = config.to_dict(), node_side.to_dict()
+    for name in POLICY_FIELDS:
+        section, key = name.split(".")
+        raw[section][key] = side[section][key]
+    raw["node"]["max_epsilon"] = node_side.max_epsilon
+    return NodePolicy.from_config(build_config(raw, source=f"{POLICY_ENV} {source}"))
+
+
+def _refuse_node_fields(run_config, config_path: str, source: str) -> None:
+    """A run config is the server side's: a node-owned field in it, or in the `config` TOML
+    it names (unless the node side's policy says the same), is refused in one line naming
+    where to set it, before anything runs, rather than silently ignored by the nodes."""
+    where = (f"set it in the virtual nodes' policy file ({POLICY_ENV}=/abs/policy.toml, a fedtune config TOML; "
+             f"now {source})")
+    for key, value in run_config.items():
+        field = FIELD_OF_KEY.get(key) or (key if key in OWNERS else None)
+        if field and OWNERS[field][0] == NODE and not (isinstance(value, str) and value == UNSET):
+            instead = ("set it in the simulation's `config` TOML, which gives every virtual node its rows, model and "
+                       "device" if field in HARNESS_NODE_FIELDS else where)
+            raise ConfigError(f"run config: {key} = {value!r}: refused, each virtual node decides this "
+                              f"({OWNERS[field][1]}); {instead}, never in the run config")
+    if not config_path:
+        return
+    written = load_toml(config_path)
+    named = [name for name in POLICY_FIELDS if OWNERS[name][0] == NODE and _sets(written, name)]
+    if not named:
+        return
+    theirs, node_side = load_config(config_path).to_dict(), node_side_config(source).to_dict()
+    for name in named:
+        section, key = name.split(".")
+        if theirs[section][key] != node_side[section][key]:
+            raise ConfigError(f"run config: config = {config_path} sets {name} = {theirs[section][key]!r}: refused, "
+                              f"each virtual node decides this ({OWNERS[name][1]}); {where}")
+
+
+def _sets(raw: dict, name: str) -> bool:
+    """Whether a TOML's tables write the field `section.key`."""
+    section, key = name.split(".")
+    return isinstance(raw.get(section), dict) and key in raw[section]
 
 
 @lru_cache(maxsize=4)
-def _flwr_run_nodes(run_config: tuple) -> SimulationNodes:
+def _flwr_run_nodes(run_config: tuple, source: str, stamp: int) -> SimulationNodes:
+    """Cached per process (a Ray worker answers many messages): keyed by the run config and
+    the policy file with its modification time, so an edited file is read again."""
     values = dict(run_config)
-    return SimulationNodes(flwr_run_config(values), str(values.get(RUN_DIR_KEY) or "runs/flwr-simulation"))
+    config = flwr_run_config(values)
+    return SimulationNodes(config, str(values.get(RUN_DIR_KEY) or "runs/flwr-simulation"),
+                           simulation_policy(config, source))
 
 
 def flwr_run_config(run_config) -> Config:
-    """The simulation a `flwr run simulations/flwr_app` run config describes: its `config`
-    TOML (else the built-in default) with every `--run-config` value applied and checked."""
+    """The simulation a `flwr run simulations/flwr_app` run config describes (the server
+    side): its `config` TOML (else the built-in default) with every `--run-config` value
+    applied and checked. Node-owned fields are refused (`_refuse_node_fields`)."""
+    _refuse_node_fields(run_config, str(run_config.get(CONFIG_KEY) or ""), simulation_policy_source())
     return prepare_simulation(config_from_run_config(run_config, default_config_path()))
 
 
 def flwr_run_setup(context) -> "NodeSetup":
     """`flwr run` on the local simulation engine: the run config names the simulation
-    (as for the ServerApp), each virtual node its partition."""
-    return _flwr_run_nodes(tuple(sorted(context.run_config.items())))(context)
+    (its data, partition and model, as for the ServerApp), each virtual node its partition,
+    and the node side (`simulation_policy_source`) the policy every virtual node enforces;
+    the server's configuration reaches the nodes only as each round's request."""
+    source = simulation_policy_source()
+    return _flwr_run_nodes(tuple(sorted(context.run_config.items())), source, os.stat(source).st_mtime_ns)(context)
 
 
 GPU_SHARE = 0.25  # four virtual clients per GPU: a LoRA client on MiniLM-sized models uses a sliver of one

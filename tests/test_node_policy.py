@@ -171,8 +171,9 @@ def test_the_deployment_guide_shows_the_ownership_table_of_the_code():
 
 
 def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(tiny_bert, tmp_path):
-    """`flwr run` on the local simulation engine: a virtual node's policy, rows and state
-    dir come from the run config (the researcher's), never from a server message; and a
+    """`flwr run` on the local simulation engine: a virtual node's rows and state dir come from
+    the run's simulation config, its policy from the node side (tests/test_simulation_policy.py),
+    never from a server message; and a
     real SuperNode started with a partition-id does not take that path."""
     from clients.client_app import deployment_setup
     from fedtune.errors import ConfigError
@@ -197,13 +198,13 @@ def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(t
 
 
 def test_a_request_cannot_read_rows_back_through_error_messages(node):
-    """A server naming labels the node's file does not use makes the data check fail; the
-    reply names the kind of failure, never the cell that failed (it stays in the node's log)."""
+    """A server naming labels the node's file does not use is refused by the node's declared
+    labels (its policy, not its rows); the reply names no cell of the file."""
     rows = {cell for row in make_texts(60, seed=3) for cell in row}
     request = server_request(node["server"])
     request["data"]["labels"] = ["a", "b"]
     status, _, content = _train(node, request)
-    assert status["status"] == "node-error" and "arrays" not in content
+    assert status["status"] == "policy-refused" and "data.labels" in status["message"] and "arrays" not in content
     assert not any(cell in status["message"] for cell in rows), status["message"]
     relabel = server_request(node["server"])
     relabel["data"]["label_column"] = "text"  # train on (and echo) the text as if it were a label

@@ -87,9 +87,12 @@ def test_node_owned_fields_are_refused(field):
 
 
 def test_the_simulation_app_applies_the_run_config_to_server_and_virtual_nodes(tiny_bert, tmp_path):
-    """`flwr run simulations/flwr_app --run-config ...`: the ServerApp's config and every
-    virtual node's policy are the same overridden config."""
+    """`flwr run simulations/flwr_app --run-config ...`: the ServerApp's config is the
+    overridden config, and it reaches every virtual node as the request its policy (the
+    node side's, here the built-in default) checks (tests/test_simulation_policy.py)."""
     from flwr.app import Context, RecordDict
+
+    from fedtune.privacy.policy import server_request
 
     from simulations.run import flwr_run_config, flwr_run_setup
     from tests.conftest import make_texts, write_csv
@@ -104,7 +107,8 @@ def test_the_simulation_app_applies_the_run_config_to_server_and_virtual_nodes(t
     assert flwr_run_config(run_config).dp.target_epsilon == 2.5
     context = Context(run_id=1, node_id=9, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                       run_config=run_config)
-    own = flwr_run_setup(context).policy.own
-    assert own.dp.target_epsilon == 2.5 and own.training.rounds == 3 and own.max_epsilon == 2.5
+    policy = flwr_run_setup(context).policy
+    trained = policy.config_for(server_request(flwr_run_config(run_config)))
+    assert trained.dp.target_epsilon == 2.5 and trained.training.rounds == 3 and policy.max_epsilon == 8.0
     with pytest.raises(ConfigError, match="dp.noise-seed = 7: refused"):
         flwr_run_config(_as_flower_passes_it(f'config="{base}" dp.noise-seed=7', pyproject))

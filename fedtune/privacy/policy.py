@@ -10,8 +10,10 @@ and the node trains nothing and releases nothing.
 
 `OWNERS` lists every configuration field and who decides it; it is the one place to read
 (and the closing table of docs/deployment.md is generated from it). In train-local and
-simulation one config plays both roles: `NodePolicy.from_config` takes the node's fields
-from it and `server_request` the server's, so simulation runs the deployment code path.
+`fedtune simulate` one config plays both roles: `NodePolicy.from_config` takes the node's
+fields from it and `server_request` the server's, so simulation runs the deployment code
+path. A `flwr run` simulation takes its nodes' policy from the node side only
+(`simulations.run`).
 """
 
 from __future__ import annotations
@@ -290,8 +292,8 @@ def _check_labels(config: Config, own: tuple[str, ...]) -> None:
     requested = {_label_key(label) for label in config.data.labels}
     missing = [label for label in own if _label_key(label) not in requested]
     if config.data.labels and missing:
-        raise PolicyRefusal("data.labels", f"the request's labels leave out {missing}, which this node's policy "
-                                           "declares; the federation's label list must include every node's labels")
+        raise PolicyRefusal("data.labels", f"the request's labels leave out {len(missing)} of the labels this node's "
+                                           "policy declares; the federation's label list must include every node's labels")
 
 
 def _label_key(label) -> str:
