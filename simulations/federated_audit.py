@@ -5,7 +5,8 @@ each node's update clipped to S, Gaussian noise z S on the sum, the fixed denomi
 the user-level ledger). m canary clients (`fedtune.privacy.canaries.UpdateCanaries`),
 each included by a fair coin, join the rounds at the cohort's sampling rate with an
 update of S along their own adapter coordinate; the real clients train for real on their
-partitions (record-level DP-SGD, as configured). The auditing server scores each canary
+partitions (record-level DP-SGD, as configured), each charged to the budget its records
+carry in the node's budget folder (`node.budget_dir`), as any training. The auditing server scores each canary
 by the released noisy sum minus the real nodes' clipped sum, over every round, and the
 one-run bound (`fedtune.privacy.audit_bound`) turns the guesses into a lower bound on the
 user-level epsilon, beside what the user-level ledger claims.
@@ -20,6 +21,7 @@ audited lives entirely in the strategy, and a canary client has no data to train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 
@@ -33,8 +35,9 @@ from fedtune.local import prepare_data, prepare_node
 from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound
 from fedtune.privacy.canaries import UpdateCanaries, guess
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.privacy.planning import new_ledger, plan_training
+from fedtune.privacy.planning import plan_training
 from fedtune.privacy.randomness import Randomness
+from fedtune.privacy.spending import spend
 from fedtune.strategy import ClientReply, Strategy, charge_user_level
 from simulations.partition import client_table, count_partitions
 
@@ -54,8 +57,23 @@ def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: 
     model, tokenizer = first.model, first.tokenizer
     data = [first.data] + [prepare_data(config, tokenizer, table=client_table(config, i), validation=False)
                            for i in range(1, clients)]
-    ledgers = [new_ledger(config, plan_training(config, len(d.train), delta=config.dp.resolved_delta(d.records)))
-               for d in data]
+    budgets = contextlib.ExitStack()  # every client's records keep their budget, as a node's do
+    with budgets:
+        ledgers = [budgets.enter_context(spend(config, d.record_set, config.dp.resolved_delta(d.records),
+                                               f"federated audit client {i}",
+                                               plan_at=lambda delta, d=d: plan_training(config, len(d.train), delta=delta),
+                                               steps_to_fit=lambda plan: plan.steps_per_call))
+                   for i, d in enumerate(data)]
+        return _audit_rounds(config, clients, model, data, ledgers, canaries, guesses, control, confidence, first,
+                             echo)
+
+
+def _audit_rounds(config, clients, model, data, spendings, canaries, guesses, control, confidence, first,
+                  echo) -> AuditResult:
+    """The federation's rounds with the canary clients joined, each client charged to the
+    budget its records already carry."""
+    fed = config.federation
+    ledgers = [spending.ledger for spending in spendings]
     randomness = Randomness.from_setting(config.dp.noise_seed)
     strategy = Strategy(config)
     reference = trainable_state(model)
@@ -70,8 +88,8 @@ def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: 
         for node in cohort.sampled:
             load_state(model, reference, partial=True)
             plan = plan_training(config, len(data[node].train), delta=ledgers[node].delta)
-            train_call(model, data[node].train, config, plan, ledgers[node], label=f"round {server_round}",
-                       randomness=randomness)
+            train_call(model, data[node].train, config, plan, ledgers[node], spendings[node].persist,
+                       label=f"federated audit round {server_round}", randomness=randomness)
             replies.append(ClientReply(node, "ok", trainable_state(model), len(data[node].train)))
         reference = strategy.aggregate(server_round, reference, replies, cohort)
     scores, included = strategy.canaries.scores, strategy.canaries.included

@@ -4,6 +4,7 @@ reach a normal run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -225,18 +226,25 @@ def _federation(tiny_bert, data, seed):
                                    "user_dp_noise": 3.0, "population": 1_000_000})
 
 
-def test_canary_clients_audit_user_level_dp_and_catch_it_without_noise(tiny_bert, audit_data):
+def test_canary_clients_audit_user_level_dp_and_catch_it_without_noise(tiny_bert, audit_data, tmp_path):
+    from fedtune.privacy.spending import OverBudgetError
     from simulations.federated_audit import audit_user_level
 
-    config = _federation(tiny_bert, audit_data, seed=21)
+    def scratch(config, name):  # public test rows: each run's budgets kept apart, as --budget-dir does
+        return config.replace(node=dataclasses.replace(config.node, budget_dir=str(tmp_path / name)))
+
+    config = scratch(_federation(tiny_bert, audit_data, seed=21), "audit")
     quiet = dict(canaries=1000, guesses=1000, echo=lambda line: None)
     sound = audit_user_level(config, **quiet)
     assert sound.steps == 2 and sound.claimed_epsilon < best_possible_bound(1000, 1000, sound.delta)
     assert sound.lower_bound <= sound.claimed_epsilon and sound.noise.as_planned and sound.verdict()[0]
+    with pytest.raises(OverBudgetError, match="federated audit client"):  # the clients' rows were charged
+        audit_user_level(config, **quiet)
+    config = scratch(config, "noise-off")
     broken = audit_user_level(config, control="noise-off", **quiet)
     assert broken.lower_bound > broken.claimed_epsilon and broken.noise.measured_noise < 1e-9  # round-off only
     assert broken.verdict()[0] and "caught" in broken.verdict()[1]
-    silent = audit_user_level(config, control="no-canaries", **quiet)
+    silent = audit_user_level(scratch(config, "no-canaries"), control="no-canaries", **quiet)
     assert silent.lower_bound < 0.5 and silent.verdict()[0]
 
 

@@ -1,5 +1,5 @@
 """One owner of the budget ritual (open, set the cap, lower delta, plan, persist, check the
-fit): the node's rounds and evaluations, train-local and the audit all go through
+fit): the node's rounds and evaluations, train-local, the audit and the federated audit go through
 `fedtune.privacy.spending.spend`, so a cap the operator lowers binds every one of them.
 Before, `fedtune audit` opened the budget without setting the cap and spent past it."""
 
@@ -38,5 +38,5 @@ def test_every_budget_is_opened_through_the_one_ritual():
     opened = [path.relative_to(ROOT) for folder in ("fedtune", "clients", "server", "simulations")
               for path in (ROOT / folder).rglob("*.py") if re.search(r"BudgetStore\(", path.read_text())]
     assert [str(p) for p in opened] == ["fedtune/privacy/spending.py"]
-    for module in ("clients/node.py", "fedtune/local.py", "fedtune/audit.py"):
+    for module in ("clients/node.py", "fedtune/local.py", "fedtune/audit.py", "simulations/federated_audit.py"):
         assert "spend(" in (ROOT / module).read_text(), module

@@ -53,6 +53,7 @@ def test_an_in_process_simulation_runs_every_client_here_without_ray(tiny_bert, 
     from fedtune.runtime import MODELS
     from simulations.run import simulate
 
+    MODELS._entry = None  # an earlier test may have left this very model cached
     loads = MODELS.loads
     lines = []
     run = simulate(_config(tiny_bert, tmp_path), tmp_path / "run", num_cpus_per_client=os.cpu_count() or 1,
