@@ -122,7 +122,7 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         if is_secagg(msg):
             return secagg_train(msg, context, lambda arrays, fit_config: _secure_fit(setup_for, context, arrays, fit_config),
-                                train_release)
+                                train_release, lambda: setup_for(context).policy.own.node.secagg_max_clip)
 
         def work(setup, request, record):
             if setup.policy.own.node.require_secure_aggregation:

@@ -11,7 +11,10 @@ The four stages, all Flower's: setup (each node makes two key pairs), share keys
 keys broadcast; Shamir shares of each node's mask seed and secret key, encrypted for its
 neighbours), collect masked vectors (each node trains, fedtune's node clips and sends its
 *update*, which Flower's mod quantizes and masks), unmask (survivors send the shares that
-remove the masks; dropped nodes' pairwise masks are rebuilt from theirs). The server learns
+remove the masks; dropped nodes' pairwise masks are rebuilt from theirs). Before unmask
+fedtune adds one round of its own: each node confirms its survivor lists to its surviving
+neighbours, and unmasks only with lists enough of them confirmed (`_Workflow`; the node's
+side and why it is needed: clients/secagg.py). The server learns
 the mean of the quantized updates and nothing about any one of them; below the threshold
 the round halts and fedtune fails it with the reason.
 
@@ -25,8 +28,10 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -37,7 +42,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fedtune.config import FederationConfig
-from fedtune.privacy.policy import SECAGG_KEYS_FIELD, SECAGG_UPDATE_KEYS_FIELD
+from fedtune.privacy.policy import (SECAGG_CONFIRM_STAGE, SECAGG_CONFIRMATIONS_FIELD, SECAGG_CONFIRMERS_FIELD,
+                                    SECAGG_KEYS_FIELD, SECAGG_UPDATE_KEYS_FIELD)
 
 
 
@@ -86,10 +92,18 @@ class _OneRound(Strategy):
 
 
 class _Workflow(SecAggPlusWorkflow):
-    """Flower's workflow, with one repair: a node lost before it shared its keys (at setup
-    or while sharing them) holds no shares anyone could use and masked nothing, so it is
-    taken out of the round entirely. Flower's own workflow keeps it among the sampled
-    nodes, asks the survivors for shares they never received, and halts the round."""
+    """Flower's workflow, with one repair and one added round.
+
+    The repair: a node lost before it shared its keys (at setup or while sharing them)
+    holds no shares anyone could use and masked nothing, so it is taken out of the round
+    entirely. Flower's own workflow keeps it among the sampled nodes, asks the survivors
+    for shares they never received, and halts the round.
+
+    The round: before unmask, each surviving node is told its survivor lists (exactly the
+    lists the unmask stage will send it) and confirms them to its surviving neighbours;
+    the unmask messages carry those confirmations to their addressees. fedtune's nodes
+    unmask only with lists that at least the threshold of neighbours confirmed, so a
+    server cannot tell different nodes different survivor sets (clients/secagg.py)."""
 
     def share_keys_stage(self, grid, context, state) -> bool:
         carry_on = super().share_keys_stage(grid, context, state)
@@ -99,6 +113,46 @@ class _Workflow(SecAggPlusWorkflow):
             for node in state.sampled_node_ids:
                 state.nid_to_neighbours[node] = set(state.nid_to_neighbours[node]) - lost
         return carry_on
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        active = set(state.active_node_ids)
+        dead = set(state.sampled_node_ids) - active
+        group = str(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+
+        def ask(node: int) -> Message:
+            neighbours = state.nid_to_neighbours[node]
+            lists = ConfigRecord({Key.STAGE: SECAGG_CONFIRM_STAGE, Key.ACTIVE_NODE_ID_LIST: sorted(neighbours & active),
+                                  Key.DEAD_NODE_ID_LIST: sorted(neighbours & dead)})
+            return Message(content=RecordDict({RECORD_KEY_CONFIGS: lists}), dst_node_id=node,
+                           message_type=MessageType.TRAIN, group_id=group)
+
+        relay: dict[int, tuple[list[int], list[bytes]]] = {node: ([], []) for node in active}
+        for reply in grid.send_and_receive([ask(node) for node in sorted(active)], timeout=self.timeout):
+            if reply.has_error():  # such a node has no confirmed set: its unmask will fail and be counted then
+                continue
+            answer = reply.content.config_records[RECORD_KEY_CONFIGS]
+            for dst, ciphertext in zip(answer[Key.DESTINATION_LIST], answer[Key.CIPHERTEXT_LIST]):
+                if dst in relay:
+                    relay[dst][0].append(reply.metadata.src_node_id)
+                    relay[dst][1].append(ciphertext)
+        return super().unmask_stage(_Relaying(grid, relay), context, state)
+
+
+class _Relaying:
+    """The grid, adding to each unmask message the confirmations addressed to its node."""
+
+    def __init__(self, grid: Grid, relay: dict[int, tuple[list[int], list[bytes]]]):
+        self._grid, self._relay = grid, relay
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for message in messages:
+            srcs, ciphertexts = self._relay.get(message.metadata.dst_node_id, ([], []))
+            configs = message.content.config_records[RECORD_KEY_CONFIGS]
+            configs[SECAGG_CONFIRMERS_FIELD], configs[SECAGG_CONFIRMATIONS_FIELD] = list(srcs), list(ciphertexts)
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def workflow(fed: FederationConfig, timeout: float) -> SecAggPlusWorkflow:
