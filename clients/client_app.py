@@ -26,9 +26,9 @@ from typing import Callable
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, TrainOutcome,
-                          evaluate_round, train_round)
-from clients.secagg import is_secagg, secagg_train
+from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, NodeState,
+                          TrainOutcome, evaluate_round, train_round)
+from clients.secagg import abandoned_instance, is_secagg, secagg_train, starts_instance
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy.policy import REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
 from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
@@ -114,6 +114,15 @@ def _secure_fit(setup_for, context: Context, global_arrays: dict, fit_config: di
         return TrainOutcome(STATUS_POLICY_REFUSED, message=f"policy-refused: message: {type(exc).__name__}")
 
 
+def _count_abandoned(setup_for, context: Context) -> None:
+    """A SecAgg+ round this node trained for and whose masked vector was never unmasked:
+    charged, released nothing (`clients.secagg.abandoned_instance`)."""
+    setup = setup_for(context)
+    state = NodeState(setup.state_dir)
+    with state.locked():
+        state.record_unreleased(+1)
+
+
 def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
     """A ClientApp whose node setup (policy, state dir, rows) comes from `setup_for`."""
     app = ClientApp()
@@ -121,6 +130,8 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if is_secagg(msg):
+            if starts_instance(msg) and abandoned_instance(context):
+                _count_abandoned(setup_for, context)
             return secagg_train(msg, context, lambda arrays, fit_config: _secure_fit(setup_for, context, arrays, fit_config),
                                 train_release, lambda: setup_for(context).policy.own.node.secagg_max_clip)
 

@@ -309,9 +309,9 @@ def _check_unreleased(state: NodeState, config: Config) -> None:
     looks (and raises the limit, if the cause was innocent)."""
     limit = config.node.max_unreleased_rounds
     if state.unreleased_rounds() >= limit:
-        raise PolicyRefusal("round-timeout", f"this node has charged {state.unreleased_rounds()} rounds that released "
-                                             f"nothing, its limit (node.max_unreleased_rounds = {limit}); its operator "
-                                             "must look before it trains again")
+        raise PolicyRefusal("node.max_unreleased_rounds", f"this node has charged {state.unreleased_rounds()} rounds "
+                                                          f"that released nothing, its limit (node.max_unreleased_rounds "
+                                                          f"= {limit}); its operator must look before it trains again")
 
 
 def evaluate_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",

@@ -286,6 +286,19 @@ def _new_instance(context: Context) -> None:
         "revealed-b": [], "revealed-sk": []})
 
 
+def starts_instance(msg: Message) -> bool:
+    return msg.content.config_records[SECAGG_RECORD].get(Key.STAGE) == Stage.SETUP
+
+
+def abandoned_instance(context: Context) -> bool:
+    """Did this node's last protocol instance take its masked vector and never unmask it?
+    Its training was charged and nothing of it was released: a server that aborts rounds
+    after the collect stage again and again would spend the node's budget for nothing, so
+    the node counts such rounds against `node.max_unreleased_rounds`."""
+    guard = context.state.config_records.get(GUARD_RECORD)
+    return guard is not None and bool(guard["collected"]) and not guard["revealed-b"] and not guard["revealed-sk"]
+
+
 def _mark_collected(context: Context) -> None:
     guard = _guard(context, _flower_state(context))
     guard["collected"] = True

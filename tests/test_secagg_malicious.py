@@ -11,6 +11,7 @@ makes a node hand them out."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections import OrderedDict
 
@@ -23,6 +24,7 @@ from clients.node import TrainOutcome
 from clients.secagg import GUARD_RECORD, SecAggRefusal
 from fedtune.adapter import adapter_state
 from fedtune.config import build_config
+from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.policy import SECAGG_CLIP_FIELD, request_text, server_request
 from fedtune.runtime import MODELS
 from tests.conftest import make_texts, node_context, write_csv
@@ -320,3 +322,19 @@ def test_the_bound_is_a_key_of_the_node_policy(tmp_path):
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="node.secagg_max_clip"):
             NodePolicy.from_node_config({**node, "secagg-max-clip": bad})
+
+
+def test_rounds_aborted_after_the_masked_vector_count_against_the_nodes_limit(new_round, tmp_path):
+    """A server that collects the masked vectors (each node charged its training) and never
+    unmasks, round after round, spends the budget for nothing: the next setup counts the
+    abandoned round, and past `max-unreleased-rounds` the node refuses to train."""
+    round_ = _masked(new_round(**{"max-unreleased-rounds": 1}))
+    charged = {nid: PrivacyLedger.load(next(tmp_path.glob(f"budgets-{nid}/ledger-*.json"))).steps for nid in NODES}
+    assert all(steps > 0 for steps in charged.values())
+    round_.setup()  # a new instance: the last one was never unmasked
+    for nid in NODES:
+        assert json.loads((tmp_path / f"state-{nid}" / "node.json").read_text())["unreleased_rounds"] == 1
+    round_.share_keys()
+    with pytest.raises(SecAggRefusal, match="max_unreleased_rounds = 1"):
+        round_.collect(nids=[HONEST])
+    assert PrivacyLedger.load(next(tmp_path.glob(f"budgets-{HONEST}/ledger-*.json"))).steps == charged[HONEST]
