@@ -81,12 +81,6 @@ def record_digest(text: str) -> bytes:
     return hashlib.sha256(str(text).encode("utf-8")).digest()
 
 
-def data_fingerprint(texts: Sequence[str]) -> str:
-    """SHA-256 over the sorted digests of the records' texts: the same records in any order
-    (a re-exported or shuffled copy of the file) give the same fingerprint."""
-    return RecordSet.of(texts).fingerprint
-
-
 @dataclass(frozen=True)
 class RecordSet:
     """The records a budget protects: the data set's fingerprint (which names a new ledger)
