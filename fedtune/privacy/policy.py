@@ -289,16 +289,20 @@ def _check_labels(config: Config, own: tuple[str, ...]) -> None:
     if not own:
         raise PolicyRefusal("data.labels", "this node declares no label set (node config `labels`, `fedtune client "
                                            "--labels`), so it trains no classification")
-    requested = {_label_key(label) for label in config.data.labels}
-    missing = [label for label in own if _label_key(label) not in requested]
-    if config.data.labels and missing:
+    if not config.data.labels:
+        return
+    from fedtune.data import LabelMap  # the very encoding the rows will meet, so no spelling slips past
+
+    label_map = LabelMap.from_config(config.data.labels)
+    missing = []
+    for label in own:
+        try:
+            label_map.encode([label])
+        except FedtuneError:
+            missing.append(label)
+    if missing:
         raise PolicyRefusal("data.labels", f"the request's labels leave out {len(missing)} of the labels this node's "
                                            "policy declares; the federation's label list must include every node's labels")
-
-
-def _label_key(label) -> str:
-    text = str(label).strip()
-    return str(int(text)) if text.lstrip("-").isdigit() else text
 
 
 def ownership_table() -> list[tuple[str, str, str]]:
