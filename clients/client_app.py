@@ -28,9 +28,10 @@ from flwr.clientapp import ClientApp
 
 from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, NodeState,
                           TrainOutcome, evaluate_round, train_round)
+from clients.distributed_node import Announced, distributed_round
 from clients.secagg import abandoned_instance, is_secagg, secagg_train, starts_instance
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.privacy.policy import REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
+from fedtune.privacy.policy import DISTRIBUTED_FIELD, REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
 from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
 
 
@@ -66,6 +67,7 @@ def _common(outcome: TrainOutcome | EvaluateOutcome) -> dict:
     if outcome.ledger is not None:  # mechanism parameters only: anyone can recompute the epsilon
         values["ledger"] = json.dumps({"accountant": outcome.ledger.accountant, "delta": outcome.ledger.delta,
                                        "history": outcome.ledger.history,
+                                       **({"distributed": outcome.ledger.distributed} if outcome.ledger.distributed else {}),
                                        "non_private_steps": outcome.ledger.non_private_steps})
     return values
 
@@ -114,6 +116,20 @@ def _secure_fit(setup_for, context: Context, global_arrays: dict, fit_config: di
         return TrainOutcome(STATUS_POLICY_REFUSED, message=f"policy-refused: message: {type(exc).__name__}")
 
 
+def _distributed_fit(setup_for, context: Context, global_arrays: dict, fit_config: dict, protocol):
+    """A distributed-DP round inside SecAgg+: the node's checks, charge and encoded step."""
+    try:
+        setup = setup_for(context)
+        request = parse_request(str(fit_config[REQUEST_KEY]))
+        announced = Announced.from_dict(json.loads(str(fit_config[DISTRIBUTED_FIELD])))
+        timeout = float(fit_config.get("round-timeout", 0.0))
+    except (FedtuneError, KeyError, TypeError, ValueError) as exc:
+        return TrainOutcome(STATUS_POLICY_REFUSED, message=f"policy-refused: message: {type(exc).__name__}: {exc}"), None
+    return distributed_round(setup, request, global_arrays, int(fit_config["server-round"]), announced, protocol,
+                             str(fit_config.get("evaluation", "federated")) == "central",
+                             time.time() + timeout if timeout > 0 else 0.0)
+
+
 def _count_abandoned(setup_for, context: Context) -> None:
     """A SecAgg+ round this node trained for and whose masked vector was never unmasked:
     charged, released nothing (`clients.secagg.abandoned_instance`)."""
@@ -133,7 +149,9 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
             if starts_instance(msg) and abandoned_instance(context):
                 _count_abandoned(setup_for, context)
             return secagg_train(msg, context, lambda arrays, fit_config: _secure_fit(setup_for, context, arrays, fit_config),
-                                train_release, lambda: setup_for(context).policy.own.node.secagg_max_clip)
+                                train_release, lambda: setup_for(context).policy.own.node.secagg_max_clip,
+                                lambda arrays, fit_config, protocol: _distributed_fit(setup_for, context, arrays,
+                                                                                      fit_config, protocol))
 
         def work(setup, request, record):
             if setup.policy.own.node.require_secure_aggregation:

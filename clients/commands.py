@@ -29,6 +29,8 @@ CLIENT_POLICY_FLAGS: dict[str, tuple[type, str]] = {
                                    "before it refuses to train until you look (default 3)"),
     "secagg-max-clip": (float, "largest L2 bound this node clips its update to in a SecAgg+ round (default 8); "
                                "a server may only ask for a smaller one"),
+    "distributed-min-contributors": (int, "distributed DP: the fewest contributors this node trusts to add their noise "
+                                          "shares (default 5); its share is calibrated to it"),
 }
 CLIENT_FLAG_KEYS = {"data": "data-path", "model": "model-path", "eval-data": "eval-path"}
 
@@ -53,6 +55,9 @@ def register_client(subparsers) -> None:
                         help="let the server ask for training WITHOUT DP (never by default)")
     policy.add_argument("--require-secure-aggregation", dest="policy_require_secure_aggregation", action="store_const",
                         const=True, help="refuse every round that is not a SecAgg+ round")
+    policy.add_argument("--distributed", dest="policy_distributed", action="store_const", const=True,
+                        help="join distributed-DP rounds: add only this node's share of the noise, the rest from the "
+                             "other contributors through secure aggregation")
     client.set_defaults(run=run_client)
 
 
@@ -64,6 +69,7 @@ def client_policy(args) -> dict:
              for flag in CLIENT_POLICY_FLAGS}
     flags["allow-non-private"] = args.policy_allow_non_private
     flags["require-secure-aggregation"] = args.policy_require_secure_aggregation
+    flags["distributed"] = args.policy_distributed
     file_values = read_policy_file(args.policy) if args.policy else {}
     return resolve_policy(file_values, flags, source=args.policy or "fedtune client")
 

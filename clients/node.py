@@ -259,6 +259,9 @@ def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "di
 def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_evaluation: bool,
            deadline: float) -> TrainOutcome:
     config = setup.policy.config_for(request)
+    if config.dp.mode == "distributed":  # its noise share alone would be far too little for an update in the clear
+        raise PolicyRefusal("dp.mode", "a distributed-DP step is computed only inside a secure aggregation round that "
+                                       "announces its parameters; this round does not")
     state = NodeState(setup.state_dir)
     randomness = Randomness.from_setting(config.dp.noise_seed)
     label = f"round {server_round}"

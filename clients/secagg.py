@@ -76,10 +76,11 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, 
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
+from clients.distributed_node import Protocol
 from clients.node import TrainOutcome
 from fedtune.aggregate import clip_to
 from fedtune.errors import FedtuneError
-from fedtune.privacy.policy import (SECAGG_CLIP_FIELD, SECAGG_CONFIRM_STAGE, SECAGG_CONFIRMATIONS_FIELD,
+from fedtune.privacy.policy import (DISTRIBUTED_FIELD, SECAGG_CLIP_FIELD, SECAGG_CONFIRM_STAGE, SECAGG_CONFIRMATIONS_FIELD,
                                     SECAGG_CONFIRMERS_FIELD, SECAGG_KEYS_FIELD, SECAGG_UPDATE_KEYS_FIELD)
 
 SECAGG_RECORD = RECORD_KEY_CONFIGS  # the ConfigRecord Flower's workflow puts in every SecAgg+ message
@@ -305,13 +306,42 @@ def _mark_collected(context: Context) -> None:
     context.state.config_records[GUARD_RECORD] = guard
 
 
+def _protocol(ctx: Context) -> Protocol:
+    state = ctx.state.config_records[RECORD_KEY_STATE]  # what the mod agreed to at setup
+    return Protocol(int(state["sample_num"]), int(state["threshold"]), float(state["clipping_range"]),
+                    int(state["target_range"]), int(state["mod_range"]), float(state["max_weight"]))
+
+
+def _distributed_fit(fitins, ctx: Context, run_distributed, release) -> tuple[list[np.ndarray], dict]:
+    """A distributed-DP round's collect stage: the node's integer vector v in [0, 2^bits),
+    handed to the mod as v - 2^(bits-1), which its quantization (checked to be the exact
+    shift back, `clients.distributed_node.check_protocol`) turns into v again."""
+    keys = json.loads(str(fitins.config[SECAGG_KEYS_FIELD]))
+    global_arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters)))
+    outcome, vector = run_distributed(global_arrays, dict(fitins.config), _protocol(ctx))
+    if outcome.status != "ok" or vector is None:
+        raise SecAggRefusal(outcome.message or outcome.status)
+    offset = _protocol(ctx).clipping_range
+    scalars = {k: v for k, v in release(outcome).items() if k != "arrays"}
+    return [np.asarray(vector, dtype=np.float64) - offset], scalars
+
+
 def secagg_train(msg: Message, context: Context, run_round: Callable[[dict, dict], TrainOutcome],
-                 release: Callable[[TrainOutcome], dict], own_bound: Callable[[], float]) -> Message:
+                 release: Callable[[TrainOutcome], dict], own_bound: Callable[[], float],
+                 run_distributed: Callable | None = None) -> Message:
     """One SecAgg+ stage. `run_round(global_arrays, fit_config)` trains; `release(outcome)`
-    gives the scalars the node releases; `own_bound()` is the node's `secagg_max_clip`."""
+    gives the scalars the node releases; `own_bound()` is the node's `secagg_max_clip`;
+    `run_distributed(global_arrays, fit_config, protocol)` is a distributed-DP round's
+    part (`clients.distributed_node.distributed_round`)."""
 
     def _fit(fit_msg: Message, ctx: Context) -> Message:
         fitins = recorddict_to_fitins(fit_msg.content, keep_input=True)
+        if DISTRIBUTED_FIELD in fitins.config:
+            if run_distributed is None:
+                raise SecAggRefusal("this node takes part in no distributed-DP round")
+            arrays, scalars = _distributed_fit(fitins, ctx, run_distributed, release)
+            fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, scalars)
+            return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=fit_msg)
         if SECAGG_CLIP_FIELD not in fitins.config:
             raise SecAggRefusal("no declared bound for the update: nothing is contributed unclipped")
         bound = check_bound(fitins.config[SECAGG_CLIP_FIELD], own_bound())  # before training: nothing charged

@@ -190,3 +190,15 @@ class ServerOptimizer:
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         self.m = {k[2:]: np.asarray(v) for k, v in arrays.items() if k.startswith("m/")}
         self.v = {k[2:]: np.asarray(v) for k, v in arrays.items() if k.startswith("v/")}
+
+
+def unflatten(vector: np.ndarray, shapes: "OrderedDict[str, tuple]") -> "OrderedDict[str, np.ndarray]":
+    """A flat vector back into named tensors of `shapes` (in their order)."""
+    out, start = OrderedDict(), 0
+    for key, shape in shapes.items():
+        size = int(np.prod(shape)) if len(shape) else 1
+        out[key] = np.asarray(vector[start:start + size]).reshape(shape)
+        start += size
+    if start != len(vector):
+        raise ValueError(f"a flat vector of {len(vector)} values for tensors of {start} values")
+    return out

@@ -24,6 +24,7 @@ TASKS = ("classification", "causal-lm", "instruct")
 OPTIMIZERS = ("adamw", "sgd")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "loop")
 ACCOUNTANTS = ("rdp", "prv", "pld")
+DP_MODES = ("local", "distributed")
 
 
 def opt(default: Any, help: str, flag: str | None = None) -> Any:
@@ -103,6 +104,8 @@ class DPConfig:
     accountant: str = opt("rdp", "\"rdp\" or \"prv\" (Opacus accountants), or \"pld\" (Google dp-accounting's privacy loss distribution, pessimistic discretization: an upper bound on the true epsilon, about 10% below RDP's).", flag="accountant")
     grad_sample_mode: str = opt("hooks", "\"hooks\" (default; Opacus's per-layer rules, cheapest for LoRA), \"ghost\" (ghost clipping, two backwards; less memory on large models) or \"loop\" (exact per-example gradients one example at a time, handed to Opacus's DP optimizer: any adapter, e.g. IA3, whose layers Opacus has no rule for; the slowest).", flag="grad_sample_mode")
     secure_mode: bool = opt(False, "Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's floating-point-attack mitigation). Needs the torchcsprng package, which does not install for current torch; without it the noise is already secret (`noise_seed`).")
+    mode: str = opt("local", "Where the DP noise goes on: \"local\" (default; each node runs DP-SGD on its own rows and its update is private by itself) or \"distributed\" (each round is ONE DP-SGD step over the union of the sampled nodes' Poisson batches: each node clips its examples' gradients, adds only its share of the noise, and sends the integer-encoded sum through SecAgg+, so that the unmasked sum carries the whole noise; needs federation.secure_aggregation and a node policy that joins such rounds, node.distributed).")
+    distributed_bits: int = opt(20, "Distributed DP: the nodes' integer vectors are summed modulo 2^bits (the distributed discrete Gaussian mechanism's modulus). 20 leaves room for about a hundred rows' gradients and the noise without wrapping; at most 26 (Flower's SecAgg+ masks modulo 2^32).")
     noise_seed: int = opt(-1, "-1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw from generators seeded per call from OS entropy, so nobody can replay them. >= 0: reproducible from this seed, for simulations and tests only; every output of such a run says \"reproducible noise: not for production\". A node never takes it from a server.", flag="noise_seed")
 
     def __post_init__(self) -> None:
@@ -119,6 +122,10 @@ class DPConfig:
             _fail("dp.accountant", self.accountant, f"one of {', '.join(ACCOUNTANTS)}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             _fail("dp.grad_sample_mode", self.grad_sample_mode, f"one of {', '.join(GRAD_SAMPLE_MODES)}")
+        if self.mode not in DP_MODES:
+            _fail("dp.mode", self.mode, f"one of {', '.join(DP_MODES)}")
+        if not 8 <= self.distributed_bits <= 26:
+            _fail("dp.distributed_bits", self.distributed_bits, "a whole number in [8, 26]")
         if self.noise_seed < -1:
             _fail("dp.noise_seed", self.noise_seed, "-1 (secret noise from OS entropy) or a seed >= 0 (reproducible, not for production)")
         if self.secure_mode and importlib.util.find_spec("torchcsprng") is None:
@@ -212,6 +219,8 @@ class NodeConfig:
     secagg_max_clip: float = opt(8.0, "The largest L2 bound this node clips its own update to in a SecAgg+ round: a server may declare a smaller bound (`federation.secagg_clip`), never a larger one (the server cannot check a masked update, so the bound is the node's). 8 is the bound a server with the default settings declares (the quantization's clipping range).")
     labels: tuple[str, ...] = opt((), "Classification: every label this node's data may hold (its operator declares them; `fedtune client --labels`). A server's label list must include them all, and the node checks its own rows against them when it starts, never in answer to a request: a refusal that depended on the rows would tell the server what they hold. Empty: data.labels (train-local, simulation); a deployed node without it refuses classification.")
     max_evaluations_per_round: int = opt(1, "Evaluation requests the node answers per round it trains (counted by the node, not by the round number a message claims); more are refused.")
+    distributed: bool = opt(False, "Join distributed-DP rounds (dp.mode = \"distributed\"): this node then adds only its share of the noise and relies on secure aggregation and at least node.distributed_min_contributors honest contributors for the rest. Off by default: a node must choose to trust the crowd.")
+    distributed_min_contributors: int = opt(5, "Distributed DP: t, the fewest contributors this node trusts to add their noise shares. Its own share is calibrated to t (variance 1/t of the whole noise, never to the cohort a server claims), and it refuses a round whose SecAgg+ threshold or cohort is below t. If c of the t collude with the server, the noise of t - c shares remains: the privacy report shows that epsilon.")
     max_unreleased_rounds: int = opt(3, "Rounds the node may charge and then release nothing for (the server stopped waiting, a failure after the charge, a killed process) over its whole life; past it the node refuses to train until its operator raises this. A server that cuts rounds short on purpose would otherwise spend the budget for nothing.")
 
     def __post_init__(self) -> None:
@@ -228,6 +237,9 @@ class NodeConfig:
             _fail("node.secagg_max_clip", self.secagg_max_clip, "a finite number > 0")
         if self.max_evaluations_per_round < 0:
             _fail("node.max_evaluations_per_round", self.max_evaluations_per_round, "a whole number >= 0")
+        if self.distributed_min_contributors < 2:
+            _fail("node.distributed_min_contributors", self.distributed_min_contributors, "a whole number >= 2 (one "
+                  "contributor's share alone would be the whole noise on one node's gradients)")
         if self.max_unreleased_rounds < 0:
             _fail("node.max_unreleased_rounds", self.max_unreleased_rounds, "a whole number >= 0")
 

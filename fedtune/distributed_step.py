@@ -24,6 +24,7 @@ from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from torch.utils.data import Dataset
 
 from fedtune.adapter import _state_key
+from fedtune.aggregate import unflatten  # noqa: F401  (the layout's inverse, with the server's code)
 from fedtune.config import Config
 from fedtune.dp_train import _forward_loss, clear_opacus_state, physical_chunks, poisson_loader
 from fedtune.losses import PerExampleLoss
@@ -41,18 +42,6 @@ def trainable_by_key(model) -> "OrderedDict[str, torch.nn.Parameter]":
 def flat_dim(model, keys: list[str]) -> int:
     params = trainable_by_key(model)
     return int(sum(params[k].numel() for k in keys))
-
-
-def unflatten(vector: np.ndarray, shapes: "OrderedDict[str, tuple]") -> "OrderedDict[str, np.ndarray]":
-    """A flat vector back into named tensors of `shapes` (in their order)."""
-    out, start = OrderedDict(), 0
-    for key, shape in shapes.items():
-        size = int(np.prod(shape)) if len(shape) else 1
-        out[key] = np.asarray(vector[start:start + size]).reshape(shape)
-        start += size
-    if start != len(vector):
-        raise ValueError(f"a flat vector of {len(vector)} values for tensors of {start} values")
-    return out
 
 
 def per_example_gradients(model, batch, config: Config, keys: list[str]) -> np.ndarray:
@@ -103,12 +92,3 @@ def distributed_contribution(model, dataset: Dataset, config: Config, spec: DDGa
     with harmless_warnings_filtered():
         gradients = per_example_gradients(model, batch, config, keys) if len(batch[-1]) else np.zeros((0, spec.dim))
     return ddgauss.contribution(gradients, spec, rotation_seed, rounding), int(len(batch[-1]))
-
-
-def apply_gradient(reference: "OrderedDict[str, np.ndarray]", noisy_sum: np.ndarray, expected_batch: float,
-                   keys: list[str]) -> "OrderedDict[str, np.ndarray]":
-    """The server's gradient estimate as a pseudo-update for a server optimizer: minus the
-    noisy sum over the expected total batch, named like `reference`'s `keys`."""
-    shapes = OrderedDict((k, np.shape(reference[k])) for k in keys)
-    gradient = unflatten(np.asarray(noisy_sum, dtype=np.float64) / float(expected_batch), shapes)
-    return OrderedDict((k, -gradient[k]) for k in keys)

@@ -128,19 +128,37 @@ class FederationServer:
         """A SecAgg+ round: the server holds only the mean of the contributors' updates
         (`replies` carry their released scalars, no tensors). Nodes that refused or dropped
         out are recorded; a round whose masks could not be removed fails with `reason`."""
+        return self._finish_masked(
+            server_round, mean_update is not None, replies, cohort, started, bytes_sent, reason,
+            lambda reference: self.strategy.aggregate_secure(server_round, reference, mean_update, len(replies), cohort),
+            evaluate, evaluation, {"secure_aggregation": True, **(extra or {})})
+
+    def finish_distributed_round(self, server_round: int, noisy_sum, replies: list[ClientReply], cohort: Cohort,
+                                 started: float, bytes_sent: int, reason: str = "",
+                                 evaluate: "Callable[[OrderedDict], dict] | None" = None, evaluation: str = "federated",
+                                 extra: dict | None = None) -> dict:
+        """A distributed-DP round: the server holds the decoded noisy sum of the contributors'
+        clipped example gradients (`fedtune.privacy.ddgauss.decode`) and takes one step."""
+        return self._finish_masked(
+            server_round, noisy_sum is not None, replies, cohort, started, bytes_sent, reason,
+            lambda reference: self.strategy.aggregate_distributed(server_round, reference, noisy_sum, len(replies)),
+            evaluate, evaluation, {"secure_aggregation": True, "dp_mode": "distributed", **(extra or {})})
+
+    def _finish_masked(self, server_round: int, unmasked: bool, replies: list[ClientReply], cohort: Cohort,
+                       started: float, bytes_sent: int, reason: str, combine, evaluate, evaluation: str,
+                       extra: dict) -> dict:
         contributed = {r.node_id for r in replies}
         for reply in replies:
             self.observe(reply)
         refused = [{"node": n, "status": "dropped", "reason": "no masked update (refused, failed or dropped out)"}
                    for n in cohort.sampled if n not in contributed]
-        if mean_update is None:
+        if not unmasked:
             raise RoundFailedError(f"round {server_round}: {reason}")
         self._check_enough(server_round, len(replies), cohort, [], refused)
         reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
-        new = self._aggregated(lambda: self.strategy.aggregate_secure(server_round, reference, mean_update,
-                                                                      len(replies), cohort))
+        new = self._aggregated(lambda: combine(reference))
         return self._complete(server_round, new, replies, replies, [], refused, cohort, started, bytes_sent,
-                              evaluate, evaluation, {"secure_aggregation": True, **(extra or {})})
+                              evaluate, evaluation, extra)
 
     def _check_enough(self, server_round: int, accepted: int, cohort: Cohort, rejected: list, refused: list) -> None:
         fed = self.config.federation

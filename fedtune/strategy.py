@@ -29,7 +29,7 @@ from typing import Mapping
 import numpy as np
 
 from fedtune.aggregate import (AGGREGATORS, ServerOptimizer, add_noise, capped_weights, check_update, clip_to,
-                               constrain_sensitivity, deltas, norm)
+                               constrain_sensitivity, deltas, norm, unflatten)
 from fedtune.cohort import Cohort, draw_cohort
 from fedtune.config import Config, FederationConfig
 from fedtune.errors import ConfigError
@@ -200,6 +200,22 @@ class Strategy:
             charge_user_level(self.user_ledger, fed.user_dp_noise, cohort, label=f"round {server_round}")
         else:
             step = OrderedDict((k, np.asarray(mean_update[k], np.float64)) for k in reference)
+        target = OrderedDict((k, reference[k] + step[k]) for k in reference)
+        return self.optimizer.apply(reference, target, server_round)
+
+    def aggregate_distributed(self, server_round: int, reference: Mapping[str, np.ndarray], noisy_sum: np.ndarray,
+                              contributors: int) -> "OrderedDict[str, np.ndarray]":
+        """One DP-SGD step over the union of the contributors' batches: the noisy sum of
+        their clipped example gradients (flat, in `reference`'s order) over the expected
+        total batch (each node's Poisson batch expects training.batch_size rows), then the
+        server optimizer: "fedavg" is plain SGD at server_learning_rate, "fedadam" /
+        "fedyogi" take minus the gradient as their pseudo-update."""
+        expected = contributors * self.config.training.batch_size
+        shapes = OrderedDict((k, np.shape(reference[k])) for k in reference)
+        step = OrderedDict((k, -g) for k, g in unflatten(np.asarray(noisy_sum, np.float64) / expected, shapes).items())
+        if self.optimizer.kind == "fedavg":
+            return OrderedDict((k, (reference[k] + self.optimizer.learning_rate * step[k]).astype(reference[k].dtype))
+                               for k in reference)
         target = OrderedDict((k, reference[k] + step[k]) for k in reference)
         return self.optimizer.apply(reference, target, server_round)
 

@@ -57,6 +57,7 @@ class SecureRound:
     metrics: dict[int, dict] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     reason: str = ""
+    modular_sum: np.ndarray | None = None  # distributed DP: the integer sum modulo 2^bits
 
 
 class _OneRound(Strategy):
@@ -155,17 +156,30 @@ class _Relaying:
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-def workflow(fed: FederationConfig, timeout: float) -> SecAggPlusWorkflow:
+def workflow(fed: FederationConfig, timeout: float, integer_bits: int = 0) -> SecAggPlusWorkflow:
+    """Flower's workflow with fedtune's additions. `integer_bits` (distributed DP): the
+    quantization is the exact shift x -> x + 2^(bits-1) that carries the nodes' integers
+    (range 2^(bits-1), 2^bits levels), which each node checks before it contributes."""
+    clipping, levels = ((float(1 << (integer_bits - 1)), 1 << integer_bits) if integer_bits else
+                        (fed.secagg_clipping_range, fed.secagg_quantization_range))
     return _Workflow(num_shares=fed.secagg_share_fraction, reconstruction_threshold=fed.secagg_threshold,
-                     max_weight=1.0, clipping_range=fed.secagg_clipping_range,
-                     quantization_range=fed.secagg_quantization_range, timeout=timeout)
+                     max_weight=1.0, clipping_range=clipping, quantization_range=levels, timeout=timeout)
+
+
+def integer_sum(mean: np.ndarray, contributors: int, bits: int) -> np.ndarray:
+    """The nodes' integer vectors' sum modulo 2^bits, from the mean Flower's workflow hands
+    back: each node sent v - 2^(bits-1), so the sum is k x mean + k x 2^(bits-1) (exact in
+    float64 far beyond 2^32; rounded to undo the division's last bit)."""
+    total = np.rint(np.asarray(mean, dtype=np.float64) * contributors + contributors * float(1 << (bits - 1)))
+    return np.mod(total.astype(np.int64), 1 << bits)
 
 
 def secure_round(grid: Grid, cohort: list[int], payload: dict[str, np.ndarray], update_keys: list[str],
-                 fit_config: dict, fed: FederationConfig, server_round: int) -> SecureRound:
+                 fit_config: dict, fed: FederationConfig, server_round: int, integer_bits: int = 0) -> SecureRound:
     """Run one SecAgg+ round over `cohort`: every node receives `payload` and `fit_config`,
     and the server gets back only the mean of their clipped, quantized updates of the
-    `update_keys` tensors (those that train)."""
+    `update_keys` tensors (those that train); with `integer_bits`, the modular sum of the
+    integer vectors of a distributed-DP round (`modular_sum`)."""
     keys = list(payload)
     strategy = _OneRound(grid, cohort, {**fit_config, SECAGG_KEYS_FIELD: json.dumps(keys),
                                         SECAGG_UPDATE_KEYS_FIELD: json.dumps(update_keys)})
@@ -174,9 +188,12 @@ def secure_round(grid: Grid, cohort: list[int], payload: dict[str, np.ndarray], 
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(
         ndarrays_to_parameters([payload[k] for k in keys]), keep_input=True)
-    workflow(fed, fed.round_timeout)(grid, context)
+    workflow(fed, fed.round_timeout, integer_bits)(grid, context)
     if strategy.result is None:
         return SecureRound(None, [], reason=f"secure aggregation halted: fewer than the threshold of the {len(cohort)} "
                                             "sampled nodes completed the protocol (see the SuperLink log)")
     mean, contributors, metrics = strategy.result
+    if integer_bits:
+        return SecureRound({}, contributors, metrics, strategy.failures,
+                           modular_sum=integer_sum(mean[0], len(contributors), integer_bits))
     return SecureRound(dict(zip(update_keys, mean)), contributors, metrics, strategy.failures)

@@ -34,7 +34,8 @@ from fedtune.federation import ClientReply, FederationServer, RoundFailedError
 from fedtune.local import build_model
 from fedtune.model import load_tokenizer, resolve_model_path
 from fedtune.model_card import base_model_reference
-from fedtune.privacy.policy import REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
+from fedtune.privacy import ddgauss
+from fedtune.privacy.policy import DISTRIBUTED_FIELD, REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
 from fedtune.run_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, log_to_of
 from fedtune.report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
 from fedtune.strategy import short_reason
@@ -110,6 +111,8 @@ def _train_and_aggregate(grid: Grid, server: FederationServer, server_round: int
             return server.finish_secure_round(server_round, noise_only, [], cohort, started, 0,
                                               f"secure aggregation needs 3 or more nodes, the cohort drew {len(sampled)}",
                                               **outcome)
+        if server.config.dp.mode == "distributed":
+            return _distributed_round(grid, server, server_round, cohort, fit_config, started, bytes_sent, outcome)
         secure = secure_round(grid, sampled, server.payload(server_round), server.travel_keys, fit_config, fed,
                               server_round)
         replies = [_released(node, secure.metrics[node]) for node in secure.contributors]
@@ -120,6 +123,52 @@ def _train_and_aggregate(grid: Grid, server: FederationServer, server_round: int
     answered = {r.node_id for r in replies}
     replies += [ClientReply(n, "error", message="no reply before round_timeout") for n in sampled if n not in answered]
     return server.finish_round(server_round, replies, started, bytes_sent, cohort=cohort, **outcome)
+
+
+def check_distributed(config: Config) -> None:
+    """A distributed-DP federation's settings, checked before anything runs: the noise goes on
+    inside secure aggregation, so that must be on; user-level noise and a fixed noise
+    multiplier are the server's to set right."""
+    if config.dp.mode != "distributed":
+        return
+    if not config.federation.secure_aggregation:
+        raise ConfigError("dp.mode = 'distributed' needs federation.secure_aggregation = true: each node adds only a "
+                          "share of the noise, which is enough only inside the masked sum")
+    if not config.dp.enabled:
+        raise ConfigError("dp.mode = 'distributed' needs dp.enabled = true")
+    if not config.dp.noise_multiplier > 0:
+        raise ConfigError("dp.noise_multiplier: set the noise multiplier of a distributed-DP federation (every node adds "
+                          "its share of it; `fedtune simulate` calibrates it from dp.target_epsilon)")
+    if config.federation.user_dp_noise > 0:
+        raise ConfigError("federation.user_dp_noise: user-level noise and distributed DP are separate modes; choose one")
+
+
+def _distributed_round(grid: Grid, server: FederationServer, server_round: int, cohort, fit_config: dict,
+                       started: float, bytes_sent: int, outcome: dict) -> dict:
+    """A distributed-DP round: SecAgg+ carries each node's integer vector (its part of one
+    DP-SGD step, with its noise share); the server decodes the modular sum and steps."""
+    config = server.config
+    keys = list(server.travel_keys)
+    dim = int(sum(np.size(server.adapter[k]) for k in keys))
+    bits, clip = config.dp.distributed_bits, config.dp.max_grad_norm
+    granularity = ddgauss.choose_granularity(clip, bits, dim, len(cohort.sampled) * config.training.batch_size,
+                                             config.dp.noise_multiplier)
+    seed = int(server.randomness.numpy_generator("server", "rotation", server_round).integers(2 ** 62))
+    announced = {"granularity": granularity, "rotation_seed": seed, "keys": keys}
+    fit_config = {**fit_config, DISTRIBUTED_FIELD: json.dumps(announced)}
+    secure = secure_round(grid, list(cohort.sampled), server.payload(server_round), keys, fit_config,
+                          config.federation, server_round, integer_bits=bits)
+    replies = [_released(node, secure.metrics[node]) for node in secure.contributors]
+    noisy_sum = None
+    extra = {"secure_failures": [short_reason(f) for f in secure.failures]}
+    if secure.modular_sum is not None:
+        extra["wrapped_share"] = ddgauss.wrapped_share(secure.modular_sum, bits)
+        spec = ddgauss.DDGaussSpec(clip=clip, granularity=granularity, bits=bits, contributors=max(1, len(replies)),
+                                   noise_multiplier=config.dp.noise_multiplier, dim=dim)
+        noisy_sum = ddgauss.decode(secure.modular_sum, spec, seed)
+    outcome["extra"] = {**outcome.get("extra", {}), **extra}
+    return server.finish_distributed_round(server_round, noisy_sum, replies, cohort, started, bytes_sent,
+                                           secure.reason, **outcome)
 
 
 @contextmanager
@@ -173,6 +222,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     if config.task_is_classification and not config.data.labels:
         raise ConfigError("data.labels: a federation must fix its label set (e.g. labels = [\"neg\", \"pos\"]) "
                           "so that every node maps labels to the same ids")
+    check_distributed(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = config.federation

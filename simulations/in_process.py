@@ -30,6 +30,8 @@ tensors.
 
 from __future__ import annotations
 
+import copy
+
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
@@ -85,6 +87,9 @@ class InProcessBackend(Backend):
         if self.app_fn is None:
             raise ValueError("InProcessBackend: build() was not called")
         app = self.app_fn()
+        # Each node gets its own copy, as it would from the wire: Flower's SecAgg+ workflow
+        # sends every node one shared ConfigRecord, and its mod pops the stage from it.
+        message = copy.deepcopy(message)
         try:
             return _COMPUTE[-1](lambda: app(message=message, context=context)), context
         except Exception as exc:  # what Ray's actor does: the engine replies with an error

@@ -63,7 +63,28 @@ def prepare_simulation(config: Config) -> Config:
     config = with_partition_count(with_labels(config))
     if not config.federation.population:
         config = config.replace(federation=dataclasses.replace(config.federation, population=config.federation.num_clients))
-    return config
+    return with_distributed_noise(config)
+
+
+def with_distributed_noise(config: Config) -> Config:
+    """Distributed DP in `fedtune simulate`, where one config is every node's policy too:
+    the nodes join distributed rounds, and the federation's noise multiplier, when not set,
+    is the smallest whose planned rounds keep the smallest node (the largest Poisson rate
+    q = B / n) within dp.target_epsilon at its delta, by the nodes' own accountant
+    (`fedtune.privacy.ddgauss_accounting`)."""
+    if config.dp.mode != "distributed":
+        return config
+    from fedtune.privacy import ddgauss_accounting
+    from simulations.partition import client_table
+
+    config = config.replace(node=dataclasses.replace(config.node, distributed=True))
+    if config.dp.noise_multiplier > 0:
+        return config
+    smallest = min(len(client_table(config, pid)) for pid in range(config.federation.num_clients))
+    rate = min(1.0, config.training.batch_size / smallest)
+    noise = ddgauss_accounting.noise_for_budget(config.dp.target_epsilon, config.dp.resolved_delta(smallest), rate,
+                                                config.training.rounds, dim=1)
+    return config.replace(dp=dataclasses.replace(config.dp, noise_multiplier=round(noise * 1.0001, 6)))
 
 
 @dataclass(frozen=True)

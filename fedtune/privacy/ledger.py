@@ -20,6 +20,8 @@ from pathlib import Path
 from opacus.accountants.accountant import IAccountant
 
 from fedtune.atomic import atomic_write_json
+from fedtune.privacy import ddgauss_accounting
+from fedtune.privacy.ddgauss_accounting import DistributedSteps
 from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
 from fedtune.privacy.accountants import (_check_accountant, _check_delta, _check_mechanism, _epsilon_of, make_accountant,
                                          without_replacement_epsilon)
@@ -28,6 +30,9 @@ LEDGER_FORMAT = 2  # 2 added data_fingerprint and the max_epsilon name; format 1
 # 3 adds `without_replacement`; a ledger is written as 3 only when it holds such entries, so
 # a reader that does not know them refuses the file instead of under-counting it.
 WITHOUT_REPLACEMENT_FORMAT = 3
+# 4 adds `distributed` (distributed discrete Gaussian steps), written only when present,
+# for the same reason.
+DISTRIBUTED_FORMAT = 4
 
 # Relative slack when comparing a planned epsilon with its target: the planner's own
 # bisection lands a hair under the target, and float round-off must not refuse it.
@@ -61,12 +66,17 @@ class PrivacyLedger:
     calls: list[dict] = field(default_factory=list)
     data_fingerprint: str = ""
     without_replacement: list[tuple[float, int, int, int]] = field(default_factory=list)
+    distributed: list[tuple[float, float, int, float, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_accountant(self.accountant)
         _check_delta(self.delta)
         for noise, registered, size, rounds in self.without_replacement:
             _check_cohort(noise, registered, size, rounds)
+        for entry in self.distributed:
+            DistributedSteps(*entry)  # validates
+        if self.distributed and self.without_replacement:
+            raise ConfigError("a ledger holds either a node's distributed steps or the server's fixed cohorts, not both")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ConfigError(f"target_epsilon = {self.target_epsilon!r}: expected a number > 0")
 
@@ -74,7 +84,7 @@ class PrivacyLedger:
     @property
     def steps(self) -> int:
         return (sum(n for _, _, n in self.history) + sum(r for *_, r in self.without_replacement)
-                + self.non_private_steps)
+                + sum(n for *_, n in self.distributed) + self.non_private_steps)
 
     @property
     def is_private(self) -> bool:
@@ -84,19 +94,31 @@ class PrivacyLedger:
         """Epsilon spent so far at this ledger's delta (inf after any non-private step)."""
         if not self.is_private:
             return math.inf
+        return self._epsilon(self.history, self.distributed)
+
+    def _epsilon(self, history, distributed) -> float:
         if self.without_replacement:
-            return without_replacement_epsilon(self.history, self.without_replacement, self.delta)
-        return _epsilon_of(self.accountant, self.history, self.delta)
+            return without_replacement_epsilon(history, self.without_replacement, self.delta)
+        if distributed:  # Renyi composition with the ordinary steps (fedtune.privacy.ddgauss_accounting)
+            return ddgauss_accounting.epsilon(list(distributed), self.delta, list(history))
+        return _epsilon_of(self.accountant, history, self.delta)
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon the ledger would show after one more call of `steps` steps."""
         _check_mechanism(noise_multiplier, sample_rate, steps)
         if not self.is_private:
             return math.inf
-        history = _merged(self.history, noise_multiplier, sample_rate, steps)
-        if self.without_replacement:
-            return without_replacement_epsilon(history, self.without_replacement, self.delta)
-        return _epsilon_of(self.accountant, history, self.delta)
+        return self._epsilon(_merged(self.history, noise_multiplier, sample_rate, steps), self.distributed)
+
+    def epsilon_after_distributed(self, steps: DistributedSteps) -> float:
+        """Epsilon the ledger would show after `steps` more distributed steps."""
+        if not self.is_private:
+            return math.inf
+        return self._epsilon(self.history, _merged_distributed(self.distributed, steps))
+
+    def distributed_fits(self, steps: DistributedSteps) -> bool:
+        return self.target_epsilon is None or \
+            self.epsilon_after_distributed(steps) <= self.target_epsilon * (1 + _BUDGET_SLACK)
 
     def remaining_fits(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
         if self.target_epsilon is None:
@@ -160,6 +182,23 @@ class PrivacyLedger:
                            "size": int(size), "rounds": int(rounds), "epsilon_after": _json_float(after)})
         return after
 
+    def charge_distributed(self, steps: DistributedSteps, label: str = "", **logged) -> float:
+        """Record distributed discrete Gaussian steps (`fedtune.privacy.ddgauss_accounting`:
+        the record's own Poisson rate, the noise of t honest shares over the rounded
+        sensitivity, Proposition 14's tau); refused, recording nothing, past the cap.
+        `logged` (t, bits, clip, ...) goes into the call's entry for the report."""
+        after = self.epsilon_after_distributed(steps)
+        if self.target_epsilon is not None and not after <= self.target_epsilon * (1 + _BUDGET_SLACK):
+            raise BudgetExhaustedError(
+                f"privacy budget exhausted: epsilon would reach {after:.4f} > target {self.target_epsilon} "
+                f"(spent {self.epsilon():.4f} at delta={self.delta:g})")
+        self.distributed = _merged_distributed(self.distributed, steps)
+        self.calls.append({"label": label, "time": time.time(), "mechanism": "distributed discrete Gaussian",
+                           "noise_multiplier": steps.noise_multiplier, "tau": steps.tau, "dim": steps.dim,
+                           "sample_rate": steps.sample_rate, "steps": steps.steps, **logged,
+                           "epsilon_after": _json_float(after)})
+        return after
+
     def lower_delta(self, delta: float, label: str = "") -> None:
         """Account everything (past included) at a smaller delta from now on. The epsilon
         of the whole history only grows, so this never under-counts; raising is refused."""
@@ -201,7 +240,8 @@ class PrivacyLedger:
         merged = cls(accountant=ledgers[0].accountant, delta=min(ledger.delta for ledger in ledgers),
                      target_epsilon=min(caps) if caps else None, history=history,
                      non_private_steps=sum(ledger.non_private_steps for ledger in ledgers), data_fingerprint=ledger_id,
-                     without_replacement=[entry for ledger in ledgers for entry in ledger.without_replacement])
+                     without_replacement=[entry for ledger in ledgers for entry in ledger.without_replacement],
+                     distributed=[entry for ledger in ledgers for entry in ledger.distributed])
         merged.calls.append({"label": label, "time": time.time(), "event": "merged",
                              "from": [ledger.data_fingerprint for ledger in ledgers],
                              "epsilon_after": _json_float(merged.epsilon())})
@@ -211,8 +251,12 @@ class PrivacyLedger:
     def to_dict(self) -> dict:
         extra = ({"without_replacement": [list(entry) for entry in self.without_replacement]}
                  if self.without_replacement else {})
+        if self.distributed:
+            extra["distributed"] = [list(entry) for entry in self.distributed]
+        form = (DISTRIBUTED_FORMAT if self.distributed else
+                WITHOUT_REPLACEMENT_FORMAT if self.without_replacement else LEDGER_FORMAT)
         return {
-            "format": WITHOUT_REPLACEMENT_FORMAT if self.without_replacement else LEDGER_FORMAT,
+            "format": form,
             "data_fingerprint": self.data_fingerprint,
             "accountant": self.accountant,
             "delta": self.delta,
@@ -227,7 +271,7 @@ class PrivacyLedger:
     @classmethod
     def from_dict(cls, data: dict, source: str = "ledger") -> "PrivacyLedger":
         try:
-            if data.get("format") not in (1, LEDGER_FORMAT, WITHOUT_REPLACEMENT_FORMAT):
+            if data.get("format") not in (1, LEDGER_FORMAT, WITHOUT_REPLACEMENT_FORMAT, DISTRIBUTED_FORMAT):
                 raise FedtuneError(f"{source}: unsupported ledger format {data.get('format')!r}")
             cap = data["target_epsilon"] if data.get("format") == 1 else data["max_epsilon"]
             return cls(
@@ -240,6 +284,8 @@ class PrivacyLedger:
                 calls=list(data.get("calls", [])),
                 without_replacement=[(float(s), int(big), int(m), int(r))
                                      for s, big, m, r in data.get("without_replacement", [])],
+                distributed=[(float(z), float(tau), int(d), float(q), int(n))
+                             for z, tau, d, q, n in data.get("distributed", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FedtuneError(f"{source}: not a fedtune privacy ledger ({exc})") from None
@@ -269,6 +315,14 @@ def _merged(history, noise_multiplier, sample_rate, steps):
     else:
         out.append((float(noise_multiplier), float(sample_rate), int(steps)))
     return out
+
+
+def _merged_distributed(entries, steps: DistributedSteps):
+    """Consecutive distributed steps of the same mechanism merge, as `_merged` does."""
+    entries = [tuple(e) for e in entries]
+    if entries and entries[-1][:4] == steps.as_tuple()[:4]:
+        return entries[:-1] + [(*entries[-1][:4], entries[-1][4] + steps.steps)]
+    return entries + [steps.as_tuple()]
 
 
 def _merged_cohorts(entries, noise_multiplier, registered, size, rounds):

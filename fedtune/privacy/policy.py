@@ -53,6 +53,8 @@ OWNERS: dict[str, tuple[str, str]] = {
     "dp.delta": (WITHIN_POLICY, "0 = the node's own; a stricter (smaller) delta is honoured, a larger one refused"),
     "dp.noise_multiplier": (SERVER, "a fixed sigma: any value is safe, the ledger refuses what would pass the cap"),
     "dp.max_grad_norm": (SERVER, "clipping norm C: the noise is sigma x C, privacy does not depend on C"),
+    "dp.mode": (WITHIN_POLICY, "\"distributed\" is honoured only where the node's policy joins distributed rounds (node.distributed); the node adds only its share of the noise, calibrated to its own t"),
+    "dp.distributed_bits": (SERVER, "the modulus of the integer sum: utility, not privacy (the node checks that secure aggregation carries its integers exactly)"),
     "dp.accountant": (NODE, "how the node counts its own epsilon"),
     "dp.grad_sample_mode": (SERVER, "how per-sample gradients are computed: the same mechanism either way"),
     "dp.secure_mode": (NODE, "the node's random number generator"),
@@ -91,7 +93,8 @@ OWNERS: dict[str, tuple[str, str]] = {
     **{f"node.{name}": (NODE, "the node's own policy")
        for name in ("max_epsilon", "budget_dir", "release_train_loss", "release_evaluation",
                     "metric_noise_multiplier", "metric_loss_clip", "max_evaluations_per_round", "max_unreleased_rounds",
-                    "require_secure_aggregation", "secagg_max_clip")},
+                    "require_secure_aggregation", "secagg_max_clip", "distributed",
+                    "distributed_min_contributors")},
 }
 
 # A deployed node's policy keys (SuperNode node config / `fedtune client` / a policy file).
@@ -119,6 +122,8 @@ NODE_CONFIG_KEYS: dict[str, str] = {
     "require-secure-aggregation": "node.require_secure_aggregation",
     "secagg-max-clip": "node.secagg_max_clip",
     "labels": "node.labels",
+    "distributed": "node.distributed",
+    "distributed-min-contributors": "node.distributed_min_contributors",
 }
 ALLOW_NON_PRIVATE_KEY = "allow-non-private"
 REQUEST_KEY = "fedtune-request"  # where a server message carries its request (TOML text)
@@ -126,6 +131,7 @@ REQUEST_KEY = "fedtune-request"  # where a server message carries its request (T
 SECAGG_KEYS_FIELD = "fedtune-keys"           # names of the payload's tensors, in order (JSON list)
 SECAGG_UPDATE_KEYS_FIELD = "fedtune-update"  # names of the tensors whose update is masked (JSON list)
 SECAGG_CLIP_FIELD = "secagg-clip"            # the L2 bound a node clips its update to
+DISTRIBUTED_FIELD = "fedtune-distributed"    # distributed DP: granularity, rotation seed, encoded tensors (JSON)
 # The survivor-set consistency round fedtune adds before SecAgg+'s unmask stage (clients/secagg.py):
 SECAGG_CONFIRM_STAGE = "fedtune-confirm"              # "these are the survivors": each node confirms to each neighbour
 SECAGG_CONFIRMERS_FIELD = "fedtune-confirmers"        # at unmask: who sent each relayed confirmation
@@ -256,6 +262,9 @@ class NodePolicy:
         _check_labels(config, self.own.node.labels)
         if not config.dp.enabled and not self.allow_non_private:
             raise PolicyRefusal("dp.enabled", "false asked, but this node never trains without differential privacy")
+        if config.dp.mode == "distributed" and not self.own.node.distributed:
+            raise PolicyRefusal("dp.mode", "distributed asked, but this node does not join distributed-DP rounds "
+                                           "(node.distributed; `fedtune client --distributed`)")
         own_delta = self.own.dp.delta
         if own_delta > 0 and config.dp.delta > own_delta:
             raise PolicyRefusal("dp.delta", f"{config.dp.delta:g} is above this node's delta {own_delta:g}")
