@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, NodeState,
                           TrainOutcome, evaluate_round, train_round)
 from clients.distributed_node import Announced, distributed_round
-from clients.secagg import abandoned_instance, is_secagg, secagg_train, starts_instance
+from clients.secagg import GUARD_RECORD, abandoned_instance, is_secagg, secagg_train, starts_instance
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy.policy import DISTRIBUTED_FIELD, REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
 from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
@@ -67,9 +67,20 @@ def _common(outcome: TrainOutcome | EvaluateOutcome) -> dict:
     if outcome.ledger is not None:  # mechanism parameters only: anyone can recompute the epsilon
         values["ledger"] = json.dumps({"accountant": outcome.ledger.accountant, "delta": outcome.ledger.delta,
                                        "history": outcome.ledger.history,
-                                       **({"distributed": outcome.ledger.distributed} if outcome.ledger.distributed else {}),
+                                       **_distributed_release(outcome.ledger),
                                        "non_private_steps": outcome.ledger.non_private_steps})
     return values
+
+
+def _distributed_release(ledger) -> dict:
+    """A ledger's distributed steps and what recomputes them under collusion: the node's t
+    and its share's standard deviation (its policy and the announced parameters: no row
+    enters them)."""
+    if not ledger.distributed:
+        return {}
+    last = next((c for c in reversed(ledger.calls) if "contributors" in c), {})
+    return {"distributed": ledger.distributed, "contributors": last.get("contributors"),
+            "local_stddev": last.get("local_stddev")}
 
 
 def train_release(outcome: TrainOutcome) -> dict:
@@ -132,11 +143,14 @@ def _distributed_fit(setup_for, context: Context, global_arrays: dict, fit_confi
 
 def _count_abandoned(setup_for, context: Context) -> None:
     """A SecAgg+ round this node trained for and whose masked vector was never unmasked:
-    charged, released nothing (`clients.secagg.abandoned_instance`)."""
+    charged, released nothing (`clients.secagg.abandoned_instance`). Counted once: its record
+    goes, so a setup that is then refused (and a next one) does not count it again, and its
+    shares are never revealed after it was counted."""
     setup = setup_for(context)
     state = NodeState(setup.state_dir)
     with state.locked():
         state.record_unreleased(+1)
+    del context.state.config_records[GUARD_RECORD]
 
 
 def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:

@@ -151,7 +151,8 @@ def _distributed(setup: NodeSetup, request, global_arrays, server_round: int, an
                 if deadline and time.time() >= deadline:
                     raise DeadlinePassedError("the round's deadline passed before training started; nothing charged")
                 ledger.charge_distributed(steps, label=label, contributors=t, bits=spec.bits, clip=spec.clip,
-                                          granularity=spec.granularity, rounding_inflation=spec.rounding_inflation)
+                                          granularity=spec.granularity, rounding_inflation=spec.rounding_inflation,
+                                          local_stddev=spec.local_stddev)
                 spending.persist()  # write-ahead: charged before the message exists
                 state.record_unreleased(+1)  # until the masked vector is unmasked or the round is abandoned
                 started = time.perf_counter()

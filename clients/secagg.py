@@ -74,6 +74,7 @@ from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from clients.distributed_node import Protocol
@@ -278,6 +279,31 @@ def _check_fresh(context: Context) -> None:
         raise SecAggRefusal("this protocol instance is past that stage on this node: start a new round with setup")
 
 
+def _check_collect(configs, context: Context) -> None:
+    """The neighbours' shares the server forwards at collect, checked before the node trains:
+    Flower's mod checks their number and origin only after training, so after the charge,
+    and a server forwarding too few, repeated or forged shares would spend the node's budget
+    on a round that cannot finish, never counted as abandoned (nothing was masked)."""
+    flower = _flower_state(context)
+    srcs, ciphertexts = configs.get(Key.SOURCE_LIST), configs.get(Key.CIPHERTEXT_LIST)
+    if not isinstance(srcs, list) or not isinstance(ciphertexts, list) or len(srcs) != len(ciphertexts):
+        raise SecAggRefusal("collect: the neighbours' shares are malformed: nothing is trained")
+    if len(set(srcs)) != len(srcs):
+        raise SecAggRefusal(f"collect: shares of nodes {sorted({n for n in srcs if srcs.count(n) > 1})} forwarded more "
+                            "than once: nothing is trained")
+    if len(srcs) + 1 < flower.threshold:
+        raise SecAggRefusal(f"collect: shares from {len(srcs)} neighbours, fewer than the threshold {flower.threshold} "
+                            "with this node: the round cannot finish; nothing is trained")
+    for src, ciphertext in zip(srcs, ciphertexts):
+        try:
+            sender, dst, _, _ = share_keys_plaintext_separate(decrypt(flower.ss2_dict[src], ciphertext))
+        except (KeyError, TypeError, ValueError, InvalidToken):
+            sender = dst = None
+        if sender != src or dst != flower.nid:
+            raise SecAggRefusal(f"collect: what was forwarded as node {src}'s share is not a share from node {src} for "
+                                "this node: nothing is trained")
+
+
 def _new_instance(context: Context) -> None:
     """After setup: a new record bound to the instance's fresh keys (Flower's setup has just
     replaced both secrets and dropped every share this node held)."""
@@ -367,6 +393,8 @@ def secagg_train(msg: Message, context: Context, run_round: Callable[[dict, dict
         check_setup(configs)
     elif stage in (Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS):
         _check_fresh(context)
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            _check_collect(configs, context)  # before the node's training and charge
     elif stage == Stage.UNMASK:
         _check_unmask(configs, context)
     reply = secaggplus_mod(msg, context, _fit)

@@ -48,10 +48,19 @@ def test_distributed_rounds_train_through_flower_with_secagg_and_charge_every_no
         assert ledger.epsilon() <= 8.0
         assert all(c["contributors"] == 3 for c in ledger.calls if c.get("mechanism"))
     assert records[-1]["epsilon_max"] == pytest.approx(max(ledger.epsilon() for ledger in ledgers))
-    # the adapter moved: the server stepped on the decoded sum
     from fedtune.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoint.safetensors").round == 3
+    # the privacy report: the mechanism, t, and the epsilon if c of the t contributors collude
+    privacy = json.loads((run / "privacy.json").read_text())
+    entries = [e for e in privacy["entries"] if e["level"] == "record"] if isinstance(privacy, dict) else privacy
+    assert entries and all(e["contributors"] == 3 and e.get("distributed") for e in entries)
+    for e in entries:
+        colluding = {int(c): v for c, v in e["epsilon_if_colluding"].items()}
+        assert sorted(colluding) == [0, 1] and colluding[0] < colluding[1]
+        assert colluding[0] == pytest.approx(e["epsilon_opacus"], rel=1e-9)
+    summary = (run / "summary.md").read_text()
+    assert "distributed DP" in summary and "c = 1" in summary
 
 
 def test_a_distributed_federation_without_secure_aggregation_is_refused_before_anything_runs(tiny_bert, tmp_path):

@@ -167,6 +167,28 @@ def noise_for_budget(target_epsilon: float, delta: float, sample_rate: float, st
     return high
 
 
+def with_colluders(entry: tuple, contributors: int, colluders: int, local_stddev: float) -> tuple:
+    """A logged entry (z, tau, dim, q, steps) of t = `contributors` shares of standard
+    deviation `local_stddev` each, recomputed for when `colluders` of them pool their shares
+    with the server: z shrinks by sqrt((t - c) / t) and tau is that of t - c shares."""
+    honest = contributors - colluders
+    if honest < 1:
+        raise ConfigError(f"{colluders} colluders of {contributors} contributors leave no honest noise share")
+    z, _, dim, rate, steps = entry
+    return (float(z) * math.sqrt(honest / contributors), tau(local_stddev, honest), int(dim), float(rate), int(steps))
+
+
+def colluding_epsilons(entries: list[tuple], contributors: int, local_stddev: float, delta: float,
+                       gaussian_history: list[tuple[float, float, int]] = ()) -> dict[int, float]:
+    """A ledger's epsilon if c = 0, 1 or t/2 of its t contributors collude with the server
+    (their noise known and subtracted), from the logged parameters alone."""
+    out = {}
+    for colluders in sorted({0, min(1, contributors - 1), contributors // 2}):
+        recomputed = [with_colluders(e, contributors, colluders, local_stddev) for e in entries]
+        out[colluders] = epsilon(recomputed, delta, gaussian_history)
+    return out
+
+
 def collusion_epsilons(spec: DDGaussSpec, sample_rate: float, steps: int, delta: float,
                        spent: list[tuple] = ()) -> dict[int, float]:
     """Epsilon after `steps` more steps if c contributors collude with the server (their
