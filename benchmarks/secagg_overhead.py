@@ -1,5 +1,7 @@
-"""SecAgg+ overhead, measured side by side in one run: round time and bytes per node with
-secure aggregation on vs off, for cohorts of 5, 10 and 50 virtual nodes.
+"""SecAgg+ and distributed-DP overhead, measured side by side in one run: round time and
+bytes per node with secure aggregation on vs off, and (`--variants`) distributed DP over
+SecAgg+ (full key graph and SecAgg+'s sparse graph, `secagg_share_fraction` 0.5) against
+plain local DP, for cohorts of 5, 10 and 50 virtual nodes.
 
 Each variant is a real Flower simulation (Ray) of the same workload, the same seeds and
 the same partitions (tweets, all-MiniLM-L6-v2 + LoRA r8, DP-SGD at epsilon 8, 20 rows per
@@ -10,6 +12,12 @@ protocol's keys, shares and masked vectors), per node per round. For each cohort
 two variants run back to back, off then on.
 
     python benchmarks/secagg_overhead.py [--nodes 5,10,50] [--json out.json]
+    python benchmarks/secagg_overhead.py --nodes 10,50 --variants local,secagg,distributed,distributed-sparse \
+        --json docs/benchmark-runs/distributed_cost.json
+
+Distributed DP changes what a round is (one DP-SGD step over the union of the nodes'
+batches instead of each node's local epoch): its round time is that of the protocol plus
+one batch's per-example gradients, the noise share and the encoding.
 """
 
 from __future__ import annotations
@@ -65,7 +73,17 @@ class CountingGrid:
         return replies
 
 
-def run(nodes: int, secure: bool, workdir: Path) -> dict:
+VARIANTS = {
+    "local": {},
+    "secagg": {"federation": {"secure_aggregation": True}},
+    "distributed": {"federation": {"secure_aggregation": True}, "dp": {"mode": "distributed"},
+                    "node": {"distributed_min_contributors": 3}},
+    "distributed-sparse": {"federation": {"secure_aggregation": True, "secagg_share_fraction": 0.5},
+                           "dp": {"mode": "distributed"}, "node": {"distributed_min_contributors": 3}},
+}
+
+
+def run(nodes: int, variant: str | bool, workdir: Path) -> dict:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -74,13 +92,19 @@ def run(nodes: int, secure: bool, workdir: Path) -> dict:
     from server.server_app import run_federation
     from simulations.run import SimulationNodes, prepare_simulation, ray_backend
 
-    config = prepare_simulation(build_config({
+    if isinstance(variant, bool):  # the original pair: SecAgg+ off / on
+        variant = "secagg" if variant else "local"
+    sections = {
         "data": {"dataset": "tweets", "max_examples": nodes * ROWS_PER_NODE},
         "model": {"max_seq_len": 32}, "training": {"epochs": 1, "rounds": ROUNDS, "batch_size": 8},
         "dp": {"target_epsilon": 8.0, "noise_seed": 0},
-        "federation": {"num_clients": nodes, "clients_per_round": nodes, "min_clients": nodes, "secure_aggregation": secure},
-    }))
-    run_dir = workdir / f"{'secagg' if secure else 'plain'}-{nodes}"
+        "federation": {"num_clients": nodes, "clients_per_round": nodes, "min_clients": nodes},
+    }
+    for name, values in VARIANTS[variant].items():
+        sections.setdefault(name, {}).update(values)
+    config = prepare_simulation(build_config(sections))
+    secure = config.federation.secure_aggregation
+    run_dir = workdir / f"{variant}-{nodes}"
     counted = {}
     server_app = ServerApp()
 
@@ -94,7 +118,7 @@ def run(nodes: int, secure: bool, workdir: Path) -> dict:
                    num_supernodes=nodes, backend_config=ray_backend(config, 1.0, 0.0))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grid = counted["grid"]
-    return {"nodes": nodes, "secure": secure, "process_seconds": round(time.perf_counter() - started, 2),
+    return {"nodes": nodes, "variant": variant, "secure": secure, "process_seconds": round(time.perf_counter() - started, 2),
             "round_seconds": [r["seconds"] for r in records], "accuracy": records[-1].get("accuracy"),
             "bytes_sent_per_node_round": grid.sent / (nodes * ROUNDS),
             "bytes_received_per_node_round": grid.received / (nodes * ROUNDS)}
@@ -103,23 +127,30 @@ def run(nodes: int, secure: bool, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="5,10,50", help="cohort sizes (default 5,10,50)")
+    parser.add_argument("--variants", default="local,secagg",
+                        help=f"what runs per cohort size, side by side (default local,secagg; any of {', '.join(VARIANTS)})")
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"--variants: {', '.join(unknown)}: expected any of {', '.join(VARIANTS)}", file=sys.stderr)
+        raise SystemExit(2)
     from fedtune.quiet import quiet_libraries
 
     quiet_libraries()
     results = []
     with tempfile.TemporaryDirectory(prefix="secagg-bench-") as tmp:
         for nodes in (int(n) for n in args.nodes.split(",")):
-            pair = [run(nodes, secure, Path(tmp)) for secure in (False, True)]
-            results += pair
-            plain, secure = pair
-            ratio = secure["round_seconds"][-1] / plain["round_seconds"][-1]
-            print(f"{nodes} nodes: round 2 {plain['round_seconds'][-1]:.1f} s plain, {secure['round_seconds'][-1]:.1f} s "
-                  f"SecAgg+ ({ratio:.2f}x); bytes per node per round up "
-                  f"{plain['bytes_received_per_node_round'] / 1e3:.0f} kB vs {secure['bytes_received_per_node_round'] / 1e3:.0f} kB, "
-                  f"down {plain['bytes_sent_per_node_round'] / 1e3:.0f} kB vs {secure['bytes_sent_per_node_round'] / 1e3:.0f} kB",
-                  flush=True)
+            row = [run(nodes, variant, Path(tmp)) for variant in variants]
+            results += row
+            base = row[0]
+            for result in row:
+                ratio = result["round_seconds"][-1] / base["round_seconds"][-1]
+                print(f"{nodes} nodes, {result['variant']}: round 2 {result['round_seconds'][-1]:.1f} s ({ratio:.2f}x "
+                      f"{base['variant']}); bytes per node per round up "
+                      f"{result['bytes_received_per_node_round'] / 1e3:.0f} kB, down "
+                      f"{result['bytes_sent_per_node_round'] / 1e3:.0f} kB", flush=True)
     summary = {"machine": machine(), "machine_line": machine_description(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -96,6 +96,23 @@ def check_protocol(protocol: Protocol, bits: int, t: int) -> None:
                             f"weight {protocol.max_weight:g}) does not carry integers modulo 2^{bits} exactly")
 
 
+MAX_ROUNDING_INFLATION = 2.0
+
+
+def check_granularity(spec: DDGaussSpec) -> None:
+    """Refuse a granularity that would waste the node's budget or break its integers: one
+    clipped example must fit the modulus (C / gamma <= 2^(bits-1)), else the encoding
+    overflows; and rounding may at most double the sensitivity the node is charged for
+    (a coarse gamma makes the charge buy mostly rounding noise)."""
+    steps_per_clip = spec.clip / spec.granularity
+    if steps_per_clip > 1 << (spec.bits - 1):
+        raise PolicyRefusal("distributed", f"granularity {spec.granularity:g} puts one clipped example at "
+                            f"{steps_per_clip:.3g} integer steps, beyond the modulus 2^{spec.bits}")
+    if spec.rounding_inflation > MAX_ROUNDING_INFLATION:
+        raise PolicyRefusal("distributed", f"granularity {spec.granularity:g} would make rounding inflate the "
+                            f"sensitivity {spec.rounding_inflation:.2f}-fold (at most {MAX_ROUNDING_INFLATION:g})")
+
+
 def distributed_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
                       server_round: int, announced: Announced, protocol: Protocol, central_evaluation: bool = True,
                       deadline: float = 0.0) -> tuple[TrainOutcome, np.ndarray | None]:
@@ -135,6 +152,7 @@ def _distributed(setup: NodeSetup, request, global_arrays, server_round: int, an
         spec = DDGaussSpec(clip=config.dp.max_grad_norm, granularity=announced.granularity,
                            bits=config.dp.distributed_bits, contributors=t, noise_multiplier=config.dp.noise_multiplier,
                            dim=dim)
+        check_granularity(spec)
         n = len(data.train)
         rate = min(1.0, config.training.batch_size / n)
         steps = ddgauss_accounting.steps_for(spec, rate, 1)
