@@ -41,6 +41,9 @@ class ScriptedRound:
     fit_config: dict
     threshold: int = 2
     server_round: int = 1
+    clipping_range: float = CLIPPING_RANGE  # the quantization setup announces (distributed DP: 2^(bits-1), 2^bits)
+    target_range: int = TARGET_RANGE
+    mod_range: int = MOD_RANGE
     keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     forwards: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
     masked: dict[int, list[np.ndarray]] = field(default_factory=dict)
@@ -64,8 +67,8 @@ class ScriptedRound:
 
     def setup(self, **overrides) -> None:
         params = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: len(self.nids), Key.SHARE_NUMBER: len(self.nids),
-                  Key.THRESHOLD: self.threshold, Key.CLIPPING_RANGE: CLIPPING_RANGE, Key.TARGET_RANGE: TARGET_RANGE,
-                  Key.MOD_RANGE: MOD_RANGE, Key.MAX_WEIGHT: 1.0, **overrides}
+                  Key.THRESHOLD: self.threshold, Key.CLIPPING_RANGE: self.clipping_range,
+                  Key.TARGET_RANGE: self.target_range, Key.MOD_RANGE: self.mod_range, Key.MAX_WEIGHT: 1.0, **overrides}
         for nid in self.nids:
             reply = self.configs(self.send(nid, dict(params)))
             self.keys[nid] = (reply[Key.PUBLIC_KEY_1], reply[Key.PUBLIC_KEY_2])
@@ -137,17 +140,17 @@ class ScriptedRound:
         for owner in self.nids:
             if owner in active:
                 seed = combine_shares([s for kind, s in shares[owner] if kind == "b"])
-                vector = parameters_subtraction(vector, pseudo_rand_gen(seed, MOD_RANGE, shapes))
+                vector = parameters_subtraction(vector, pseudo_rand_gen(seed, self.mod_range, shapes))
                 continue
             secret = bytes_to_private_key(combine_shares([s for kind, s in shares[owner] if kind == "sk"]))
             for other in active:
                 mask = pseudo_rand_gen(generate_shared_key(secret, bytes_to_public_key(self.keys[other][0])),
-                                       MOD_RANGE, shapes)
+                                       self.mod_range, shapes)
                 # `other` added the mask when other > owner: take it back out
                 vector = (parameters_subtraction if other > owner else parameters_addition)(vector, mask)
-        factor, quantized = factor_extract(parameters_mod(vector, MOD_RANGE))
-        values = dequantize(quantized, CLIPPING_RANGE, TARGET_RANGE)
-        return [(v - (len(active) - 1) * CLIPPING_RANGE) * TARGET_RANGE / factor for v in values]
+        factor, quantized = factor_extract(parameters_mod(vector, self.mod_range))
+        values = dequantize(quantized, self.clipping_range, self.target_range)
+        return [(v - (len(active) - 1) * self.clipping_range) * self.target_range / factor for v in values]
 
     def strip_one(self, target: int, shares) -> list[np.ndarray]:
         """The attack's last step: `target`'s own masked vector with its private mask (from
@@ -155,15 +158,15 @@ class ScriptedRound:
         vector = self.masked[target]
         shapes = [a.shape for a in vector]
         seed = combine_shares([s for kind, s in shares[target] if kind == "b"])
-        vector = parameters_subtraction(vector, pseudo_rand_gen(seed, MOD_RANGE, shapes))
+        vector = parameters_subtraction(vector, pseudo_rand_gen(seed, self.mod_range, shapes))
         secret = bytes_to_private_key(combine_shares([s for kind, s in shares[target] if kind == "sk"]))
         for other in self.nids:
             if other != target:
                 mask = pseudo_rand_gen(generate_shared_key(secret, bytes_to_public_key(self.keys[other][0])),
-                                       MOD_RANGE, shapes)
+                                       self.mod_range, shapes)
                 vector = (parameters_subtraction if target > other else parameters_addition)(vector, mask)
-        factor, quantized = factor_extract(parameters_mod(vector, MOD_RANGE))
-        return [v * TARGET_RANGE / factor for v in dequantize(quantized, CLIPPING_RANGE, TARGET_RANGE)]
+        factor, quantized = factor_extract(parameters_mod(vector, self.mod_range))
+        return [v * self.target_range / factor for v in dequantize(quantized, self.clipping_range, self.target_range)]
 
 
 def kinds_revealed(shares: dict[int, list[tuple[str, bytes]]], owner: int) -> dict[str, int]:
