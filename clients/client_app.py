@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutcome, NodeSetup, NodeState,
                           TrainOutcome, evaluate_round, train_round)
 from clients.distributed_node import Announced, distributed_round
-from clients.secagg import GUARD_RECORD, abandoned_instance, is_secagg, secagg_train, starts_instance
+from clients.secagg import is_secagg, secagg_train
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy.policy import DISTRIBUTED_FIELD, REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
 from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
@@ -122,7 +122,7 @@ def _secure_fit(setup_for, context: Context, global_arrays: dict, fit_config: di
         timeout = float(fit_config.get("round-timeout", 0.0))
         return train_round(setup, request, global_arrays, int(fit_config["server-round"]),
                            str(fit_config.get("evaluation", "federated")) == "central",
-                           time.time() + timeout if timeout > 0 else 0.0)
+                           time.time() + timeout if timeout > 0 else 0.0, released_later=True)
     except (FedtuneError, KeyError, TypeError, ValueError) as exc:
         return TrainOutcome(STATUS_POLICY_REFUSED, message=f"policy-refused: message: {type(exc).__name__}")
 
@@ -141,16 +141,12 @@ def _distributed_fit(setup_for, context: Context, global_arrays: dict, fit_confi
                              time.time() + timeout if timeout > 0 else 0.0)
 
 
-def _count_abandoned(setup_for, context: Context) -> None:
-    """A SecAgg+ round this node trained for and whose masked vector was never unmasked:
-    charged, released nothing (`clients.secagg.abandoned_instance`). Counted once: its record
-    goes, so a setup that is then refused (and a next one) does not count it again, and its
-    shares are never revealed after it was counted."""
-    setup = setup_for(context)
-    state = NodeState(setup.state_dir)
+def _released(setup_for, context: Context) -> None:
+    """The node answered a SecAgg+ unmask: its round's charge released something (the sum),
+    so it no longer counts against node.max_unreleased_rounds."""
+    state = NodeState(setup_for(context).state_dir)
     with state.locked():
-        state.record_unreleased(+1)
-    del context.state.config_records[GUARD_RECORD]
+        state.record_unreleased(-1)
 
 
 def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
@@ -160,12 +156,11 @@ def make_client_app(setup_for: Callable[[Context], NodeSetup]) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if is_secagg(msg):
-            if starts_instance(msg) and abandoned_instance(context):
-                _count_abandoned(setup_for, context)
             return secagg_train(msg, context, lambda arrays, fit_config: _secure_fit(setup_for, context, arrays, fit_config),
                                 train_release, lambda: setup_for(context).policy.own.node.secagg_max_clip,
                                 lambda arrays, fit_config, protocol: _distributed_fit(setup_for, context, arrays,
-                                                                                      fit_config, protocol))
+                                                                                      fit_config, protocol),
+                                lambda: _released(setup_for, context))
 
         def work(setup, request, record):
             if setup.policy.own.node.require_secure_aggregation:

@@ -13,7 +13,8 @@ The charge (`fedtune.privacy.ledger.PrivacyLedger.charge_distributed`) is writte
 message is computed: the record's own Poisson rate q = B / n, the noise of t honest shares
 over the rounded sensitivity Delta2 (quantization included), one step. A round that
 aborts afterwards (fewer than t survivors: the masks are never removed) keeps its charge
-and counts against `node.max_unreleased_rounds` (`clients.secagg.abandoned_instance`).
+and counts against `node.max_unreleased_rounds`: the count is written before the step and
+taken back only when the node answers the unmask stage.
 
 One step per round, never several local steps: several steps would release a sum of a
 trajectory through the node's own noise-free intermediate models, for which the one-step
@@ -172,14 +173,13 @@ def _distributed(setup: NodeSetup, request, global_arrays, server_round: int, an
                                           granularity=spec.granularity, rounding_inflation=spec.rounding_inflation,
                                           local_stddev=spec.local_stddev)
                 spending.persist()  # write-ahead: charged before the message exists
-                state.record_unreleased(+1)  # until the masked vector is unmasked or the round is abandoned
+                state.record_unreleased(+1)  # in node.json until the node answers unmask (clients.secagg)
                 started = time.perf_counter()
                 vector, _ = distributed_contribution(
                     model, data.train, config, spec, list(announced.keys), rate, announced.rotation_seed,
                     sampling=randomness.torch_generator("distributed batch", ledger.data_fingerprint, ledger.steps))
                 holder.append(vector)
                 state.record_round(server_round, trained=True, labels=config.data.labels or None, central=central_evaluation)
-                state.record_unreleased(-1)
                 metrics = {"train-seconds": time.perf_counter() - started, "steps": 1,
                            "noise-multiplier": spec.noise_multiplier, "sample-rate": rate, "delta": ledger.delta,
                            "private": 1}

@@ -244,20 +244,24 @@ def _plan(config: Config, n_train: int, delta: float, releases: int = 0) -> DPPl
 
 
 def train_round(setup: NodeSetup, request: Mapping[str, Any], global_arrays: "dict[str, np.ndarray]",
-                server_round: int, central_evaluation: bool = False, deadline: float = 0.0) -> TrainOutcome:
+                server_round: int, central_evaluation: bool = False, deadline: float = 0.0,
+                released_later: bool = False) -> TrainOutcome:
     """One round of local DP training from the global adapter, within the node's policy.
 
     `global_arrays` may be the full adapter or, in FFA-LoRA mode, only what travels (B and
     the head): the frozen A is rebuilt from the shared seed. `central_evaluation` (the
     server scores centrally) trains on all the node's rows. Nothing trains unless the
     request fits the policy and the budget. Past `deadline` (the server's round timeout) the
-    node stops, releases nothing and frees its slot; what it charged stays charged."""
-    return _guarded(lambda: _train(setup, request, global_arrays, server_round, central_evaluation, deadline),
-                    TrainOutcome)
+    node stops, releases nothing and frees its slot; what it charged stays charged.
+    `released_later` (a SecAgg+ round): the round counts as charged-and-unreleased in
+    node.json until the node answers the unmask stage (`NodeState.record_unreleased`), so a
+    server that aborts after collecting, in this run or another, is counted durably."""
+    return _guarded(lambda: _train(setup, request, global_arrays, server_round, central_evaluation, deadline,
+                                   released_later), TrainOutcome)
 
 
 def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_evaluation: bool,
-           deadline: float) -> TrainOutcome:
+           deadline: float, released_later: bool = False) -> TrainOutcome:
     config = setup.policy.config_for(request)
     if config.dp.mode == "distributed":  # its noise share alone would be far too little for an update in the clear
         raise PolicyRefusal("dp.mode", "a distributed-DP step is computed only inside a secure aggregation round that "
@@ -295,7 +299,8 @@ def _train(setup: NodeSetup, request, global_arrays, server_round: int, central_
                         metrics["train-loss"] = released["loss"]
                 state.record_round(server_round, trained=True, labels=config.data.labels or None,
                                    central=central_evaluation)
-                state.record_unreleased(-1)
+                if not released_later:
+                    state.record_unreleased(-1)
                 return TrainOutcome(STATUS_OK, trainable_state(model), n, ledger.epsilon(), metrics,
                                     ledger=ledger, noise=randomness.label)
         except BudgetExhaustedError as exc:

@@ -317,13 +317,14 @@ def starts_instance(msg: Message) -> bool:
     return msg.content.config_records[SECAGG_RECORD].get(Key.STAGE) == Stage.SETUP
 
 
-def abandoned_instance(context: Context) -> bool:
-    """Did this node's last protocol instance take its masked vector and never unmask it?
-    Its training was charged and nothing of it was released: a server that aborts rounds
-    after the collect stage again and again would spend the node's budget for nothing, so
-    the node counts such rounds against `node.max_unreleased_rounds`."""
-    guard = context.state.config_records.get(GUARD_RECORD)
-    return guard is not None and bool(guard["collected"]) and not guard["revealed-b"] and not guard["revealed-sk"]
+def _mark_released(context: Context, released: Callable[[], None] | None) -> None:
+    guard = _guard(context, _flower_state(context))
+    if guard.get("released"):
+        return
+    guard["released"] = True
+    context.state.config_records[GUARD_RECORD] = guard
+    if released is not None:
+        released()
 
 
 def _mark_collected(context: Context) -> None:
@@ -354,11 +355,17 @@ def _distributed_fit(fitins, ctx: Context, run_distributed, release) -> tuple[li
 
 def secagg_train(msg: Message, context: Context, run_round: Callable[[dict, dict], TrainOutcome],
                  release: Callable[[TrainOutcome], dict], own_bound: Callable[[], float],
-                 run_distributed: Callable | None = None) -> Message:
+                 run_distributed: Callable | None = None, released: Callable[[], None] | None = None) -> Message:
     """One SecAgg+ stage. `run_round(global_arrays, fit_config)` trains; `release(outcome)`
     gives the scalars the node releases; `own_bound()` is the node's `secagg_max_clip`;
     `run_distributed(global_arrays, fit_config, protocol)` is a distributed-DP round's
-    part (`clients.distributed_node.distributed_round`)."""
+    part (`clients.distributed_node.distributed_round`); `released()` is called once per
+    instance when the node has answered the unmask stage (its charged round released the sum).
+
+    A round counts against `node.max_unreleased_rounds` from before its training until the
+    node answers unmask (node.json, on disk): a server that collects masked vectors and
+    never unmasks, in this Flower run or in a new one, or a node restarted between the two,
+    leaves the count standing."""
 
     def _fit(fit_msg: Message, ctx: Context) -> Message:
         fitins = recorddict_to_fitins(fit_msg.content, keep_input=True)
@@ -390,6 +397,7 @@ def secagg_train(msg: Message, context: Context, run_round: Callable[[dict, dict
     if stage == CONFIRM_STAGE:
         return _confirm(msg, context)
     if stage == Stage.SETUP:
+        context.state.config_records.pop(GUARD_RECORD, None)  # a new setup ends the old instance, answered or not
         check_setup(configs)
     elif stage in (Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS):
         _check_fresh(context)
@@ -402,4 +410,6 @@ def secagg_train(msg: Message, context: Context, run_round: Callable[[dict, dict
         _new_instance(context)
     elif stage == Stage.COLLECT_MASKED_VECTORS:
         _mark_collected(context)
+    elif stage == Stage.UNMASK:
+        _mark_released(context, released)
     return reply

@@ -258,9 +258,10 @@ def test_a_secure_round_whose_request_and_announcement_disagree_is_refused_befor
 def test_a_round_aborted_below_t_after_collect_keeps_its_charge_and_counts_as_abandoned(new_round, tmp_path):
     """t = threshold = 3 of 4 nodes. All four mask their vectors (each charged one step),
     then two drop: the two survivors hold confirmations from 2 < 3 nodes and reveal nothing,
-    so the server cannot unmask. The charges stand; the next setup counts the abandoned
-    round on every node, once (setups the node refuses do not count it again), and past
-    `max-unreleased-rounds` = 1 the next collect is refused before any charge."""
+    so the server cannot unmask. The charges stand, and each counts in node.json as a round
+    that released nothing from before its step (durable: a new setup, a refused setup or a
+    new Flower run does not clear it, nor count it twice); past `max-unreleased-rounds` = 1
+    the next collect is refused before any charge."""
     round_ = _keys_shared(new_round(**{"max-unreleased-rounds": 1}))
     round_.collect()
     assert all(charged(tmp_path, nid) == 1 for nid in NODES)
@@ -271,11 +272,11 @@ def test_a_round_aborted_below_t_after_collect_keeps_its_charge_and_counts_as_ab
         with pytest.raises(SecAggRefusal, match="2 nodes .* confirmed this survivor set, fewer than the threshold 3"):
             shares.update(round_.unmask(nid, list(NODES), []))
     assert not shares
-    assert all(charged(tmp_path, nid) == 1 and unreleased(tmp_path, nid) == 0 for nid in NODES)
+    assert all(charged(tmp_path, nid) == 1 and unreleased(tmp_path, nid) == 1 for nid in NODES)
 
     small = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 2, Key.SHARE_NUMBER: 4, Key.THRESHOLD: 3,
              Key.CLIPPING_RANGE: HALF, Key.TARGET_RANGE: LEVELS, Key.MOD_RANGE: MOD, Key.MAX_WEIGHT: 1.0}
-    for _ in range(2):  # setups the node refuses: the first counts the abandoned round, none counts it again
+    for _ in range(2):  # setups the node refuses: the count stands, never doubled
         for nid in NODES:
             with pytest.raises(SecAggRefusal, match="a secure round of 2 nodes"):
                 round_.send(nid, dict(small))
@@ -308,6 +309,7 @@ def test_the_collect_reply_holds_only_the_masked_vector_and_released_scalars(new
         return reply
     round_.send = send
     round_.collect()
+    assert all(unreleased(tmp_path, nid) == 1 for nid in NODES)  # charged, nothing released yet (on disk)
     assert set(vectors) == set(NODES) and set(replies) == set(NODES)
     for nid in NODES:
         content = replies[nid].content
@@ -335,6 +337,7 @@ def test_the_collect_reply_holds_only_the_masked_vector_and_released_scalars(new
     mean = np.concatenate([m.ravel() for m in round_.unmasked_mean(shares, list(NODES))])
     expected = np.mod(sum(vectors[nid].astype(np.int64) for nid in NODES), LEVELS)
     assert np.array_equal(integer_sum(mean, len(NODES), BITS), expected)
+    assert all(unreleased(tmp_path, nid) == 0 for nid in NODES)  # answering unmask released the round
 
 
 def test_dropouts_below_t_after_collect_halt_the_real_workflow_and_every_charge_stands(tiny_bert, tmp_path,

@@ -79,7 +79,7 @@ def quick(monkeypatch, federation):
     and the mod stay real): for tests that run many protocol instances."""
     import clients.client_app as client_app
 
-    def train_round(setup, request, global_arrays, server_round, central=False, deadline=0.0):
+    def train_round(setup, request, global_arrays, server_round, central=False, deadline=0.0, released_later=False):
         arrays = OrderedDict((k, v + 0.01) for k, v in global_arrays.items())
         return TrainOutcome("ok", arrays, 40, 1.0)
     monkeypatch.setattr(client_app, "train_round", train_round)
