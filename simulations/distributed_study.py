@@ -41,8 +41,9 @@ from fedtune.atomic import atomic_write_json, atomic_write_text
 from fedtune.config import Config, build_config
 from fedtune.data import train_val_split
 
-RECORDS = Path("docs/results/records/distributed")
-REPORT = Path("docs/results-distributed.md")
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs" / "results" / "records" / "distributed"
+REPORT = ROOT / "docs" / "results-distributed.md"
 WORK = Path("runs/distributed-study")
 DATASET, SITES, ROWS, EPSILON = "bbc-news", 10, 100, 8.0
 
@@ -54,14 +55,14 @@ METHODS: dict[str, tuple[tuple[float, ...], dict]] = {
         "training": {"rounds": 5, "epochs": 1, "batch_size": 12},
         "dp": {"accountant": "pld", "target_epsilon": EPSILON, "max_grad_norm": 1.0},
         "federation": {"server_optimizer": "fedavg"}}),
-    "distributed": ((0.003, 0.01, 0.03), {
-        "training": {"rounds": 100, "epochs": 1, "batch_size": 10},
+    "distributed": ((0.01, 0.03), {
+        "training": {"rounds": 50, "epochs": 1, "batch_size": 20},
         "dp": {"mode": "distributed", "target_epsilon": EPSILON, "max_grad_norm": 1.0},
         "federation": {"secure_aggregation": True, "secagg_threshold": 0.8, "min_clients": 8,
                        "server_optimizer": "fedadam"},
         "node": {"distributed_min_contributors": 8}}),
     "central-dp": ((0.003, 0.01, 0.03), {
-        "training": {"rounds": 1, "epochs": 10, "batch_size": 100},
+        "training": {"rounds": 1, "epochs": 10, "batch_size": 200},
         "dp": {"accountant": "pld", "target_epsilon": EPSILON, "max_grad_norm": 1.0}}),
     "non-private": ((0.001, 0.003, 0.01), {
         "training": {"rounds": 1, "epochs": 5, "batch_size": 32},
