@@ -55,7 +55,7 @@ METHODS: dict[str, tuple[tuple[float, ...], dict]] = {
         "training": {"rounds": 5, "epochs": 1, "batch_size": 12},
         "dp": {"accountant": "pld", "target_epsilon": EPSILON, "max_grad_norm": 1.0},
         "federation": {"server_optimizer": "fedavg"}}),
-    "distributed": ((0.01, 0.03), {
+    "distributed": ((0.01, 0.03, 0.1), {
         "training": {"rounds": 50, "epochs": 1, "batch_size": 20},
         "dp": {"mode": "distributed", "target_epsilon": EPSILON, "max_grad_norm": 1.0},
         "federation": {"secure_aggregation": True, "secagg_threshold": 0.8, "min_clients": 8,
