@@ -1,7 +1,7 @@
 """Small sites under DP: local DP-SGD, distributed DP, and the pooled references, on the
 same rows, tuned on validation rows, scored once on held-out test rows.
 
-    python -m simulations.distributed_study [--max-minutes M] [--seeds 0,1,2]
+    python -m simulations.distributed_study [--max-minutes M] [--seeds 0,1,2] [--epsilons 3,1]
     python -m simulations.distributed_study --report-only      # docs/results-distributed.md from the records
 
 Every cell writes one compact record (resolved config, versions, machine, seed, the
@@ -69,6 +69,7 @@ METHODS: dict[str, tuple[tuple[float, ...], dict]] = {
         "dp": {"enabled": False}}),
 }
 FEDERATED = ("local", "distributed")
+PRIVATE = ("distributed", "local", "central-dp")
 
 
 def _write_csv(path: Path, table) -> Path:
@@ -95,10 +96,13 @@ def splits(work: Path) -> dict[str, Path]:
     return paths
 
 
-def _config(method: str, rate: float, seed: int, data: Path, evaluation: Path, budget: Path) -> Config:
+def _config(method: str, rate: float, seed: int, data: Path, evaluation: Path, budget: Path,
+            epsilon: float = EPSILON) -> Config:
     sections = json.loads(json.dumps(COMMON))
     for name, values in METHODS[method][1].items():
         sections.setdefault(name, {}).update(values)
+    if sections.get("dp", {}).get("enabled", True):
+        sections["dp"]["target_epsilon"] = epsilon
     sections["data"] = {"path": str(data)}
     sections.setdefault("training", {}).update({"seed": seed, "learning_rate": rate})
     sections.setdefault("node", {})["budget_dir"] = str(budget)
@@ -122,15 +126,21 @@ def _pooled(config: Config, paths: dict[str, Path], seed: int, work: Path) -> Pa
     return _write_csv(work / "data" / f"pooled-seed{seed}.csv", training_pool(federated))
 
 
-def run_cell(method: str, rate: float, seed: int, split: str, paths: dict[str, Path], work: Path, log) -> dict:
+def _name(method: str, rate: float, seed: int, split: str, epsilon: float) -> str:
+    suffix = "" if epsilon == EPSILON else f"-eps{epsilon:g}"
+    return f"{method}-lr{rate:g}-seed{seed}-{split}{suffix}"
+
+
+def run_cell(method: str, rate: float, seed: int, split: str, paths: dict[str, Path], work: Path, log,
+             epsilon: float = EPSILON) -> dict:
     """One run; returns its compact record."""
-    folder = work / f"{method}-lr{rate:g}-seed{seed}-{split}"
+    folder = work / _name(method, rate, seed, split, epsilon)
     evaluation = paths["validation" if split == "validation" else "test"]
     started = time.perf_counter()
     if method in FEDERATED:
         from simulations.run import simulate
 
-        config = _config(method, rate, seed, paths["pool"], evaluation, folder / "budgets")
+        config = _config(method, rate, seed, paths["pool"], evaluation, folder / "budgets", epsilon)
         simulate(config, folder, engine="in-process", log=lambda line: None)
         rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         accuracy = [r.get("accuracy") for r in rounds]
@@ -139,20 +149,20 @@ def run_cell(method: str, rate: float, seed: int, split: str, paths: dict[str, P
         from fedtune.local import prepare_node, train_local
 
         data = _pooled(None, paths, seed, work)
-        config = _config(method, rate, seed, data, evaluation, folder / "budgets")
+        config = _config(method, rate, seed, data, evaluation, folder / "budgets", epsilon)
         node = prepare_node(config)
         train_local(node, folder, echo=lambda line: None, progress=False)
         rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         accuracy = [r.get("val_accuracy") for r in rounds]
         ledger = json.loads((folder / "ledger.json").read_text())
         ledgers = [{"epsilon": ledger["epsilon"], "delta": ledger["delta"], "history": ledger["history"]}]
-    record = {"method": method, "dataset": DATASET, "sites": SITES, "rows_per_site": ROWS, "epsilon": EPSILON,
+    record = {"method": method, "dataset": DATASET, "sites": SITES, "rows_per_site": ROWS, "epsilon": epsilon,
               "seed": seed, "split": split, "learning_rate": rate, "accuracy": accuracy[-1], "accuracy_by_round": accuracy,
               "majority_accuracy": _majority(evaluation), "ledgers": ledgers, "seconds": round(time.perf_counter() - started, 1), "config": config.to_toml(),
               "versions": _versions(), "machine": _machine()}
     RECORDS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RECORDS / f"{method}-lr{rate:g}-seed{seed}-{split}.json", record)
-    log(f"{method} lr {rate:g} seed {seed} ({split}): accuracy {accuracy[-1]:.4f} in {record['seconds']:.0f} s")
+    atomic_write_json(RECORDS / f"{_name(method, rate, seed, split, epsilon)}.json", record)
+    log(f"{method} lr {rate:g} seed {seed} epsilon {epsilon:g} ({split}): accuracy {accuracy[-1]:.4f} in {record['seconds']:.0f} s")
     return record
 
 
@@ -182,28 +192,31 @@ def _records() -> list[dict]:
 
 def chosen_rate(method: str, records: list[dict]) -> float | None:
     """The learning rate with the best validation accuracy (seed 0), None before tuning ran."""
-    tuned = [r for r in records if r["method"] == method and r["split"] == "validation"]
+    tuned = [r for r in records if r["method"] == method and r["split"] == "validation" and r["epsilon"] == EPSILON]
     if len(tuned) < len(METHODS[method][0]):
         return None
     return max(tuned, key=lambda r: (r["accuracy"], -r["learning_rate"]))["learning_rate"]
 
 
-def run(seeds: tuple[int, ...], max_minutes: float, log=print) -> None:
-    """Breadth-first: tune every method (seed 0, validation rows), then each method's test
-    cell at seed 0, then the other seeds; records already written are kept."""
+def run(seeds: tuple[int, ...], max_minutes: float, log=print, epsilons: tuple[float, ...] = (),
+        epsilon_seeds: tuple[int, ...] = (0,)) -> None:
+    """Breadth-first: tune every method (seed 0, validation rows, epsilon 8), then each
+    method's test cell at seed 0, then the other seeds, then the private methods at the
+    other `epsilons` (learning rates as chosen at epsilon 8); records already written are kept."""
     deadline = time.monotonic() + max_minutes * 60
     paths = splits(WORK)
-    done = {(r["method"], r["learning_rate"], r["seed"], r["split"]) for r in _records()}
-    plan = [(m, rate, 0, "validation") for m in METHODS for rate in METHODS[m][0]]
-    plan += [(m, None, seed, "test") for seed in seeds for m in METHODS]
-    for method, rate, seed, split in plan:
+    done = {(r["method"], r["learning_rate"], r["seed"], r["split"], r["epsilon"]) for r in _records()}
+    plan = [(m, rate, 0, "validation", EPSILON) for m in METHODS for rate in METHODS[m][0]]
+    plan += [(m, None, seed, "test", EPSILON) for seed in seeds for m in METHODS]
+    plan += [(m, None, seed, "test", eps) for eps in epsilons for seed in epsilon_seeds for m in PRIVATE]
+    for method, rate, seed, split, epsilon in plan:
         if time.monotonic() > deadline:
             log("time is up: the report shows what ran")
             break
         rate = rate if rate is not None else chosen_rate(method, _records())
-        if rate is None or (method, rate, seed, split) in done:
+        if rate is None or (method, rate, seed, split, epsilon) in done:
             continue
-        run_cell(method, rate, seed, split, paths, WORK, log)
+        run_cell(method, rate, seed, split, paths, WORK, log, epsilon)
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -230,26 +243,39 @@ def report(records: list[dict]) -> str:
              "|---|---|---|---|"]
     for method in METHODS:
         rate = chosen_rate(method, records)
-        cells = [r for r in records if r["method"] == method and r["split"] == "test" and r["learning_rate"] == rate]
+        cells = [r for r in records if r["method"] == method and r["split"] == "test" and r["learning_rate"] == rate
+                 and r["epsilon"] == EPSILON]
         seeds = ", ".join(str(r["seed"]) for r in sorted(cells, key=lambda r: r["seed"])) or "-"
         lines.append(f"| {DESCRIPTIONS[method]} | {rate if rate is not None else 'not tuned yet'} | "
                      f"{_mean_sd([r['accuracy'] for r in cells])} | {seeds} |")
+    lower = sorted({r["epsilon"] for r in records if r["epsilon"] != EPSILON}, reverse=True)
+    if lower:
+        lines += ["", "## Smaller epsilon", "", f"The same cells at a smaller epsilon per site, with the learning rates "
+                  f"chosen at epsilon {EPSILON:g} on the validation rows (no tuning at these epsilons).", "",
+                  "| method | " + " | ".join(f"epsilon {e:g}" for e in lower) + " |", "|---|" + "---|" * len(lower)]
+        for method in PRIVATE:
+            rate = chosen_rate(method, records)
+            row = [_mean_sd([r["accuracy"] for r in records if r["method"] == method and r["split"] == "test"
+                             and r["epsilon"] == e and r["learning_rate"] == rate]) for e in lower]
+            lines.append(f"| {DESCRIPTIONS[method]} | " + " | ".join(row) + " |")
     lines += ["", "## Tuning (validation rows, seed 0)", "", "| method | learning rate | validation accuracy |",
               "|---|---|---|"]
-    for r in sorted((r for r in records if r["split"] == "validation"), key=lambda r: (r["method"], r["learning_rate"])):
+    for r in sorted((r for r in records if r["split"] == "validation" and r["epsilon"] == EPSILON),
+                    key=lambda r: (r["method"], r["learning_rate"])):
         lines.append(f"| {r['method']} | {r['learning_rate']:g} | {r['accuracy']:.3f} |")
     lines += ["", "## Privacy of the distributed cells", ""]
     for r in sorted((r for r in records if r["method"] == "distributed" and r["split"] == "test"),
-                    key=lambda r: r["seed"]):
+                    key=lambda r: (-r["epsilon"], r["seed"])):
         eps = [ledger["epsilon"] for ledger in r["ledgers"]]
         entry = r["ledgers"][0].get("distributed") or [[math.nan] * 5]
         z, _, dim, q, steps = entry[0]
-        lines.append(f"- seed {r['seed']}: {len(eps)} site ledgers, largest epsilon {max(eps):.3f} at delta "
+        lines.append(f"- epsilon {r['epsilon']:g}, seed {r['seed']}: {len(eps)} site ledgers, largest epsilon {max(eps):.3f} at delta "
                      f"{r['ledgers'][0]['delta']:.3g}; noise multiplier {z:g} over the rounded sensitivity, "
                      f"q = {q:g}, {steps} steps, dimension {dim} (each recomputed by "
                      "`fedtune.privacy.ddgauss_accounting.epsilon` from these values)")
-    lines += ["", "## Not run", "", "Rotten-tomatoes, 400 rows per site, epsilon 3 and 1, and the instruction task "
-              "with distributed DP: the CPU time of this machine went to the cells above first.", ""]
+    lines += ["", "## Not run", "", "Rotten-tomatoes, 400 rows per site, three seeds at the smaller epsilons, and the "
+              "instruction task (SmolLM2) with distributed DP: the CPU time of this machine went to the cells above "
+              "first.", ""]
     return "\n".join(lines)
 
 
@@ -276,14 +302,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="regenerate the report from the committed records")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the reported cells (default 0,1,2)")
     parser.add_argument("--max-minutes", type=float, default=600.0, help="stop starting new cells after this long")
+    parser.add_argument("--epsilons", default="", help="smaller epsilons to run the private methods at, e.g. 3,1")
+    parser.add_argument("--epsilon-seeds", default="0", help="seeds of those cells (default 0)")
     args = parser.parse_args(argv)
     if not args.report_only:
         try:
             seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+            epsilon_seeds = tuple(int(s) for s in args.epsilon_seeds.split(",") if s.strip())
+            epsilons = tuple(float(e) for e in args.epsilons.split(",") if e.strip())
         except ValueError:
-            print(f"--seeds = {args.seeds!r}: expected whole numbers separated by commas", file=sys.stderr)
+            print(f"--seeds {args.seeds!r}, --epsilon-seeds {args.epsilon_seeds!r}, --epsilons {args.epsilons!r}: "
+                  "expected numbers separated by commas", file=sys.stderr)
             return 2
-        run(seeds, args.max_minutes, log=lambda line: print(line, flush=True))
+        run(seeds, args.max_minutes, log=lambda line: print(line, flush=True), epsilons=epsilons,
+            epsilon_seeds=epsilon_seeds)
     atomic_write_text(REPORT, report(_records()))
     print(f"wrote {REPORT}")
     return 0

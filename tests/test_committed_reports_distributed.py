@@ -22,3 +22,19 @@ def test_the_distributed_audit_report_is_its_record():
     record = json.loads(distributed_audit.RECORD.read_text(encoding="utf-8"))
     committed = distributed_audit.REPORT.read_text(encoding="utf-8")
     assert committed == distributed_audit.audit_markdown(record, heading="#")
+
+
+def test_every_distributed_cells_epsilon_is_recomputed_from_its_logged_parameters():
+    """The ledgers a distributed record carries: each epsilon is what the accountant gives
+    from the logged (z, tau, d, q, steps) alone, within the site's cap."""
+    from fedtune.privacy import ddgauss_accounting
+    from simulations import distributed_study
+
+    cells = [r for r in distributed_study._records() if r["method"] == "distributed"]
+    assert cells
+    for record in cells:
+        for ledger in record["ledgers"]:
+            entries = [tuple(e) for e in ledger["distributed"]]
+            recomputed = ddgauss_accounting.epsilon(entries, ledger["delta"], [tuple(h) for h in ledger["history"]])
+            assert abs(recomputed - ledger["epsilon"]) <= 1e-9 * max(1.0, recomputed)
+            assert recomputed <= record["epsilon"] * (1 + 1e-9)
