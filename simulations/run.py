@@ -75,13 +75,18 @@ def with_distributed_noise(config: Config) -> Config:
     if config.dp.mode != "distributed":
         return config
     from fedtune.privacy import ddgauss_accounting
-    from simulations.partition import client_table
+    from simulations.partition import client_table, held_out_table
 
     config = config.replace(node=dataclasses.replace(config.node, distributed=True))
     if config.dp.noise_multiplier > 0:
         return config
     smallest = min(len(client_table(config, pid)) for pid in range(config.federation.num_clients))
-    rate = min(1.0, config.training.batch_size / smallest)
+    # the rows a node trains on: all of them when the server evaluates centrally, else all
+    # but its validation split (as `fedtune.data.train_val_split` cuts it)
+    central = held_out_table(config) is not None or bool(config.federation.central_eval_path)
+    training = smallest if central or config.data.eval_path else \
+        smallest - max(1, int(round(smallest * config.data.val_fraction)))
+    rate = min(1.0, config.training.batch_size / max(1, training))
     noise = ddgauss_accounting.noise_for_budget(config.dp.target_epsilon, config.dp.resolved_delta(smallest), rate,
                                                 config.training.rounds, dim=1)
     return config.replace(dp=dataclasses.replace(config.dp, noise_multiplier=round(noise * 1.0001, 6)))
