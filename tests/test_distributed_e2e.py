@@ -70,3 +70,22 @@ def test_a_distributed_federation_without_secure_aggregation_is_refused_before_a
     with pytest.raises(ConfigError, match="secure_aggregation"):
         simulate(config, tmp_path / "run", engine="in-process", log=lambda line: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("holdout", [0.2, 0.0])
+def test_the_simulations_noise_keeps_the_smallest_node_within_its_epsilon(tiny_bert, tmp_path, holdout):
+    """The noise multiplier `fedtune simulate` sets is the one the nodes' own accountant
+    accepts for every planned round: at the rate of the rows the smallest node trains on
+    (all of them under central evaluation, all but its validation split otherwise)."""
+    from simulations.partition import client_table
+    from simulations.run import prepare_simulation
+
+    config = prepare_simulation(_config(tiny_bert, tmp_path, rounds=4, federation={"central_holdout": holdout}))
+    z = config.dp.noise_multiplier
+    assert z > 0 and config.node.distributed
+    smallest = min(len(client_table(config, pid)) for pid in range(config.federation.num_clients))
+    trained = smallest if holdout else smallest - max(1, round(smallest * config.data.val_fraction))
+    rate = config.training.batch_size / trained
+    delta = config.dp.resolved_delta(smallest)
+    assert acc.epsilon([(z, 0.0, 1024, rate, 4)], delta) <= 8.0
+    assert acc.epsilon([(z * 0.98, 0.0, 1024, rate, 4)], delta) > 8.0  # and no more noise than that
