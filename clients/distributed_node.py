@@ -32,7 +32,7 @@ import numpy as np
 
 from clients.node import (STATUS_BUDGET_EXHAUSTED, STATUS_OK, NodeSetup, NodeState, TrainOutcome, _check_unreleased,
                           _guarded, _load_global, _node_data)
-from fedtune.distributed_step import distributed_contribution
+from fedtune.distributed_step import distributed_contribution, flat_dim
 from fedtune.errors import BudgetExhaustedError, DeadlinePassedError
 from fedtune.privacy import ddgauss_accounting
 from fedtune.privacy.ddgauss import DDGaussSpec
@@ -144,8 +144,6 @@ def _distributed(setup: NodeSetup, request, global_arrays, server_round: int, an
     with state.locked():
         _check_unreleased(state, config)
         model, data = _node_data(config, setup.table, validation=not central_evaluation)
-        from fedtune.distributed_step import flat_dim  # the model's own count of the named tensors
-
         try:
             dim = flat_dim(model, list(announced.keys))
         except KeyError:
