@@ -78,9 +78,7 @@ def _distributed_release(ledger) -> dict:
     enters them)."""
     if not ledger.distributed:
         return {}
-    last = next((c for c in reversed(ledger.calls) if "contributors" in c), {})
-    return {"distributed": ledger.distributed, "contributors": last.get("contributors"),
-            "local_stddev": last.get("local_stddev")}
+    return {"distributed": ledger.distributed, **ledger.distributed_parameters()}
 
 
 def train_release(outcome: TrainOutcome) -> dict:

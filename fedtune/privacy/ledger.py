@@ -116,6 +116,12 @@ class PrivacyLedger:
             return math.inf
         return self._epsilon(self.history, _merged_distributed(self.distributed, steps))
 
+    def distributed_parameters(self) -> dict:
+        """The node's t and its noise share's standard deviation, as its last distributed
+        charge logged them: what recomputes its epsilon if contributors collude ({} if none)."""
+        last = next((c for c in reversed(self.calls) if "contributors" in c), None)
+        return {"contributors": last.get("contributors"), "local_stddev": last.get("local_stddev")} if last else {}
+
     def distributed_fits(self, steps: DistributedSteps) -> bool:
         return self.target_epsilon is None or \
             self.epsilon_after_distributed(steps) <= self.target_epsilon * (1 + _BUDGET_SLACK)

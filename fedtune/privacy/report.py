@@ -58,7 +58,7 @@ def node_entries(ledgers: dict[str, PrivacyLedger], released: dict[str, dict]) -
     entries = [_entry("record", name, DISTRIBUTED_MECHANISM if ledger.distributed else RECORD_MECHANISM,
                       ledger.accountant, ledger.delta, ledger.history, ledger.non_private_steps,
                       {"source": "ledger file", "max_epsilon": ledger.target_epsilon},
-                      distributed=ledger.distributed, **_distributed_parameters(ledger.calls))
+                      distributed=ledger.distributed, **ledger.distributed_parameters())
                for name, ledger in ledgers.items()]
     if not ledgers:
         for node, privacy in sorted(released.items()):
@@ -72,12 +72,6 @@ def node_entries(ledgers: dict[str, PrivacyLedger], released: dict[str, dict]) -
             except (KeyError, TypeError, ValueError):
                 continue  # a malformed release is reported by its absence, never trusted
     return entries
-
-
-def _distributed_parameters(calls: list[dict]) -> dict:
-    """The node's t and its share's standard deviation, as its last distributed charge logged them."""
-    last = next((c for c in reversed(calls) if "contributors" in c), None)
-    return {"contributors": last.get("contributors"), "local_stddev": last.get("local_stddev")} if last else {}
 
 
 def user_entry(user_ledger: dict | None, fed: dict) -> dict | None:
