@@ -7,101 +7,256 @@ canaries (50 guesses), and the two controls: noise off at every epsilon (the aud
 flag it) and nothing inserted at epsilon 8 (the bound must be about zero). Every audit
 trains a fresh model on the client's rows; budgets live in the output folder.
 
-    python -m simulations.audit_table [--out runs/audit] [--report-only]
+Every audit run (an epsilon x the audit itself or one control) writes one compact record
+under `docs/results/records/audit/`; the report is rendered from those records alone, so a
+fresh clone regenerates it in seconds and a test checks the committed report against them.
+
+    python -m simulations.audit_table [--out runs/audit]   # audits each epsilon not measured here yet
+    python -m simulations.audit_table --report-only        # docs/audit.md from the records
+
+The record helpers below (`load_record`, `plain_json`, `machine_line`, `provenance_lines`)
+are also used by `simulations.instruct_results`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from fedtune.atomic import atomic_write_text
-from fedtune.audit import AuditDesign, audit_node
-from fedtune.config import load_config
-from fedtune.machine import machine_description
-from simulations.commands import default_config_path
-from simulations.partition import client_table
+from fedtune.errors import FedtuneError
+from simulations.records import (RECORDS, field_error, load_record, machine_line, missing_field, plain_json,
+                                 provenance_lines, shown, write_record)
 
 ROOT = Path(__file__).resolve().parent.parent
+RECORD_DIR = RECORDS / "audit"
+REPORT = ROOT / "docs" / "audit.md"
 EPSILONS = (1.0, 3.0, 8.0)
-DESIGN = AuditDesign(canaries=1000, guesses=200, input_canaries=100, input_guesses=50)
+DESIGN = {"canaries": 1000, "guesses": 200, "input_canaries": 100, "input_guesses": 50}
+CONTROLS = ("none", "noise-off", "no-canaries")  # "none" is the audit itself, as `AuditResult.to_dict` names it
+REQUIRED = ("epsilon", "control", "design", "claimed_epsilon", "delta", "findings", "noise", "passed", "verdict",
+            "seconds", "config", "versions", "machine")
+FINDING_FIELDS = ("kind", "canaries", "included", "guesses", "correct", "lower_bound", "best_possible")
+NOISE_FIELDS = ("measured_noise", "planned_noise", "low", "high", "epsilon_as_measured")
 
+
+# -- runs -------------------------------------------------------------------------------------
 
 def node_config(epsilon: float, budget_dir: Path):
     """The default simulation's config at `epsilon`, with its budget in the output folder and a
     cap of twice the target: the audit and its no-canary control each train once on the rows
     (public BBC News), and each is charged like any training."""
+    from fedtune.config import load_config
+    from simulations.commands import default_config_path
+
     return load_config(default_config_path(), [("dp", "target_epsilon", epsilon), ("node", "budget_dir", str(budget_dir)),
                                                ("node", "max_epsilon", 2 * epsilon)])
 
 
+def _name(epsilon: float, control: str) -> str:
+    return f"eps{epsilon:g}-{control}"
+
+
+def measured_here(epsilon: float) -> bool:
+    """Whether this epsilon's audit and controls all have records measured by this code (a
+    recovered record is re-run, so that the command replaces it)."""
+    controls = CONTROLS if epsilon == EPSILONS[-1] else CONTROLS[:2]
+    paths = [RECORD_DIR / f"{_name(epsilon, c)}.json" for c in controls]
+    return all(p.is_file() and "provenance" not in json.loads(p.read_text(encoding="utf-8")) for p in paths)
+
+
+def audit_epsilon(epsilon: float, folder: Path, log=print) -> None:
+    """Train the audit and its controls at `epsilon` into `folder` (audit.json, audit.md,
+    seconds.txt); an audit.json left by an earlier invocation is kept, not trained again."""
+    from fedtune.audit import AuditDesign, audit_node
+    from simulations.partition import client_table
+
+    if (folder / "audit.json").exists():
+        return
+    config = node_config(epsilon, folder / "budget")
+    controls = ("noise-off", "no-canaries") if epsilon == EPSILONS[-1] else ("noise-off",)
+    started = time.monotonic()
+    audit_node(config, AuditDesign(**DESIGN), controls, folder, echo=log, table=client_table(config, 0))
+    (folder / "seconds.txt").write_text(f"{time.monotonic() - started:.0f}\n")
+
+
+def write_epsilon_records(epsilon: float, folder: Path) -> list[Path]:
+    """One record per audit run at `epsilon`, from the folder's audit.json. `seconds` is the
+    wall time of the audit and its controls together (they train one after another in one
+    call), so every record of an epsilon carries the same value and the total counts it once."""
+    from fedtune.machine import machine_description
+
+    saved = json.loads((folder / "audit.json").read_text(encoding="utf-8"))
+    seconds_file = folder / "seconds.txt"
+    seconds = int(seconds_file.read_text()) if seconds_file.exists() else None
+    config = node_config(epsilon, folder / "budget").to_toml()
+    paths = []
+    for result in saved["results"]:
+        record = {"epsilon": epsilon, "design": saved["design"], **result, "seconds": seconds,
+                  "seconds_cover": "the audit and every control at this epsilon", "config": config,
+                  "machine_description": machine_description()}
+        paths.append(write_record(RECORD_DIR, _name(epsilon, result["control"]), plain_json(record)))
+    return paths
+
+
 def run(out: Path, log=print) -> None:
     for epsilon in EPSILONS:
-        folder = out / f"eps{epsilon:g}"
-        if (folder / "audit.json").exists():
-            log(f"[audit] epsilon {epsilon:g}: done before, kept")
+        if measured_here(epsilon):
+            log(f"[audit] epsilon {epsilon:g}: measured before, kept")
             continue
-        config = node_config(epsilon, folder / "budget")
-        controls = ("noise-off", "no-canaries") if epsilon == EPSILONS[-1] else ("noise-off",)
-        started = time.monotonic()
-        audit_node(config, DESIGN, controls, folder, echo=log, table=client_table(config, 0))
-        log(f"[audit] epsilon {epsilon:g}: {time.monotonic() - started:.0f} s")
-        (folder / "seconds.txt").write_text(f"{time.monotonic() - started:.0f}\n")
+        folder = out / f"eps{epsilon:g}"
+        audit_epsilon(epsilon, folder, log)
+        for path in write_epsilon_records(epsilon, folder):
+            log(f"[audit] wrote {shown(path)}")
 
 
-def report(out: Path) -> str:
-    lines = ["# Privacy audit of the default simulation's node", "",
-             "Written by `python -m simulations.audit_table` (do not edit by hand). What `fedtune audit` proves about "
-             "client 0 of `fedtune simulate`'s defaults (BBC News, 5 IID clients of ~380 articles, 5 rounds x 1 "
-             "epoch of DP-SGD, batch 32, sequence 64): the epsilon lower bound at 95% confidence from one training run "
-             "(Steinke, Nasr and Jagielski, NeurIPS 2023) beside the epsilon the node claims for that training, and the "
-             "noise multiplier the white-box canaries measured beside the planned one.", "",
-             f"Design, fixed before training: {DESIGN.canaries} gradient canaries (one adapter coordinate each, "
-             f"sampled like records in every DP-SGD step), {DESIGN.guesses} guesses (the 100 highest scores "
-             f"guessed included, the 100 lowest excluded); {DESIGN.input_canaries} input canaries (random tokens, "
-             f"random labels), {DESIGN.input_guesses} guesses.", ""]
-    seconds = 0
+# -- the report -------------------------------------------------------------------------------
+
+def check_record(path: Path, record: dict) -> dict:
+    """The nested fields the table reads, named like `findings[1].correct`."""
+    missing = missing_field(record["noise"], NOISE_FIELDS, "noise.")
+    for index, finding in enumerate(record["findings"]):
+        missing = missing or missing_field(finding, FINDING_FIELDS, f"findings[{index}].")
+    if missing:
+        raise field_error(path, missing)
+    return record
+
+
+def load_records(folder: Path = RECORD_DIR) -> list[dict]:
+    """Every audit record in `folder`, checked; the order the report shows them in."""
+    records = [check_record(path, load_record(path, REQUIRED)) for path in sorted(Path(folder).glob("*.json"))]
+    return sorted(records, key=lambda r: (float(r["epsilon"]), CONTROLS.index(r["control"])
+                                          if r["control"] in CONTROLS else len(CONTROLS)))
+
+
+def table_row(record: dict, finding: dict) -> str:
+    """One finding as `fedtune audit` prints it (`fedtune.audit.audit_markdown`), from the record."""
+    noise, run = record["noise"], "audit" if record["control"] == "none" else record["control"]
+    verdict = f"{'pass' if record['passed'] else 'FAIL'}: {record['verdict'].split(':')[0]}"
+    return (f"| {run} ({finding['kind']}) | {float(record['claimed_epsilon']):.3f} | {float(record['delta']):.3g} | "
+            f"{finding['canaries']} ({finding['included']} in) | {finding['guesses']} | {finding['correct']} "
+            f"({finding['correct'] / finding['guesses']:.1%}) | {float(finding['lower_bound']):.3f} | "
+            f"{float(finding['best_possible']):.3f} | {float(noise['measured_noise']):.3f} / "
+            f"{float(noise['planned_noise']):.3f} | {float(noise['epsilon_as_measured']):.3f} | {verdict} |")
+
+
+def epsilon_section(epsilon: float, records: list[dict]) -> list[str]:
+    """The table of one epsilon's audit and controls, then each run's verdict in full."""
+    mine = [r for r in records if float(r["epsilon"]) == epsilon]
+    if not mine:
+        return [f"## Epsilon {epsilon:g}", "", "not run", ""]
+    lines = [f"## Epsilon {epsilon:g}", "",
+             "| run | claimed epsilon | delta | canaries | guesses | right | lower bound (95%) | design's maximum | "
+             "noise measured / planned | epsilon as measured | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [table_row(r, f) for r in mine for f in r["findings"]] + [""]
+    return lines + [f"- {r['control']}: {r['verdict']}" for r in mine] + [""]
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def noise_off_sentence(records: list[dict]) -> str:
+    """Where the noise-off control's bound alone exceeds the claim, and where only the measured
+    noise can catch it (a claim beyond what the design can ever prove), from the records."""
+    off = [r for r in records if r["control"] == "noise-off"]
+    bound = {id(r): max(float(f["lower_bound"]) for f in r["findings"]) for r in off}
+    caught = [f"{float(r['epsilon']):g}" for r in off if bound[id(r)] > float(r["claimed_epsilon"])]
+    missed = [r for r in off if bound[id(r)] <= float(r["claimed_epsilon"])]
+    beyond = all(float(r["claimed_epsilon"]) > max(float(f["best_possible"]) for f in r["findings"]) for r in missed)
+    parts = [f"Where the claim is within the design's reach (epsilon {_and(caught)}) its bound exceeds the claim"] \
+        if caught else []
+    if missed:
+        where = _and([f"{float(r['epsilon']):g}" for r in missed])
+        parts.append((f"at epsilon {where} no one-run (epsilon, delta) audit of this size can" if beyond else
+                      f"at epsilon {where} it did not") + ", and the measured noise multiplier (0 against the planned "
+                     "one) is what catches it")
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + ". The verdict uses both."
+
+
+def _delta_text(delta: float) -> str:
+    mantissa, exponent = f"{delta:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def reading_lines(records: list[dict]) -> list[str]:
+    design = records[0]["design"]
+    return ["## Reading the table", "",
+            f"- A one-run bound grows only like log(guesses) and the delta term grows with the canaries: with "
+            f"{design['guesses']} guesses at this node's delta (1/(10 n), about {_delta_text(float(records[0]['delta']))})"
+            " no outcome can prove more than the 'design's maximum' column. The bound is evidence against a broken "
+            "mechanism, not an estimate of the true epsilon.",
+            "- The noise-off control trains the same audit with the noise multiplier set to 0. "
+            + noise_off_sentence(records),
+            "- 'Epsilon as measured' puts the measured noise multiplier's 95% lower confidence bound (the ~500 "
+            "excluded canaries measure it to about 3%) through the node's accountant with the planned sample rate "
+            "and steps: the claim re-derived from the noise the training really added. It sits near the claim, "
+            "above it by the measurement's own uncertainty, and is infinite when the noise was off.",
+            "- The no-canary control draws the coins and inserts nothing: the guesses are at chance and the bound "
+            "is zero, so a positive bound elsewhere is not an artefact of the guessing.",
+            "- Input canaries (black-box: loss drop of random-token records) prove little against DP-SGD, as the "
+            "paper reports; they audit the path a record takes, data loader included.", ""]
+
+
+def trainings_text(records: list[dict]) -> str:
+    """The summed training time: each epsilon's measured time once; recovered records carry
+    only the total the earlier report printed, which is quoted as such."""
+    measured = {float(r["epsilon"]): r["seconds"] for r in records if r["seconds"] is not None}
+    reported = sorted({r["reported_total_minutes"] for r in records
+                       if r["seconds"] is None and r.get("reported_total_minutes") is not None})
+    unknown = sum(1 for r in records if r["seconds"] is None)
+    if not unknown:
+        return f"Trainings summed: {sum(measured.values()) / 60:.0f} min."
+    if not measured and len(reported) == 1 and unknown == len(records):
+        return f"Trainings summed: {reported[0]} min (the earlier report's total; the runs' own times were not kept)."
+    return (f"Trainings summed: {sum(measured.values()) / 60:.0f} min over the epsilons that recorded their time; "
+            f"{unknown} records carry none.")
+
+
+def header_lines(records: list[dict]) -> list[str]:
+    design = records[0]["design"] if records else DESIGN
+    half = design["guesses"] // 2
+    return ["# Privacy audit of the default simulation's node", "",
+            "Written by `python -m simulations.audit_table --report-only` from the records in "
+            "`docs/results/records/audit/`, one per audit run (do not edit by hand). What `fedtune audit` proves about "
+            "client 0 of `fedtune simulate`'s defaults (BBC News, 5 IID clients of ~380 articles, 5 rounds x 1 "
+            "epoch of DP-SGD, batch 32, sequence 64): the epsilon lower bound at 95% confidence from one training run "
+            "(Steinke, Nasr and Jagielski, NeurIPS 2023) beside the epsilon the node claims for that training, and the "
+            "noise multiplier the white-box canaries measured beside the planned one.", "",
+            *[line for text in provenance_lines(records, "python -m simulations.audit_table") for line in (text, "")],
+            f"Design, fixed before training: {design['canaries']} gradient canaries (one adapter coordinate each, "
+            f"sampled like records in every DP-SGD step), {design['guesses']} guesses (the {half} highest scores "
+            f"guessed included, the {half} lowest excluded); {design['input_canaries']} input canaries (random tokens, "
+            f"random labels), {design['input_guesses']} guesses.", ""]
+
+
+def report(records: list[dict]) -> str:
+    """docs/audit.md, from the records alone."""
+    lines = header_lines(records)
     for epsilon in EPSILONS:
-        folder = out / f"eps{epsilon:g}"
-        if not (folder / "audit.json").exists():
-            lines += [f"## Epsilon {epsilon:g}", "", "not run", ""]
-            continue
-        saved = json.loads((folder / "audit.json").read_text())
-        seconds += int((folder / "seconds.txt").read_text()) if (folder / "seconds.txt").exists() else 0
-        lines += [f"## Epsilon {epsilon:g}", "", (folder / "audit.md").read_text().rstrip(), ""]
-        lines += [f"- {r['control']}: {r['verdict']}" for r in saved["results"]] + [""]
-    lines += ["## Reading the table", "",
-              "- A one-run bound grows only like log(guesses) and the delta term grows with the canaries: with 200 "
-              "guesses at this node's delta (1/(10 n), about 2.6e-4) no outcome can prove more than the 'design's "
-              "maximum' column. The bound is evidence against a broken mechanism, not an estimate of the true epsilon.",
-              "- The noise-off control trains the same audit with the noise multiplier set to 0. Where the claim is "
-              "within the design's reach (epsilon 1 and 3) its bound exceeds the claim; at epsilon 8 no one-run "
-              "(epsilon, delta) audit of this size can, and the measured noise multiplier (0 against the planned one) "
-              "is what catches it. The verdict uses both.",
-              "- 'Epsilon as measured' puts the measured noise multiplier's 95% lower confidence bound (the ~500 "
-              "excluded canaries measure it to about 3%) through the node's accountant with the planned sample rate "
-              "and steps: the claim re-derived from the noise the training really added. It sits near the claim, "
-              "above it by the measurement's own uncertainty, and is infinite when the noise was off.",
-              "- The no-canary control draws the coins and inserts nothing: the guesses are at chance and the bound "
-              "is zero, so a positive bound elsewhere is not an artefact of the guessing.",
-              "- Input canaries (black-box: loss drop of random-token records) prove little against DP-SGD, as the "
-              "paper reports; they audit the path a record takes, data loader included.", "",
-              f"Machine: {machine_description()}. Trainings summed: {seconds / 60:.0f} min.", ""]
+        lines += epsilon_section(epsilon, records)
+    if records:
+        lines += reading_lines(records) + [f"Machine: {machine_line(records)}. {trainings_text(records)}", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/audit")
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--out", default="runs/audit", help="where the audits train (default runs/audit)")
+    parser.add_argument("--report-only", action="store_true", help="write docs/audit.md from the records only")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if not args.report_only:
-        run(out)
-    atomic_write_text(ROOT / "docs" / "audit.md", report(out))
-    print(f"wrote {ROOT / 'docs' / 'audit.md'}")
+    try:
+        if not args.report_only:
+            run(Path(args.out))
+        atomic_write_text(REPORT, report(load_records()))
+    except FedtuneError as error:
+        print(f"audit_table: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {REPORT}")
     return 0
 
 

@@ -27,19 +27,16 @@ Methods, at 10 sites x 100 rows, epsilon 8 per site:
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import json
 import math
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_json, atomic_write_text
+from fedtune.atomic import atomic_write_text
 from fedtune.config import Config, build_config
-from fedtune.data import train_val_split
+from simulations.records import (client_ledgers, majority_accuracy, mean_sd, read_records, three_splits, write_csv,
+                                 write_record)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results" / "records" / "distributed"
@@ -72,28 +69,9 @@ FEDERATED = ("local", "distributed")
 PRIVATE = ("distributed", "local", "central-dp")
 
 
-def _write_csv(path: Path, table) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(table.texts, [str(label) for label in table.labels]))
-    return path
-
-
 def splits(work: Path) -> dict[str, Path]:
     """pool.csv, validation.csv, test.csv: the same for every cell."""
-    from simulations.partition import source_table
-
-    paths = {name: work / "data" / f"{name}.csv" for name in ("pool", "validation", "test")}
-    if all(p.exists() for p in paths.values()):
-        return paths
-    table = source_table(build_config({"data": {"dataset": DATASET}}))
-    rest, test = train_val_split(table, 0.15, 1)
-    pool, validation = train_val_split(rest, 0.15, 2)
-    for name, part in (("pool", pool), ("validation", validation), ("test", test)):
-        _write_csv(paths[name], part)
-    return paths
+    return three_splits(DATASET, work)
 
 
 def _config(method: str, rate: float, seed: int, data: Path, evaluation: Path, budget: Path,
@@ -123,7 +101,7 @@ def _pooled(config: Config, paths: dict[str, Path], seed: int, work: Path) -> Pa
     from simulations.partition import training_pool
 
     federated = _config("local", 0.01, seed, paths["pool"], paths["validation"], work / "unused")
-    return _write_csv(work / "data" / f"pooled-seed{seed}.csv", training_pool(federated))
+    return write_csv(work / "data" / f"pooled-seed{seed}.csv", training_pool(federated))
 
 
 def _name(method: str, rate: float, seed: int, split: str, epsilon: float) -> str:
@@ -144,7 +122,7 @@ def run_cell(method: str, rate: float, seed: int, split: str, paths: dict[str, P
         simulate(config, folder, engine="in-process", log=lambda line: None)
         rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         accuracy = [r.get("accuracy") for r in rounds]
-        ledgers = _client_ledgers(folder)
+        ledgers = client_ledgers(folder)
     else:
         from fedtune.local import prepare_node, train_local
 
@@ -158,36 +136,15 @@ def run_cell(method: str, rate: float, seed: int, split: str, paths: dict[str, P
         ledgers = [{"epsilon": ledger["epsilon"], "delta": ledger["delta"], "history": ledger["history"]}]
     record = {"method": method, "dataset": DATASET, "sites": SITES, "rows_per_site": ROWS, "epsilon": epsilon,
               "seed": seed, "split": split, "learning_rate": rate, "accuracy": accuracy[-1], "accuracy_by_round": accuracy,
-              "majority_accuracy": _majority(evaluation), "ledgers": ledgers, "seconds": round(time.perf_counter() - started, 1), "config": config.to_toml(),
-              "versions": _versions(), "machine": _machine()}
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(RECORDS / f"{_name(method, rate, seed, split, epsilon)}.json", record)
+              "majority_accuracy": majority_accuracy(evaluation), "ledgers": ledgers,
+              "seconds": round(time.perf_counter() - started, 1), "config": config.to_toml()}
+    write_record(RECORDS, _name(method, rate, seed, split, epsilon), record)
     log(f"{method} lr {rate:g} seed {seed} epsilon {epsilon:g} ({split}): accuracy {accuracy[-1]:.4f} in {record['seconds']:.0f} s")
     return record
 
 
-def _client_ledgers(folder: Path) -> list[dict]:
-    out = []
-    for path in sorted((folder / "clients").glob("client-*/ledger-*.json")):
-        ledger = json.loads(path.read_text())
-        out.append({k: ledger.get(k) for k in ("epsilon", "delta", "history", "distributed")})
-    return out
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("torch", "opacus", "peft", "transformers", "flwr", "dp-accounting", "opendp")}
-
-
-def _machine() -> str:
-    import os
-
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
-
-
 def _records() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RECORDS.glob("*.json"))] if RECORDS.exists() else []
+    return read_records(RECORDS)
 
 
 def chosen_rate(method: str, records: list[dict]) -> float | None:
@@ -221,14 +178,6 @@ def run(seeds: tuple[int, ...], max_minutes: float, log=print, epsilons: tuple[f
 
 # -- the report -------------------------------------------------------------------------------
 
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "not run"
-    if len(values) == 1:
-        return f"{values[0]:.3f} (n = 1, one seed only)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n = {len(values)})"
-
-
 def report(records: list[dict]) -> str:
     majority = _majority_line(records)
     lines = ["# Small sites under DP: local, distributed and pooled", "",
@@ -247,7 +196,7 @@ def report(records: list[dict]) -> str:
                  and r["epsilon"] == EPSILON]
         seeds = ", ".join(str(r["seed"]) for r in sorted(cells, key=lambda r: r["seed"])) or "-"
         lines.append(f"| {DESCRIPTIONS[method]} | {rate if rate is not None else 'not tuned yet'} | "
-                     f"{_mean_sd([r['accuracy'] for r in cells])} | {seeds} |")
+                     f"{mean_sd([r['accuracy'] for r in cells])} | {seeds} |")
     lower = sorted({r["epsilon"] for r in records if r["epsilon"] != EPSILON}, reverse=True)
     if lower:
         lines += ["", "## Smaller epsilon", "", f"The same cells at a smaller epsilon per site, with the learning rates "
@@ -255,7 +204,7 @@ def report(records: list[dict]) -> str:
                   "| method | " + " | ".join(f"epsilon {e:g}" for e in lower) + " |", "|---|" + "---|" * len(lower)]
         for method in PRIVATE:
             rate = chosen_rate(method, records)
-            row = [_mean_sd([r["accuracy"] for r in records if r["method"] == method and r["split"] == "test"
+            row = [mean_sd([r["accuracy"] for r in records if r["method"] == method and r["split"] == "test"
                              and r["epsilon"] == e and r["learning_rate"] == rate]) for e in lower]
             lines.append(f"| {DESCRIPTIONS[method]} | " + " | ".join(row) + " |")
     lines += ["", "## Tuning (validation rows, seed 0)", "", "| method | learning rate | validation accuracy |",
@@ -283,13 +232,6 @@ DESCRIPTIONS = {"local": "federated, record-level DP-SGD at each site (local DP)
                 "distributed": "federated, distributed DP (SecAgg+, t = 8 of 10)",
                 "central-dp": "central DP-SGD on the pooled rows (trusted curator)",
                 "non-private": "non-private, pooled rows"}
-
-
-def _majority(path: Path) -> float:
-    """Accuracy of always answering the evaluation file's most common label."""
-    with open(path, encoding="utf-8") as handle:
-        labels = [row["label"] for row in csv.DictReader(handle)]
-    return max(labels.count(label) for label in set(labels)) / len(labels)
 
 
 def _majority_line(records: list[dict]) -> str:

