@@ -45,11 +45,15 @@ def write_csv(path: Path, table) -> Path:
 
 
 def three_splits(dataset: str, work: Path, test_fraction: float = 0.15, validation_fraction: float = 0.15,
-                 max_examples: int = 0) -> dict[str, Path]:
+                 max_examples: int = 0, unseen_test: bool = False) -> dict[str, Path]:
     """pool.csv, validation.csv and test.csv of a built-in dataset under `work/data/`: the
-    same files for every cell and seed of a study (written once, then reused)."""
+    same files for every cell and seed of a study (written once, then reused).
+
+    `unseen_test`: drop from the test rows any (text, label) that also occurs among the
+    pool or validation rows. Datasets repeat some rows (rotten-tomatoes: 56 of 12,808), and a
+    test row a model trained on measures memory, not generalisation."""
     from fedtune.config import build_config
-    from fedtune.data import subsample, train_val_split
+    from fedtune.data import select, subsample, train_val_split
     from simulations.partition import source_table
 
     folder = work / "data"
@@ -61,6 +65,9 @@ def three_splits(dataset: str, work: Path, test_fraction: float = 0.15, validati
         table = subsample(table, max_examples, 0)
     rest, test = train_val_split(table, test_fraction, 1)
     pool, validation = train_val_split(rest, validation_fraction, 2)
+    if unseen_test:
+        seen = set(zip(pool.texts, pool.labels)) | set(zip(validation.texts, validation.labels))
+        test = select(test, [i for i, row in enumerate(zip(test.texts, test.labels)) if row not in seen])
     for name, part in (("pool", pool), ("validation", validation), ("test", test)):
         write_csv(paths[name], part)
     return paths

@@ -121,7 +121,7 @@ class Cell:
 
 
 def splits(dataset: str) -> dict[str, Path]:
-    return three_splits(dataset, WORK / dataset, **SPLITS[dataset])
+    return three_splits(dataset, WORK / dataset, unseen_test=True, **SPLITS[dataset])
 
 
 def federated_config(cell: Cell, data: Path, evaluation: Path, budget: Path) -> Config:
@@ -356,7 +356,9 @@ def header(records: list[dict]) -> list[str]:
             "Every federated cell is a real `fedtune simulate` run (Flower's simulation engine, in-process; Opacus "
             "DP-SGD at every client, record level; peft LoRA on all-MiniLM-L6-v2). Every reported number is the mean "
             "over training seeds with its standard deviation and n; a cell with fewer than "
-            f"{MIN_SEEDS} seeds says so.", "",
+            f"{MIN_SEEDS} seeds says so. A seed fixes the clients' rows, the partition and the initial adapter; the DP "
+            "noise comes from the operating system's entropy, as in a deployment, so a re-run reproduces a cell within "
+            "its seeds' spread, not bit for bit.", "",
             f"Machine: {'; '.join(machines)}. Versions: {'; '.join(versions)}.", "",
             f"Budget: {len(records)} runs recorded, {seconds / 3600:.1f} h of wall time in all ({per_run / 60:.1f} min a "
             f"run); {len(left)} planned runs not recorded yet{waiting}.", ""]
