@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.quiet import VERBOSE_ENV, quiet_libraries
 
 if TYPE_CHECKING:
@@ -203,8 +203,21 @@ def _add_privacy_parser(subparsers) -> None:
     advise.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     advise.add_argument("--batch-size", type=int, required=True, help="expected Poisson batch size")
     advise.add_argument("--epsilon", type=float, required=True, help="target epsilon per client")
-    advise.add_argument("--params", type=int, default=73_728,
-                        help="trainable adapter parameters (default 73,728: LoRA r8 on MiniLM's query/value)")
+    advise.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4, the calibration recipe's)")
+    advise.add_argument("--top-layers", type=int, default=1,
+                        help="LoRA on the last N transformer blocks (default 1; 0 = every block)")
+    advise.add_argument("--classes", type=int, default=2, help="classes of the classification head (default 2)")
+    advise.add_argument("--ffa", action="store_true", help="FFA-LoRA: A frozen, only B trains")
+    advise.add_argument("--model", default="", help="base model: a bundled name or a local folder (default: the "
+                                                    "bundled all-MiniLM-L6-v2); only its config.json is read")
+    advise.add_argument("--params", type=int, default=None,
+                        help="trainable parameters, given instead of derived from --model, --rank, --top-layers "
+                             "and --classes")
+    advise.add_argument("--data", default="", help="probe the gradients' coherence on a sample of this node's rows: "
+                                                   "a CSV/JSONL/Parquet file (text, label) or a built-in dataset name")
+    advise.add_argument("--probe-rows", type=int, default=128, help="rows the probe samples (default 128)")
+    advise.add_argument("--max-seq-len", type=int, default=32, help="the probe's tokens per row (default 32)")
+    advise.add_argument("--max-grad-norm", type=float, default=1.0, help="the probe's clipping norm C (default 1)")
     advise.add_argument("--delta", type=float, default=0.0, help="default 1/(10 x rows per client)")
     advise.add_argument("--accountant", default="rdp", help="rdp, prv or pld")
     for p in (eps, plan):
@@ -310,6 +323,75 @@ def _mechanism(args) -> tuple[float, int]:
     return q, steps
 
 
+def _advise_parameters(args) -> tuple[int, str]:
+    """The trainable parameters advise counts and where the number came from."""
+    from fedtune.privacy.advise import model_config_json, trainable_parameters
+
+    if args.params is not None:
+        if args.params <= 0:
+            raise ConfigError(f"--params = {args.params}: expected a whole number > 0")
+        return args.params, "given by --params"
+    model_config = model_config_json(args.model)  # trainable_parameters checks --rank, --top-layers, --classes
+    count = trainable_parameters(model_config, args.rank, args.top_layers, args.classes, args.ffa)
+    blocks = model_config.get("num_hidden_layers")
+    where = f"the last {args.top_layers} of {blocks} blocks" if args.top_layers else f"all {blocks} blocks"
+    return count, (f"{'FFA-' if args.ffa else ''}LoRA rank {args.rank} on query/value of {where} of "
+                   f"{args.model or 'all-MiniLM-L6-v2 (bundled)'} + a {args.classes}-class head")
+
+
+def _run_advise(args) -> int:
+    from fedtune.privacy.advise import advise, recommend
+
+    for name in ("rows_per_client", "clients", "rounds", "epochs", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)}: expected a whole number > 0")
+    if not args.epsilon > 0:
+        raise ConfigError(f"--epsilon = {args.epsilon:g}: expected a number > 0")
+    params, source = _advise_parameters(args)
+    coherence = None
+    if args.data:
+        coherence = _advise_probe(args)
+    print(f"trainable parameters: {params:,} ({source})")
+    a = advise(args.rows_per_client, args.clients, args.rounds, args.epochs, args.batch_size, args.epsilon,
+               params, args.delta, args.accountant, coherence.coherence if coherence else None)
+    print(f"mechanism: noise multiplier {a.noise_multiplier:.4f}, sample rate {a.sample_rate:.4g}, "
+          f"{a.steps_per_round} steps per round, {a.steps} in all, delta {a.delta:.3g} ({args.accountant})")
+    print(f"noise-to-signal (vs the largest possible signal): per step {a.nsr_step:.2f}, per averaged round "
+          f"{a.nsr_round:.2f}, over the run {a.nsr_run:.2f}")
+    if coherence is not None:
+        measured = f"{a.nsr_run_probed:.2f}" if a.nsr_run_probed is not None else "unbounded (no shared direction)"
+        print(f"gradient coherence (probe, {coherence.rows} rows of {args.data}, initial model): the mean clipped "
+              f"gradient fills {coherence.coherence:.3f} of the clipping norm (sample mean {coherence.raw:.3f}, "
+              f"{coherence.clipped_share:.0%} of rows clipped, {coherence.seconds:.1f} s); noise-to-signal over the "
+              f"run against that signal: {measured}. Reported only: on the measured points it did not make the "
+              "verdict more often right (docs/results/records/advise/calibration.json)")
+    print(f"verdict: {a.verdict}")
+    best = recommend(args.rows_per_client, args.clients, args.rounds, args.epochs, args.epsilon, params,
+                     args.delta, args.accountant)
+    if best is not None and best.batch_size != a.batch_size:
+        print(f"recommended: batch size {best.batch_size} for the same rounds and epochs (noise multiplier "
+              f"{best.noise_multiplier:.4f}, {best.steps} steps): noise-to-signal over the run {best.nsr_run:.2f}, "
+              f"{best.verdict.split(':')[0]}")
+    elif best is not None:
+        print(f"recommended: batch size {a.batch_size} is already the least noisy for these rounds and epochs")
+    print("fewer trainable parameters lower every ratio by sqrt(d): a smaller --rank, fewer --top-layers or --ffa "
+          "(half the LoRA tensors)")
+    return 0
+
+
+def _advise_probe(args):
+    from fedtune.config import build_config
+    from fedtune.privacy.coherence import gradient_coherence
+
+    if args.probe_rows < 2:
+        raise ConfigError(f"--probe-rows = {args.probe_rows}: expected a whole number >= 2")
+    data = {"path": args.data} if Path(args.data).is_file() else {"dataset": args.data}  # else a built-in name
+    config = build_config({"model": {"path": args.model, "max_seq_len": args.max_seq_len},
+                           "lora": {"rank": args.rank, "top_layers": args.top_layers, "ffa": args.ffa},
+                           "dp": {"max_grad_norm": args.max_grad_norm}, "data": data}, source="fedtune privacy advise")
+    return gradient_coherence(config, rows=args.probe_rows)
+
+
 def _run_privacy(args) -> int:
     from opacus import __version__ as opacus_version
 
@@ -321,29 +403,7 @@ def _run_privacy(args) -> int:
         print(ownership_markdown(), end="")
         return 0
     if args.privacy_command == "advise":
-        from fedtune.privacy.advise import advise, recommend
-
-        for name in ("rows_per_client", "clients", "rounds", "epochs", "batch_size", "params"):
-            if getattr(args, name) <= 0:
-                raise FedtuneError(f"--{name.replace('_', '-')} = {getattr(args, name)}: expected a whole number > 0")
-        a = advise(args.rows_per_client, args.clients, args.rounds, args.epochs, args.batch_size, args.epsilon,
-                   args.params, args.delta, args.accountant)
-        print(f"mechanism: noise multiplier {a.noise_multiplier:.4f}, sample rate {a.sample_rate:.4g}, "
-              f"{a.steps_per_round} steps per round, {a.steps} in all, delta {a.delta:.3g} ({args.accountant})")
-        print(f"noise-to-signal (vs the largest possible signal): per step {a.nsr_step:.2f}, per averaged round "
-              f"{a.nsr_round:.2f}, over the run {a.nsr_run:.2f}")
-        print(f"verdict: {a.verdict}")
-        best = recommend(args.rows_per_client, args.clients, args.rounds, args.epochs, args.epsilon, args.params,
-                         args.delta, args.accountant)
-        if best is not None and best.batch_size != a.batch_size:
-            print(f"recommended: batch size {best.batch_size} for the same rounds and epochs (noise multiplier "
-                  f"{best.noise_multiplier:.4f}, {best.steps} steps): noise-to-signal over the run {best.nsr_run:.2f}, "
-                  f"{best.verdict.split(':')[0]}")
-        elif best is not None:
-            print(f"recommended: batch size {a.batch_size} is already the least noisy for these rounds and epochs")
-        print("fewer trainable parameters lower every ratio by sqrt(d): --params for lora.top_layers, a smaller "
-              "lora.rank or FFA-LoRA (half the tensors)")
-        return 0
+        return _run_advise(args)
     if args.privacy_command == "ledger":
         ledger = PrivacyLedger.load(args.path)
         if not ledger.is_private:
