@@ -257,7 +257,9 @@ def plan(records: list[dict], stage: str = "") -> list[Cell]:
     validation = [Cell(TABLE, r, 8.0, "iid", 0, "validation") for r in RECIPES]
     references = [Cell(TABLE, f"reference-lr{rate:g}", math.inf, "iid", 0, "validation") for rate in REFERENCE_RATES]
     stages: dict[str, list[Cell]] = {name: [] for name in STAGES}
-    stages["tune"] = [validation[0], references[0], *validation[1:], *references[1:]]
+    # the references first: once they are chosen, their test cells can run while the last
+    # federated candidates are still being tuned
+    stages["tune"] = [validation[0], *references, *validation[1:]]
     if reference:
         stages["bar"] += [Cell(TABLE, reference[0], math.inf, "iid", s, "test", reference[1]) for s in SEEDS]
     if recipe:
@@ -514,14 +516,24 @@ def advise_for(shape: Shape, recipe: str, epsilon: float) -> tuple[float, str]:
     return a.nsr_run, a.verdict.split(":")[0]
 
 
-MINILM_BLOCKS, MINILM_WIDTH = 6, 384
 CLASSES = {"rotten-tomatoes": 2, "tweets": 3}
 
 
 def trainable_parameters(config: Config, dataset: str) -> int:
-    """LoRA A and B on query and value of the adapted blocks of MiniLM, and the classifier head."""
-    blocks = config.lora.top_layers or MINILM_BLOCKS
-    return blocks * 2 * 2 * MINILM_WIDTH * config.lora.rank + CLASSES[dataset] * (MINILM_WIDTH + 1)
+    """What the recipe trains on the bundled MiniLM, by advise's own count."""
+    from fedtune.privacy.advise import model_config_json
+    from fedtune.privacy.advise import trainable_parameters as count
+
+    return count(model_config_json(), config.lora.rank, config.lora.top_layers, CLASSES[dataset])
+
+
+def advise_section() -> list[str]:
+    """How advise's verdict was calibrated, from its committed record (when there is one)."""
+    from simulations.advise_calibration import CALIBRATION, calibration_section
+
+    if not CALIBRATION.exists():
+        return []
+    return calibration_section(json.loads(CALIBRATION.read_text(encoding="utf-8"))) + [""]
 
 
 def plot_curves(records: list[dict], figures: Path) -> None:
@@ -568,7 +580,7 @@ def report(records: list[dict]) -> str:
     if not records:
         raise ConfigError(f"{RECORD_DIR}: no records; run `python -m simulations.results` first")
     sections = (header(records) + splits_section(records) + tuning_section(records) + recipe_section(records)
-                + table_section(records) + curve_section(records))
+                + table_section(records) + curve_section(records) + advise_section())
     return "\n".join(sections) + "\n" + ANCHORS
 
 
