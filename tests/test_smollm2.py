@@ -77,3 +77,26 @@ def test_smollm2_trains_under_dp_and_its_adapter_loads_in_stock_peft(smollm2, tm
         ours = generate(node.model, node.tokenizer, prompts, max_new_tokens=4)
         theirs = generate(stock, node.tokenizer, prompts, max_new_tokens=4)
     assert ours == theirs and ours[0]
+
+
+def test_the_instruct_reports_parameter_count_is_the_bundled_models(smollm2):
+    """docs/results-instruct.md predicts from SMOLLM2_LORA_R8_QV without loading the model:
+    the constant must be what advise counts from the converted model's config, and what peft
+    really trains (LoRA r8 on q_proj and v_proj, nothing else)."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedtune.privacy.advise import trainable_parameters
+    from simulations.instruct_results import SMOLLM2_LORA_R8_QV
+
+    config = json.loads((Path(smollm2) / "config.json").read_text())
+    counted = trainable_parameters(config, rank=8, top_layers=0, classes=2)
+    head = 2 * config["hidden_size"]  # advise counts a classifier head; the instruct task trains none
+    assert counted - head == SMOLLM2_LORA_R8_QV
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2))
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == SMOLLM2_LORA_R8_QV
