@@ -58,28 +58,18 @@ def _damaged(tmp_path, source, name, damage):
     return folder
 
 
-@pytest.mark.parametrize("damage, field", [
-    (lambda r: r.pop("noise"), "noise"),
-    (lambda r: r["findings"][1].pop("correct"), "findings[1].correct"),
+@pytest.mark.parametrize("module, name, damage, field", [
+    (audit_table, "eps3-none.json", lambda r: r.pop("noise"), "noise"),
+    (audit_table, "eps3-none.json", lambda r: r["findings"][1].pop("correct"), "findings[1].correct"),
+    (instruct_results, "dp-eps8-seed0.json", lambda r: r.pop("macro_f1"), "macro_f1"),
+    (instruct_results, "dp-eps8-seed0.json", lambda r: r["rounds"][0].pop("loss"), "rounds[0].loss"),
 ])
-def test_an_audit_record_missing_a_field_is_a_one_line_error(tmp_path, damage, field):
-    folder = _damaged(tmp_path, audit_table.RECORD_DIR, "eps3-none.json", damage)
+def test_a_record_missing_a_field_is_a_one_line_error(tmp_path, module, name, damage, field):
+    folder = _damaged(tmp_path, module.RECORD_DIR, name, damage)
     with pytest.raises(FedtuneError) as raised:
-        audit_table.load_records(folder)
+        module.load_records(folder)
     message = str(raised.value)
-    assert "eps3-none.json" in message and repr(field) in message and "\n" not in message
-
-
-@pytest.mark.parametrize("damage, field", [
-    (lambda r: r.pop("macro_f1"), "macro_f1"),
-    (lambda r: r["rounds"][0].pop("loss"), "rounds[0].loss"),
-])
-def test_an_instruct_record_missing_a_field_is_a_one_line_error(tmp_path, damage, field):
-    folder = _damaged(tmp_path, instruct_results.RECORD_DIR, "dp-eps8-seed0.json", damage)
-    with pytest.raises(FedtuneError) as raised:
-        instruct_results.load_records(folder)
-    message = str(raised.value)
-    assert "dp-eps8-seed0.json" in message and repr(field) in message and "\n" not in message
+    assert name in message and repr(field) in message and "\n" not in message
 
 
 def test_infinities_are_written_as_plain_json():
