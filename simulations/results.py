@@ -499,8 +499,21 @@ def curve_section(records: list[dict]) -> list[str]:
             row = [mean_sd(_accuracies(records, shape=shape, recipe=recipe, epsilon=e)) for e in EPSILONS]
             nsr, verdict = advise_for(shape, recipe, 8.0)
             lines.append(f"| {shape.rows} | " + " | ".join(row) + f" | {nsr:.2f}, {verdict} |")
-        lines += ["", f"![data per client, {dataset}](results/curve-{dataset}.png)", ""]
+        lines += ["", f"![data per client, {dataset}](results/curve-{dataset}.png)" if _curve_points(records, dataset)
+                  else "No cell of this dataset has run yet.", ""]
     return lines
+
+
+def _curve_points(records: list[dict], dataset: str) -> dict[float, list[tuple[int, float]]]:
+    """epsilon -> (rows per client, mean test accuracy) of the curve cells that ran."""
+    recipe = chosen_recipe(records)
+    points = {}
+    for epsilon in EPSILONS:
+        found = [(s.rows, _accuracies(records, shape=s, recipe=recipe, epsilon=epsilon))
+                 for s in CURVE if s.dataset == dataset]
+        if any(values for _, values in found):
+            points[epsilon] = [(x, statistics.mean(v)) for x, v in found if v]
+    return points
 
 
 def advise_for(shape: Shape, recipe: str, epsilon: float) -> tuple[float, str]:
@@ -535,17 +548,19 @@ def advise_section() -> list[str]:
 
 
 def plot_curves(records: list[dict], figures: Path) -> None:
+    """One figure per dataset with curve cells; a figure whose dataset has none is removed,
+    so docs/ never shows a picture the records do not back."""
     from fedtune.report import new_figure, save_figure
 
-    recipe = chosen_recipe(records)
     for dataset in dict.fromkeys(s.dataset for s in CURVE):
+        path = figures / f"curve-{dataset}.png"
+        points = _curve_points(records, dataset)
+        if not points:
+            path.unlink(missing_ok=True)
+            continue
         figure, axes = new_figure((6.0, 4.0))
-        for epsilon in EPSILONS:
-            points = [(s.rows, _accuracies(records, shape=s, recipe=recipe, epsilon=epsilon))
-                      for s in CURVE if s.dataset == dataset]
-            points = [(x, statistics.mean(v)) for x, v in points if v]
-            if points:
-                axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=_label(epsilon))
+        for epsilon, xy in points.items():
+            axes.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=_label(epsilon))
         majority = next((r["majority_accuracy"] for r in records
                          if r["shape"]["dataset"] == dataset and r["split"] == "test"), None)
         if majority:
@@ -554,10 +569,9 @@ def plot_curves(records: list[dict], figures: Path) -> None:
         axes.set(xlabel="training rows per client (5 clients)", ylabel="test accuracy (mean over seeds)",
                  title=f"data per client: {dataset}")
         axes.grid(alpha=0.3)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize=7)
+        axes.legend(fontsize=7)
         figures.mkdir(parents=True, exist_ok=True)
-        save_figure(figure, figures / f"curve-{dataset}.png")
+        save_figure(figure, path)
 
 
 ANCHORS = """## Published anchors (context, not the same settings)

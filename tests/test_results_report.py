@@ -183,3 +183,18 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
     assert _ran_with(path) != config
 
 
+
+
+def test_a_figure_exists_only_where_curve_cells_ran(tmp_path):
+    records = _tuned({name: 0.6 for name in RECIPES}, {rate: [0.80] for rate in REFERENCE_RATES})
+    recipe = chosen_recipe(records)
+    small = next(s for s in CURVE if s.dataset == "tweets" and s.rows == 100)
+    records += [_record(Cell(small, recipe, e, "iid", 0, "test"), a) for e, a in ((math.inf, 0.7), (8.0, 0.5))]
+    figures = tmp_path / "results"
+    figures.mkdir()
+    (figures / "curve-rotten-tomatoes.png").write_bytes(b"stale")
+    text = results.write_report(records, tmp_path / "results.md", figures).read_text()
+    assert (figures / "curve-tweets.png").stat().st_size > 1000 and not (figures / "curve-rotten-tomatoes.png").exists()
+    assert "![data per client, tweets](results/curve-tweets.png)" in text
+    assert "results/curve-rotten-tomatoes.png" not in text and "No cell of this dataset has run yet." in text
+    assert "| 100 | 0.700 (n = 1, one seed only) | 0.500 (n = 1, one seed only) | not run | not run |" in text
