@@ -385,7 +385,7 @@ def tuning_section(records: list[dict]) -> list[str]:
     recipe, reference = chosen_recipe(records), chosen_reference(records)
     lines = ["## How the recipe was chosen (validation rows, seed 0)", "",
              f"Each candidate at the table's shape ({TABLE.clients} IID clients x {TABLE.rows:,} rows, epsilon 8, the "
-             "same clients' rows and noise seed), scored on the validation rows after every round; the candidate with "
+             "same clients' rows), scored on the validation rows after every round; the candidate with "
              "the best accuracy after its last round is the recipe.", "",
              "| candidate | what it is | validation accuracy (last round) | by round |", "|---|---|---|---|"]
     for name, (what, _) in RECIPES.items():
@@ -405,6 +405,9 @@ def tuning_section(records: list[dict]) -> list[str]:
         lines.append(f"| {rate:g} | {text} |")
     if reference:
         lines += ["", f"Chosen: {_reference_label(*reference)}."]
+        if reference[1] == REFERENCE_EPOCHS:
+            lines[-1] += (f" Its validation accuracy was still rising at the last epoch tried ({REFERENCE_EPOCHS}): a "
+                          "longer reference may score higher, which would only lower the ratio to it below.")
     return lines + [""]
 
 
