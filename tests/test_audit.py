@@ -200,6 +200,17 @@ def test_audit_command_writes_its_table_and_exits_by_its_verdict(tiny_bert, audi
                  "--batch-size", "16", "--epochs", "2", "--out", str(tmp_path / "again")])
     err = capsys.readouterr().err
     assert code == 2 and "charged like any training" in err and len(err.strip().splitlines()) == 1
+    # the audit table's records come from exactly this file: a real audit's output renders
+    from simulations import audit_table
+
+    (out / "seconds.txt").write_text("12\n")
+    records_dir = tmp_path / "records"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(audit_table, "RECORD_DIR", records_dir)
+        written = audit_table.write_epsilon_records(8.0, out)
+    assert [p.name for p in written] == ["eps8-none.json"]
+    text = audit_table.report(audit_table.load_records(records_dir))
+    assert "| audit (gradient (white-box)) | " in text and "| audit (input (black-box)) | " in text
 
 
 @pytest.mark.parametrize("extra, message", [
