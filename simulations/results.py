@@ -442,7 +442,8 @@ def table_section(records: list[dict]) -> list[str]:
     recipe, reference = chosen_recipe(records), chosen_reference(records)
     lines = ["## Utility vs epsilon at a realistic size (test rows)", "",
              f"{TABLE.dataset}, {TABLE.clients} clients x {TABLE.rows:,} rows, all training every round; mean ± "
-             "standard deviation over training seeds (each seed draws other clients' rows, partitions and noise).", "",
+             "standard deviation over training seeds (each seed draws other clients' rows and partitions; the DP noise "
+             "is fresh in every run).", "",
              "| setting | non-private | epsilon 8 | epsilon 3 | epsilon 1 | seeds |", "|---|---|---|---|---|---|"]
     if reference:
         ref = dict(shape=TABLE, recipe=reference[0], epochs=reference[1])
@@ -473,7 +474,7 @@ def bar_lines(records: list[dict]) -> list[str]:
     ratio = statistics.mean(dp) / statistics.mean(ref)
     marked = "" if min(len(dp), len(ref)) >= MIN_SEEDS else f" (fewer than {MIN_SEEDS} seeds: not a result yet)"
     lines = [f"**The bar:** federated IID at epsilon 8 reaches {mean_sd(dp)} against the tuned centralized non-private "
-             f"reference's {mean_sd(ref)}: ratio **{ratio:.3f}** (goal >= {BAR}; "
+             f"reference's {mean_sd(ref)}: ratio **{ratio:.3f}**{_ratio_error(dp, ref, ratio)} (goal >= {BAR}; "
              f"{'met' if ratio >= BAR else 'not met'}){marked}."]
     if ratio < BAR:
         lines[0] += (f" Short by {BAR * statistics.mean(ref) - statistics.mean(dp):.3f} accuracy "
@@ -484,6 +485,16 @@ def bar_lines(records: list[dict]) -> list[str]:
                       "adapter over 10 clients costs by itself), and DP keeps "
                       f"{statistics.mean(dp) / statistics.mean(open_):.3f} of that (what the noise at epsilon 8 costs)."]
     return lines
+
+
+def _ratio_error(numerator: list[float], denominator: list[float], ratio: float) -> str:
+    """± one standard error of a ratio of two means over seeds (first-order propagation of
+    each mean's standard error), so a reader sees whether met / not met is within the seeds'
+    spread; empty with fewer than two seeds on either side."""
+    if min(len(numerator), len(denominator)) < 2:
+        return ""
+    relative = sum(statistics.variance(v) / len(v) / statistics.mean(v) ** 2 for v in (numerator, denominator))
+    return f" ± {ratio * math.sqrt(relative):.3f} (one standard error over the seeds)"
 
 
 def curve_section(records: list[dict]) -> list[str]:
