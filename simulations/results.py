@@ -453,7 +453,8 @@ def table_section(records: list[dict]) -> list[str]:
             where = dict(shape=TABLE, recipe=recipe, partition=partition)
             cells = " | ".join(mean_sd(_accuracies(records, epsilon=e, **where)) for e in EPSILONS)
             lines.append(f"| federated, {title} | {cells} | {_seeds(records, epsilon=8.0, **where)} |")
-    spent = [ledger["epsilon"] for r in select(records, shape=TABLE, split="test") for ledger in r["ledgers"]]
+    spent = [float(ledger["epsilon"]) for r in select(records, shape=TABLE, split="test") if r["epsilon"] is not None
+             for ledger in r["ledgers"]]
     if spent:
         lines += ["", f"Largest epsilon any client spent (its ledger, PLD): {max(spent):.3f}."]
     return lines + [""] + bar_lines(records) + [""]

@@ -80,7 +80,9 @@ def test_the_report_is_its_records_with_the_bar_and_seeds_marked():
     for seed, (ref, dp) in enumerate(((0.80, 0.76), (0.82, 0.78), (0.81, 0.74))):
         records.append(_record(Cell(TABLE, reference[0], math.inf, "iid", seed, "test", reference[1]), ref))
         records.append(_record(Cell(TABLE, recipe, 8.0, "iid", seed, "test"), dp, epsilon_spent=7.99))
-    records.append(_record(Cell(TABLE, recipe, math.inf, "iid", 0, "test"), 0.79))
+    open_ = _record(Cell(TABLE, recipe, math.inf, "iid", 0, "test"), 0.79)
+    open_["ledgers"] = [{"epsilon": "inf", "delta": 1e-4, "history": []}]  # a non-private node's ledger, as written
+    records.append(open_)
     text = results.report(records)
     assert text == results.report(list(reversed(records)))  # the order of the files does not matter
     dp, ref = mean_sd([0.76, 0.78, 0.74]), mean_sd([0.80, 0.82, 0.81])
