@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -344,14 +345,17 @@ def prediction_lines(dataset: str) -> list[str]:
                           accountant=config.dp.accountant).nsr_run
 
     now = ratio(rows)
-    needed = rows
-    while ratio(needed) >= LEARNS and needed < 10_000_000:
-        needed = int(needed * 1.25) + 1
+    # at a fixed sample rate the ratio falls as 1 / rows (the noise multiplier moves only with
+    # delta = 1 / (10 rows)), so scale, then correct for that drift: two or three calls, not a search
+    needed, at = rows, now
+    while at >= LEARNS and needed < 10_000_000:
+        needed = math.ceil(needed * at / LEARNS * 1.01)
+        at = ratio(needed)
     return ["", f"What the trend predicts: `fedtune privacy advise` puts this recipe ({rows} rows per node, {nodes} "
             f"nodes, {t.rounds} rounds x {t.epochs} epochs, batch {t.batch_size}, {SMOLLM2_LORA_R8_QV:,} trainable "
             f"parameters) at a run noise-to-signal ratio of {now:.2f}, where its calibrated threshold for \"can learn\" "
             f"is {LEARNS:g}. At the same rounds, epochs and sample rate it reaches that threshold at about "
-            f"{needed:,} rows per node ({ratio(needed):.3f}), {needed / rows:.0f} times the rows; the ratio grows "
+            f"{needed:,} rows per node ({at:.3f}), {needed / rows:.0f} times the rows; the ratio grows "
             f"with the square root of the trainable parameters, so the same gain from a smaller adapter needs about "
             f"{(needed / rows) ** 2:,.0f} times fewer of them. At 5-9 s a DP step of 24 rows on this 2-core CPU, that many rows is days "
             "of compute a run, which is why it was not run here."]
