@@ -326,7 +326,6 @@ def leave_one_dataset_out(points: list[dict], key: str = "nsr_run", fixed: float
         if not fit_set:  # one dataset only: nothing to fit on without it
             continue
         threshold = fixed if fixed is not None else fit_threshold(fit_set, key)
-        assert not {p["id"] for p in held} & {p["id"] for p in fit_set}
         folds.append({"held_out": dataset, "learns": threshold,
                       "fitted_on": [] if fixed is not None else sorted({p["dataset"] for p in fit_set}),
                       "predicted": sorted(p["id"] for p in held), "hits": hits(held, threshold, key),
