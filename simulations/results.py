@@ -164,6 +164,14 @@ def _pooled(cell: Cell, paths: dict[str, Path]) -> Path:
     return write_csv(target, training_pool(federated_config(twin, paths["pool"], paths["validation"], WORK / "unused")))
 
 
+def _rows(path: Path) -> int:
+    """Rows of a CSV split (a review may hold line breaks, so lines are not rows)."""
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as handle:
+        return sum(1 for _ in csv.DictReader(handle))
+
+
 def run_cell(cell: Cell, log=print) -> dict:
     """One run in this process; returns (and writes) its record."""
     paths = splits(cell.shape.dataset)
@@ -188,7 +196,7 @@ def run_cell(cell: Cell, log=print) -> dict:
               "epsilon": None if math.isinf(cell.epsilon) else cell.epsilon, "partition": cell.partition,
               "seed": cell.seed, "split": cell.split, "epochs": cell.epochs, "accuracy": accuracy[-1],
               "accuracy_by_round": accuracy, "majority_accuracy": majority_accuracy(evaluation),
-              "evaluation_rows": sum(1 for _ in open(evaluation, encoding="utf-8")) - 1, "ledgers": ledgers,
+              "evaluation_rows": _rows(evaluation), "ledgers": ledgers,
               "seconds": round(time.perf_counter() - started, 1), "config": config.to_toml()}
     write_record(RECORD_DIR, cell.name, record)
     log(f"[results] {cell.name}: accuracy {accuracy[-1]:.4f} in {record['seconds']:.0f} s")
