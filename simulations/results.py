@@ -452,7 +452,7 @@ def table_section(records: list[dict]) -> list[str]:
              f"{TABLE.dataset}, {TABLE.clients} clients x {TABLE.rows:,} rows, all training every round; mean ± "
              "standard deviation over training seeds (each seed draws other clients' rows and partitions; the DP noise "
              "is fresh in every run).", "",
-             "| setting | non-private | epsilon 8 | epsilon 3 | epsilon 1 | seeds |", "|---|---|---|---|---|---|"]
+             "| setting | non-private | epsilon 8 | epsilon 3 | epsilon 1 | seeds (reference / epsilon 8) |", "|---|---|---|---|---|---|"]
     if reference:
         ref = dict(shape=TABLE, recipe=reference[0], epochs=reference[1])
         lines.append(f"| centralized, pooled, {_reference_label(*reference)} (reference) | {mean_sd(_accuracies(records, **ref))} | | | | {_seeds(records, **ref)} |")
