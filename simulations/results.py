@@ -633,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", default=str(RECORD_DIR), help="the records folder (default: the committed one)")
     parser.add_argument("--report", default=str(REPORT), help="the report to write (default docs/results.md)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads of this worker (0 = torch's default); on a small CPU two workers of one "
-                             "thread each finish the plan sooner than one of two")
+                        help="torch threads of this worker (0 = torch's default); several workers share the plan, "
+                             "each cell run by one of them")
     args = parser.parse_args(argv)
     try:
         if args.max_minutes < 0:
