@@ -128,8 +128,6 @@ def federated_config(cell: Cell, data: Path, evaluation: Path, budget: Path) -> 
         sections.setdefault(name, {}).update(values)
     training = sections["training"]
     training["batch_size"] = min(training["batch_size"], max(MIN_BATCH, cell.shape.rows // MIN_STEPS_PER_EPOCH))
-    if training.get("physical_batch_size", 0) >= training["batch_size"]:
-        training["physical_batch_size"] = 0
     training["seed"] = cell.seed
     sections["dp"].update({"enabled": math.isfinite(cell.epsilon)}
                           | ({"target_epsilon": cell.epsilon} if math.isfinite(cell.epsilon) else {}))
