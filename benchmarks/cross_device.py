@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fedtune.machine import machine  # noqa: E402
+from fedtune.system.machine import machine  # noqa: E402
 from simulate_runs import abba, rounds_main, run_simulate  # noqa: E402
 
 ROWS_PER_CLIENT = 20

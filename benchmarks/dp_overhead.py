@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 
-from fedtune.quiet import quiet_libraries  # noqa: E402
+from fedtune.system.quiet import quiet_libraries  # noqa: E402
 from fedtune.config import LoraSettings  # noqa: E402
-from fedtune.data import LabelMap, TokenCache, load_builtin  # noqa: E402
-from fedtune.machine import machine  # noqa: E402
-from fedtune.losses import PerExampleLoss  # noqa: E402
-from fedtune.model import attach_lora, bundled_model_path, load_base_model, load_tokenizer, trainable_named_parameters  # noqa: E402
+from fedtune.data.tables import LabelMap, TokenCache, load_builtin  # noqa: E402
+from fedtune.system.machine import machine  # noqa: E402
+from fedtune.training.losses import PerExampleLoss  # noqa: E402
+from fedtune.models.base import attach_lora, bundled_model_path, load_base_model, load_tokenizer, trainable_named_parameters  # noqa: E402
 
 
 class Mode:

@@ -35,7 +35,7 @@ def training_flops_per_token(hidden: int, intermediate: int, layers: int, seq_le
 def minilm_flops_per_token(seq_len: int) -> float:
     from transformers import AutoConfig
 
-    from fedtune.model import bundled_model_path
+    from fedtune.models.base import bundled_model_path
 
     config = AutoConfig.from_pretrained(bundled_model_path())
     return training_flops_per_token(config.hidden_size, config.intermediate_size, config.num_hidden_layers, seq_len)

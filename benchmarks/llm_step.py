@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct + LoRA r=8 (q/v) on tweets-instruct rows (sequence up to 128; the
 chat template and the tweet make ~90 tokens). Every mode runs fedtune's own training call
-(`fedtune.dp_train.train_call`: Poisson batches, Opacus, the ledger) on the same rows with
+(`fedtune.training.dp_train.train_call`: Poisson batches, Opacus, the ledger) on the same rows with
 the same reproducible Poisson stream, so every mode takes the same batches. Modes run in
 rotating order, `--repeats` times; the report gives the median seconds per step and the
 ratio to the fp32 Opacus-hooks call, plus the machine.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedtune.quiet import quiet_libraries  # noqa: E402
+from fedtune.system.quiet import quiet_libraries  # noqa: E402
 
 MODES = {  # name -> (dp section, training section)
     "fp32, hooks": ({"grad_sample_mode": "hooks"}, {"precision": "fp32"}),
@@ -37,9 +37,9 @@ BASELINE = "fp32, hooks"
 
 def measure(rows: int = 48, batch_size: int = 16, repeats: int = 2) -> dict:
     from fedtune.config import build_config
-    from fedtune.dp_train import train_call
-    from fedtune.local import prepare_node
-    from fedtune.machine import machine
+    from fedtune.training.dp_train import train_call
+    from fedtune.training.local import prepare_node
+    from fedtune.system.machine import machine
     from fedtune.privacy.planning import new_ledger
 
     quiet_libraries()

@@ -101,13 +101,13 @@ def run_pfl(config_path: Path, out: Path) -> None:
     from pfl.model.pytorch import PyTorchModel
     from pfl.privacy import CentrallyAppliedPrivacyMechanism, GaussianMechanism
 
-    from fedtune.adapter import adapter_state
-    from fedtune.central import CentralEvaluator
+    from fedtune.models.adapter_io import adapter_state
+    from fedtune.federation.central_eval import CentralEvaluator
     from fedtune.config import load_config
-    from fedtune.losses import trim_batch
-    from fedtune.local import build_model, prepare_data
-    from fedtune.losses import PerExampleLoss
-    from fedtune.model import load_tokenizer, resolve_model_path
+    from fedtune.training.losses import trim_batch
+    from fedtune.training.local import build_model, prepare_data
+    from fedtune.training.losses import PerExampleLoss
+    from fedtune.models.base import load_tokenizer, resolve_model_path
     from simulations.partition import client_table, held_out_table
     from simulations.run import prepare_simulation
 
@@ -254,12 +254,12 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "pfl":
-        from fedtune.quiet import quiet_libraries
+        from fedtune.system.quiet import quiet_libraries
 
         quiet_libraries()
         run_pfl(Path(args.config), Path(args.out))
         return
-    from fedtune.machine import machine
+    from fedtune.system.machine import machine
 
     result = {"benchmark": "pfl_compare", "machine": machine(), **compare(QUICK if args.quick else FULL, args.repeats)}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))

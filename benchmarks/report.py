@@ -9,7 +9,6 @@ it with the committed one, so the two cannot disagree unnoticed.
 
     python -m benchmarks.report            # rewrite docs/benchmarks.md from the records
     python -m benchmarks.report --check    # exit 1 if the committed page is not what they give
-    python benchmarks/run_all.py --report-only    # the same as the first
 
 Reads only JSON (no torch model, no benchmark run): seconds on a fresh clone. A record that
 lacks a field the page needs stops it with one line naming the file and the field.
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.run_all import GOALS, cohort_size, table, verdict, workloads
-from fedtune.machine import machine_description
+from fedtune.system.machine import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = Path("docs/benchmarks.md")

@@ -20,7 +20,7 @@ Runs, on the same machine in one go (each ratio measured side by side, interleav
     python benchmarks/run_all.py --quick          # under 15 minutes on a 2-core CPU
     python benchmarks/run_all.py                  # the full run (about 30 minutes there)
     python benchmarks/run_all.py --out DIR        # where RUN.md / RUN.json go (default runs/benchmarks)
-    python benchmarks/run_all.py --report-only    # no runs: docs/benchmarks.md from the committed records
+    python -m benchmarks.report                   # no runs: docs/benchmarks.md from the committed records
 
 The machine (CPU, cores, GPU, library versions) heads both files: a ratio means little
 without it.
@@ -38,8 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from fedtune.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from fedtune.machine import machine, machine_description  # noqa: E402
+from fedtune.system.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from fedtune.system.machine import machine, machine_description  # noqa: E402
 
 PLANS = {
     "quick": {"dp_steps": 6, "sim_rounds": 3, "sim_repeats": 1, "cohorts": (5, 20), "pfl": "QUICK", "pfl_repeats": 1,
@@ -183,13 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, one repeat (< 15 min on 2 cores)")
     parser.add_argument("--out", default="runs/benchmarks", help="folder for quick|full.md and .json (default runs/benchmarks)")
     parser.add_argument("--only", help=f"comma-separated subset of: {','.join(SECTIONS)}")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: regenerate docs/benchmarks.md from the committed records (python -m benchmarks.report)")
     args = parser.parse_args(argv)
-    if args.report_only:
-        from benchmarks.report import main as report_main
-
-        return report_main([])
     plan_name = "quick" if args.quick else "full"
     plan = PLANS[plan_name]
     wanted = set(SECTIONS) if not args.only else {s.strip() for s in args.only.split(",")}

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fedtune.machine import machine, machine_description  # noqa: E402
+from fedtune.system.machine import machine, machine_description  # noqa: E402
 
 ROWS_PER_NODE = 20
 ROUNDS = 2
@@ -136,7 +136,7 @@ def main() -> None:
     if unknown:
         print(f"--variants: {', '.join(unknown)}: expected any of {', '.join(VARIANTS)}", file=sys.stderr)
         raise SystemExit(2)
-    from fedtune.quiet import quiet_libraries
+    from fedtune.system.quiet import quiet_libraries
 
     quiet_libraries()
     results = []

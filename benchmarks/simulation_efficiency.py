@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fedtune.machine import machine  # noqa: E402
+from fedtune.system.machine import machine  # noqa: E402
 from simulate_runs import abba, rounds_main, run_simulate  # noqa: E402
 
 ROWS_PER_CLIENT = 35
@@ -97,7 +97,7 @@ def _round_seconds(record: dict) -> float:
 def full_model_bytes() -> int:
     """What full fine-tuning would exchange per direction: every base-model parameter, fp32."""
     from fedtune.config import ModelConfig
-    from fedtune.model import load_base_model, load_tokenizer, resolve_model_path
+    from fedtune.models.base import load_base_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(ModelConfig())
     model = load_base_model(path, "classification", 3, load_tokenizer(path).pad_token_id)

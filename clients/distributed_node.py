@@ -32,7 +32,7 @@ import numpy as np
 
 from clients.node import (STATUS_BUDGET_EXHAUSTED, STATUS_OK, NodeSetup, NodeState, TrainOutcome, _check_unreleased,
                           _guarded, _load_global, _node_data)
-from fedtune.distributed_step import distributed_contribution, flat_dim
+from fedtune.training.distributed_step import distributed_contribution, flat_dim
 from fedtune.errors import BudgetExhaustedError, DeadlinePassedError
 from fedtune.privacy import ddgauss_accounting
 from fedtune.privacy.ddgauss import DDGaussSpec
@@ -162,7 +162,7 @@ def _distributed(setup: NodeSetup, request, global_arrays, server_round: int, an
                 if not ledger.distributed_fits(steps):
                     raise OverBudgetError(
                         f"privacy budget exhausted: this distributed step would take the epsilon of these records to "
-                        f"{ledger.epsilon_after_distributed(steps):.3f}, above their cap {ledger.target_epsilon:g} "
+                        f"{ledger.epsilon_after_distributed(steps):.3f}, above their cap {ledger.max_epsilon:g} "
                         f"(already spent {ledger.epsilon():.3f})", ledger)
                 _load_global(model, global_arrays, config)
                 if deadline and time.time() >= deadline:

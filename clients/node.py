@@ -34,21 +34,21 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from fedtune.adapter import load_state, trainable_state
-from fedtune.atomic import atomic_write_json
+from fedtune.models.adapter_io import load_state, trainable_state
+from fedtune.system.atomic import atomic_write_json
 from fedtune.privacy.budget import Budget, LedgerLostError, StateLockedError, exclusive_lock
 from fedtune.config import Config
-from fedtune.datasets_builtin import Table
-from fedtune.dp_train import train_call
+from fedtune.data.named import Table
+from fedtune.training.dp_train import train_call
 from fedtune.errors import BudgetExhaustedError, ConfigError, DeadlinePassedError, FedtuneError, ModelError
-from fedtune.local import NodeData, prepare_data
+from fedtune.training.local import NodeData, prepare_data
 from fedtune.privacy import PrivacyLedger
-from fedtune.privacy.metric_release import exact_metrics, noisy_metrics
+from fedtune.training.metric_release import exact_metrics, noisy_metrics
 from fedtune.privacy.planning import DPPlan, plan_training
 from fedtune.privacy.policy import NodePolicy, PolicyRefusal
 from fedtune.privacy.randomness import Randomness
 from fedtune.privacy.spending import OverBudgetError, spend
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 
 STATUS_OK = "ok"
 STATUS_BUDGET_EXHAUSTED = "budget-exhausted"

@@ -79,7 +79,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from clients.distributed_node import Protocol
 from clients.node import TrainOutcome
-from fedtune.aggregate import clip_to
+from fedtune.federation.aggregate import clip_to
 from fedtune.errors import FedtuneError
 from fedtune.privacy.policy import (DISTRIBUTED_FIELD, SECAGG_CLIP_FIELD, SECAGG_CONFIRM_STAGE, SECAGG_CONFIRMATIONS_FIELD,
                                     SECAGG_CONFIRMERS_FIELD, SECAGG_KEYS_FIELD, SECAGG_UPDATE_KEYS_FIELD)

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedtune.config import load_toml, toml_value
-from fedtune.data import check_declared_labels
+from fedtune.data.tables import check_declared_labels
 from fedtune.errors import ConfigError
-from fedtune.models_builtin import bundled_name
+from fedtune.models.named import bundled_name
 from fedtune.privacy.policy import STATE_DIR_KEY, NodePolicy
-from fedtune.processes import flower_environment, flower_executable
+from fedtune.system.processes import flower_environment, flower_executable
 
 
 def read_policy_file(path: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def simulate(config=None, overrides=None, **options):
 
 
 def load_run(run_dir):
-    """A run directory's tables (`fedtune.run_frames.load_run`), e.g. of an earlier simulation."""
-    from fedtune.run_frames import load_run as load
+    """A run directory's tables (`fedtune.reporting.frames.load_run`), e.g. of an earlier simulation."""
+    from fedtune.reporting.frames import load_run as load
 
     return load(run_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.quiet import VERBOSE_ENV, quiet_libraries
+from fedtune.system.quiet import VERBOSE_ENV, quiet_libraries
 
 if TYPE_CHECKING:
     from fedtune.config import Config
@@ -100,7 +100,7 @@ def _add_audit_parser(subparsers) -> None:
 
 def _run_audit(args) -> int:
     config = config_from_args(args)
-    from fedtune.audit import AuditDesign, audit_node, overall
+    from fedtune.audit.node_audit import AuditDesign, audit_node, overall
 
     design = AuditDesign(args.canaries, args.guesses, args.input_canaries, args.input_guesses, args.confidence)
     controls = tuple(c.strip() for c in args.controls.split(",") if c.strip())
@@ -119,7 +119,7 @@ def _add_certs_parser(subparsers) -> None:
 
 
 def _run_certs(args) -> int:
-    from fedtune.devcerts import make_dev_certs
+    from fedtune.system.certificates import make_dev_certs
 
     for path in make_dev_certs(args.out, args.host or ["127.0.0.1", "localhost"], args.nodes):
         print(path)
@@ -136,7 +136,7 @@ def _add_export_parser(subparsers) -> None:
 
 
 def _run_export(args) -> int:
-    from fedtune.export import export_checkpoint
+    from fedtune.reporting.export import export_checkpoint
 
     print(export_checkpoint(args.source, args.out, merged=args.merged))
     return 0
@@ -155,7 +155,7 @@ def _add_generate_parser(subparsers) -> None:
 
 
 def _run_generate(args) -> int:
-    from fedtune.generation import generate_answers, read_prompts
+    from fedtune.models.generation import generate_answers, read_prompts
 
     if (args.prompt is None) == (args.file is None):
         raise FedtuneError("give a prompt or --file, not both and not neither")
@@ -177,7 +177,7 @@ def _add_report_parser(subparsers) -> None:
 
 
 def _run_report(args) -> int:
-    from fedtune.report import write_report
+    from fedtune.reporting.run_report import write_report
 
     for path in write_report(args.run_dir):
         print(path)
@@ -290,7 +290,7 @@ def config_from_args(args, default_file: str | None = None) -> "Config":
 
 def _run_train_local(args) -> int:
     config = config_from_args(args)  # a config mistake is reported before torch is imported
-    from fedtune.local import prepare_node, train_local
+    from fedtune.training.local import prepare_node, train_local
 
     node = prepare_node(config)  # every input check happens here, before any write
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-local-%Y%m%d-%H%M%S")
@@ -381,7 +381,7 @@ def _run_advise(args) -> int:
 
 def _advise_probe(args):
     from fedtune.config import build_config
-    from fedtune.privacy.coherence import gradient_coherence
+    from fedtune.training.gradient_coherence import gradient_coherence
 
     if args.probe_rows < 2:
         raise ConfigError(f"--probe-rows = {args.probe_rows}: expected a whole number >= 2")
@@ -415,7 +415,7 @@ def _run_privacy(args) -> int:
             library, other = "dp-accounting rdp, replace-one", "dp-accounting, recomputed"
         print(f"epsilon = {ledger.epsilon():.6f} ({library}, {ledger.accountant}), "
               f"{independent_epsilon(ledger.accountant, ledger.history, ledger.delta, ledger.without_replacement):.6f}"
-              f" ({other}) at delta {ledger.delta:g}; cap {ledger.target_epsilon}; history (sigma, q, steps): "
+              f" ({other}) at delta {ledger.delta:g}; cap {ledger.max_epsilon}; history (sigma, q, steps): "
               + "; ".join(f"({s:g}, {q:.6g}, {n})" for s, q, n in ledger.history)
               + ("; without replacement (sigma, N, m, rounds): "
                  + "; ".join(f"({s:g}, {big}, {m}, {r})" for s, big, m, r in ledger.without_replacement)

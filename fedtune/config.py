@@ -82,11 +82,11 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    method: str = opt("lora", "The PEFT method (an entry of fedtune.adapters.ADAPTER_METHODS): \"lora\" (options in [lora]; FFA-LoRA is one of them), \"ia3\" (learned scaling vectors, peft's default targets; needs dp.grad_sample_mode = \"loop\" under DP) or \"prefix\" (prefix tuning, causal LM / instruct).", flag="adapter")
+    method: str = opt("lora", "The PEFT method (an entry of fedtune.models.adapter_methods.ADAPTER_METHODS): \"lora\" (options in [lora]; FFA-LoRA is one of them), \"ia3\" (learned scaling vectors, peft's default targets; needs dp.grad_sample_mode = \"loop\" under DP) or \"prefix\" (prefix tuning, causal LM / instruct).", flag="adapter")
     num_virtual_tokens: int = opt(8, "Prefix tuning: the number of virtual tokens whose keys and values train in every layer.")
 
     def __post_init__(self) -> None:
-        from fedtune.adapters import ADAPTER_METHODS  # the one registry: a new method is one entry there
+        from fedtune.models.adapter_methods import ADAPTER_METHODS  # the one registry: a new method is one entry there
 
         if self.method not in ADAPTER_METHODS:
             _fail("adapter.method", self.method, f"one of {', '.join(ADAPTER_METHODS)}")
@@ -305,7 +305,7 @@ class FederationConfig:
             _fail("federation.adaptive_norm_bound", self.adaptive_norm_bound, "0 (off) or a multiple >= 1 of the median norm")
         if self.weight_cap < 0 or (0 < self.weight_cap < 1):
             _fail("federation.weight_cap", self.weight_cap, "0 (no cap) or a multiple >= 1 of the median example count")
-        from fedtune.aggregate import AGGREGATORS  # the one registry: a new aggregator is one entry there
+        from fedtune.federation.aggregate import AGGREGATORS  # the one registry: a new aggregator is one entry there
 
         if self.aggregator not in AGGREGATORS:
             _fail("federation.aggregator", self.aggregator, f"one of {', '.join(AGGREGATORS)}")
@@ -387,7 +387,7 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
 
     def __post_init__(self) -> None:
-        from fedtune.adapters import ADAPTER_METHODS
+        from fedtune.models.adapter_methods import ADAPTER_METHODS
 
         method = ADAPTER_METHODS[self.adapter.method]
         if self.dp.enabled and self.dp.grad_sample_mode not in method.grad_sample_modes:

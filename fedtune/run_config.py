@@ -31,7 +31,7 @@ from fedtune.privacy.policy import NODE, OWNERS
 
 CONFIG_KEY = "config"    # path of the fedtune TOML (the base the run config overrides)
 RUN_DIR_KEY = "run-dir"  # where the run writes
-LOG_TO_KEY = "log-to"    # experiment trackers (fedtune.tracking), e.g. "tensorboard,mlflow"
+LOG_TO_KEY = "log-to"    # experiment trackers (fedtune.reporting.tracking), e.g. "tensorboard,mlflow"
 RESERVED = (CONFIG_KEY, RUN_DIR_KEY, LOG_TO_KEY)
 UNSET = ""               # a declared key left at this value sets nothing
 
@@ -95,8 +95,8 @@ def config_from_run_config(run_config: Mapping[str, Any], default_path: str | Pa
 
 
 def log_to_of(run_config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The run config's `log-to` trackers, checked (`fedtune.tracking.parse_log_to`)."""
-    from fedtune.tracking import parse_log_to
+    """The run config's `log-to` trackers, checked (`fedtune.reporting.tracking.parse_log_to`)."""
+    from fedtune.reporting.tracking import parse_log_to
 
     return parse_log_to(str(run_config.get(LOG_TO_KEY, "")), source=f"run config {LOG_TO_KEY}")
 

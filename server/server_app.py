@@ -1,11 +1,11 @@
-"""Flower ServerApp: moves messages, and hands the rest to `fedtune.federation.FederationServer`
-and its strategy (`fedtune.strategy`: cohorts, screening, aggregation, evaluation
+"""Flower ServerApp: moves messages, and hands the rest to `fedtune.federation.server.FederationServer`
+and its strategy (`fedtune.federation.strategy`: cohorts, screening, aggregation, evaluation
 averaging, user-level accounting, checkpoints, metrics).
 
 Run config (`[tool.flwr.app.config]` or `--run-config`):
     config    path of the federation's fedtune TOML (required)
     run-dir   where checkpoints, metrics and the exported adapter go (default: runs/federation)
-    log-to    experiment trackers, e.g. "tensorboard,mlflow" (`fedtune.tracking`; default none)
+    log-to    experiment trackers, e.g. "tensorboard,mlflow" (`fedtune.reporting.tracking`; default none)
     any field, e.g. `training.rounds=10 dp.target-epsilon=3`, over the TOML's value; fields
               the nodes decide are refused (`fedtune.run_config`)
 A restarted ServerApp with the same run-dir resumes after the last completed round.
@@ -23,23 +23,23 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.adapter import adapter_state, load_state, save_adapter_dir, trainable_keys
-from fedtune.atomic import append_jsonl, atomic_write_text
-from fedtune.central import CentralEvaluator, central_table
+from fedtune.models.adapter_io import adapter_state, load_state, save_adapter_dir, trainable_keys
+from fedtune.system.atomic import append_jsonl, atomic_write_text
+from fedtune.federation.central_eval import CentralEvaluator, central_table
 from fedtune.config import Config, secagg_bound
-from fedtune.data import LabelMap
+from fedtune.data.tables import LabelMap
 from fedtune.errors import ConfigError
-from fedtune.export import federation_card
-from fedtune.federation import ClientReply, FederationServer, RoundFailedError
-from fedtune.local import build_model
-from fedtune.model import load_tokenizer, resolve_model_path
-from fedtune.model_card import base_model_reference
+from fedtune.reporting.export import federation_card
+from fedtune.federation.server import ClientReply, FederationServer, RoundFailedError
+from fedtune.training.local import build_model
+from fedtune.models.base import load_tokenizer, resolve_model_path
+from fedtune.training.model_card import base_model_reference
 from fedtune.privacy import ddgauss
 from fedtune.privacy.policy import DISTRIBUTED_FIELD, REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
 from fedtune.run_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, log_to_of
-from fedtune.report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
-from fedtune.strategy import short_reason
-from fedtune.tracking import Trackers, config_params
+from fedtune.reporting.run_report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
+from fedtune.federation.strategy import short_reason
+from fedtune.reporting.tracking import Trackers, config_params
 from server.secagg import secure_round
 
 
@@ -214,7 +214,7 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, log=print, e
     node may train for `node_time_share` of the round's timeout: deployed nodes run side by
     side (1.0); a simulation whose nodes queue for a few workers gives each its share, so a
     slow one cannot take the others' time. `log_to` names experiment trackers
-    (`fedtune.tracking`) fed with each round's record, as metrics.jsonl is. `compute(fn)`
+    (`fedtune.reporting.tracking`) fed with each round's record, as metrics.jsonl is. `compute(fn)`
     runs the server's own model work (central evaluation) where the caller wants it: an
     in-process simulation runs it on the thread its clients train on
     (`simulations.in_process.ComputeThread`).

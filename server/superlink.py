@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from fedtune.errors import ConfigError
-from fedtune.processes import flower_environment, flower_executable
+from fedtune.system.processes import flower_environment, flower_executable
 
 CERT_FILES = {"ca": "ca.crt", "certificate": "server.pem", "key": "server.key"}
 

@@ -34,7 +34,7 @@ hand it the answer. The hand thresholds (`HAND`, chosen before these points were
 against them) are scored on the same points. The shipped threshold is the fit on every
 point; its in-sample "fit" hit rate is reported too, and is optimistic by construction.
 
-**The gradient-coherence probe** (`fedtune.privacy.coherence`): the same evaluation with
+**The gradient-coherence probe** (`fedtune.training.gradient_coherence`): the same evaluation with
 each point's ratio divided by its task's measured coherence (128 rows, initial model), with
 its own fitted threshold. It joins the verdict only if its held-out hit rate beats the plain
 ratio's.
@@ -52,7 +52,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_json
+from fedtune.system.atomic import atomic_write_json
 from simulations.records import RECORDS, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def _ledger_delta(record: dict) -> float | None:
 
 def _classes(dataset: str) -> int:
     if dataset not in CLASSES:
-        from fedtune.datasets_builtin import load_builtin
+        from fedtune.data.named import load_builtin
 
         CLASSES[dataset] = len(set(load_builtin(dataset).labels))
     return CLASSES[dataset]
@@ -266,7 +266,7 @@ def probe_coherence(points: list[dict], rows: int = 128, log=print) -> dict[tupl
     import torch
 
     from fedtune.config import build_config
-    from fedtune.privacy.coherence import gradient_coherence
+    from fedtune.training.gradient_coherence import gradient_coherence
 
     torch.set_num_threads(1)  # seconds either way; stay light beside other work
     out = {}

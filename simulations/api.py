@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 from fedtune.config import Config, build_config, load_config, merge_overrides
 from fedtune.errors import ConfigError
-from fedtune.run_frames import RunResult, load_run
-from simulations.commands import default_config_path
+from fedtune.reporting.frames import RunResult, load_run
+from simulations.defaults import default_config_path
 
 
 def _override_list(overrides: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
@@ -59,8 +59,8 @@ def simulate(config: Config | str | Path | Mapping | None = None, overrides: Map
              out: str | Path | None = None, cpus_per_client: float = 1.0, gpus_per_client: float | None = None,
              log_to: str | tuple[str, ...] = (), engine: str = "auto", log=print) -> RunResult:
     """Run a federation of virtual clients on this host and return its tables
-    (`fedtune.run_frames.RunResult`: metrics, ledger, clients DataFrames and the run dir).
-    `log_to`: "tensorboard,mlflow,wandb" or a tuple of them (`fedtune.tracking`); `engine`:
+    (`fedtune.reporting.frames.RunResult`: metrics, ledger, clients DataFrames and the run dir).
+    `log_to`: "tensorboard,mlflow,wandb" or a tuple of them (`fedtune.reporting.tracking`); `engine`:
     "auto", "in-process" or "ray" (as `fedtune simulate --engine`)."""
     from simulations.run import simulate as run_simulation
 

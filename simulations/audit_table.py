@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_text
+from fedtune.system.atomic import atomic_write_text
 from fedtune.errors import FedtuneError
 from simulations.records import (RECORDS, field_error, load_record, machine_line, missing_field, plain_json,
                                  provenance_lines, shown, write_record)
@@ -50,7 +50,7 @@ def node_config(epsilon: float, budget_dir: Path):
     cap of twice the target: the audit and its no-canary control each train once on the rows
     (public BBC News), and each is charged like any training."""
     from fedtune.config import load_config
-    from simulations.commands import default_config_path
+    from simulations.defaults import default_config_path
 
     return load_config(default_config_path(), [("dp", "target_epsilon", epsilon), ("node", "budget_dir", str(budget_dir)),
                                                ("node", "max_epsilon", 2 * epsilon)])
@@ -71,7 +71,7 @@ def measured_here(epsilon: float) -> bool:
 def audit_epsilon(epsilon: float, folder: Path, log=print) -> None:
     """Train the audit and its controls at `epsilon` into `folder` (audit.json, audit.md,
     seconds.txt); an audit.json left by an earlier invocation is kept, not trained again."""
-    from fedtune.audit import AuditDesign, audit_node
+    from fedtune.audit.node_audit import AuditDesign, audit_node
     from simulations.partition import client_table
 
     if (folder / "audit.json").exists():
@@ -87,7 +87,7 @@ def write_epsilon_records(epsilon: float, folder: Path) -> list[Path]:
     """One record per audit run at `epsilon`, from the folder's audit.json. `seconds` is the
     wall time of the audit and its controls together (they train one after another in one
     call), so every record of an epsilon carries the same value and the total counts it once."""
-    from fedtune.machine import machine_description
+    from fedtune.system.machine import machine_description
 
     saved = json.loads((folder / "audit.json").read_text(encoding="utf-8"))
     seconds_file = folder / "seconds.txt"
@@ -133,7 +133,7 @@ def load_records(folder: Path = RECORD_DIR) -> list[dict]:
 
 
 def table_row(record: dict, finding: dict) -> str:
-    """One finding as `fedtune audit` prints it (`fedtune.audit.audit_markdown`), from the record."""
+    """One finding as `fedtune audit` prints it (`fedtune.audit.node_audit.audit_markdown`), from the record."""
     noise, run = record["noise"], "audit" if record["control"] == "none" else record["control"]
     verdict = f"{'pass' if record['passed'] else 'FAIL'}: {record['verdict'].split(':')[0]}"
     return (f"| {run} ({finding['kind']}) | {float(record['claimed_epsilon']):.3f} | {float(record['delta']):.3g} | "

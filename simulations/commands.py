@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from fedtune.cli import NODE_SECTIONS, add_config_flags, config_flags, config_from_args
-from fedtune.tracking import parse_log_to
+from fedtune.reporting.tracking import parse_log_to
+from simulations.defaults import default_config_path
 
 SIMULATE_FLAGS = config_flags(NODE_SECTIONS + ("federation",))  # the nodes' and the federation's fields
 DEFAULT_TEXT = ("simulations/default.toml (BBC News, 5 clients, all 5 every round, 5 rounds, epsilon 8); with "
@@ -40,12 +41,6 @@ def add_run_flags(parser) -> None:
     parser.add_argument("--log-to", default="", metavar="TRACKERS",
                         help="experiment trackers fed each round's record, written inside the run directory: "
                              "tensorboard, mlflow, wandb (offline), comma-separated (pip install -e \".[tracking]\")")
-
-
-def default_config_path(task: str | None = None) -> str:
-    """What `fedtune simulate` runs with no --config: `simulations/default.toml`, or
-    `simulations/instruct.toml` (SmolLM2 on tweets-instruct) with `--task instruct`."""
-    return str(Path(__file__).resolve().parent / ("instruct.toml" if task == "instruct" else "default.toml"))
 
 
 def run_simulate(args) -> int:

@@ -8,7 +8,7 @@ each node clips, rotates, scales and conditionally rounds its rows (`encode_exam
 adds its own discrete Gaussian noise share (`noise_share`, OpenDP's exact sampler), the
 integer vectors are summed modulo 2^bits as secure aggregation sums them, and the server
 decodes the sum (`decode`). It is the one-run audit of Steinke, Nasr and Jagielski
-(NeurIPS 2023; `fedtune.privacy.audit_bound`), as `fedtune audit` runs it on a node's
+(NeurIPS 2023; `fedtune.audit.bounds`), as `fedtune audit` runs it on a node's
 DP-SGD.
 
     python -m simulations.distributed_audit                       # the audit (exit 1 if not sound)
@@ -82,7 +82,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtune.atomic import atomic_write_json, atomic_write_text
+from fedtune.system.atomic import atomic_write_json, atomic_write_text
 from fedtune.errors import ConfigError, FedtuneError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ def run_audit(design: Design, control: str = "honest", calibrated=None) -> dict:
     (spec, claim) of `calibrate(design)`, to skip recomputing it."""
     from fedtune.privacy import ddgauss
     from fedtune.privacy import ddgauss_accounting as accounting
-    from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound
+    from fedtune.audit.bounds import best_possible_bound, epsilon_lower_bound
     from fedtune.privacy.canaries import coin_flips, guess
 
     if control not in CONTROLS:
@@ -275,7 +275,7 @@ def run_all(design: Design, echo=print) -> dict:
 
 
 def record_of(design: Design, rows: list[dict]) -> dict:
-    from fedtune.machine import machine_description
+    from fedtune.system.machine import machine_description
 
     return {"what": "one-run privacy audit of one distributed discrete Gaussian step",
             "command": "python -m simulations.distributed_audit --all --record", "design": asdict(design),

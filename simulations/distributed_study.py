@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_text
+from fedtune.system.atomic import atomic_write_text
 from fedtune.config import Config, build_config
 from simulations.records import (client_ledgers, majority_accuracy, mean_sd, read_records, three_splits, write_csv,
                                  write_record)
@@ -124,7 +124,7 @@ def run_cell(method: str, rate: float, seed: int, split: str, paths: dict[str, P
         accuracy = [r.get("accuracy") for r in rounds]
         ledgers = client_ledgers(folder)
     else:
-        from fedtune.local import prepare_node, train_local
+        from fedtune.training.local import prepare_node, train_local
 
         data = _pooled(None, paths, seed, work)
         config = _config(method, rate, seed, data, evaluation, folder / "budgets", epsilon)

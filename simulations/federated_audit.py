@@ -1,6 +1,6 @@
 """Federated audit: canary clients against user-level DP-FedAvg, in a simulation.
 
-The mechanism audited is the server's user-level DP (`fedtune.strategy.Strategy.aggregate`:
+The mechanism audited is the server's user-level DP (`fedtune.federation.strategy.Strategy.aggregate`:
 each node's update clipped to S, Gaussian noise z S on the sum, the fixed denominator,
 the user-level ledger). m canary clients (`fedtune.privacy.canaries.UpdateCanaries`),
 each included by a fair coin, join the rounds at the cohort's sampling rate with an
@@ -8,7 +8,7 @@ update of S along their own adapter coordinate; the real clients train for real 
 partitions (record-level DP-SGD, as configured), each charged to the budget its records
 carry in the node's budget folder (`node.budget_dir`), as any training. The auditing server scores each canary
 by the released noisy sum minus the real nodes' clipped sum, over every round, and the
-one-run bound (`fedtune.privacy.audit_bound`) turns the guesses into a lower bound on the
+one-run bound (`fedtune.audit.bounds`) turns the guesses into a lower bound on the
 user-level epsilon, beside what the user-level ledger claims.
 
 This drives the core (the same `Strategy`, local training and partitions a Flower
@@ -27,18 +27,18 @@ import sys
 
 import numpy as np
 
-from fedtune.adapter import load_state, trainable_state
-from fedtune.audit import AuditResult, CanaryFinding, noise_check
-from fedtune.dp_train import train_call
+from fedtune.models.adapter_io import load_state, trainable_state
+from fedtune.audit.node_audit import AuditResult, CanaryFinding, noise_check
+from fedtune.training.dp_train import train_call
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.local import prepare_data, prepare_node
-from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound
+from fedtune.training.local import prepare_data, prepare_node
+from fedtune.audit.bounds import best_possible_bound, epsilon_lower_bound
 from fedtune.privacy.canaries import UpdateCanaries, guess
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import plan_training
 from fedtune.privacy.randomness import Randomness
 from fedtune.privacy.spending import spend
-from fedtune.strategy import ClientReply, Strategy, charge_user_level
+from fedtune.federation.strategy import ClientReply, Strategy, charge_user_level
 from simulations.partition import client_table, count_partitions
 
 
@@ -110,9 +110,9 @@ def _audit_rounds(config, clients, model, data, spendings, canaries, guesses, co
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedtune.audit import report_line
+    from fedtune.audit.node_audit import report_line
     from fedtune.config import load_config
-    from simulations.commands import default_config_path
+    from simulations.defaults import default_config_path
 
     parser = argparse.ArgumentParser(description="Federated (user-level) one-run audit with canary clients")
     parser.add_argument("--config", default=default_config_path())

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_json, atomic_write_text
+from fedtune.system.atomic import atomic_write_json, atomic_write_text
 from fedtune.errors import FedtuneError
 from simulations.records import (MIN_SEEDS, RECORDS, field_error, load_record, machine_line, mean_sd, missing_field,
                                  plain_json, provenance_lines, shown, write_record)
@@ -91,8 +91,8 @@ def counts_of(answers: list[str]) -> dict[str, int]:
 def majority(dataset: str) -> dict:
     """Always giving the most common held-out answer: its accuracy and macro-F1, from the
     task's fixed held-out labels (cheap, no model) - the reference a trained model must beat."""
-    from fedtune.datasets_builtin import fixed_split, load_builtin
-    from fedtune.instruct import normalise_answer
+    from fedtune.data.named import fixed_split, load_builtin
+    from fedtune.data.instruct import normalise_answer
 
     expected = [normalise_answer(str(label)) for label in fixed_split(load_builtin(dataset))[1].labels]
     answer, count = Counter(expected).most_common(1)[0]
@@ -103,7 +103,7 @@ def majority(dataset: str) -> dict:
 
 def setting_config(name: str, dataset: str, seed: int):
     from fedtune.config import load_config, parse_override
-    from simulations.commands import default_config_path
+    from simulations.defaults import default_config_path
 
     texts = SETTINGS[name][1] + [f"data.dataset={dataset!r}", f"training.seed={seed}"]
     return load_config(default_config_path("instruct"), [parse_override(text) for text in texts])
@@ -132,10 +132,10 @@ def held_out_answers(run: Path, dataset: str, max_len: int, base: bool = False) 
         return saved["answers"], saved["expected"]
     import torch
 
-    from fedtune.datasets_builtin import fixed_split, load_builtin
-    from fedtune.dp_train import autocast
-    from fedtune.generation import load_for_generation
-    from fedtune.instruct import answer_budget, encode_instruct, generate_from_ids, normalise_answer
+    from fedtune.data.named import fixed_split, load_builtin
+    from fedtune.training.dp_train import autocast
+    from fedtune.models.generation import load_for_generation
+    from fedtune.data.instruct import answer_budget, encode_instruct, generate_from_ids, normalise_answer
 
     model, tokenizer = load_for_generation(run / "adapter")
     held_out = fixed_split(load_builtin(dataset))[1]
@@ -153,7 +153,7 @@ def held_out_answers(run: Path, dataset: str, max_len: int, base: bool = False) 
 def stock_peft_answers(adapter: Path) -> list[dict]:
     """The exported adapter loaded with stock `PeftModel.from_pretrained` on the converted
     base (what `fedtune generate` does), answering prompts that are not in the data."""
-    from fedtune.generation import generate_answers
+    from fedtune.models.generation import generate_answers
 
     answers = generate_answers(adapter, TRY_PROMPTS, max_new_tokens=8)
     return [{"prompt": prompt, "answer": answer} for prompt, answer in zip(TRY_PROMPTS, answers)]
@@ -168,8 +168,8 @@ def scored(answers: list[str], expected: list[str]) -> dict:
 
 
 def _common(config) -> dict:
-    from fedtune.machine import machine_description
-    from simulations.commands import default_config_path
+    from fedtune.system.machine import machine_description
+    from simulations.defaults import default_config_path
 
     return {"dataset": config.data.dataset, "rows_per_node": config.data.max_examples // config.federation.num_clients,
             "base_config": Path(default_config_path("instruct")).read_text(encoding="utf-8"),
@@ -179,7 +179,7 @@ def _common(config) -> dict:
 def trained_record(name: str, seed: int, run: Path, config) -> dict:
     """A trained run's record: every round's scores, the final adapter's answers on every
     held-out row, a few generated answers, and (DP) what stock peft answers with its adapter."""
-    from fedtune.report import SAMPLES_FILE
+    from fedtune.reporting.run_report import SAMPLES_FILE
     from simulations.records import metrics_rows
 
     rows = metrics_rows(run)
@@ -198,7 +198,7 @@ def trained_record(name: str, seed: int, run: Path, config) -> dict:
 def zero_shot_record(run: Path, config) -> dict:
     """Round 0 of a run (the base model) as its own record, with the base model's answers on
     every held-out row for macro-F1."""
-    from fedtune.report import ZERO_SHOT_FILE
+    from fedtune.reporting.run_report import ZERO_SHOT_FILE
 
     zero = json.loads((run / ZERO_SHOT_FILE).read_text(encoding="utf-8"))
     answers = held_out_answers(run, config.data.dataset, config.model.max_seq_len, base=True)

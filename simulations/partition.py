@@ -17,8 +17,8 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedtune.config import Config
-from fedtune.data import SUPPORTED_SUFFIXES, load_table, read_for_task, select, subsample, train_val_split
-from fedtune.datasets_builtin import Table, fixed_split
+from fedtune.data.tables import SUPPORTED_SUFFIXES, load_table, read_for_task, select, subsample, train_val_split
+from fedtune.data.named import Table, fixed_split
 from fedtune.errors import ConfigError, DataError
 
 FILE_COLUMN = "__client_file__"

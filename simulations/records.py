@@ -24,7 +24,7 @@ import platform
 import statistics
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_json
+from fedtune.system.atomic import atomic_write_json
 from fedtune.errors import FedtuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def three_splits(dataset: str, work: Path, test_fraction: float = 0.15, validati
     pool or validation rows. Datasets repeat some rows (rotten-tomatoes: 56 of 12,808), and a
     test row a model trained on measures memory, not generalisation."""
     from fedtune.config import build_config
-    from fedtune.data import select, subsample, train_val_split
+    from fedtune.data.tables import select, subsample, train_val_split
     from simulations.partition import source_table
 
     folder = work / "data"

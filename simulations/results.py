@@ -37,7 +37,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_text
+from fedtune.system.atomic import atomic_write_text
 from fedtune.config import Config, build_config
 from fedtune.errors import ConfigError, FedtuneError
 from simulations.records import (MIN_SEEDS, RECORDS, client_ledgers, majority_accuracy, mean_sd, metrics_rows,
@@ -177,7 +177,7 @@ def run_cell(cell: Cell, log=print) -> dict:
     evaluation = paths[cell.split]
     started = time.perf_counter()
     if cell.reference:
-        from fedtune.local import prepare_node, train_local
+        from fedtune.training.local import prepare_node, train_local
 
         config = reference_config(cell, _pooled(cell, paths), evaluation, folder / "budgets")
         train_local(prepare_node(config), folder, echo=lambda line: None, progress=False)
@@ -571,7 +571,7 @@ def advise_section() -> list[str]:
 def plot_curves(records: list[dict], figures: Path) -> None:
     """One figure per dataset with curve cells; a figure whose dataset has none is removed,
     so docs/ never shows a picture the records do not back."""
-    from fedtune.report import new_figure, save_figure
+    from fedtune.reporting.run_report import new_figure, save_figure
 
     for dataset in dict.fromkeys(s.dataset for s in CURVE):
         path = figures / f"curve-{dataset}.png"

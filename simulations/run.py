@@ -21,18 +21,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.atomic import atomic_write_json
+from fedtune.system.atomic import atomic_write_json
 from fedtune.config import Config, build_config, load_config, load_toml
-from fedtune.data import LabelMap
+from fedtune.data.tables import LabelMap
 from fedtune.errors import ConfigError
-from fedtune.federation import FederationServer
+from fedtune.federation.server import FederationServer
 from fedtune.privacy.policy import NODE, OWNERS, WITHIN_POLICY, NodePolicy
-from fedtune.processes import flower_environment
+from fedtune.system.processes import flower_environment
 from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
-from fedtune.report import DATA_SUMMARY_FILE
+from fedtune.reporting.run_report import DATA_SUMMARY_FILE
 from fedtune.run_config import CONFIG_KEY, FIELD_OF_KEY, RUN_DIR_KEY, UNSET, config_from_run_config
-from fedtune.tracking import parse_log_to
-from simulations.commands import default_config_path  # one definition; the harness's callers import it here too
+from fedtune.reporting.tracking import parse_log_to
+from simulations.defaults import default_config_path
 
 flower_environment()  # before Flower's modules load (this module imports them lazily)
 
@@ -82,7 +82,7 @@ def with_distributed_noise(config: Config) -> Config:
         return config
     smallest = min(len(client_table(config, pid)) for pid in range(config.federation.num_clients))
     # the rows a node trains on: all of them when the server evaluates centrally, else all
-    # but its validation split (as `fedtune.data.train_val_split` cuts it)
+    # but its validation split (as `fedtune.data.tables.train_val_split` cuts it)
     central = held_out_table(config) is not None or bool(config.federation.central_eval_path)
     training = smallest if central or config.data.eval_path else \
         smallest - max(1, int(round(smallest * config.data.val_fraction)))
@@ -304,7 +304,7 @@ def warm_worker() -> None:
         text = os.environ.get(WARM_CONFIG_ENV)
         if text:
             from fedtune.config import config_from_toml_text
-            from fedtune.runtime import MODELS
+            from fedtune.training.model_cache import MODELS
 
             config = config_from_toml_text(text, source=WARM_CONFIG_ENV)
             MODELS.get(config, len(config.data.labels) if config.task_is_classification else None)
@@ -352,8 +352,8 @@ def gpus_per_client(requested: float | None) -> float:
 def instruct_data_summary(config: Config) -> dict:
     """How many instruct rows fit `model.max_seq_len`, over every client's rows and the
     held-out set: the run's data summary (each node also logs its own skips)."""
-    from fedtune.instruct import encode_instruct
-    from fedtune.model import load_tokenizer, resolve_model_path
+    from fedtune.data.instruct import encode_instruct
+    from fedtune.models.base import load_tokenizer, resolve_model_path
     from simulations.partition import held_out_table, training_pool
 
     tokenizer = load_tokenizer(resolve_model_path(config.model))

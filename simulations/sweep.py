@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.atomic import atomic_write_json, atomic_write_text
+from fedtune.system.atomic import atomic_write_json, atomic_write_text
 from fedtune.config import Config
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.report import read_metrics
+from fedtune.reporting.run_report import read_metrics
 
 
 @dataclass(frozen=True)
@@ -165,11 +165,11 @@ def centralized_baseline(base: Config, out: Path, log=print, filename: str = "ba
     path = out / filename
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    from fedtune.central import CentralEvaluator
-    from fedtune.dp_train import train_call
+    from fedtune.federation.central_eval import CentralEvaluator
+    from fedtune.training.dp_train import train_call
     from fedtune.privacy.planning import new_ledger, plan_training
-    from fedtune.local import build_model, prepare_data
-    from fedtune.model import load_tokenizer, resolve_model_path
+    from fedtune.training.local import build_model, prepare_data
+    from fedtune.models.base import load_tokenizer, resolve_model_path
     from simulations.partition import held_out_table, training_pool
     from simulations.run import prepare_simulation
 
@@ -186,7 +186,7 @@ def centralized_baseline(base: Config, out: Path, log=print, filename: str = "ba
     started = time.perf_counter()
     log(f"[sweep] centralized non-private baseline: {len(data.train)} examples, {epochs} epochs")
     train_call(model, data.train, config, plan, new_ledger(config, plan), None, label="centralized baseline")
-    from fedtune.adapter import adapter_state
+    from fedtune.models.adapter_io import adapter_state
 
     scores = CentralEvaluator(config, model, tokenizer, held_out)(adapter_state(model))
     result = {"accuracy": scores.get("accuracy"), "macro_f1": scores.get("macro_f1"), "loss": scores.get("loss"),
@@ -249,7 +249,7 @@ def write_tables(out: Path, cells: list[Cell], rows: list[dict], baseline: dict)
 
 
 def _plot(path: Path, groups: dict, baseline: dict) -> None:
-    from fedtune.report import new_figure, save_figure
+    from fedtune.reporting.run_report import new_figure, save_figure
 
     finite = sorted({eps for _, eps in groups if math.isfinite(eps)})
     nonprivate_x = (max(finite) * 2.5) if finite else 1.0  # where "non-private" sits on the axis

@@ -38,7 +38,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    from fedtune.model import bundled_model_path
+    from fedtune.models.base import bundled_model_path
 
     return bundled_model_path()
 

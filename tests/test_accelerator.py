@@ -4,12 +4,12 @@ several virtual clients sharing one GPU (those skip cleanly where no GPU is pres
 import pytest
 import torch
 
-from fedtune.adapter import trainable_state
+from fedtune.models.adapter_io import trainable_state
 from fedtune.config import build_config
-from fedtune.dp_train import autocast, train_call
+from fedtune.training.dp_train import autocast, train_call
 from fedtune.privacy.planning import new_ledger
 from fedtune.errors import ConfigError
-from fedtune.local import prepare_node
+from fedtune.training.local import prepare_node
 from tests.conftest import tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,7 +50,7 @@ def test_training_runs_on_cuda_with_bf16(tiny_bert, sentiment_csv):
 
 @needs_cuda
 def test_several_virtual_clients_share_one_gpu(tiny_bert, sentiment_csv, tmp_path):
-    from fedtune.report import read_metrics
+    from fedtune.reporting.run_report import read_metrics
     from simulations.run import simulate
 
     config = tiny_config(tiny_bert, sentiment_csv, model={"device": "cuda"}, training={"rounds": 1, "epochs": 1},

@@ -5,12 +5,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedtune.adapter import load_state, save_adapter_dir, save_merged, state_nbytes, trainable_state
-from fedtune.dp_train import train_call
+from fedtune.models.adapter_io import load_state, save_adapter_dir, save_merged, state_nbytes, trainable_state
+from fedtune.training.dp_train import train_call
 from fedtune.privacy.planning import new_ledger
 from fedtune.errors import ModelError
-from fedtune.local import prepare_node
-from fedtune.model import load_base_model
+from fedtune.training.local import prepare_node
+from fedtune.models.base import load_base_model
 from tests.conftest import tiny_config
 
 
@@ -75,7 +75,7 @@ def test_only_frozen_tensors_may_be_left_out_of_a_payload(tiny_bert, sentiment_c
     keeps another client's trained values."""
     import pytest
 
-    from fedtune.adapter import adapter_state, load_state, trainable_keys
+    from fedtune.models.adapter_io import adapter_state, load_state, trainable_keys
     from fedtune.errors import ModelError
 
     node = prepare_node(tiny_config(tiny_bert, sentiment_csv, lora={"ffa": True}))

@@ -8,12 +8,12 @@ import numpy as np
 from peft import LoraConfig, TaskType, get_peft_model
 
 from clients.node import NodeSetup, train_round
-from fedtune import adapters
-from fedtune.adapter import adapter_state, trainable_keys
-from fedtune.federation import ClientReply, FederationServer
+from fedtune.models import adapter_methods as adapters
+from fedtune.models.adapter_io import adapter_state, trainable_keys
+from fedtune.federation.server import ClientReply, FederationServer
 from fedtune.privacy.policy import NodePolicy, server_request
-from fedtune.report import write_report
-from fedtune.runtime import MODELS
+from fedtune.reporting.run_report import write_report
+from fedtune.training.model_cache import MODELS
 from tests.conftest import make_texts, tiny_config, write_csv
 
 

@@ -14,13 +14,13 @@ import torch
 from scipy.stats import binom
 
 from conftest import make_texts, tiny_config, write_csv
-from fedtune.audit import AuditDesign, run_audit
+from fedtune.audit.node_audit import AuditDesign, run_audit
 from fedtune.cli import main
-from fedtune.dp_train import train_call
+from fedtune.training.dp_train import train_call
 from fedtune.errors import ConfigError
-from fedtune.local import prepare_node
-from fedtune.model import trainable_named_parameters
-from fedtune.privacy.audit_bound import best_possible_bound, epsilon_lower_bound, p_value
+from fedtune.training.local import prepare_node
+from fedtune.models.base import trainable_named_parameters
+from fedtune.audit.bounds import best_possible_bound, epsilon_lower_bound, p_value
 from fedtune.privacy.canaries import GradientCanaries, guess
 from fedtune.privacy.planning import new_ledger
 from fedtune.privacy.randomness import Randomness
@@ -81,7 +81,7 @@ def _config(tiny_bert, data, seed, epsilon=1.0, **dp):
 def _audit(config, design, control=""):
     node = prepare_node(config)
     ledger = new_ledger(config, node.plan, node.data.fingerprint)
-    ledger.target_epsilon = None
+    ledger.max_epsilon = None
     return run_audit(node, design, ledger, None, control, echo=lambda line: None)
 
 

@@ -12,10 +12,10 @@ import json
 import time
 
 from clients.node import NodeSetup, train_round
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.policy import NodePolicy, server_request
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import make_texts, tiny_config, write_csv
 
 

@@ -38,5 +38,5 @@ def test_every_budget_is_opened_through_the_one_ritual():
     opened = [path.relative_to(ROOT) for folder in ("fedtune", "clients", "server", "simulations")
               for path in (ROOT / folder).rglob("*.py") if re.search(r"BudgetStore\(", path.read_text())]
     assert [str(p) for p in opened] == ["fedtune/privacy/spending.py"]
-    for module in ("clients/node.py", "fedtune/local.py", "fedtune/audit.py", "simulations/federated_audit.py"):
+    for module in ("clients/node.py", "fedtune/training/local.py", "fedtune/audit/node_audit.py", "simulations/federated_audit.py"):
         assert "spend(" in (ROOT / module).read_text(), module

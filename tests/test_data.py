@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from fedtune.data import LabelMap, TokenCache, read_table, train_val_split
-from fedtune.datasets_builtin import BUILTIN_DATASETS, BuiltinDataset, load_builtin
+from fedtune.data.tables import LabelMap, TokenCache, read_table, train_val_split
+from fedtune.data.named import BUILTIN_DATASETS, BuiltinDataset, load_builtin
 from fedtune.errors import DataError
 
 
@@ -56,7 +56,7 @@ def test_one_class_and_unknown_label():
 
 
 def test_split_is_seeded_and_disjoint():
-    from fedtune.datasets_builtin import Table
+    from fedtune.data.named import Table
 
     table = Table([f"t{i}" for i in range(100)], [i % 3 for i in range(100)], {}, "x")
     train1, val1 = train_val_split(table, 0.2, seed=1)
@@ -85,7 +85,7 @@ def test_missing_dataset_package_names_the_install_line():
 
 
 def test_token_cache_reuses_disk(tmp_path, tokenizer_dir):
-    from fedtune.model import load_tokenizer
+    from fedtune.models.base import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     first = TokenCache(tmp_path).tokenize(tokenizer, ["a b c", "d e"], 16)

@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedtune.cli import main
-from fedtune.devcerts import make_dev_certs
+from fedtune.system.certificates import make_dev_certs
 from fedtune.errors import ConfigError
 from tests.conftest import make_texts, tiny_config, write_csv
 
@@ -87,11 +87,11 @@ def test_export_checkpoint_as_adapter_and_merged(tiny_bert, sentiment_csv, tmp_p
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForSequenceClassification
 
-    from fedtune.adapter import adapter_state, trainable_keys
-    from fedtune.export import export_checkpoint
-    from fedtune.federation import FederationServer
-    from fedtune.local import build_model
-    from fedtune.model import load_tokenizer
+    from fedtune.models.adapter_io import adapter_state, trainable_keys
+    from fedtune.reporting.export import export_checkpoint
+    from fedtune.federation.server import FederationServer
+    from fedtune.training.local import build_model
+    from fedtune.models.base import load_tokenizer
 
     config = tiny_config(tiny_bert, sentiment_csv, data={"labels": ["neg", "pos"]})
     model = build_model(config, load_tokenizer(tiny_bert), 2)

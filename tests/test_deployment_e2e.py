@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.devcerts import make_dev_certs
+from fedtune.system.certificates import make_dev_certs
 from tests.conftest import make_texts
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,10 @@ import pytest
 import torch
 from scipy import stats
 
-from fedtune.distributed_step import distributed_contribution, per_example_gradients, unflatten
+from fedtune.federation.aggregate import unflatten
+from fedtune.training.distributed_step import distributed_contribution, per_example_gradients
 from fedtune.errors import ConfigError
-from fedtune.local import prepare_node
+from fedtune.training.local import prepare_node
 from fedtune.privacy import ddgauss, ddgauss_accounting as acc
 from fedtune.privacy.ddgauss import DDGaussSpec
 from tests.conftest import make_texts, tiny_config, write_csv
@@ -190,12 +191,12 @@ def tiny_node(tiny_bert, tmp_path):
 def test_per_example_gradients_are_opacus_exact(tiny_node):
     """Opacus's hooks give each row the gradient a one-row backward gives."""
     model, dataset, config = tiny_node.model, tiny_node.data.train, tiny_node.config
-    from fedtune.distributed_step import trainable_by_key
+    from fedtune.training.distributed_step import trainable_by_key
 
     keys = list(trainable_by_key(model))
     batch = [t[:3] for t in dataset.tensors]
-    from fedtune.dp_train import _forward_loss
-    from fedtune.losses import PerExampleLoss
+    from fedtune.training.dp_train import _forward_loss
+    from fedtune.training.losses import PerExampleLoss
 
     model.train()
     torch.manual_seed(0)
@@ -214,7 +215,7 @@ def test_per_example_gradients_are_opacus_exact(tiny_node):
 
 def test_a_nodes_contribution_sums_and_decodes_to_its_clipped_gradients(tiny_node):
     model, config = tiny_node.model, tiny_node.config
-    from fedtune.distributed_step import trainable_by_key
+    from fedtune.training.distributed_step import trainable_by_key
 
     keys = list(trainable_by_key(model))
     dim = sum(p.numel() for p in trainable_by_key(model).values())

@@ -48,7 +48,7 @@ def test_distributed_rounds_train_through_flower_with_secagg_and_charge_every_no
         assert ledger.epsilon() <= 8.0
         assert all(c["contributors"] == 3 for c in ledger.calls if c.get("mechanism"))
     assert records[-1]["epsilon_max"] == pytest.approx(max(ledger.epsilon() for ledger in ledgers))
-    from fedtune.checkpoint import load_checkpoint
+    from fedtune.federation.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoint.safetensors").round == 3
     # the privacy report: the mechanism, t, and the epsilon if c of the t contributors collude

@@ -19,13 +19,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 import clients.client_app as client_app
 import clients.secagg as secagg
 from clients.secagg import CONFIRM_STAGE, SecAggRefusal
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.config import build_config
 from fedtune.privacy import PrivacyLedger, ddgauss
 from fedtune.privacy.policy import (DISTRIBUTED_FIELD, REQUEST_KEY, SECAGG_CLIP_FIELD, request_text,
                                     server_request)
 from fedtune.privacy.releases import TRAIN_RELEASES
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from server.secagg import integer_sum
 from tests.conftest import delivered, make_texts, node_context, write_csv
 from tests.secagg_script import ScriptedRound
@@ -348,7 +348,7 @@ def test_dropouts_below_t_after_collect_halt_the_real_workflow_and_every_charge_
     every node's ledger holds its one distributed step: charged, nothing released."""
     from flwr.clientapp import ClientApp
 
-    from fedtune.federation import RoundFailedError
+    from fedtune.federation.server import RoundFailedError
     from simulations.run import simulate
     from tests.conftest import tiny_config
 

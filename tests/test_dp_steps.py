@@ -9,9 +9,9 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtune.dp_train import _noise_only_step, train_call
+from fedtune.training.dp_train import _noise_only_step, train_call
 from fedtune.privacy.planning import new_ledger, poisson_schedule
-from fedtune.local import prepare_node
+from fedtune.training.local import prepare_node
 from fedtune.privacy.randomness import Randomness
 from tests.conftest import make_texts, tiny_config, write_csv
 
@@ -82,7 +82,7 @@ def test_large_poisson_batches_in_physical_chunks_give_the_same_classifier_updat
     charges the same steps."""
     import numpy as np
 
-    from fedtune.adapter import trainable_state
+    from fedtune.models.adapter_io import trainable_state
 
     results = []
     for chunk in (0, 7):

@@ -6,9 +6,9 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from fedtune.aggregate import ServerOptimizer, weighted_mean
+from fedtune.federation.aggregate import ServerOptimizer, weighted_mean
 from fedtune.config import build_config
-from fedtune.federation import ClientReply, FederationServer, RoundFailedError
+from fedtune.federation.server import ClientReply, FederationServer, RoundFailedError
 
 
 def _state(seed, shape=(2, 3)):

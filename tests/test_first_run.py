@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fedtune.cli import main
-from fedtune.data import read_table
+from fedtune.data.tables import read_table
 
 
 def _one_line_error(argv, capsys, expected: str) -> None:
@@ -49,7 +49,7 @@ def test_certs_never_replace_a_ca_certificate(tmp_path, capsys):
 
 
 def test_a_garbage_server_key_is_refused_before_any_folder_is_made(tmp_path, capsys):
-    from fedtune.devcerts import make_dev_certs
+    from fedtune.system.certificates import make_dev_certs
 
     make_dev_certs(tmp_path / "certs", ["127.0.0.1"], nodes=0)
     (tmp_path / "certs" / "server.key").write_text("not a key")
@@ -59,10 +59,10 @@ def test_a_garbage_server_key_is_refused_before_any_folder_is_made(tmp_path, cap
 
 
 def test_simulate_out_naming_a_file_and_a_resume_with_another_lora(tiny_bert, sentiment_csv, tmp_path, capsys):
-    from fedtune.adapter import adapter_state, trainable_keys
-    from fedtune.federation import FederationServer
-    from fedtune.local import build_model
-    from fedtune.model import load_tokenizer
+    from fedtune.models.adapter_io import adapter_state, trainable_keys
+    from fedtune.federation.server import FederationServer
+    from fedtune.training.local import build_model
+    from fedtune.models.base import load_tokenizer
     from tests.conftest import tiny_config
 
     (tmp_path / "taken").write_text("mine")
@@ -79,11 +79,11 @@ def test_simulate_out_naming_a_file_and_a_resume_with_another_lora(tiny_bert, se
 
 
 def test_the_exported_adapter_carries_a_model_card_and_a_portable_base(tiny_bert, sentiment_csv, tmp_path):
-    from fedtune.adapter import adapter_state, trainable_keys
-    from fedtune.export import export_checkpoint
-    from fedtune.federation import FederationServer
-    from fedtune.local import build_model
-    from fedtune.model import load_tokenizer
+    from fedtune.models.adapter_io import adapter_state, trainable_keys
+    from fedtune.reporting.export import export_checkpoint
+    from fedtune.federation.server import FederationServer
+    from fedtune.training.local import build_model
+    from fedtune.models.base import load_tokenizer
     from tests.conftest import tiny_config
 
     config = tiny_config(tiny_bert, sentiment_csv, data={"labels": ["neg", "pos"]}, dp={"target_epsilon": 3.0})
@@ -101,7 +101,7 @@ def test_the_exported_adapter_carries_a_model_card_and_a_portable_base(tiny_bert
 
 
 def test_reasons_are_short_and_plain():
-    from fedtune.strategy import short_reason
+    from fedtune.federation.strategy import short_reason
 
     ray_failure = "\x1b[36mclient error: RayTaskError\x1b[0m\n" + "  frame\n" * 400 + "ValueError: the real cause"
     reason = short_reason(ray_failure)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
-from fedtune.cohort import Cohort
+from fedtune.federation.cohort import Cohort
 from fedtune.config import build_config
 from fedtune.errors import BudgetExhaustedError, ConfigError
 from fedtune.privacy import PrivacyLedger
-from fedtune.privacy.report import user_entry
-from fedtune.strategy import ClientReply, Strategy, charge_user_level
+from fedtune.reporting.privacy_summary import user_entry
+from fedtune.federation.strategy import ClientReply, Strategy, charge_user_level
 
 # (registered N, cohort m, noise multiplier z, rounds, epsilon with q = 1 (the old charge),
 #  a lower bound on the true epsilon) at the user-level delta 1 / (10 N)
@@ -158,7 +158,7 @@ def test_an_old_format_ledger_still_loads_and_a_plain_one_is_still_written_as_be
     assert loaded.without_replacement == [] and loaded.epsilon() == pytest.approx(21.91, abs=0.01)
     first = {**old, "format": 1, "target_epsilon": 30.0}
     del first["max_epsilon"]
-    assert PrivacyLedger.from_dict(first).target_epsilon == 30.0
+    assert PrivacyLedger.from_dict(first).max_epsilon == 30.0
     written = loaded.to_dict()
     assert written["format"] == 2 and "without_replacement" not in written
 

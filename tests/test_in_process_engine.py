@@ -50,7 +50,7 @@ def test_an_in_process_simulation_runs_every_client_here_without_ray(tiny_bert, 
     one base model for all of them); rounds, replies and ledgers are those of a Ray run."""
     import ray
 
-    from fedtune.runtime import MODELS
+    from fedtune.training.model_cache import MODELS
     from simulations.run import simulate
 
     MODELS._entry = None  # an earlier test may have left this very model cached

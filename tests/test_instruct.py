@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_config, write_csv
-from fedtune.data import IGNORE_INDEX
+from fedtune.data.tables import IGNORE_INDEX
 from fedtune.errors import ConfigError, DataError
-from fedtune.instruct import encode_instruct, exact_match, normalise_answer, render
-from fedtune.model import load_tokenizer
+from fedtune.data.instruct import encode_instruct, exact_match, normalise_answer, render
+from fedtune.models.base import load_tokenizer
 
 
 @pytest.fixture(params=["tiny_chat_llama", "tiny_chat_gpt2", "tiny_llama"])
@@ -66,7 +66,7 @@ def test_a_too_long_prompt_is_shortened_and_counted_the_response_kept_whole(tiny
 
 def test_messages_column_is_read_and_bad_messages_are_one_line_errors(tmp_path, tiny_chat_llama):
     from fedtune.config import build_config
-    from fedtune.data import read_instruct_table
+    from fedtune.data.tables import read_instruct_table
 
     good = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "classify: great"},
             {"role": "assistant", "content": "pos"}]
@@ -104,8 +104,8 @@ def test_normalised_exact_match():
 def test_generation_accuracy_comes_from_the_generated_text(tiny_chat_llama, instruct_csv):
     """The score is the share of greedy generations equal to the expected answer: with the
     expected answers set to what the model itself generates it is 1, with any other 0."""
-    from fedtune.evaluate import evaluate_instruct
-    from fedtune.local import prepare_node
+    from fedtune.training.evaluate import evaluate_instruct
+    from fedtune.training.local import prepare_node
 
     node = prepare_node(tiny_config(tiny_chat_llama, instruct_csv, model={"task": "instruct", "max_seq_len": 32}))
     prompt_ids, answers = node.data.val_prompts
@@ -127,7 +127,7 @@ def test_generation_accuracy_comes_from_the_generated_text(tiny_chat_llama, inst
 @pytest.mark.parametrize("family", ["tiny_chat_gpt2", "tiny_chat_qwen2"])
 def test_train_local_instruct_writes_generation_metrics(family, instruct_csv, tmp_path, request):
     """Other causal-LM families work the same way (LoRA targets from peft's table)."""
-    from fedtune.local import prepare_node, train_local
+    from fedtune.training.local import prepare_node, train_local
 
     node = prepare_node(tiny_config(request.getfixturevalue(family), instruct_csv,
                                     model={"task": "instruct", "max_seq_len": 32}, dp={"noise_seed": 0}))
@@ -139,7 +139,7 @@ def test_train_local_instruct_writes_generation_metrics(family, instruct_csv, tm
 
 def test_generate_command_answers_with_a_trained_adapter(tiny_chat_llama, instruct_csv, tmp_path, capsys):
     from fedtune.cli import main
-    from fedtune.local import prepare_node, train_local
+    from fedtune.training.local import prepare_node, train_local
 
     node = prepare_node(tiny_config(tiny_chat_llama, instruct_csv, model={"task": "instruct", "max_seq_len": 32}))
     train_local(node, tmp_path / "run", echo=lambda _: None, progress=False)
@@ -171,7 +171,7 @@ def test_impossible_adapter_settings_are_config_errors():
 
 def test_instruct_rows_without_their_columns_are_one_line_errors(tmp_path):
     from fedtune.config import build_config
-    from fedtune.data import load_table
+    from fedtune.data.tables import load_table
 
     path = write_csv(tmp_path / "plain.csv", [("great", "pos")])
     config = build_config({"model": {"task": "instruct"}, "data": {"path": str(path)}})
@@ -181,8 +181,8 @@ def test_instruct_rows_without_their_columns_are_one_line_errors(tmp_path):
 
 def test_simulate_task_instruct_defaults_to_the_smollm2_federation():
     from fedtune.config import load_config
-    from fedtune.model_card import base_model_reference
-    from simulations.commands import default_config_path
+    from fedtune.training.model_card import base_model_reference
+    from simulations.defaults import default_config_path
 
     config = load_config(default_config_path("instruct"))
     assert config.model.task == "instruct" and config.data.dataset == "tweets-instruct"
@@ -191,7 +191,7 @@ def test_simulate_task_instruct_defaults_to_the_smollm2_federation():
 
 
 def test_builtin_instruct_tasks_have_fixed_held_out_rows():
-    from fedtune.datasets_builtin import fixed_split, load_builtin
+    from fedtune.data.named import fixed_split, load_builtin
 
     first, second = fixed_split(load_builtin("tweets-instruct")), fixed_split(load_builtin("tweets-instruct"))
     assert len(first[1]) == 300 and first[1].texts == second[1].texts  # the same rows on every load

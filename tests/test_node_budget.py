@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from clients.node import NodeSetup, train_round
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.cli import main
 from fedtune.privacy.policy import NodePolicy, server_request
 from fedtune.privacy import PrivacyLedger
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import make_texts, tiny_config, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,9 +146,9 @@ def test_kill_minus_9_mid_training_overcounts_and_never_refunds(node, tmp_path):
         import dataclasses, sys
         sys.path.insert(0, {str(ROOT)!r})
         from clients.node import NodeSetup, train_round
-        from fedtune.adapter import adapter_state
+        from fedtune.models.adapter_io import adapter_state
         from fedtune.privacy.policy import NodePolicy, server_request
-        from fedtune.runtime import MODELS
+        from fedtune.training.model_cache import MODELS
         from tests.conftest import tiny_config
         config = tiny_config({str(node['config'].model.path)!r}, {str(node['data'])!r}, data={{"labels": ["neg", "pos"]}},
                              training={{"epochs": 400, "batch_size": 8, "rounds": 4}})
@@ -229,7 +229,7 @@ def test_a_slow_node_past_the_deadline_leaves_the_round_to_the_others(tmp_path):
     import numpy as np
 
     from fedtune.config import build_config
-    from fedtune.federation import ClientReply, FederationServer
+    from fedtune.federation.server import ClientReply, FederationServer
 
     config = build_config({"federation": {"clients_per_round": 3, "min_clients": 2, "num_clients": 3}})
     reference = OrderedDict([("w", np.zeros(4, np.float32))])

@@ -9,12 +9,12 @@ import math
 import pytest
 
 from clients.client_app import app
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.config import build_config
 from fedtune.privacy.policy import NodePolicy, PolicyRefusal, ownership_table, request_text, server_request
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.releases import TRAIN_RELEASES
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import delivered, make_texts, node_context, write_csv
 
 
@@ -48,7 +48,7 @@ def test_honest_request_trains_and_the_reply_holds_only_listed_values(node):
     assert "train-loss" not in metrics  # the default policy releases no loss
     assert status["noise"] == "noise seeded from OS entropy per call"
     ledger = PrivacyLedger.load(next(node["budgets"].glob("ledger-*.json")))
-    assert metrics["epsilon"] == pytest.approx(ledger.epsilon()) and ledger.target_epsilon == 8.0
+    assert metrics["epsilon"] == pytest.approx(ledger.epsilon()) and ledger.max_epsilon == 8.0
     assert json.loads(status["ledger"])["history"] == [list(h) for h in ledger.history]
 
 
@@ -121,7 +121,7 @@ def test_a_lower_target_is_honoured_the_cap_stays_the_nodes(node):
     epsilons = [_train(node, request, server_round=r)[1]["epsilon"] for r in (1, 2, 3)]
     assert epsilons[0] < epsilons[1] < epsilons[2] <= 3.0 + 1e-6  # calibrated for the 3 planned rounds
     ledger = PrivacyLedger.load(next(node["budgets"].glob("ledger-*.json")))
-    assert ledger.target_epsilon == 8.0  # the cap is the node's, not the request's
+    assert ledger.max_epsilon == 8.0  # the cap is the node's, not the request's
 
 
 def test_non_private_training_only_where_the_node_allows_it(node):

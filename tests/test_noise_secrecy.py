@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from clients.node import NodeSetup, train_round
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.privacy.policy import NodePolicy, server_request
 from fedtune.privacy.randomness import REPRODUCIBLE_LABEL, Randomness
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import make_texts, tiny_config, write_csv
 
 

@@ -1,5 +1,5 @@
 """`fedtune.simulate(...)` / `fedtune.load_run(...)`: what a notebook passes, and the
-frames it gets back (columns documented in `fedtune.run_frames`). The real simulation
+frames it gets back (columns documented in `fedtune.reporting.frames`). The real simulation
 through this API runs in tests/test_simulation_e2e.py (slow)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import fedtune
 from fedtune.config import Config
 from fedtune.errors import ConfigError
 from fedtune.privacy import PrivacyLedger
-from fedtune.run_frames import LEDGER_COLUMNS, METRICS_COLUMNS
+from fedtune.reporting.frames import LEDGER_COLUMNS, METRICS_COLUMNS
 from simulations.api import resolve_config
 from tests.test_tracking import RECORDS
 

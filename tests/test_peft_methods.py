@@ -13,12 +13,12 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from conftest import tiny_config
-from fedtune.adapter import load_state, save_adapter_dir, trainable_state
-from fedtune.aggregate import weighted_mean
-from fedtune.dp_train import _forward_loss, train_call
-from fedtune.local import prepare_node
-from fedtune.losses import PerExampleLoss
-from fedtune.model import load_base_model, trainable_named_parameters
+from fedtune.models.adapter_io import load_state, save_adapter_dir, trainable_state
+from fedtune.federation.aggregate import weighted_mean
+from fedtune.training.dp_train import _forward_loss, train_call
+from fedtune.training.local import prepare_node
+from fedtune.training.losses import PerExampleLoss
+from fedtune.models.base import load_base_model, trainable_named_parameters
 from fedtune.privacy.planning import new_ledger
 
 METHODS = {"lora": {}, "ia3": {"grad_sample_mode": "loop"}, "prefix": {}}

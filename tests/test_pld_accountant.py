@@ -29,8 +29,8 @@ def test_pld_needs_less_noise_for_the_same_budget():
 
 
 def test_a_pld_ledger_trains_and_is_checked_by_opacus_prv(tiny_bert, sentiment_csv):
-    from fedtune.dp_train import train_call
-    from fedtune.local import prepare_node
+    from fedtune.training.dp_train import train_call
+    from fedtune.training.local import prepare_node
     from fedtune.privacy.planning import new_ledger
 
     config = tiny_config(tiny_bert, sentiment_csv, dp={"accountant": "pld", "noise_seed": 0})

@@ -48,8 +48,8 @@ def test_noise_for_budget_is_tight_and_within_target():
 
 def test_ledger_save_load_continue_equals_uninterrupted(tmp_path):
     for accountant in ("rdp", "prv"):
-        kept = PrivacyLedger(accountant=accountant, delta=1e-5, target_epsilon=50)
-        restarted = PrivacyLedger(accountant=accountant, delta=1e-5, target_epsilon=50)
+        kept = PrivacyLedger(accountant=accountant, delta=1e-5, max_epsilon=50)
+        restarted = PrivacyLedger(accountant=accountant, delta=1e-5, max_epsilon=50)
         for call in range(3):
             kept.charge(1.0, 0.05, 40)
             restarted.charge(1.0, 0.05, 40)
@@ -64,7 +64,7 @@ def test_ledger_save_load_continue_equals_uninterrupted(tmp_path):
 
 def test_budget_refusal_leaves_ledger_unchanged():
     sigma = noise_for_budget(2.0, 1e-5, 0.1, 100)
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=2.0)
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, max_epsilon=2.0)
     ledger.charge(sigma, 0.1, 50)
     ledger.charge(sigma, 0.1, 50)
     before = (list(ledger.history), ledger.epsilon())
@@ -75,7 +75,7 @@ def test_budget_refusal_leaves_ledger_unchanged():
 
 
 def test_non_private_ledger_is_infinite_forever():
-    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, target_epsilon=None)
+    ledger = PrivacyLedger(accountant="rdp", delta=1e-5, max_epsilon=None)
     ledger.charge_non_private(10)
     assert math.isinf(ledger.epsilon()) and not ledger.is_private
     assert ledger.to_dict()["epsilon"] == "inf"
@@ -110,7 +110,7 @@ def test_every_ledger_epsilon_is_reproduced_by_an_independent_accountant(account
     from fedtune.cli import main
     from fedtune.privacy import independent_epsilon
 
-    ledger = PrivacyLedger(accountant, delta=1e-5, target_epsilon=20.0)
+    ledger = PrivacyLedger(accountant, delta=1e-5, max_epsilon=20.0)
     ledger.charge(0.9, 0.02, 400)
     ledger.charge(5.0, 1.0, 2)
     ledger.charge(0.9, 0.025, 100)
@@ -126,7 +126,7 @@ def test_every_ledger_epsilon_is_reproduced_by_an_independent_accountant(account
 
 
 def test_a_cap_change_and_a_stricter_delta_are_recorded_and_never_undercount():
-    ledger = PrivacyLedger("rdp", delta=1e-4, target_epsilon=3.0)
+    ledger = PrivacyLedger("rdp", delta=1e-4, max_epsilon=3.0)
     ledger.charge(1.5, 0.05, 200)
     before = ledger.epsilon()
     ledger.lower_delta(1e-6)
@@ -135,4 +135,4 @@ def test_a_cap_change_and_a_stricter_delta_are_recorded_and_never_undercount():
     ledger.set_cap(8.0)
     assert [c.get("event") for c in ledger.calls[-2:]] == ["delta lowered", "cap set"]
     restored = PrivacyLedger.from_dict(ledger.to_dict())
-    assert restored.target_epsilon == 8.0 and restored.delta == 1e-6 and restored.epsilon() == ledger.epsilon()
+    assert restored.max_epsilon == 8.0 and restored.delta == 1e-6 and restored.epsilon() == ledger.epsilon()

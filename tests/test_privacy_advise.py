@@ -70,7 +70,7 @@ def test_the_command_recommends_a_batch(capsys):
 
 def _peft_count(base, rank: int, top_layers: int, ffa: bool = False) -> int:
     from fedtune.config import LoraSettings
-    from fedtune.model import attach_lora
+    from fedtune.models.base import attach_lora
 
     for parameter in base.parameters():
         parameter.requires_grad_(False)
@@ -255,7 +255,7 @@ def test_the_probe_reads_one_for_identical_clipped_rows_and_less_for_mixed_rows(
     from conftest import write_csv
 
     from fedtune.config import build_config
-    from fedtune.privacy.coherence import gradient_coherence
+    from fedtune.training.gradient_coherence import gradient_coherence
 
     def probe(path, clip):
         config = build_config({"model": {"path": str(tiny_bert), "max_seq_len": 16}, "lora": {"rank": 2},

@@ -16,11 +16,11 @@ import random
 import pytest
 
 from clients.node import NodeSetup, train_round
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.privacy import PrivacyLedger, independent_epsilon
 from fedtune.privacy.budget import BudgetStore, RecordSet
 from fedtune.privacy.policy import NodePolicy, server_request
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import make_texts, tiny_config, write_csv
 
 

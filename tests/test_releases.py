@@ -9,12 +9,12 @@ import pytest
 
 from clients.client_app import app, train_release
 from clients.node import TrainOutcome
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.config import build_config
 from fedtune.privacy.policy import request_text, server_request
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.releases import EVALUATE_RELEASES, checked
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import delivered, make_texts, node_context, write_csv
 
 

@@ -3,10 +3,10 @@
 
 import pytest
 
-from fedtune.atomic import append_jsonl
+from fedtune.system.atomic import append_jsonl
 from fedtune.errors import FedtuneError
 from fedtune.privacy import PrivacyLedger, compute_epsilon
-from fedtune.report import epsilon_by_round, write_report
+from fedtune.reporting.run_report import epsilon_by_round, write_report
 from tests.conftest import tiny_config
 
 
@@ -17,7 +17,7 @@ def _fake_run(run_dir, rounds=3, clients=2):
             "epsilon_max": 2.0 * r, "clients_accepted": [1, 2], "clients_rejected": [], "clients_refused": [],
             "bytes_sent": 10, "bytes_received": 10, "seconds": 1.5})
     for c in range(clients):
-        ledger = PrivacyLedger("rdp", delta=1e-4, target_epsilon=8.0)
+        ledger = PrivacyLedger("rdp", delta=1e-4, max_epsilon=8.0)
         for r in range(1, rounds + 1):
             ledger.charge(1.1, 0.05, 20, label=f"round {r}")
         ledger.save(run_dir / "clients" / f"client-{c:05d}" / "ledger.json")
@@ -52,9 +52,9 @@ def test_privacy_report_shows_both_levels_each_reproduced_by_two_accountants(tmp
 
     import numpy as np
 
-    from fedtune.cohort import Cohort
+    from fedtune.federation.cohort import Cohort
     from fedtune.config import build_config
-    from fedtune.federation import ClientReply, FederationServer
+    from fedtune.federation.server import ClientReply, FederationServer
 
     config = build_config({"federation": {"clients_per_round": 2, "min_clients": 2, "user_dp_clip": 1.0,
                                           "user_dp_noise": 1.5, "cohort_sampling": "poisson", "population": 20}})
@@ -91,11 +91,11 @@ def test_report_of_a_folder_without_rounds_is_a_clear_error(tmp_path):
 
 
 def test_central_evaluator_scores_the_adapter_and_reports_the_majority(tiny_bert, sentiment_csv):
-    from fedtune.adapter import adapter_state
-    from fedtune.central import CentralEvaluator
-    from fedtune.data import read_table
-    from fedtune.local import build_model, prepare_data
-    from fedtune.model import load_tokenizer
+    from fedtune.models.adapter_io import adapter_state
+    from fedtune.federation.central_eval import CentralEvaluator
+    from fedtune.data.tables import read_table
+    from fedtune.training.local import build_model, prepare_data
+    from fedtune.models.base import load_tokenizer
 
     config = tiny_config(tiny_bert, sentiment_csv, data={"labels": ["neg", "pos"]})
     tokenizer = load_tokenizer(tiny_bert)

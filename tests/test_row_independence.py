@@ -18,12 +18,12 @@ import pytest
 
 from clients.client_app import app
 from clients.supernode import resolve_policy
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.config import build_config
 from fedtune.errors import FedtuneError
 from fedtune.privacy.policy import request_text, server_request
 from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import delivered, make_instruct_rows, make_texts, node_context, write_csv
 
 LABELS = ["neg", "pos", "hiv-positive"]

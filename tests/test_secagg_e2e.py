@@ -15,7 +15,7 @@ from flwr.app import Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from fedtune.checkpoint import load_checkpoint
+from fedtune.federation.checkpoint import load_checkpoint
 from fedtune.config import build_config
 from tests.conftest import make_texts, write_csv
 
@@ -136,8 +136,8 @@ def test_the_server_holds_only_masked_vectors_and_the_mean_matches_the_plain_run
 def _close_and_moved(tmp_path, config):
     """The secure run ends where the plain run ends, much closer than either moved from the
     initial adapter (so a wrong or zero mean could not pass)."""
-    from fedtune.adapter import adapter_state
-    from fedtune.runtime import MODELS
+    from fedtune.models.adapter_io import adapter_state
+    from fedtune.training.model_cache import MODELS
     from simulations.run import prepare_simulation
 
     initial = adapter_state(MODELS.get(prepare_simulation(config), 2)[0])

@@ -22,11 +22,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from clients.client_app import app
 from clients.node import TrainOutcome
 from clients.secagg import GUARD_RECORD, SecAggRefusal
-from fedtune.adapter import adapter_state
+from fedtune.models.adapter_io import adapter_state
 from fedtune.config import build_config
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.policy import SECAGG_CLIP_FIELD, request_text, server_request
-from fedtune.runtime import MODELS
+from fedtune.training.model_cache import MODELS
 from tests.conftest import make_texts, node_context, write_csv
 from tests.secagg_script import CLIPPING_RANGE, TARGET_RANGE, ScriptedRound, fit_config, kinds_revealed
 

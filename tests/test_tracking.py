@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.errors import ConfigError
-from fedtune.tracking import Trackers, parse_log_to, scalars
+from fedtune.reporting.tracking import Trackers, parse_log_to, scalars
 
 RECORDS = [  # the shape FederationServer appends to metrics.jsonl
     {"round": r, "evaluation": "central", "loss": 0.7 - r / 10, "accuracy": 0.5 + r / 10, "train_loss": None,
@@ -99,7 +99,7 @@ def test_the_numbers_logged_are_the_records_numbers_flat():
 
 def test_all_three_trackers_write_what_their_readers_read_back(tmp_path):
     from fedtune.config import Config
-    from fedtune.tracking import config_params
+    from fedtune.reporting.tracking import config_params
 
     trackers = Trackers(("tensorboard", "mlflow", "wandb"), tmp_path, config_params(Config()))
     for record in RECORDS:

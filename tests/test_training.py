@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from fedtune.adapter import adapter_state, state_num_parameters, trainable_state
-from fedtune.dp_train import save_to, train_call
+from fedtune.models.adapter_io import adapter_state, state_num_parameters, trainable_state
+from fedtune.training.dp_train import save_to, train_call
 from fedtune.privacy.planning import new_ledger
 from fedtune.errors import AdapterNotUpdatedError, BudgetExhaustedError
-from fedtune.local import prepare_node
-from fedtune.model import base_named_parameters
+from fedtune.training.local import prepare_node
+from fedtune.models.base import base_named_parameters
 from fedtune.privacy import PrivacyLedger
 from tests.conftest import tiny_config
 
@@ -121,7 +121,7 @@ def test_non_private_training_is_labelled_infinite(tiny_bert, sentiment_csv):
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 def test_causal_lm_trains_under_dp(fixture, request, sentiment_csv):
-    from fedtune.evaluate import evaluate
+    from fedtune.training.evaluate import evaluate
 
     model_dir = request.getfixturevalue(fixture)
     node = prepare_node(tiny_config(model_dir, sentiment_csv, model={"task": "causal-lm"}, training={"epochs": 2}))

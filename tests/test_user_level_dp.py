@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from fedtune.cohort import Cohort, draw_cohort
+from fedtune.federation.cohort import Cohort, draw_cohort
 from fedtune.config import build_config
 from fedtune.errors import ConfigError
-from fedtune.federation import ClientReply, FederationServer, RoundFailedError
+from fedtune.federation.server import ClientReply, FederationServer, RoundFailedError
 from fedtune.privacy.randomness import Randomness
 
 
@@ -108,7 +108,7 @@ def test_a_small_poisson_cohort_still_releases_and_is_charged(tmp_path):
 
 
 def test_the_charge_is_checkpointed_before_the_new_adapter_is_evaluated(tmp_path):
-    from fedtune.checkpoint import load_checkpoint
+    from fedtune.federation.checkpoint import load_checkpoint
 
     config = _config()
     server = FederationServer(config, tmp_path, _state(0), list(_state(0)))

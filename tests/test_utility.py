@@ -1,10 +1,10 @@
 """A short DP run on real data with the real bundled encoder learns something real."""
 
 from fedtune.config import build_config
-from fedtune.dp_train import train_call
+from fedtune.training.dp_train import train_call
 from fedtune.privacy.planning import new_ledger
-from fedtune.evaluate import evaluate
-from fedtune.local import prepare_node
+from fedtune.training.evaluate import evaluate
+from fedtune.training.local import prepare_node
 
 
 def test_short_dp_run_on_bbc_news_beats_majority_class():

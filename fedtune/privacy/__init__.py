@@ -9,8 +9,6 @@
     spending        the one ritual before a charge: open, cap, delta, plan, persist, check the fit
     randomness      secret generators (OS entropy); reproducible ones only on request
     releases        everything that leaves a node, with its cost
-    metric_release  metrics as a charged Gaussian release
-    report          record- and user-level epsilon side by side, by two accountants
 """
 
 from fedtune.privacy.accountants import (ACCOUNTANTS, compute_epsilon, independent_epsilon, make_accountant,

@@ -32,7 +32,7 @@ blind to how a task's gradients agree (and to the learning rate); the folds' thr
 PRIOR (1.0, "noise dominates" above it) is not fitted: the outcome is learned or not, and
 both verdicts above LEARNS predict not; no measured federation above it learned.
 
-The gradient-coherence probe (`fedtune.privacy.coherence`, `--data`) measures the mean
+The gradient-coherence probe (`fedtune.training.gradient_coherence`, `--data`) measures the mean
 clipped gradient's share of the clipping norm on the node's own rows with the initial model
 (rotten-tomatoes 0.24, tweets 0.13, bbc-news 0.08 on 128 rows) and reports the run ratio
 against that measured signal. It is reported only, not part of the verdict: with it, the
@@ -69,7 +69,7 @@ class Advice:
     nsr_round: float
     nsr_run: float
     verdict: str
-    coherence: float | None = None  # the probe's ||E clip(g)|| / C, when measured (fedtune.privacy.coherence)
+    coherence: float | None = None  # the probe's ||E clip(g)|| / C, when measured (fedtune.training.gradient_coherence)
     nsr_run_probed: float | None = None  # nsr_run against that measured signal (None: no probe, or coherence 0)
 
     def to_dict(self) -> dict:
@@ -148,7 +148,7 @@ def recommend(rows: int, clients: int, rounds: int, epochs: int, epsilon: float,
 
 # ---------------------------------------------------------------- trainable parameters
 
-# What fedtune trains on a classification model (`fedtune.model.attach_lora`): LoRA A (r x in)
+# What fedtune trains on a classification model (`fedtune.models.base.attach_lora`): LoRA A (r x in)
 # and B (out x r) on peft's default targets, query and value, of each adapted block, and a
 # trainable copy of the classification head. Per model family: the attention projections'
 # output widths and whether the head has a bias.
@@ -188,7 +188,7 @@ def trainable_parameters(model_config, rank: int, top_layers: int = 0, classes: 
 def model_config_json(model: str = "") -> dict:
     """The transformers config (config.json) of a base model as fedtune finds it: a bundled
     model's name ("" = the classification default, minilm) or a local folder."""
-    from fedtune.models_builtin import builtin_model_path, bundled_name
+    from fedtune.models.named import builtin_model_path, bundled_name
 
     name = bundled_name(model, "classification")
     folder = builtin_model_path(name) if name else Path(model)

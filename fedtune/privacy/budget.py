@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from fedtune.atomic import append_jsonl
+from fedtune.system.atomic import append_jsonl
 from fedtune.errors import FedtuneError
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.record_index import RecordIndex

@@ -124,7 +124,7 @@ def guess(scores: np.ndarray, included: np.ndarray, guesses: int) -> tuple[int, 
 
 
 class UpdateCanaries:
-    """Canary clients for auditing user-level DP-FedAvg (`fedtune.strategy.Strategy`).
+    """Canary clients for auditing user-level DP-FedAvg (`fedtune.federation.strategy.Strategy`).
 
     Canary client i's update is S * e_j for its own coordinate j of the travelling adapter
     (S the user-level clipping norm): already clipped, so it moves the sum exactly as much

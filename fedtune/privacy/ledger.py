@@ -19,7 +19,7 @@ from pathlib import Path
 
 from opacus.accountants.accountant import IAccountant
 
-from fedtune.atomic import atomic_write_json
+from fedtune.system.atomic import atomic_write_json
 from fedtune.privacy import ddgauss_accounting
 from fedtune.privacy.ddgauss_accounting import DistributedSteps
 from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
@@ -46,8 +46,8 @@ class PrivacyLedger:
     `history` uses Opacus's own format (consecutive calls with the same noise and sample
     rate merge, as Opacus's step hook does), so it loads straight into an accountant.
     `non_private_steps` counts steps taken without DP: once it is non-zero the node's
-    epsilon is infinite forever, which is the honest statement. `target_epsilon` is the
-    node's hard cap (its policy's max_epsilon); `data_fingerprint` names the data the
+    epsilon is infinite forever, which is the honest statement. `max_epsilon` is the
+    node's hard cap (its policy's node.max_epsilon); `data_fingerprint` names the data the
     budget protects. Metric releases (a Gaussian mechanism over the node's rows) enter the
     history as (sigma, 1.0, 1): a full-batch Gaussian step is exactly that mechanism.
 
@@ -60,7 +60,7 @@ class PrivacyLedger:
 
     accountant: str
     delta: float
-    target_epsilon: float | None
+    max_epsilon: float | None  # the cap: no charge may take epsilon past it (None: no cap)
     history: list[tuple[float, float, int]] = field(default_factory=list)
     non_private_steps: int = 0
     calls: list[dict] = field(default_factory=list)
@@ -77,8 +77,8 @@ class PrivacyLedger:
             DistributedSteps(*entry)  # validates
         if self.distributed and self.without_replacement:
             raise ConfigError("a ledger holds either a node's distributed steps or the server's fixed cohorts, not both")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ConfigError(f"target_epsilon = {self.target_epsilon!r}: expected a number > 0")
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise ConfigError(f"max_epsilon = {self.max_epsilon!r}: expected a number > 0")
 
     # -- reading ---------------------------------------------------------------------
     @property
@@ -123,14 +123,14 @@ class PrivacyLedger:
         return {"contributors": last.get("contributors"), "local_stddev": last.get("local_stddev")} if last else {}
 
     def distributed_fits(self, steps: DistributedSteps) -> bool:
-        return self.target_epsilon is None or \
-            self.epsilon_after_distributed(steps) <= self.target_epsilon * (1 + _BUDGET_SLACK)
+        return self.max_epsilon is None or \
+            self.epsilon_after_distributed(steps) <= self.max_epsilon * (1 + _BUDGET_SLACK)
 
     def remaining_fits(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
-        if self.target_epsilon is None:
+        if self.max_epsilon is None:
             return True
         after = self.epsilon_after(noise_multiplier, sample_rate, steps)
-        return after <= self.target_epsilon * (1 + _BUDGET_SLACK)
+        return after <= self.max_epsilon * (1 + _BUDGET_SLACK)
 
     def to_opacus(self) -> IAccountant:
         """An Opacus accountant holding this ledger's history (for independent checks); fixed
@@ -142,13 +142,13 @@ class PrivacyLedger:
         """Record a DP training call of `steps` steps; refuse it if it breaks the budget.
 
         Returns the epsilon after the charge. Raises `BudgetExhaustedError` and records
-        nothing when the call would go past `target_epsilon`.
+        nothing when the call would go past the cap `max_epsilon`.
         """
         if not self.remaining_fits(noise_multiplier, sample_rate, steps):
             raise BudgetExhaustedError(
                 f"privacy budget exhausted: epsilon would reach "
                 f"{self.epsilon_after(noise_multiplier, sample_rate, steps):.4f} > target "
-                f"{self.target_epsilon} (spent {self.epsilon():.4f} at delta={self.delta:g})"
+                f"{self.max_epsilon} (spent {self.epsilon():.4f} at delta={self.delta:g})"
             )
         self.history = _merged(self.history, noise_multiplier, sample_rate, steps)
         eps = self.epsilon()
@@ -168,7 +168,7 @@ class PrivacyLedger:
                                    label: str = "") -> float:
         """Record `rounds` rounds of a fixed-size cohort: `size` of the `registered` users,
         drawn without replacement, Gaussian noise `noise_multiplier` x clip on the sum of
-        their clipped updates. Refused (nothing recorded) past `target_epsilon`.
+        their clipped updates. Refused (nothing recorded) past the cap `max_epsilon`.
 
         A cohort of every registered user is full participation: charge it with `charge`
         (q = 1), which stays add/remove. Returns the epsilon after the charge."""
@@ -178,9 +178,9 @@ class PrivacyLedger:
                               "dp-accounting's RDP accountant only; keep this ledger's accountant 'rdp'")
         entries = _merged_cohorts(self.without_replacement, noise_multiplier, registered, size, rounds)
         after = without_replacement_epsilon(self.history, entries, self.delta) if self.is_private else math.inf
-        if self.target_epsilon is not None and not after <= self.target_epsilon * (1 + _BUDGET_SLACK):
+        if self.max_epsilon is not None and not after <= self.max_epsilon * (1 + _BUDGET_SLACK):
             raise BudgetExhaustedError(
-                f"privacy budget exhausted: epsilon would reach {after:.4f} > target {self.target_epsilon} "
+                f"privacy budget exhausted: epsilon would reach {after:.4f} > cap {self.max_epsilon} "
                 f"(spent {self.epsilon():.4f} at delta={self.delta:g})")
         self.without_replacement = entries
         self.calls.append({"label": label, "time": time.time(), "sampling": "without replacement",
@@ -194,9 +194,9 @@ class PrivacyLedger:
         sensitivity, Proposition 14's tau); refused, recording nothing, past the cap.
         `logged` (t, bits, clip, ...) goes into the call's entry for the report."""
         after = self.epsilon_after_distributed(steps)
-        if self.target_epsilon is not None and not after <= self.target_epsilon * (1 + _BUDGET_SLACK):
+        if self.max_epsilon is not None and not after <= self.max_epsilon * (1 + _BUDGET_SLACK):
             raise BudgetExhaustedError(
-                f"privacy budget exhausted: epsilon would reach {after:.4f} > target {self.target_epsilon} "
+                f"privacy budget exhausted: epsilon would reach {after:.4f} > cap {self.max_epsilon} "
                 f"(spent {self.epsilon():.4f} at delta={self.delta:g})")
         self.distributed = _merged_distributed(self.distributed, steps)
         self.calls.append({"label": label, "time": time.time(), "mechanism": "distributed discrete Gaussian",
@@ -221,10 +221,10 @@ class PrivacyLedger:
         the same data's privacy, and the ledger keeps counting from what is spent."""
         if not max_epsilon > 0:
             raise ConfigError(f"max_epsilon = {max_epsilon!r}: expected a number > 0")
-        if self.target_epsilon != max_epsilon:
+        if self.max_epsilon != max_epsilon:
             self.calls.append({"label": label, "time": time.time(), "event": "cap set",
-                               "from": self.target_epsilon, "to": float(max_epsilon)})
-            self.target_epsilon = float(max_epsilon)
+                               "from": self.max_epsilon, "to": float(max_epsilon)})
+            self.max_epsilon = float(max_epsilon)
 
     def charge_non_private(self, steps: int, label: str = "") -> None:
         """Record a NON-PRIVATE call: epsilon becomes infinite and stays so."""
@@ -242,9 +242,9 @@ class PrivacyLedger:
         for ledger in ledgers:
             for sigma, rate, steps in ledger.history:
                 history = _merged(history, sigma, rate, steps)
-        caps = [ledger.target_epsilon for ledger in ledgers if ledger.target_epsilon is not None]
+        caps = [ledger.max_epsilon for ledger in ledgers if ledger.max_epsilon is not None]
         merged = cls(accountant=ledgers[0].accountant, delta=min(ledger.delta for ledger in ledgers),
-                     target_epsilon=min(caps) if caps else None, history=history,
+                     max_epsilon=min(caps) if caps else None, history=history,
                      non_private_steps=sum(ledger.non_private_steps for ledger in ledgers), data_fingerprint=ledger_id,
                      without_replacement=[entry for ledger in ledgers for entry in ledger.without_replacement],
                      distributed=[entry for ledger in ledgers for entry in ledger.distributed])
@@ -266,7 +266,7 @@ class PrivacyLedger:
             "data_fingerprint": self.data_fingerprint,
             "accountant": self.accountant,
             "delta": self.delta,
-            "max_epsilon": self.target_epsilon,
+            "max_epsilon": self.max_epsilon,
             "history": [list(entry) for entry in self.history],
             "non_private_steps": self.non_private_steps,
             "epsilon": _json_float(self.epsilon()),
@@ -283,7 +283,7 @@ class PrivacyLedger:
             return cls(
                 accountant=data["accountant"],
                 delta=float(data["delta"]),
-                target_epsilon=None if cap is None else float(cap),
+                max_epsilon=None if cap is None else float(cap),
                 data_fingerprint=str(data.get("data_fingerprint", "")),
                 history=[(float(s), float(q), int(n)) for s, q, n in data["history"]],
                 non_private_steps=int(data.get("non_private_steps", 0)),

@@ -95,6 +95,6 @@ def new_ledger(config: Config, plan: DPPlan, data_fingerprint: str = "") -> Priv
     return PrivacyLedger(
         accountant=config.dp.accountant,
         delta=plan.delta,
-        target_epsilon=config.max_epsilon if plan.private else None,
+        max_epsilon=config.max_epsilon if plan.private else None,
         data_fingerprint=data_fingerprint,
     )

@@ -39,7 +39,7 @@ OWNERS: dict[str, tuple[str, str]] = {
     "model.max_seq_len": (SERVER, "tokens per example: compute, not privacy"),
     "model.device": (NODE, "the node's hardware"),
     "model.max_new_tokens": (SERVER, "answer length when scoring by generation: compute, not privacy"),
-    "adapter.method": (SERVER, "the PEFT method every node attaches (fedtune.adapters)"),
+    "adapter.method": (SERVER, "the PEFT method every node attaches (fedtune.models.adapter_methods)"),
     "adapter.num_virtual_tokens": (SERVER, "prefix-tuning adapter shape, federation-wide"),
     "lora.rank": (SERVER, "adapter shape: every node must match to be averaged"),
     "lora.alpha": (SERVER, "adapter scaling, federation-wide"),
@@ -300,7 +300,7 @@ def _check_labels(config: Config, own: tuple[str, ...]) -> None:
                                            "--labels`), so it trains no classification")
     if not config.data.labels:
         return
-    from fedtune.data import LabelMap  # the very encoding the rows will meet, so no spelling slips past
+    from fedtune.data.tables import LabelMap  # the very encoding the rows will meet, so no spelling slips past
 
     label_map = LabelMap.from_config(config.data.labels)
     missing = []

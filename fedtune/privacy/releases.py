@@ -60,7 +60,7 @@ TRAIN_RELEASES: dict[str, str] = {
                           "keys and its encrypted key shares; the update itself is covered by the ledger like the "
                           "adapter tensors",
     "train-loss": CHARGED + "only with node.release_train_loss = dp: the final adapter's clipped mean loss on the "
-                  "training rows, Gaussian-noised (fedtune.privacy.metric_release), charged to the ledger before release; "
+                  "training rows, Gaussian-noised (fedtune.training.metric_release), charged to the ledger before release; "
                   "exact only when the ledger is already non-private",
 }
 

@@ -73,7 +73,7 @@ def require_fit(ledger: PrivacyLedger, noise_multiplier: float, sample_rate: flo
         raise OverBudgetError(
             f"privacy budget exhausted: {what} would take the epsilon of these records to "
             f"{ledger.epsilon_after(noise_multiplier, sample_rate, steps):.3f}, above their cap "
-            f"{ledger.target_epsilon:g} (already spent {ledger.epsilon():.3f}); the budget belongs to the data, "
+            f"{ledger.max_epsilon:g} (already spent {ledger.epsilon():.3f}); the budget belongs to the data, "
             "not to a run folder or a state dir: raising the cap is the node operator's decision (--max-epsilon; "
             "the ledger keeps counting)", ledger)
 

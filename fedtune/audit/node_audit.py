@@ -1,0 +1,351 @@
+"""`fedtune audit`: measure the privacy a node's DP training actually gave, in one run.
+
+Every epsilon fedtune prints is an upper bound computed from parameters. An audit asks
+the training itself: it inserts canaries (`fedtune.privacy.canaries`), each included by a
+fair coin, trains once with the node's own configuration and data, guesses which canaries
+were included (the number of guesses fixed before training) and turns the right guesses
+into a lower bound on epsilon at 95% confidence (`fedtune.audit.bounds`). If the
+mechanism ran as accounted, the lower bound stays below the claimed epsilon.
+
+Beside the bound, the white-box gradient canaries measure the mechanism directly: the
+scores of the excluded canaries are pure DP noise, N(0, sigma^2 * steps) in units of the
+clipping norm, so their spread is a measured noise multiplier; the included canaries'
+mean score minus the excluded ones' is q * steps, a measured sample rate. A bound can only
+grow like log(guesses) (a noise-off run at epsilon 8 is beyond any one-run (epsilon,
+delta) audit's reach at a node's delta), while the measured noise multiplier shows a
+missing or too small noise at once; the verdict uses both.
+
+Controls (`--controls`): `noise-off` (bundled public data only: the same audit with the
+noise multiplier set to 0, which the audit must flag) and `no-canaries` (coins drawn,
+nothing inserted: the bound must be about zero and the noise must measure as planned).
+
+An audit trains on the node's data under DP, so it is charged to that data's budget like
+any training (the ledger never under-counts); its adapter is never written or released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.stats import chi2
+from torch.utils.data import TensorDataset
+
+from fedtune.training.dp_train import train_call
+from fedtune.errors import ConfigError
+from fedtune.training.losses import PerExampleLoss
+from fedtune.models.base import trainable_named_parameters
+from fedtune.privacy.accountants import compute_epsilon
+from fedtune.audit.bounds import best_possible_bound, epsilon_lower_bound
+from fedtune.privacy.canaries import GradientCanaries, guess, input_canaries
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.privacy.planning import DPPlan, plan_training
+from fedtune.privacy.randomness import Randomness
+from fedtune.privacy.spending import require_fit as fits
+
+CONTROLS = ("noise-off", "no-canaries")
+NOISE_CHECK_CONFIDENCE = 0.999  # the measured noise multiplier's acceptance interval (chi-square)
+ABOUT_ZERO = 0.5  # the no-canary control's bound must stay below this
+
+
+@dataclass(frozen=True)
+class AuditDesign:
+    """What an audit inserts and how many guesses it makes, fixed before training."""
+
+    canaries: int = 1000  # gradient canaries (white-box), one adapter coordinate each
+    guesses: int = 200  # of the gradient canaries: half "included" (top scores), half "excluded"
+    input_canaries: int = 0  # random-token records (black-box); 0 = none
+    input_guesses: int = 0
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.guesses <= self.canaries:
+            raise ConfigError(f"audit --guesses {self.guesses}: expected 1 to --canaries ({self.canaries})")
+        if self.input_canaries < 0 or not 0 <= self.input_guesses <= self.input_canaries:
+            raise ConfigError(f"audit --input-guesses {self.input_guesses}: expected 0 to --input-canaries "
+                              f"({self.input_canaries}), and --input-canaries >= 0")
+        if self.input_canaries and not self.input_guesses:
+            raise ConfigError("audit --input-canaries needs --input-guesses (how many to guess, fixed before training)")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"audit --confidence {self.confidence}: expected a number in (0, 1), e.g. 0.95")
+
+
+@dataclass(frozen=True)
+class CanaryFinding:
+    """One kind of canary's result: the guesses and the bound they prove."""
+
+    kind: str  # "gradient (white-box)" or "input (black-box)"
+    canaries: int
+    included: int
+    guesses: int
+    correct: int
+    lower_bound: float  # epsilon, at the audit's confidence
+    best_possible: float  # the bound if every guess were right: what this design can ever prove
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.guesses
+
+
+@dataclass(frozen=True)
+class NoiseCheck:
+    """The mechanism as the gradient canaries measured it, against the plan."""
+
+    planned_noise: float
+    measured_noise: float  # std of the excluded canaries' scores / sqrt(steps)
+    low: float  # acceptance interval of the measured noise for the planned one
+    high: float
+    planned_rate: float
+    measured_rate: float  # (mean included - mean excluded score) / steps; nan without included canaries
+    noise_floor: float = math.nan  # one-sided lower confidence bound on the noise multiplier, from the measurement
+    epsilon_as_measured: float = math.nan  # the accountant's epsilon at that floor (planned q, steps, delta)
+
+    @property
+    def as_planned(self) -> bool:
+        return self.low <= self.measured_noise <= self.high
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    control: str  # "" for the audit itself, else the control's name
+    claimed_epsilon: float  # this training's own epsilon by the node's accountant (what the node claims for it)
+    delta: float
+    steps: int
+    findings: tuple[CanaryFinding, ...]
+    noise: NoiseCheck
+
+    @property
+    def lower_bound(self) -> float:
+        return max(f.lower_bound for f in self.findings)
+
+    def verdict(self) -> tuple[bool, str]:
+        """(passed, why): for the audit, sound; for a control, the audit behaved as it must."""
+        bound, claim = self.lower_bound, self.claimed_epsilon
+        noise = (f"measured noise multiplier {self.noise.measured_noise:.3f} vs planned {self.noise.planned_noise:.3f} "
+                 f"(accepted {self.noise.low:.3f}-{self.noise.high:.3f}; epsilon of the mechanism as measured "
+                 f"{self.noise.epsilon_as_measured:.3f})")
+        if self.control == "noise-off":
+            caught = bound > claim or not self.noise.as_planned
+            why = (f"lower bound {bound:.3f} {'>' if bound > claim else '<='} claimed {claim:.3f}; {noise}")
+            return caught, ("the audit caught the broken mechanism: " if caught
+                            else "control FAILED: the audit did not notice the noise was off: ") + why
+        if self.control == "no-canaries":
+            ok = bound < ABOUT_ZERO and self.noise.as_planned
+            return ok, ((f"about zero as it must be: lower bound {bound:.3f}; " if ok else
+                         f"control FAILED: with nothing inserted the audit reported lower bound {bound:.3f}; ") + noise)
+        sound = bound <= claim and self.noise.as_planned
+        if sound:
+            return True, f"sound: lower bound {bound:.3f} <= claimed epsilon {claim:.3f}; {noise}"
+        reason = (f"lower bound {bound:.3f} > claimed epsilon {claim:.3f}" if bound > claim
+                  else "the noise did not measure as planned")
+        return False, f"NOT sound: {reason}; {noise}"
+
+    def to_dict(self) -> dict:
+        passed, why = self.verdict()
+        return {"control": self.control or "none", "claimed_epsilon": self.claimed_epsilon, "delta": self.delta,
+                "steps": self.steps, "lower_bound": self.lower_bound, "passed": passed, "verdict": why,
+                "findings": [{**dataclasses.asdict(f), "accuracy": f.accuracy} for f in self.findings],
+                "noise": dataclasses.asdict(self.noise)}
+
+
+def claimed_epsilon(config, plan: DPPlan) -> float:
+    """The epsilon the node's accountant gives this training alone (every planned call)."""
+    return compute_epsilon(plan.noise_multiplier, plan.sample_rate, plan.steps_per_call * plan.planned_calls,
+                           plan.delta, config.dp.accountant)
+
+
+def noise_check(scores: np.ndarray, included: np.ndarray, steps: int, plan: DPPlan, accountant: str = "rdp",
+                confidence: float = 0.95) -> NoiseCheck:
+    """Measured noise multiplier and sample rate from the gradient canaries' scores: an
+    excluded canary's score is a sum of `steps` N(0, sigma^2) draws, so sum(score^2) /
+    (sigma^2 steps) is chi-square with one degree per excluded canary (the mean is known
+    to be 0). The measurement's lower confidence bound on sigma, put through the same
+    accountant with the planned q and steps, is the epsilon of the mechanism as measured:
+    the claim, re-derived from what the noise actually was (infinite when it was off)."""
+    out = scores[~included]
+    count = len(out)
+    measured = math.sqrt(float(np.mean(out ** 2)) / steps) if count else float("nan")
+    tail = (1 - NOISE_CHECK_CONFIDENCE) / 2
+    low = plan.noise_multiplier * math.sqrt(chi2.ppf(tail, count) / count) if count else 0.0
+    high = plan.noise_multiplier * math.sqrt(chi2.ppf(1 - tail, count) / count) if count else math.inf
+    rate = (float(np.mean(scores[included]) - np.mean(out)) / steps) if included.any() and count else float("nan")
+    floor = measured * math.sqrt(count / chi2.ppf(confidence, count)) if count else 0.0
+    measured_epsilon = (compute_epsilon(floor, plan.sample_rate, steps, plan.delta, accountant)
+                        if floor > 1e-6 else math.inf)
+    return NoiseCheck(plan.noise_multiplier, measured, low, high, plan.sample_rate, rate, floor, measured_epsilon)
+
+
+def _finding(kind: str, scores: np.ndarray, included: np.ndarray, guesses: int, delta: float,
+             confidence: float) -> CanaryFinding:
+    r, v = guess(scores, included, guesses)
+    return CanaryFinding(kind, len(scores), int(included.sum()), r, v,
+                         epsilon_lower_bound(len(scores), r, v, delta, confidence),
+                         best_possible_bound(len(scores), r, delta, confidence))
+
+
+def _vocabulary(tokenizer) -> tuple[int, int]:
+    """A token id range without special tokens, for random-token canaries."""
+    size = len(tokenizer)
+    special = max(tokenizer.all_special_ids or [0])
+    return (special + 1, size) if special + 1 < size - 100 else (0, size)
+
+
+@torch.no_grad()
+def _losses(model, dataset: TensorDataset, task: str) -> np.ndarray:
+    """Per-example loss of every row of `dataset` (eval mode), to score input canaries."""
+    criterion, device, out = PerExampleLoss(task), next(model.parameters()).device, []
+    was_training = model.training
+    model.eval()
+    ids, mask, labels = dataset.tensors
+    for start in range(0, len(ids), 64):
+        logits = model(input_ids=ids[start:start + 64].to(device), attention_mask=mask[start:start + 64].to(device)).logits
+        out.append(criterion.per_example(logits.float(), labels[start:start + 64].to(device)).cpu())
+    model.train(was_training)
+    return torch.cat(out).double().numpy()
+
+
+def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callable[[PrivacyLedger], None] | None,
+              control: str = "", echo: Callable[[str], None] = print, randomness: Randomness | None = None,
+              require_fit: Callable[[float, float, int, str], None] | None = None) -> AuditResult:
+    """Train `node`'s model once with canaries and return what the audit proves.
+
+    `node` is a prepared node (`fedtune.training.local.prepare_node`) whose model is fresh; the
+    training follows its config's plan (rounds x epochs of DP-SGD on its rows), charged to
+    `ledger` before each call. `control` is "" (the audit), "noise-off" or "no-canaries".
+    `require_fit` (an open budget's `Spending.require_fit`) refuses a training that would pass
+    the cap before it starts; the ledger's own charge refuses it at the latest."""
+    if control not in ("",) + CONTROLS:
+        raise ConfigError(f"audit control {control!r}: expected one of {', '.join(CONTROLS)}")
+    config, model = node.config, node.model
+    if not config.dp.enabled:
+        raise ConfigError("dp.enabled = false: an audit measures a DP training; there is no claim to audit")
+    randomness = randomness or Randomness.from_setting(config.dp.noise_seed)
+    train = node.data.train
+    canary_rows = canary_coins = None
+    if design.input_canaries:
+        if config.model.task != "classification":
+            raise ConfigError(f"audit --input-canaries: random-label canaries need model.task = classification "
+                              f"(this node's task is {config.model.task}); use gradient canaries only")
+        canary_rows, canary_coins = input_canaries(design.input_canaries, train.tensors[0].shape[1],
+                                                   _vocabulary(node.tokenizer), len(node.data.label_map), randomness)
+        if control != "no-canaries":
+            keep = torch.as_tensor(canary_coins)
+            train = TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(train.tensors, canary_rows.tensors)))
+    planned = plan_training(config, len(train), delta=ledger.delta)
+    claim = claimed_epsilon(config, planned)
+    plan = dataclasses.replace(planned, noise_multiplier=0.0) if control == "noise-off" else planned
+    total = plan.steps_per_call * plan.planned_calls
+    require_fit = require_fit or (lambda *mechanism: fits(ledger, *mechanism))
+    require_fit(plan.noise_multiplier, plan.sample_rate, total,
+                f"the audit{' control ' + control if control else ''} (it trains on the data and is charged like any "
+                "training; audit a copy of the data's shape to spend nothing of it)")
+    parameters = [p for _, p in trainable_named_parameters(model)]
+    canaries = GradientCanaries(parameters, design.canaries, randomness, inject=control != "no-canaries")
+    before = _losses(model, canary_rows, config.model.task) if canary_rows is not None else None
+    echo(f"fedtune audit{' (control: ' + control + ')' if control else ''}: {design.canaries} gradient canaries "
+         f"({int(canaries.included.sum())} included), {design.guesses} guesses"
+         + (f"; {design.input_canaries} input canaries ({int(canary_coins.sum())} included), "
+            f"{design.input_guesses} guesses" if design.input_canaries else "")
+         + f"; {len(train)} training rows, sigma {plan.noise_multiplier:.4f}, q {plan.sample_rate:.4g}, "
+         f"{plan.steps_per_call * plan.planned_calls} steps, claimed epsilon {claim:.3f} at delta {plan.delta:.3g}")
+    for call in range(1, plan.planned_calls + 1):
+        train_call(model, train, config, plan, ledger, persist, label=f"audit{'-' + control if control else ''} "
+                   f"call {call}", randomness=randomness, canaries=canaries)
+    steps = canaries.steps
+    findings = [_finding("gradient (white-box)", canaries.scores, canaries.included, design.guesses, plan.delta,
+                         design.confidence)]
+    if canary_rows is not None:
+        scores = before - _losses(model, canary_rows, config.model.task)  # how far each canary's loss fell
+        findings.append(_finding("input (black-box)", scores, canary_coins, design.input_guesses, plan.delta,
+                                 design.confidence))
+    # nothing inserted: every canary's score is noise alone
+    scored_as_included = canaries.included if canaries.inject else np.zeros(design.canaries, dtype=bool)
+    check = noise_check(canaries.scores, scored_as_included, steps, planned, config.dp.accountant, design.confidence)
+    return AuditResult(control, claim, plan.delta, steps, tuple(findings), check)
+
+
+def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo: Callable[[str], None] = print,
+               table=None) -> list[AuditResult]:
+    """What `fedtune audit` runs: the audit of this node's configuration and data, then the
+    controls asked for, each on a fresh model; writes `audit.json` and `audit.md` to `out`.
+
+    The audit and the no-canary control train on the node's rows under DP and are charged
+    to that data's budget (the node's budget folder), like any training. The noise-off
+    control trains without noise, so it runs only on a bundled public dataset and is
+    charged to a scratch ledger in `out` (its epsilon is infinite, and recorded as such)."""
+    from pathlib import Path
+
+    from fedtune.system.atomic import atomic_write_json, atomic_write_text
+    from fedtune.errors import FedtuneError
+    from fedtune.training.local import prepare_node
+    from fedtune.privacy.planning import new_ledger
+    from fedtune.privacy.spending import spend
+
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise ConfigError(f"audit --controls {','.join(controls)}: unknown {unknown[0]!r}; expected "
+                          f"{' and/or '.join(CONTROLS)}")
+    if "noise-off" in controls and (config.data.path or table is not None and not config.data.dataset):
+        raise ConfigError(f"audit --controls noise-off: trains WITHOUT noise, so only on a bundled public dataset "
+                          f"(data.path is {config.data.path!r}); run it on e.g. --dataset bbc-news")
+    out = Path(out)
+    if (out / "audit.json").exists():
+        raise FedtuneError(f"{out}: already holds an audit (audit.json); choose a new --out")
+    results = []
+    for control in ("",) + tuple(controls):
+        node = prepare_node(config, table)
+        if control == "noise-off":
+            scratch = new_ledger(config, node.plan, node.data.fingerprint)
+            scratch.max_epsilon = None
+            out.mkdir(parents=True, exist_ok=True)
+            results.append(run_audit(node, design, scratch, lambda ledger: ledger.save(out / "noise-off-ledger.json"),
+                                     control, echo))
+        else:
+            with spend(config, node.data.record_set, node.plan.delta, f"audit{' control ' + control if control else ''}") \
+                    as spending:
+                results.append(run_audit(node, design, spending.ledger, spending.persist, control, echo,
+                                         require_fit=spending.require_fit))
+        echo(report_line(results[-1]))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "audit.json", {"design": dataclasses.asdict(design), "results": [r.to_dict() for r in results]})
+    atomic_write_text(out / "audit.md", audit_markdown(results))
+    return results
+
+
+def report_line(result: AuditResult) -> str:
+    findings = "; ".join(f"{f.kind}: {f.correct}/{f.guesses} right ({f.accuracy:.1%}) of {f.canaries} canaries, "
+                         f"lower bound {f.lower_bound:.3f} (this design proves at most {f.best_possible:.3f})"
+                         for f in result.findings)
+    name = f"control {result.control}" if result.control else "audit"
+    return f"{name}: claimed epsilon {result.claimed_epsilon:.3f} (delta {result.delta:.3g}); {findings}; " \
+           f"{result.verdict()[1]}"
+
+
+def audit_markdown(results: list[AuditResult]) -> str:
+    """The audit's table: lower bound beside the claim, for the audit and each control."""
+    lines = ["| run | claimed epsilon | delta | canaries | guesses | right | lower bound (95%) | design's maximum | "
+             "noise measured / planned | epsilon as measured | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        passed, why = r.verdict()
+        for f in r.findings:
+            lines.append(f"| {r.control or 'audit'} ({f.kind}) | {r.claimed_epsilon:.3f} | {r.delta:.3g} | {f.canaries} "
+                         f"({f.included} in) | {f.guesses} | {f.correct} ({f.accuracy:.1%}) | {f.lower_bound:.3f} | "
+                         f"{f.best_possible:.3f} | {r.noise.measured_noise:.3f} / {r.noise.planned_noise:.3f} | "
+                         f"{r.noise.epsilon_as_measured:.3f} | "
+                         f"{'pass' if passed else 'FAIL'}: {why.split(':')[0]} |")
+    return "\n".join(lines) + "\n"
+
+
+def overall(results: list[AuditResult]) -> tuple[bool, str]:
+    """Sound only if the audit is sound and every control behaved; else which failed."""
+    failed = [r for r in results if not r.verdict()[0]]
+    if not failed:
+        return True, "audit sound" + (f"; controls passed: {', '.join(r.control for r in results if r.control)}"
+                                      if len(results) > 1 else "")
+    first = failed[0]
+    what = f"control {first.control} failed" if first.control else "the audit is NOT sound"
+    return False, f"{what}: {first.verdict()[1]}"

@@ -1,0 +1,51 @@
+"""`fedtune export`: a server checkpoint -> a stock PEFT adapter directory or a merged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedtune.models.adapter_io import load_state, save_adapter_dir, save_merged
+from fedtune.federation.checkpoint import load_checkpoint
+from fedtune.config import config_from_toml_text
+from fedtune.data.tables import LabelMap
+from fedtune.errors import FedtuneError
+from fedtune.training.local import build_model
+from fedtune.models.base import load_tokenizer, resolve_model_path
+from fedtune.training.model_card import base_model_reference, federation_privacy_lines, model_card
+
+
+def export_checkpoint(source: str | Path, out: str | Path, merged: bool = False) -> Path:
+    """Rebuild the model from the checkpoint's own config, load the global adapter, save."""
+    source = Path(source)
+    path = source / "checkpoint.safetensors" if source.is_dir() else source
+    if not path.is_file():
+        raise FedtuneError(f"{source}: no checkpoint.safetensors (give a federation run dir or the file)")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FedtuneError(f"--out {out}: exists and is not an empty folder; choose a new --out")
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.meta.get("config"), str):
+        raise FedtuneError(f"{path}: not a fedtune checkpoint (no federation config in its metadata)")
+    config = config_from_toml_text(checkpoint.meta["config"], source=str(path))
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    num_labels = len(config.data.labels) if config.task_is_classification else None
+    model = build_model(config, tokenizer, num_labels)
+    load_state(model, checkpoint.adapter)
+    extra = {"fedtune_round.json": json.dumps({"round": checkpoint.round}, indent=2),
+             "README.md": federation_card(config, checkpoint.meta, checkpoint.round)}
+    if num_labels:
+        extra["label_map.json"] = json.dumps(LabelMap.from_config(config.data.labels).to_dict(), indent=2)
+    if merged:
+        save_merged(model, out, tokenizer)
+        for name, text in extra.items():
+            (out / name).write_text(text, encoding="utf-8")
+        return out
+    return save_adapter_dir(model, out, extra, base_reference=base_model_reference(config))
+
+
+def federation_card(config, meta: dict, rounds: int) -> str:
+    """The model card of a federation's global adapter."""
+    nodes = len(meta.get("node_epsilon", {}))
+    return model_card(config, federation_privacy_lines(meta, config),
+                      f"federated, {rounds} of {config.training.rounds} planned rounds, {nodes} nodes took part")
