@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.errors import FedtuneError
+from fedtune.privacy_commands import add_privacy_parser
 from fedtune.system.quiet import VERBOSE_ENV, quiet_libraries
 
 if TYPE_CHECKING:
@@ -184,54 +185,6 @@ def _run_report(args) -> int:
     return 0
 
 
-def _add_privacy_parser(subparsers) -> None:
-    parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon of a mechanism, noise for a budget")
-    sub = parser.add_subparsers(dest="privacy_command", required=True)
-    eps = sub.add_parser("epsilon", help="epsilon of Poisson-subsampled Gaussian steps (Opacus accountant)")
-    eps.add_argument("--noise-multiplier", type=float, required=True)
-    plan = sub.add_parser("plan", help="smallest noise multiplier that fits a target epsilon")
-    plan.add_argument("--epsilon", type=float, required=True, help="target epsilon")
-    sub.add_parser("owners", help="every config field and who decides it: the node, the server within the node's "
-                                  "policy, or the server (the table of docs/deployment.md)")
-    ledger = sub.add_parser("ledger", help="recompute a ledger's epsilon with Opacus and, independently, dp-accounting")
-    ledger.add_argument("path", help="a ledger file (a budget folder's ledger-*.json, or a run's ledger.json)")
-    advise = sub.add_parser("advise", help="before running: the mechanism a federation of this shape gets and whether "
-                                           "its noise lets it learn (calibrated on measured runs)")
-    advise.add_argument("--rows-per-client", type=int, required=True, help="training rows per client")
-    advise.add_argument("--clients", type=int, required=True, help="clients averaged per round")
-    advise.add_argument("--rounds", type=int, required=True)
-    advise.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
-    advise.add_argument("--batch-size", type=int, required=True, help="expected Poisson batch size")
-    advise.add_argument("--epsilon", type=float, required=True, help="target epsilon per client")
-    advise.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4, the calibration recipe's)")
-    advise.add_argument("--top-layers", type=int, default=1,
-                        help="LoRA on the last N transformer blocks (default 1; 0 = every block)")
-    advise.add_argument("--classes", type=int, default=2, help="classes of the classification head (default 2)")
-    advise.add_argument("--ffa", action="store_true", help="FFA-LoRA: A frozen, only B trains")
-    advise.add_argument("--model", default="", help="base model: a bundled name or a local folder (default: the "
-                                                    "bundled all-MiniLM-L6-v2); only its config.json is read")
-    advise.add_argument("--params", type=int, default=None,
-                        help="trainable parameters, given instead of derived from --model, --rank, --top-layers "
-                             "and --classes")
-    advise.add_argument("--data", default="", help="probe the gradients' coherence on a sample of this node's rows: "
-                                                   "a CSV/JSONL/Parquet file (text, label) or a built-in dataset name")
-    advise.add_argument("--probe-rows", type=int, default=128, help="rows the probe samples (default 128)")
-    advise.add_argument("--max-seq-len", type=int, default=32, help="the probe's tokens per row (default 32)")
-    advise.add_argument("--max-grad-norm", type=float, default=1.0, help="the probe's clipping norm C (default 1)")
-    advise.add_argument("--delta", type=float, default=0.0, help="default 1/(10 x rows per client)")
-    advise.add_argument("--accountant", default="rdp", help="rdp, prv or pld")
-    for p in (eps, plan):
-        p.add_argument("--sample-rate", type=float, help="Poisson sample rate q (or give --examples and --batch-size)")
-        p.add_argument("--examples", type=int, help="training examples n (q = 1/ceil(n/B))")
-        p.add_argument("--batch-size", type=int, help="expected batch size B")
-        p.add_argument("--steps", type=int, help="optimizer steps (or give --epochs [--rounds])")
-        p.add_argument("--epochs", type=int, help="epochs per round")
-        p.add_argument("--rounds", type=int, default=1, help="rounds (default 1)")
-        p.add_argument("--delta", type=float, required=True)
-        p.add_argument("--accountant", default="rdp", help="rdp or prv")
-    parser.set_defaults(run=_run_privacy)
-
-
 COMMAND_GROUP = "fedtune.commands"  # entry points: name = "package.module:register"
 
 
@@ -248,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(subparsers)
     _add_report_parser(subparsers)
     _add_generate_parser(subparsers)
-    _add_privacy_parser(subparsers)
+    add_privacy_parser(subparsers)
     return parser
 
 
@@ -295,142 +248,6 @@ def _run_train_local(args) -> int:
     node = prepare_node(config)  # every input check happens here, before any write
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-local-%Y%m%d-%H%M%S")
     train_local(node, out, progress=not args.no_progress)
-    return 0
-
-
-def _mechanism(args) -> tuple[float, int]:
-    import math
-
-    from fedtune.errors import ConfigError
-
-    if args.sample_rate is not None:
-        q = args.sample_rate
-        steps_per_epoch = math.ceil(1 / q) if q and q > 0 else 0
-    elif args.examples and args.batch_size:
-        if args.batch_size <= 0 or args.examples < args.batch_size:
-            raise ConfigError(f"--batch-size = {args.batch_size}: expected 1 to --examples = {args.examples}")
-        from fedtune.privacy.planning import poisson_schedule
-
-        q, steps_per_epoch = poisson_schedule(args.examples, args.batch_size)  # exactly what training runs
-    else:
-        raise ConfigError("give --sample-rate, or --examples and --batch-size")
-    if args.steps is not None:
-        steps = args.steps
-    elif args.epochs:
-        steps = steps_per_epoch * args.epochs * args.rounds
-    else:
-        raise ConfigError("give --steps, or --epochs (and --rounds)")
-    return q, steps
-
-
-def _advise_parameters(args) -> tuple[int, str]:
-    """The trainable parameters advise counts and where the number came from."""
-    from fedtune.privacy.advise import model_config_json, trainable_parameters
-
-    if args.params is not None:
-        if args.params <= 0:
-            raise ConfigError(f"--params = {args.params}: expected a whole number > 0")
-        return args.params, "given by --params"
-    model_config = model_config_json(args.model)  # trainable_parameters checks --rank, --top-layers, --classes
-    count = trainable_parameters(model_config, args.rank, args.top_layers, args.classes, args.ffa)
-    blocks = model_config.get("num_hidden_layers")
-    where = f"the last {args.top_layers} of {blocks} blocks" if args.top_layers else f"all {blocks} blocks"
-    return count, (f"{'FFA-' if args.ffa else ''}LoRA rank {args.rank} on query/value of {where} of "
-                   f"{args.model or 'all-MiniLM-L6-v2 (bundled)'} + a {args.classes}-class head")
-
-
-def _run_advise(args) -> int:
-    from fedtune.privacy.advise import advise, recommend
-
-    for name in ("rows_per_client", "clients", "rounds", "epochs", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)}: expected a whole number > 0")
-    if not args.epsilon > 0:
-        raise ConfigError(f"--epsilon = {args.epsilon:g}: expected a number > 0")
-    params, source = _advise_parameters(args)
-    coherence = None
-    if args.data:
-        coherence = _advise_probe(args)
-    print(f"trainable parameters: {params:,} ({source})")
-    a = advise(args.rows_per_client, args.clients, args.rounds, args.epochs, args.batch_size, args.epsilon,
-               params, args.delta, args.accountant, coherence.coherence if coherence else None)
-    print(f"mechanism: noise multiplier {a.noise_multiplier:.4f}, sample rate {a.sample_rate:.4g}, "
-          f"{a.steps_per_round} steps per round, {a.steps} in all, delta {a.delta:.3g} ({args.accountant})")
-    print(f"noise-to-signal (vs the largest possible signal): per step {a.nsr_step:.2f}, per averaged round "
-          f"{a.nsr_round:.2f}, over the run {a.nsr_run:.2f}")
-    if coherence is not None:
-        measured = f"{a.nsr_run_probed:.2f}" if a.nsr_run_probed is not None else "unbounded (no shared direction)"
-        print(f"gradient coherence (probe, {coherence.rows} rows of {args.data}, initial model): the mean clipped "
-              f"gradient fills {coherence.coherence:.3f} of the clipping norm (sample mean {coherence.raw:.3f}, "
-              f"{coherence.clipped_share:.0%} of rows clipped, {coherence.seconds:.1f} s); noise-to-signal over the "
-              f"run against that signal: {measured}. Reported only: on the measured points it did not make the "
-              "verdict more often right (docs/results/records/advise/calibration.json)")
-    print(f"verdict: {a.verdict}")
-    best = recommend(args.rows_per_client, args.clients, args.rounds, args.epochs, args.epsilon, params,
-                     args.delta, args.accountant)
-    if best is not None and best.batch_size != a.batch_size:
-        print(f"recommended: batch size {best.batch_size} for the same rounds and epochs (noise multiplier "
-              f"{best.noise_multiplier:.4f}, {best.steps} steps): noise-to-signal over the run {best.nsr_run:.2f}, "
-              f"{best.verdict.split(':')[0]}")
-    elif best is not None:
-        print(f"recommended: batch size {a.batch_size} is already the least noisy for these rounds and epochs")
-    print("fewer trainable parameters lower every ratio by sqrt(d): a smaller --rank, fewer --top-layers or --ffa "
-          "(half the LoRA tensors)")
-    return 0
-
-
-def _advise_probe(args):
-    from fedtune.config import build_config
-    from fedtune.training.gradient_coherence import gradient_coherence
-
-    if args.probe_rows < 2:
-        raise ConfigError(f"--probe-rows = {args.probe_rows}: expected a whole number >= 2")
-    data = {"path": args.data} if Path(args.data).is_file() else {"dataset": args.data}  # else a built-in name
-    config = build_config({"model": {"path": args.model, "max_seq_len": args.max_seq_len},
-                           "lora": {"rank": args.rank, "top_layers": args.top_layers, "ffa": args.ffa},
-                           "dp": {"max_grad_norm": args.max_grad_norm}, "data": data}, source="fedtune privacy advise")
-    return gradient_coherence(config, rows=args.probe_rows)
-
-
-def _run_privacy(args) -> int:
-    from opacus import __version__ as opacus_version
-
-    from fedtune.privacy import PrivacyLedger, compute_epsilon, independent_epsilon, noise_for_budget
-
-    if args.privacy_command == "owners":
-        from fedtune.privacy.policy import ownership_markdown
-
-        print(ownership_markdown(), end="")
-        return 0
-    if args.privacy_command == "advise":
-        return _run_advise(args)
-    if args.privacy_command == "ledger":
-        ledger = PrivacyLedger.load(args.path)
-        if not ledger.is_private:
-            print(f"epsilon = inf: {ledger.non_private_steps} steps were taken WITHOUT differential privacy")
-            return 0
-        library, other = (("dp-accounting", f"Opacus {opacus_version} PRV") if ledger.accountant == "pld"
-                          else (f"Opacus {opacus_version}", "dp-accounting"))
-        if ledger.without_replacement:  # only dp-accounting implements sampling without replacement
-            library, other = "dp-accounting rdp, replace-one", "dp-accounting, recomputed"
-        print(f"epsilon = {ledger.epsilon():.6f} ({library}, {ledger.accountant}), "
-              f"{independent_epsilon(ledger.accountant, ledger.history, ledger.delta, ledger.without_replacement):.6f}"
-              f" ({other}) at delta {ledger.delta:g}; cap {ledger.max_epsilon}; history (sigma, q, steps): "
-              + "; ".join(f"({s:g}, {q:.6g}, {n})" for s, q, n in ledger.history)
-              + ("; without replacement (sigma, N, m, rounds): "
-                 + "; ".join(f"({s:g}, {big}, {m}, {r})" for s, big, m, r in ledger.without_replacement)
-                 if ledger.without_replacement else ""))
-        return 0
-
-    q, steps = _mechanism(args)
-    inputs = f"sample_rate={q:.6g} steps={steps} delta={args.delta:g} accountant={args.accountant} (opacus {opacus_version})"
-    if args.privacy_command == "epsilon":
-        eps = compute_epsilon(args.noise_multiplier, q, steps, args.delta, args.accountant)
-        print(f"epsilon = {eps:.6f}  for noise_multiplier={args.noise_multiplier:g} {inputs}")
-    else:
-        sigma = noise_for_budget(args.epsilon, args.delta, q, steps, args.accountant)
-        achieved = compute_epsilon(sigma, q, steps, args.delta, args.accountant)
-        print(f"noise_multiplier = {sigma:.6f}  gives epsilon {achieved:.6f} <= target {args.epsilon:g} for {inputs}")
     return 0
 
 

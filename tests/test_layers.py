@@ -26,7 +26,8 @@ CORE_LAYERS = ("errors", "system", "data", "models", "privacy", "training", "fed
 # `fedtune.config` is the vocabulary every package shares; it reads only these (the
 # registries its validation consults), and they never import it back (no circles).
 CONFIG_READS = {"fedtune.errors", "fedtune.models.adapter_methods", "fedtune.federation.aggregate",
-                "fedtune.federation.server_optimizers", "fedtune.privacy.accountants", "fedtune.reporting.trackers"}
+                "fedtune.federation.server_optimizers",
+                "fedtune.privacy.accountants"}
 
 
 def _imported_after(code: str) -> set[str]:

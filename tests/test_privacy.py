@@ -10,7 +10,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
-from fedtune.privacy import PrivacyLedger, compute_epsilon, noise_for_budget
+from fedtune.privacy import ACCOUNTANTS, PrivacyLedger, compute_epsilon, noise_for_budget
 
 
 @pytest.mark.parametrize("name, cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])
@@ -122,7 +122,7 @@ def test_every_ledger_epsilon_is_reproduced_by_an_independent_accountant(account
     if accountant == "pld":
         assert "(dp-accounting, pld)" in out and "PRV)" in out
     else:
-        assert "(dp-accounting)" in out
+        assert f"({ACCOUNTANTS[accountant].check_library})" in out and "dp-accounting" in out
 
 
 def test_a_cap_change_and_a_stricter_delta_are_recorded_and_never_undercount():
@@ -136,3 +136,21 @@ def test_a_cap_change_and_a_stricter_delta_are_recorded_and_never_undercount():
     assert [c.get("event") for c in ledger.calls[-2:]] == ["delta lowered", "cap set"]
     restored = PrivacyLedger.from_dict(ledger.to_dict())
     assert restored.max_epsilon == 8.0 and restored.delta == 1e-6 and restored.epsilon() == ledger.epsilon()
+
+
+def test_a_new_accountant_is_one_registry_entry(monkeypatch, capsys):
+    """An accountant added to `ACCOUNTANTS` alone is accepted by config validation, counted by
+    the ledger and offered by the command line: no other file names accountants."""
+    from fedtune.cli import main
+    from fedtune.config import build_config
+
+    monkeypatch.setitem(ACCOUNTANTS, "rdp-again", ACCOUNTANTS["rdp"])
+    assert build_config({"dp": {"accountant": "rdp-again"}}).dp.accountant == "rdp-again"
+    ledger = PrivacyLedger("rdp-again", delta=1e-5, max_epsilon=50.0)
+    ledger.charge(1.0, 0.01, 100)
+    assert ledger.epsilon() == pytest.approx(compute_epsilon(1.0, 0.01, 100, 1e-5, "rdp"))
+    assert main(["privacy", "epsilon", "--noise-multiplier", "1", "--sample-rate", "0.01", "--steps", "100",
+                 "--delta", "1e-5", "--accountant", "rdp-again"]) == 0
+    assert f"epsilon = {ledger.epsilon():.6f}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="dp.accountant = 'gdp'"):
+        build_config({"dp": {"accountant": "gdp"}})

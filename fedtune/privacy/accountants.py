@@ -1,30 +1,85 @@
 """Privacy accountants: epsilon of a mechanism history, noise for a budget, and an
 independent check.
 
-Every epsilon fedtune prints comes from Opacus's own accountants (`RDPAccountant`,
-`PRVAccountant`) fed with a history of (noise_multiplier, sample_rate, steps), and can be
-recomputed by Google's dp-accounting (`independent_epsilon`). Pure functions of their
-arguments (memoised: Opacus's bisection and PRV are slow); state lives in `ledger.py`.
+Every epsilon fedtune prints comes from one accountant of `ACCOUNTANTS`, fed with a
+history of (noise_multiplier, sample_rate, steps), and can be recomputed by the other
+library (`independent_epsilon`). `ACCOUNTANTS` is the one registry, as Opacus's
+`create_accountant` is for Opacus: config validation, the ledger, DP training, planning
+and the command line all read it, so a new accountant is one entry here. Pure functions
+of their arguments (memoised: Opacus's bisection and PRV are slow); state lives in
+`ledger.py`. Heavy libraries (Opacus, dp-accounting) load inside the functions: config
+validation imports this registry before torch may load.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Callable
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
-from fedtune.config import ACCOUNTANTS
 from fedtune.errors import ConfigError
 
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
+History = list[tuple[float, float, int]]
+
+
+def _opacus_epsilon(kind: str) -> Callable[[History, float], float]:
+    def epsilon(history: History, delta: float) -> float:
+        return float(_opacus_accountant(kind, history).get_epsilon(delta=delta))
+
+    return epsilon
+
+
+def _dp_accounting(kind: str) -> Callable[[History, float], float]:
+    def epsilon(history: History, delta: float) -> float:
+        from dp_accounting import pld, rdp
+
+        counter = rdp.RdpAccountant() if kind == "rdp" else pld.PLDAccountant()
+        return _dp_accounting_epsilon(counter, history, delta)
+
+    return epsilon
+
+
+@dataclass(frozen=True)
+class Accountant:
+    """One way of counting epsilon, and how the rest of fedtune uses it."""
+
+    help: str                                        # one line for --help and docs
+    epsilon: Callable[[History, float], float]       # history, delta -> epsilon (an upper bound)
+    library: str                                     # who computes `epsilon`
+    independent: Callable[[History, float], float]   # the same epsilon from the other library
+    check_library: str                               # who computes `independent`
+    opacus_engine: str                               # the Opacus accountant that records steps during training
+    opacus_bisection: bool = False                   # Opacus's get_noise_multiplier knows it (faster planning)
+    fixed_cohorts: bool = False                      # may hold fixed cohorts drawn without replacement (server)
+
+
+ACCOUNTANTS: dict[str, Accountant] = {
+    "rdp": Accountant("Renyi DP (Opacus RDPAccountant); the only one that accounts fixed cohorts without replacement",
+                      _opacus_epsilon("rdp"), "Opacus", _dp_accounting("rdp"), "dp-accounting RDP", "rdp",
+                      opacus_bisection=True, fixed_cohorts=True),
+    "prv": Accountant("privacy random variables (Opacus PRVAccountant), numerically tight",
+                      _opacus_epsilon("prv"), "Opacus", _dp_accounting("pld"), "dp-accounting PLD", "prv",
+                      opacus_bisection=True),
+    # dp-accounting's PLD, pessimistic discretization: an upper bound, about 10% below RDP's
+    "pld": Accountant("privacy loss distribution (Google dp-accounting), pessimistic discretization",
+                      lambda history, delta: pld_epsilon(history, delta), "dp-accounting",
+                      _opacus_epsilon("prv"), "Opacus PRV", "prv"),
+}
+
+
+def accountant_named(name: str) -> Accountant:
+    """The registry entry `name`, or a one-line error naming the valid ones."""
+    if name not in ACCOUNTANTS:
+        raise ConfigError(f"accountant = {name!r}: expected one of {', '.join(ACCOUNTANTS)}")
+    return ACCOUNTANTS[name]
 
 
 def _check_accountant(name: str) -> str:
-    if name not in ACCOUNTANTS:
-        raise ConfigError(f"accountant = {name!r}: expected one of {', '.join(ACCOUNTANTS)}")
+    accountant_named(name)
     return name
 
 
@@ -127,12 +182,19 @@ def _cached_without_replacement(history: tuple, without_replacement: tuple, delt
     return float(_replace_one_accountant(history, without_replacement).get_epsilon(delta))
 
 
-def make_accountant(name: str, history: list[tuple[float, float, int]] = ()) -> IAccountant:
-    """A fresh Opacus accountant of kind `name` holding `history` (for "pld", Opacus's
-    nearest, PRV: Opacus only keeps the history during training)."""
-    accountant = RDPAccountant() if _check_accountant(name) == "rdp" else PRVAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return accountant
+def _opacus_accountant(kind: str, history: History) -> "IAccountant":
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    counter = RDPAccountant() if kind == "rdp" else PRVAccountant()
+    counter.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return counter
+
+
+def make_accountant(name: str, history: History = ()) -> "IAccountant":
+    """A fresh Opacus accountant of the kind that records `name`'s training steps, holding
+    `history` (for "pld", Opacus's nearest, PRV: Opacus only keeps the history during
+    training)."""
+    return _opacus_accountant(accountant_named(name).opacus_engine, list(history))
 
 
 def _epsilon_of(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
@@ -145,12 +207,10 @@ def _cached_epsilon(name: str, history: tuple, delta: float) -> float:
     per training call (budget check, charge, save), and PRV takes ~0.1-1 s each."""
     if not any(steps for _, _, steps in history):
         return 0.0
-    if name == "pld":
-        return pld_epsilon(history, delta)
-    return float(make_accountant(name, list(history)).get_epsilon(delta=delta))
+    return accountant_named(name).epsilon(list(history), delta)
 
 
-def independent_epsilon(accountant: str, history: list[tuple[float, float, int]], delta: float,
+def independent_epsilon(name: str, history: list[tuple[float, float, int]], delta: float,
                         without_replacement: list[tuple[float, int, int, int]] = ()) -> float:
     """The same epsilon from the other library: Google's dp-accounting for Opacus ledgers
     (its RDP accountant for "rdp", its PLD accountant for "prv"), Opacus's PRV for "pld"
@@ -167,17 +227,14 @@ def independent_epsilon(accountant: str, history: list[tuple[float, float, int]]
         return float(_replace_one_accountant(history, without_replacement).get_epsilon(delta))
     import logging
 
-    from dp_accounting import pld, rdp
-
     # dp-accounting logs a warning for every fractional order it cannot evaluate and drops
     # (the epsilon is then conservative); one report would print hundreds of them
     logging.getLogger("absl").setLevel(logging.ERROR)
     _check_delta(delta)
+    check = accountant_named(name).independent
     if not any(steps for _, _, steps in history):
         return 0.0
-    if _check_accountant(accountant) == "pld":  # a dp-accounting ledger is checked by Opacus's PRV
-        return float(make_accountant("prv", history).get_epsilon(delta=delta))
-    return _dp_accounting_epsilon(rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant(), history, delta)
+    return float(check(list(history), delta))
 
 
 def compute_epsilon(
@@ -202,10 +259,10 @@ def noise_for_budget(
     _check_mechanism(1.0, sample_rate, steps)
     if steps == 0:
         raise ConfigError("steps = 0: there is nothing to plan noise for")
-    accountant = _check_accountant(accountant)
+    entry = accountant_named(accountant)
     also = tuple((float(s), float(q), int(n)) for s, q, n in also if n)
-    if not also and accountant != "pld":  # Opacus's own bisection knows rdp and prv only
-        return _cached_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
+    if not also and entry.opacus_bisection:
+        return _cached_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps), entry.opacus_engine)
     return _cached_noise_with(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant, also)
 
 
@@ -241,5 +298,7 @@ def _cached_noise_with(target_epsilon: float, delta: float, sample_rate: float, 
 def _cached_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Opacus's bisection costs 0.7 s (RDP) to 1.6 s (PRV); every round of every client
     would pay it again for the same plan. Pure in its arguments, so memoised."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps, accountant=accountant))

@@ -15,16 +15,18 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
-
-from opacus.accountants.accountant import IAccountant
 
 from fedtune.system.atomic import atomic_write_json
 from fedtune.privacy import ddgauss_accounting
 from fedtune.privacy.ddgauss_accounting import DistributedSteps
 from fedtune.errors import BudgetExhaustedError, ConfigError, FedtuneError
-from fedtune.privacy.accountants import (_check_accountant, _check_delta, _check_mechanism, _epsilon_of, make_accountant,
-                                         without_replacement_epsilon)
+from fedtune.privacy.accountants import (_check_accountant, _check_delta, _check_mechanism, _epsilon_of, accountant_named,
+                                         make_accountant, without_replacement_epsilon)
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 LEDGER_FORMAT = 2  # 2 added data_fingerprint and the max_epsilon name; format 1 still loads
 # 3 adds `without_replacement`; a ledger is written as 3 only when it holds such entries, so
@@ -132,7 +134,7 @@ class PrivacyLedger:
         after = self.epsilon_after(noise_multiplier, sample_rate, steps)
         return after <= self.max_epsilon * (1 + _BUDGET_SLACK)
 
-    def to_opacus(self) -> IAccountant:
+    def to_opacus(self) -> "IAccountant":
         """An Opacus accountant holding this ledger's history (for independent checks); fixed
         cohorts drawn without replacement have no Opacus accountant and are not in it."""
         return make_accountant(self.accountant, self.history)
@@ -173,7 +175,7 @@ class PrivacyLedger:
         A cohort of every registered user is full participation: charge it with `charge`
         (q = 1), which stays add/remove. Returns the epsilon after the charge."""
         _check_cohort(noise_multiplier, registered, size, rounds)
-        if self.accountant != "rdp":
+        if not accountant_named(self.accountant).fixed_cohorts:
             raise ConfigError(f"accountant = {self.accountant!r}: sampling without replacement is accounted by "
                               "dp-accounting's RDP accountant only; keep this ledger's accountant 'rdp'")
         entries = _merged_cohorts(self.without_replacement, noise_multiplier, registered, size, rounds)

@@ -24,12 +24,11 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from fedtune.errors import ConfigError
 from fedtune.reporting.frames import flat_record
 
-TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> the package it needs
 PROJECT = "fedtune"
 MLFLOW_DB = "mlflow.db"  # MLflow 3 keeps runs in a database; its file store is in maintenance mode
 
@@ -40,8 +39,8 @@ def parse_log_to(text: str | None, source: str = "--log-to") -> tuple[str, ...]:
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"{source} = {text!r}: expected a comma-separated subset of {', '.join(TRACKERS)}")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ConfigError(f"{source}: {name} is not installed (pip install {TRACKERS[name]}, or "
+        if importlib.util.find_spec(TRACKERS[name].package) is None:
+            raise ConfigError(f"{source}: {name} is not installed (pip install {TRACKERS[name].package}, or "
                               "pip install -e \".[tracking]\" for all three)")
     return names
 
@@ -131,7 +130,17 @@ class _Wandb:
         self.run.finish()
 
 
-_KINDS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _Wandb}
+class Tracker(NamedTuple):
+    package: str  # what must be installed (found without importing it)
+    open: type    # (run_dir, params) -> an object with log(step, values) and close()
+
+
+# The one registry: a new tracker is a class above and one entry here.
+TRACKERS: dict[str, Tracker] = {
+    "tensorboard": Tracker("tensorboard", _TensorBoard),
+    "mlflow": Tracker("mlflow", _MLflow),
+    "wandb": Tracker("wandb", _Wandb),
+}
 
 
 class Trackers:
@@ -139,7 +148,7 @@ class Trackers:
 
     def __init__(self, names: tuple[str, ...], run_dir: str | Path, params: Mapping[str, Any]):
         run_dir = Path(run_dir)
-        self._open = [_KINDS[name](run_dir, params) for name in names]
+        self._open = [TRACKERS[name].open(run_dir, params) for name in names]
 
     def log(self, record: Mapping[str, Any]) -> None:
         values = scalars(record)

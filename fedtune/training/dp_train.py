@@ -40,6 +40,7 @@ from fedtune.config import Config
 from fedtune.errors import AdapterNotUpdatedError, DeadlinePassedError
 from fedtune.training.losses import PerExampleLoss, trim_batch
 from fedtune.models.base import trainable_named_parameters
+from fedtune.privacy.accountants import accountant_named
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import DPPlan
 from fedtune.system.quiet import harmless_warnings_filtered, quiet_libraries
@@ -291,8 +292,8 @@ def _loop_batch_step(model, batch, optimizer, criterion, parameters, config: Con
 def _attach_opacus(model, optimizer, criterion, loader, config: Config, plan: DPPlan, noise: torch.Generator | None):
     """Opacus for one call: per-sample clipping and noise on `optimizer`, hooks on `model`
     (`wrap_model=False`, removed by the caller's `hooks.cleanup()`)."""
-    # Opacus's engine only records the history here (the ledger computes epsilon); it has no PLD
-    engine = PrivacyEngine(accountant="prv" if config.dp.accountant == "pld" else config.dp.accountant,
+    # Opacus's engine only records the history here (the ledger computes epsilon)
+    engine = PrivacyEngine(accountant=accountant_named(config.dp.accountant).opacus_engine,
                            secure_mode=config.dp.secure_mode)
     mode = config.dp.grad_sample_mode
     if mode == "loop":  # no hooks: `_loop_batch_step` hands Opacus exact per-example gradients
