@@ -19,19 +19,50 @@ from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
 from fedtune.errors import ConfigError
+from fedtune.privacy.accountants import ACCOUNTANTS  # the one registry: a new accountant is one entry there
+from fedtune.federation.aggregate import AGGREGATORS  # the one registry: a new aggregator is one entry there
+from fedtune.federation.server_optimizers import SERVER_OPTIMIZERS  # likewise a new server optimizer
 
 TASKS = ("classification", "causal-lm", "instruct")
 OPTIMIZERS = ("adamw", "sgd")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "loop")
-ACCOUNTANTS = ("rdp", "prv", "pld")
 DP_MODES = ("local", "distributed")
 
 
-def opt(default: Any, help: str, flag: str | None = None) -> Any:
-    """A config field that carries its own help (as peft's configs do) and, optionally, the
-    name of its command-line flag: `fedtune --help` is generated from these, so it never
-    drifts from the defaults."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+# Who decides a field (`opt(owner=...)`): a deployed node takes a server's config only as a
+# request, checked against these (fedtune.privacy.policy).
+NODE = "node"
+SERVER = "server"
+WITHIN_POLICY = "server, within the node's policy"
+SERVER_ALONE = "server alone (never sent to nodes)"
+OWNER_KINDS = (NODE, SERVER, WITHIN_POLICY, SERVER_ALONE)
+# The reasons shared by sections whose fields all have one owner and one reason.
+ROUND_SETTINGS = "the server's own round settings"
+OWN_POLICY = "the node's own policy"
+
+
+def opt(default: Any, help: str, flag: str | None = None, *, owner: str, why: str, node_key: str | None = None,
+        client_flag: str | None = None, client_help: str | None = None) -> Any:
+    """A config field that carries its own help (as peft's configs do), optionally the name
+    of its command-line flag, and its place in the node's privacy policy, declared here once:
+    `owner` (who decides it, one of `OWNER_KINDS`) and `why` make the ownership table and what
+    a node refuses from a server; `node_key` (only for fields a deployed node sets itself)
+    makes its policy key and its `fedtune client` flag (`client_flag` where the flag's name
+    differs from the key, `client_help` where the flag needs other words than `help`).
+    `fedtune --help`, `fedtune client --help` and docs/deployment.md are generated from
+    these, so none of them drifts from the fields."""
+    if owner not in OWNER_KINDS:
+        raise ValueError(f"owner = {owner!r}: expected one of {', '.join(map(repr, OWNER_KINDS))}")
+    if not why:
+        raise ValueError("why: every field says why its owner decides it (the ownership table shows it)")
+    if node_key and owner not in (NODE, WITHIN_POLICY):
+        raise ValueError(f"node_key = {node_key!r}: only a field the node decides (owner NODE or WITHIN_POLICY) "
+                         f"has a key in the node's policy, not one owned by {owner!r}")
+    if (client_flag or client_help) and not node_key:
+        raise ValueError("client_flag / client_help: only a field with a node_key has a `fedtune client` flag")
+    return field(default=default, metadata={"help": help, "flag": flag, "owner": owner, "why": why,
+                                            "node_key": node_key, "client_flag": client_flag,
+                                            "client_help": client_help})
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
@@ -42,11 +73,11 @@ def _fail(key: str, value: Any, expected: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = opt("", "Local directory of a transformers model, or a bundled model's name (minilm, smollm2-135m-instruct); \"\" means the task's default: minilm (all-MiniLM-L6-v2) for classification and causal-lm, smollm2-135m-instruct for instruct.", flag="model")
-    task: str = opt("classification", "\"classification\" (sequence classification), \"causal-lm\" (next-token loss on one text column) or \"instruct\" (prompt -> response, loss on the response tokens only, scored by generation).", flag="task")
-    max_seq_len: int = opt(64, "Tokens per example. 64 keeps a CPU node fast (a news lead, a tweet, most of a review); raise it for long documents: time per step grows about linearly.", flag="max_seq_len")
-    device: str = opt("auto", "\"auto\" picks CUDA when present, else CPU.", flag="device")
-    max_new_tokens: int = opt(0, "Instruct: tokens generated per answer when scoring by generation (greedy); 0 = the longest expected answer plus 4.", flag="max_new_tokens")
+    path: str = opt("", "Local directory of a transformers model, or a bundled model's name (minilm, smollm2-135m-instruct); \"\" means the task's default: minilm (all-MiniLM-L6-v2) for classification and causal-lm, smollm2-135m-instruct for instruct.", flag="model", owner=NODE, why="the node loads its own local copy; a server may not name a path on the node", node_key="model-path", client_flag="model")
+    task: str = opt("classification", "\"classification\" (sequence classification), \"causal-lm\" (next-token loss on one text column) or \"instruct\" (prompt -> response, loss on the response tokens only, scored by generation).", flag="task", owner=SERVER, why="the federation's task")
+    max_seq_len: int = opt(64, "Tokens per example. 64 keeps a CPU node fast (a news lead, a tweet, most of a review); raise it for long documents: time per step grows about linearly.", flag="max_seq_len", owner=SERVER, why="tokens per example: compute, not privacy")
+    device: str = opt("auto", "\"auto\" picks CUDA when present, else CPU.", flag="device", owner=NODE, why="the node's hardware", node_key="device", client_help="auto, cpu or cuda[:N]")
+    max_new_tokens: int = opt(0, "Instruct: tokens generated per answer when scoring by generation (greedy); 0 = the longest expected answer plus 4.", flag="max_new_tokens", owner=SERVER, why="answer length when scoring by generation: compute, not privacy")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -61,13 +92,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    rank: int = opt(8, "LoRA rank. 8 is the common default for BERT-size encoders (Hu et al. 2021).", flag="rank")
-    alpha: float = opt(16.0, "Scaling numerator: the update is scaled by alpha / rank.", flag="lora_alpha")
-    dropout: float = opt(0.0, "Dropout on the LoRA input. 0 by default: DP noise already regularises.")
-    target_modules: tuple[str, ...] = opt((), "Module names to adapt; empty means peft's default for the architecture.")
-    train_head: bool = opt(True, "Train the classification head (classification only). A fresh head must train unless it was trained before; freezing it is for ablations.")
-    ffa: bool = opt(False, "FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains, so federated averaging is exact and half the tensors travel.")
-    top_layers: int = opt(0, "Adapt only the last N transformer blocks (0 = every block). Fewer adapted blocks mean fewer noised coordinates under DP and a backward pass that stops at the lowest adapted block.", flag="top_layers")
+    rank: int = opt(8, "LoRA rank. 8 is the common default for BERT-size encoders (Hu et al. 2021).", flag="rank", owner=SERVER, why="adapter shape: every node must match to be averaged")
+    alpha: float = opt(16.0, "Scaling numerator: the update is scaled by alpha / rank.", flag="lora_alpha", owner=SERVER, why="adapter scaling, federation-wide")
+    dropout: float = opt(0.0, "Dropout on the LoRA input. 0 by default: DP noise already regularises.", owner=SERVER, why="regularisation, federation-wide")
+    target_modules: tuple[str, ...] = opt((), "Module names to adapt; empty means peft's default for the architecture.", owner=SERVER, why="adapter shape, federation-wide")
+    train_head: bool = opt(True, "Train the classification head (classification only). A fresh head must train unless it was trained before; freezing it is for ablations.", owner=SERVER, why="what trains, federation-wide")
+    ffa: bool = opt(False, "FFA-LoRA (Sun et al. 2024): A frozen at its seeded init, only B trains, so federated averaging is exact and half the tensors travel.", owner=SERVER, why="FFA-LoRA: A frozen on every node")
+    top_layers: int = opt(0, "Adapt only the last N transformer blocks (0 = every block). Fewer adapted blocks mean fewer noised coordinates under DP and a backward pass that stops at the lowest adapted block.", flag="top_layers", owner=SERVER, why="adapter shape: which blocks carry adapters, federation-wide")
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -82,8 +113,8 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    method: str = opt("lora", "The PEFT method (an entry of fedtune.models.adapter_methods.ADAPTER_METHODS): \"lora\" (options in [lora]; FFA-LoRA is one of them), \"ia3\" (learned scaling vectors, peft's default targets; needs dp.grad_sample_mode = \"loop\" under DP) or \"prefix\" (prefix tuning, causal LM / instruct).", flag="adapter")
-    num_virtual_tokens: int = opt(8, "Prefix tuning: the number of virtual tokens whose keys and values train in every layer.")
+    method: str = opt("lora", "The PEFT method (an entry of fedtune.models.adapter_methods.ADAPTER_METHODS): \"lora\" (options in [lora]; FFA-LoRA is one of them), \"ia3\" (learned scaling vectors, peft's default targets; needs dp.grad_sample_mode = \"loop\" under DP) or \"prefix\" (prefix tuning, causal LM / instruct).", flag="adapter", owner=SERVER, why="the PEFT method every node attaches (fedtune.models.adapter_methods)")
+    num_virtual_tokens: int = opt(8, "Prefix tuning: the number of virtual tokens whose keys and values train in every layer.", owner=SERVER, why="prefix-tuning adapter shape, federation-wide")
 
     def __post_init__(self) -> None:
         from fedtune.models.adapter_methods import ADAPTER_METHODS  # the one registry: a new method is one entry there
@@ -96,17 +127,17 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class DPConfig:
-    enabled: bool = opt(True, "DP-SGD on (true) or a NON-PRIVATE baseline (false). Non-private runs must be asked for explicitly and are labelled NON-PRIVATE in every output.")
-    target_epsilon: float = opt(8.0, "The target of this training (all its planned rounds x local epochs): the noise is calibrated for it. The hard cap over every run on the data is node.max_epsilon.", flag="epsilon")
-    delta: float = opt(0.0, "0 means automatic: 1 / (10 n) for n training examples, well under 1/n.", flag="delta")
-    noise_multiplier: float = opt(0.0, "Fixed noise multiplier; 0 means calibrate it from target_epsilon for the planned run.", flag="noise_multiplier")
-    max_grad_norm: float = opt(1.0, "Per-example clipping norm C (Opacus max_grad_norm).", flag="max_grad_norm")
-    accountant: str = opt("rdp", "\"rdp\" or \"prv\" (Opacus accountants), or \"pld\" (Google dp-accounting's privacy loss distribution, pessimistic discretization: an upper bound on the true epsilon, about 10% below RDP's).", flag="accountant")
-    grad_sample_mode: str = opt("hooks", "\"hooks\" (default; Opacus's per-layer rules, cheapest for LoRA), \"ghost\" (ghost clipping, two backwards; less memory on large models) or \"loop\" (exact per-example gradients one example at a time, handed to Opacus's DP optimizer: any adapter, e.g. IA3, whose layers Opacus has no rule for; the slowest).", flag="grad_sample_mode")
-    secure_mode: bool = opt(False, "Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's floating-point-attack mitigation). Needs the torchcsprng package, which does not install for current torch; without it the noise is already secret (`noise_seed`).")
-    mode: str = opt("local", "Where the DP noise goes on: \"local\" (default; each node runs DP-SGD on its own rows and its update is private by itself) or \"distributed\" (each round is ONE DP-SGD step over the union of the sampled nodes' Poisson batches: each node clips its examples' gradients, adds only its share of the noise, and sends the integer-encoded sum through SecAgg+, so that the unmasked sum carries the whole noise; needs federation.secure_aggregation and a node policy that joins such rounds, node.distributed).")
-    distributed_bits: int = opt(20, "Distributed DP: the nodes' integer vectors are summed modulo 2^bits (the distributed discrete Gaussian mechanism's modulus). 20 leaves room for about a hundred rows' gradients and the noise without wrapping; at most 26 (Flower's SecAgg+ masks modulo 2^32).")
-    noise_seed: int = opt(-1, "-1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw from generators seeded per call from OS entropy, so nobody can replay them. >= 0: reproducible from this seed, for simulations and tests only; every output of such a run says \"reproducible noise: not for production\". A node never takes it from a server.", flag="noise_seed")
+    enabled: bool = opt(True, "DP-SGD on (true) or a NON-PRIVATE baseline (false). Non-private runs must be asked for explicitly and are labelled NON-PRIVATE in every output.", owner=WITHIN_POLICY, why="false is honoured only where the node's policy allows non-private training (never by default)")
+    target_epsilon: float = opt(8.0, "The target of this training (all its planned rounds x local epochs): the noise is calibrated for it. The hard cap over every run on the data is node.max_epsilon.", flag="epsilon", owner=WITHIN_POLICY, why="calibration target of this training: at most the node's max_epsilon")
+    delta: float = opt(0.0, "0 means automatic: 1 / (10 n) for n training examples, well under 1/n.", flag="delta", owner=WITHIN_POLICY, why="0 = the node's own; a stricter (smaller) delta is honoured, a larger one refused", node_key="delta", client_help="this node's delta (default 1/(10 n)); a server may only ask for a smaller one")
+    noise_multiplier: float = opt(0.0, "Fixed noise multiplier; 0 means calibrate it from target_epsilon for the planned run.", flag="noise_multiplier", owner=SERVER, why="a fixed sigma: any value is safe, the ledger refuses what would pass the cap")
+    max_grad_norm: float = opt(1.0, "Per-example clipping norm C (Opacus max_grad_norm).", flag="max_grad_norm", owner=SERVER, why="clipping norm C: the noise is sigma x C, privacy does not depend on C")
+    accountant: str = opt("rdp", "\"rdp\" or \"prv\" (Opacus accountants), or \"pld\" (Google dp-accounting's privacy loss distribution, pessimistic discretization: an upper bound on the true epsilon, about 10% below RDP's).", flag="accountant", owner=NODE, why="how the node counts its own epsilon", node_key="accountant")
+    grad_sample_mode: str = opt("hooks", "\"hooks\" (default; Opacus's per-layer rules, cheapest for LoRA), \"ghost\" (ghost clipping, two backwards; less memory on large models) or \"loop\" (exact per-example gradients one example at a time, handed to Opacus's DP optimizer: any adapter, e.g. IA3, whose layers Opacus has no rule for; the slowest).", flag="grad_sample_mode", owner=SERVER, why="how per-sample gradients are computed: the same mechanism either way")
+    secure_mode: bool = opt(False, "Opacus secure_mode: noise and sampling from torchcsprng's CSPRNG (and Opacus's floating-point-attack mitigation). Needs the torchcsprng package, which does not install for current torch; without it the noise is already secret (`noise_seed`).", owner=NODE, why="the node's random number generator")
+    mode: str = opt("local", "Where the DP noise goes on: \"local\" (default; each node runs DP-SGD on its own rows and its update is private by itself) or \"distributed\" (each round is ONE DP-SGD step over the union of the sampled nodes' Poisson batches: each node clips its examples' gradients, adds only its share of the noise, and sends the integer-encoded sum through SecAgg+, so that the unmasked sum carries the whole noise; needs federation.secure_aggregation and a node policy that joins such rounds, node.distributed).", owner=WITHIN_POLICY, why="\"distributed\" is honoured only where the node's policy joins distributed rounds (node.distributed); the node adds only its share of the noise, calibrated to its own t")
+    distributed_bits: int = opt(20, "Distributed DP: the nodes' integer vectors are summed modulo 2^bits (the distributed discrete Gaussian mechanism's modulus). 20 leaves room for about a hundred rows' gradients and the noise without wrapping; at most 26 (Flower's SecAgg+ masks modulo 2^32).", owner=SERVER, why="the modulus of the integer sum: utility, not privacy (the node checks that secure aggregation carries its integers exactly)")
+    noise_seed: int = opt(-1, "-1 (default): DP noise, Poisson batches, cohort sampling and user-level noise draw from generators seeded per call from OS entropy, so nobody can replay them. >= 0: reproducible from this seed, for simulations and tests only; every output of such a run says \"reproducible noise: not for production\". A node never takes it from a server.", flag="noise_seed", owner=NODE, why="reproducible noise would let whoever knows the seed replay the release")
 
     def __post_init__(self) -> None:
         # bounded, so that no value (sent by a server, say) can hang the accountant
@@ -143,15 +174,15 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = opt(3, "Local epochs per training call (per federated round).", flag="epochs")
-    rounds: int = opt(1, "Planned training calls (federated rounds); the noise is calibrated for all of them.", flag="rounds")
-    batch_size: int = opt(32, "Expected batch size; with Poisson sampling the real size varies around it.", flag="batch_size")
-    learning_rate: float = opt(1e-2, "AdamW / SGD learning rate. LoRA under DP likes large rates (Yu et al. 2022).", flag="lr")
-    optimizer: str = opt("adamw", "\"adamw\" or \"sgd\".", flag="optimizer")
-    weight_decay: float = opt(0.0, "Weight decay of the local optimizer.")
-    seed: int = opt(0, "Seeds what the whole federation must share or may know: LoRA init (FFA-LoRA's frozen A must be the same on every node), the validation split, simulation partitions. Never the DP noise or the Poisson batches (see dp.noise_seed).", flag="seed")
-    physical_batch_size: int = opt(0, "Rows per forward/backward pass; a larger Poisson batch is processed in chunks of this size and takes one DP-SGD step (as Opacus's BatchMemoryManager), so the privacy is that of the whole batch and memory that of a chunk. 0 = the whole batch at once.", flag="physical_batch_size")
-    precision: str = opt("fp32", "\"fp32\", or \"bf16\": the forward pass under torch.autocast (weights, gradients, Opacus's per-sample clipping and noise stay fp32). No \"fp16\": it needs loss scaling, and a scaled loss scales every per-sample gradient before DP-SGD clips it.", flag="precision")
+    epochs: int = opt(3, "Local epochs per training call (per federated round).", flag="epochs", owner=SERVER, why="local epochs per round (the noise is calibrated for them)")
+    rounds: int = opt(1, "Planned training calls (federated rounds); the noise is calibrated for all of them.", flag="rounds", owner=SERVER, why="planned rounds (the noise is calibrated for them; the ledger caps any more)")
+    batch_size: int = opt(32, "Expected batch size; with Poisson sampling the real size varies around it.", flag="batch_size", owner=SERVER, why="expected Poisson batch size")
+    learning_rate: float = opt(1e-2, "AdamW / SGD learning rate. LoRA under DP likes large rates (Yu et al. 2022).", flag="lr", owner=SERVER, why="optimisation")
+    optimizer: str = opt("adamw", "\"adamw\" or \"sgd\".", flag="optimizer", owner=SERVER, why="optimisation")
+    weight_decay: float = opt(0.0, "Weight decay of the local optimizer.", owner=SERVER, why="optimisation")
+    seed: int = opt(0, "Seeds what the whole federation must share or may know: LoRA init (FFA-LoRA's frozen A must be the same on every node), the validation split, simulation partitions. Never the DP noise or the Poisson batches (see dp.noise_seed).", flag="seed", owner=SERVER, why="LoRA init and splits, which every node must share; never the DP noise")
+    physical_batch_size: int = opt(0, "Rows per forward/backward pass; a larger Poisson batch is processed in chunks of this size and takes one DP-SGD step (as Opacus's BatchMemoryManager), so the privacy is that of the whole batch and memory that of a chunk. 0 = the whole batch at once.", flag="physical_batch_size", owner=NODE, why="the node's memory: the same DP-SGD step, run in chunks", node_key="physical-batch-size")
+    precision: str = opt("fp32", "\"fp32\", or \"bf16\": the forward pass under torch.autocast (weights, gradients, Opacus's per-sample clipping and noise stay fp32). No \"fp16\": it needs loss scaling, and a scaled loss scales every per-sample gradient before DP-SGD clips it.", flag="precision", owner=SERVER, why="fp32 or bf16 forward pass")
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -175,17 +206,17 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = opt("bbc-news", "A named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes; for instruct: tweets-instruct, bbc-news-instruct, drug-reviews-instruct) ...", flag="dataset")
-    path: str = opt("", "... or a local CSV / JSONL / Parquet file (takes precedence when set).", flag="data")
-    text_column: str = opt("text", "The column of the node's file that holds the text.", flag="text_column")
-    label_column: str = opt("label", "The column of the node's file that holds the label (ignored for causal-lm).", flag="label_column")
-    prompt_column: str = opt("prompt", "Instruct: the column that holds the prompt (the user's turn).", flag="prompt_column")
-    response_column: str = opt("response", "Instruct: the column that holds the expected response (the only tokens the loss sees).", flag="response_column")
-    messages_column: str = opt("", "Instruct, instead of prompt/response: a column of chat messages ([{role, content}, ...], a JSON string in CSV) whose last message is the assistant's response.", flag="messages_column")
-    val_fraction: float = opt(0.15, "Held-out share for validation, split with training.seed.")
-    eval_path: str = opt("", "Optional separate evaluation file (same columns); replaces the split when set.", flag="eval_data")
-    max_examples: int = opt(0, "Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.", flag="max_examples")
-    labels: tuple[str, ...] = opt((), "The label set, in id order. Empty: inferred from the training data (one node). A federation must fix it so that every node maps labels to the same ids.")
+    dataset: str = opt("bbc-news", "A named built-in dataset (bbc-news, tweets, drug-reviews, rotten-tomatoes; for instruct: tweets-instruct, bbc-news-instruct, drug-reviews-instruct) ...", flag="dataset", owner=NODE, why="the node's data is its own")
+    path: str = opt("", "... or a local CSV / JSONL / Parquet file (takes precedence when set).", flag="data", owner=NODE, why="the node's data is its own; a server may not name a path on the node", node_key="data-path", client_flag="data", client_help="this node's training data (CSV / JSONL / Parquet)")
+    text_column: str = opt("text", "The column of the node's file that holds the text.", flag="text_column", owner=NODE, why="which column of the node's own file holds the text", node_key="text-column")
+    label_column: str = opt("label", "The column of the node's file that holds the label (ignored for causal-lm).", flag="label_column", owner=NODE, why="which column of the node's own file holds the label", node_key="label-column")
+    prompt_column: str = opt("prompt", "Instruct: the column that holds the prompt (the user's turn).", flag="prompt_column", owner=NODE, why="which column of the node's own file holds the prompt", node_key="prompt-column")
+    response_column: str = opt("response", "Instruct: the column that holds the expected response (the only tokens the loss sees).", flag="response_column", owner=NODE, why="which column of the node's own file holds the response", node_key="response-column")
+    messages_column: str = opt("", "Instruct, instead of prompt/response: a column of chat messages ([{role, content}, ...], a JSON string in CSV) whose last message is the assistant's response.", flag="messages_column", owner=NODE, why="which column of the node's own file holds chat messages", node_key="messages-column")
+    val_fraction: float = opt(0.15, "Held-out share for validation, split with training.seed.", owner=SERVER, why="the node's validation share (evaluation releases are charged anyway)")
+    eval_path: str = opt("", "Optional separate evaluation file (same columns); replaces the split when set.", flag="eval_data", owner=NODE, why="the node's evaluation file; a server may not name a path on the node", node_key="eval-path", client_flag="eval-data")
+    max_examples: int = opt(0, "Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.", flag="max_examples", owner=NODE, why="the node trains on the data it chose")
+    labels: tuple[str, ...] = opt((), "The label set, in id order. Empty: inferred from the training data (one node). A federation must fix it so that every node maps labels to the same ids.", owner=SERVER, why="the federation's label set, so ids agree on every node")
 
     def __post_init__(self) -> None:
         if not self.dataset and not self.path:
@@ -209,19 +240,19 @@ class NodeConfig:
     policy file), never from the server; in train-local and simulation this section is
     the policy of the node (of every virtual client)."""
 
-    max_epsilon: float = opt(0.0, "Hard cap on epsilon over everything ever released from this data: every run, every round, released metrics included. 0 = dp.target_epsilon (train-local, simulation); a deployed node must set it (`fedtune client --max-epsilon`).", flag="max_epsilon")
-    budget_dir: str = opt("", "Where this node's budgets live: one ledger per data fingerprint, so the same data continues the same budget whatever the run folder or state dir. \"\" = $FEDTUNE_HOME/ budgets (~/.fedtune/budgets); a simulation keeps each virtual client's in its state dir.", flag="budget_dir")
-    release_train_loss: str = opt("off", "The training loss on private batches leaves the node \"off\" (default) or \"dp\": the final adapter's mean loss on the training rows, clipped and noised (Gaussian, charged).")
-    release_evaluation: str = opt("off", "Federated evaluation metrics: \"off\" (default; the node refuses evaluation requests) or \"dp\": a noised count of correct predictions and a noised clipped loss sum, charged.")
-    metric_noise_multiplier: float = opt(5.0, "Noise multiplier of each metric release (Gaussian mechanism, sensitivity-normalised). 5 costs little next to DP-SGD but leaves a +-7 example error on a count of correct predictions: metrics on small validation sets are rough under DP.")
-    metric_loss_clip: float = opt(5.0, "Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).")
-    require_secure_aggregation: bool = opt(False, "Refuse every training round that is not a SecAgg+ round (the node's update then never reaches the server unmasked).")
-    secagg_max_clip: float = opt(8.0, "The largest L2 bound this node clips its own update to in a SecAgg+ round: a server may declare a smaller bound (`federation.secagg_clip`), never a larger one (the server cannot check a masked update, so the bound is the node's). 8 is the bound a server with the default settings declares (the quantization's clipping range).")
-    labels: tuple[str, ...] = opt((), "Classification: every label this node's data may hold (its operator declares them; `fedtune client --labels`). A server's label list must include them all, and the node checks its own rows against them when it starts, never in answer to a request: a refusal that depended on the rows would tell the server what they hold. Empty: data.labels (train-local, simulation); a deployed node without it refuses classification.")
-    max_evaluations_per_round: int = opt(1, "Evaluation requests the node answers per round it trains (counted by the node, not by the round number a message claims); more are refused.")
-    distributed: bool = opt(False, "Join distributed-DP rounds (dp.mode = \"distributed\"): this node then adds only its share of the noise and relies on secure aggregation and at least node.distributed_min_contributors honest contributors for the rest. Off by default: a node must choose to trust the crowd.")
-    distributed_min_contributors: int = opt(5, "Distributed DP: t, the fewest contributors this node trusts to add their noise shares. Its own share is calibrated to t (variance 1/t of the whole noise, never to the cohort a server claims), and it refuses a round whose SecAgg+ threshold or cohort is below t. If c of the t collude with the server, the noise of t - c shares remains: the privacy report shows that epsilon.")
-    max_unreleased_rounds: int = opt(3, "Rounds the node may charge and then release nothing for (the server stopped waiting, a failure after the charge, a killed process) over its whole life; past it the node refuses to train until its operator raises this. A server that cuts rounds short on purpose would otherwise spend the budget for nothing.")
+    max_epsilon: float = opt(0.0, "Hard cap on epsilon over everything ever released from this data: every run, every round, released metrics included. 0 = dp.target_epsilon (train-local, simulation); a deployed node must set it (`fedtune client --max-epsilon`).", flag="max_epsilon", owner=NODE, why=OWN_POLICY, node_key="max-epsilon", client_help="REQUIRED: this node's hard epsilon cap over everything it releases from its data")
+    budget_dir: str = opt("", "Where this node's budgets live: one ledger per data fingerprint, so the same data continues the same budget whatever the run folder or state dir. \"\" = $FEDTUNE_HOME/ budgets (~/.fedtune/budgets); a simulation keeps each virtual client's in its state dir.", flag="budget_dir", owner=NODE, why=OWN_POLICY, node_key="budget-dir")
+    release_train_loss: str = opt("off", "The training loss on private batches leaves the node \"off\" (default) or \"dp\": the final adapter's mean loss on the training rows, clipped and noised (Gaussian, charged).", owner=NODE, why=OWN_POLICY, node_key="release-train-loss")
+    release_evaluation: str = opt("off", "Federated evaluation metrics: \"off\" (default; the node refuses evaluation requests) or \"dp\": a noised count of correct predictions and a noised clipped loss sum, charged.", owner=NODE, why=OWN_POLICY, node_key="release-evaluation")
+    metric_noise_multiplier: float = opt(5.0, "Noise multiplier of each metric release (Gaussian mechanism, sensitivity-normalised). 5 costs little next to DP-SGD but leaves a +-7 example error on a count of correct predictions: metrics on small validation sets are rough under DP.", owner=NODE, why=OWN_POLICY, node_key="metric-noise-multiplier")
+    metric_loss_clip: float = opt(5.0, "Per-example loss is clipped to [0, this] before a release (bounds the sensitivity).", owner=NODE, why=OWN_POLICY, node_key="metric-loss-clip")
+    require_secure_aggregation: bool = opt(False, "Refuse every training round that is not a SecAgg+ round (the node's update then never reaches the server unmasked).", owner=NODE, why=OWN_POLICY, node_key="require-secure-aggregation")
+    secagg_max_clip: float = opt(8.0, "The largest L2 bound this node clips its own update to in a SecAgg+ round: a server may declare a smaller bound (`federation.secagg_clip`), never a larger one (the server cannot check a masked update, so the bound is the node's). 8 is the bound a server with the default settings declares (the quantization's clipping range).", owner=NODE, why=OWN_POLICY, node_key="secagg-max-clip")
+    labels: tuple[str, ...] = opt((), "Classification: every label this node's data may hold (its operator declares them; `fedtune client --labels`). A server's label list must include them all, and the node checks its own rows against them when it starts, never in answer to a request: a refusal that depended on the rows would tell the server what they hold. Empty: data.labels (train-local, simulation); a deployed node without it refuses classification.", owner=NODE, why="the labels the node's data may hold: a server's label list must include them (a check of the request against the policy, never against the rows)", node_key="labels", client_help="classification: every label --data may hold, comma-separated (checked against the rows now; the server's label list must include them)")
+    max_evaluations_per_round: int = opt(1, "Evaluation requests the node answers per round it trains (counted by the node, not by the round number a message claims); more are refused.", owner=NODE, why=OWN_POLICY, node_key="max-evaluations-per-round")
+    distributed: bool = opt(False, "Join distributed-DP rounds (dp.mode = \"distributed\"): this node then adds only its share of the noise and relies on secure aggregation and at least node.distributed_min_contributors honest contributors for the rest. Off by default: a node must choose to trust the crowd.", owner=NODE, why=OWN_POLICY, node_key="distributed")
+    distributed_min_contributors: int = opt(5, "Distributed DP: t, the fewest contributors this node trusts to add their noise shares. Its own share is calibrated to t (variance 1/t of the whole noise, never to the cohort a server claims), and it refuses a round whose SecAgg+ threshold or cohort is below t. If c of the t collude with the server, the noise of t - c shares remains: the privacy report shows that epsilon.", owner=NODE, why=OWN_POLICY, node_key="distributed-min-contributors")
+    max_unreleased_rounds: int = opt(3, "Rounds the node may charge and then release nothing for (the server stopped waiting, a failure after the charge, a killed process) over its whole life; past it the node refuses to train until its operator raises this. A server that cuts rounds short on purpose would otherwise spend the budget for nothing.", owner=NODE, why=OWN_POLICY, node_key="max-unreleased-rounds")
 
     def __post_init__(self) -> None:
         if self.max_epsilon < 0 or math.isinf(self.max_epsilon) or math.isnan(self.max_epsilon):
@@ -244,47 +275,47 @@ class NodeConfig:
             _fail("node.max_unreleased_rounds", self.max_unreleased_rounds, "a whole number >= 0")
 
 
-SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 COHORT_SAMPLINGS = ("fixed", "poisson")
 PARTITIONERS = ("iid", "dirichlet", "natural", "files")
 
 
 @dataclass(frozen=True)
 class FederationConfig:
-    clients_per_round: int = opt(3, "Nodes sampled per round (the expected number under Poisson cohorts).", flag="clients_per_round")
-    min_clients: int = opt(2, "The fewest valid replies a round may aggregate.", flag="min_clients")
-    max_update_norm: float = opt(100.0, "Reject replies whose update (reply - global) has a larger L2 norm; 0 = no bound.")
-    adaptive_norm_bound: float = opt(3.0, "Clip every update to this multiple of the round's median update norm (adaptive, as adaptive-clipping DP does); 0 = off. Needs 3+ replies to mean anything.")
-    weight_cap: float = opt(4.0, "No reply weighs more than this multiple of the round's median claimed example count (a node claiming a billion rows counts like this many typical nodes); 0 = no cap. Honest silos of very different sizes are capped too: raise it for natural partitions.")
-    aggregator: str = opt("mean", "How updates combine: \"mean\" (FedAvg, weighted), \"median\" or \"trimmed-mean\" (coordinate-wise, unweighted, as Flower's FedMedian / FedTrimmedAvg).")
-    trim_fraction: float = opt(0.2, "Share cut at each end per coordinate by \"trimmed-mean\".")
+    clients_per_round: int = opt(3, "Nodes sampled per round (the expected number under Poisson cohorts).", flag="clients_per_round", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    min_clients: int = opt(2, "The fewest valid replies a round may aggregate.", flag="min_clients", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    max_update_norm: float = opt(100.0, "Reject replies whose update (reply - global) has a larger L2 norm; 0 = no bound.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    adaptive_norm_bound: float = opt(3.0, "Clip every update to this multiple of the round's median update norm (adaptive, as adaptive-clipping DP does); 0 = off. Needs 3+ replies to mean anything.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    weight_cap: float = opt(4.0, "No reply weighs more than this multiple of the round's median claimed example count (a node claiming a billion rows counts like this many typical nodes); 0 = no cap. Honest silos of very different sizes are capped too: raise it for natural partitions.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    aggregator: str = opt("mean", "How updates combine: \"mean\" (FedAvg, weighted), \"median\" or \"trimmed-mean\" (coordinate-wise, unweighted, as Flower's FedMedian / FedTrimmedAvg).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    trim_fraction: float = opt(0.2, "Share cut at each end per coordinate by \"trimmed-mean\".", owner=SERVER_ALONE, why=ROUND_SETTINGS)
     # Secure aggregation (SecAgg+, Flower's implementation): the server learns only the mean
     # of the cohort's updates. Each node clips its update to secagg_clip before it is
     # quantized and masked; weights are uniform (a count inside a masked vector is uncheckable).
-    secure_aggregation: bool = opt(False, "SecAgg+: the server sees only the cohort's summed update, never one node's.")
-    secagg_threshold: float = opt(0.6, "Share of a node's neighbours whose shares rebuild its masks (Flower's reconstruction_threshold); fewer surviving nodes fail the round.")
-    secagg_share_fraction: float = opt(1.0, "Share of the cohort each node shares keys with (1.0 = everyone: SecAgg; less = SecAgg+'s sparse graph).")
-    secagg_clip: float = opt(0.0, "L2 bound each node clips its own update to before masking; 0 = user_dp_clip when user-level DP is on, else max_update_norm.")
-    secagg_clipping_range: float = opt(8.0, "Coordinate range [-r, r] of the quantization (Flower's clipping_range).")
-    secagg_quantization_range: int = opt(4194304, "Quantization levels over that range (Flower's quantization_range, 2^22).")
-    server_optimizer: str = opt("fedavg", "\"fedavg\", or a server optimizer on the averaged update (Reddi et al. 2021).", flag="server_optimizer")
-    server_learning_rate: float = opt(0.01, "Learning rate of the server optimizer (FedAdam / FedYogi).")
-    proximal_mu: float = opt(0.0, "FedProx mu: after each local step, pull the adapter towards the round's global (a decoupled proximal step: post-processing of the DP gradient, privacy-free).")
-    user_dp_clip: float = opt(0.0, "User-level DP (DP-FedAvg): clip each client update to this norm (0 = off) ...")
-    user_dp_noise: float = opt(0.0, "... and add Gaussian noise of this multiplier x clip to the sum.")
-    cohort_sampling: str = opt("fixed", "How the server picks each round's cohort from the nodes actually registered: \"fixed\" (clients_per_round of them, without replacement) or \"poisson\" (each node independently with rate clients_per_round / registered nodes). Both from secret randomness. User-level DP is accounted for the sampling used: Poisson with amplification at that rate; a fixed cohort of fewer nodes than registered as sampling without replacement (replace-one: one node replaced moves the sum by twice the clip), one of every registered node as full participation (q = 1).")
-    population: int = opt(0, "How many nodes (users) the federation has, as the operator declares it; user-level delta defaults to 1 / (10 x population). A simulation uses num_clients when 0.")
-    user_dp_delta: float = opt(0.0, "User-level delta; 0 = 1 / (10 x population).")
-    num_clients: int = opt(3, "Simulation: virtual clients and how the dataset is split among them.", flag="num_clients")
-    partitioner: str = opt("iid", "\"iid\", \"dirichlet\" (over labels, alpha below), \"natural\" (one client per value of partition_column, e.g. a hospital id) or \"files\" (one client per file in client_files). With natural and files the number of clients is the number of values / files.", flag="partitioner")
-    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over labels: small = skewed clients.", flag="alpha")
-    partition_column: str = opt("", "The column whose values make the clients of the \"natural\" partitioner.")
-    client_files: str = opt("", "A folder of per-client data files (.csv / .jsonl / .parquet), taken in name order.")
-    ray_address: str = opt("", "Ray: \"\" starts a local Ray for the simulation; \"auto\" or \"HOST:PORT\" attaches to a running Ray cluster (its workers must have fedtune installed).")
-    round_timeout: float = opt(3600.0, "Seconds the server waits for a round's replies.")
-    central_eval_path: str = opt("", "Central evaluation (the server scores each new global adapter on one held-out set): a file the operator owns (same columns as the clients' data) ...")
-    central_holdout: float = opt(0.0, "... or, in simulation, this share of the dataset kept back before partitioning. With neither, evaluation is federated (sampled clients' validation splits).")
-    rows_per_client: int = opt(0, "Simulation, IID or Dirichlet: give each client this many training rows (a seeded sample of the pool left after the held-out share), 0 = split the whole pool. The held-out set does not depend on it, so runs that differ only here are scored on the same rows: a data-per-client curve.", flag="rows_per_client")
+    secure_aggregation: bool = opt(False, "SecAgg+: the server sees only the cohort's summed update, never one node's.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    secagg_threshold: float = opt(0.6, "Share of a node's neighbours whose shares rebuild its masks (Flower's reconstruction_threshold); fewer surviving nodes fail the round.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    secagg_share_fraction: float = opt(1.0, "Share of the cohort each node shares keys with (1.0 = everyone: SecAgg; less = SecAgg+'s sparse graph).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    secagg_clip: float = opt(0.0, "L2 bound each node clips its own update to before masking; 0 = user_dp_clip when user-level DP is on, else max_update_norm.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    secagg_clipping_range: float = opt(8.0, "Coordinate range [-r, r] of the quantization (Flower's clipping_range).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    secagg_quantization_range: int = opt(4194304, "Quantization levels over that range (Flower's quantization_range, 2^22).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    server_optimizer: str = opt("fedavg", "\"fedavg\", or a server optimizer on the averaged update (Reddi et al. 2021).", flag="server_optimizer", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    server_learning_rate: float = opt(0.01, "Learning rate of the server optimizer (FedAdam / FedYogi).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    proximal_mu: float = opt(0.0, "FedProx mu: after each local step, pull the adapter towards the round's global (a decoupled proximal step: post-processing of the DP gradient, privacy-free).", owner=SERVER, why="FedProx pull towards the global adapter: post-processing, privacy-free")
+    user_dp_clip: float = opt(0.0, "User-level DP (DP-FedAvg): clip each client update to this norm (0 = off) ...", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    user_dp_noise: float = opt(0.0, "... and add Gaussian noise of this multiplier x clip to the sum.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    cohort_sampling: str = opt("fixed", "How the server picks each round's cohort from the nodes actually registered: \"fixed\" (clients_per_round of them, without replacement) or \"poisson\" (each node independently with rate clients_per_round / registered nodes). Both from secret randomness. User-level DP is accounted for the sampling used: Poisson with amplification at that rate; a fixed cohort of fewer nodes than registered as sampling without replacement (replace-one: one node replaced moves the sum by twice the clip), one of every registered node as full participation (q = 1).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    population: int = opt(0, "How many nodes (users) the federation has, as the operator declares it; user-level delta defaults to 1 / (10 x population). A simulation uses num_clients when 0.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    user_dp_delta: float = opt(0.0, "User-level delta; 0 = 1 / (10 x population).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    user_dp_accountant: str = opt("rdp", "How the server counts user-level epsilon: \"rdp\" (default; the only accountant of fixed-size cohorts drawn without replacement, so the only one with cohort_sampling = \"fixed\"), or with Poisson cohorts any accountant dp.accountant names (\"prv\", \"pld\").", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    num_clients: int = opt(3, "Simulation: virtual clients and how the dataset is split among them.", flag="num_clients", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    partitioner: str = opt("iid", "\"iid\", \"dirichlet\" (over labels, alpha below), \"natural\" (one client per value of partition_column, e.g. a hospital id) or \"files\" (one client per file in client_files). With natural and files the number of clients is the number of values / files.", flag="partitioner", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over labels: small = skewed clients.", flag="alpha", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    partition_column: str = opt("", "The column whose values make the clients of the \"natural\" partitioner.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    client_files: str = opt("", "A folder of per-client data files (.csv / .jsonl / .parquet), taken in name order.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    ray_address: str = opt("", "Ray: \"\" starts a local Ray for the simulation; \"auto\" or \"HOST:PORT\" attaches to a running Ray cluster (its workers must have fedtune installed).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    round_timeout: float = opt(3600.0, "Seconds the server waits for a round's replies.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    central_eval_path: str = opt("", "Central evaluation (the server scores each new global adapter on one held-out set): a file the operator owns (same columns as the clients' data) ...", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    central_holdout: float = opt(0.0, "... or, in simulation, this share of the dataset kept back before partitioning. With neither, evaluation is federated (sampled clients' validation splits).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    rows_per_client: int = opt(0, "Simulation, IID or Dirichlet: give each client this many training rows (a seeded sample of the pool left after the held-out share), 0 = split the whole pool. The held-out set does not depend on it, so runs that differ only here are scored on the same rows: a data-per-client curve.", flag="rows_per_client", owner=SERVER_ALONE, why=ROUND_SETTINGS)
 
     def __post_init__(self) -> None:
         if self.clients_per_round <= 0:
@@ -305,8 +336,6 @@ class FederationConfig:
             _fail("federation.adaptive_norm_bound", self.adaptive_norm_bound, "0 (off) or a multiple >= 1 of the median norm")
         if self.weight_cap < 0 or (0 < self.weight_cap < 1):
             _fail("federation.weight_cap", self.weight_cap, "0 (no cap) or a multiple >= 1 of the median example count")
-        from fedtune.federation.aggregate import AGGREGATORS  # the one registry: a new aggregator is one entry there
-
         if self.aggregator not in AGGREGATORS:
             _fail("federation.aggregator", self.aggregator, f"one of {', '.join(AGGREGATORS)}")
         if not 0 <= self.trim_fraction < 0.5:
@@ -344,6 +373,11 @@ class FederationConfig:
             _fail("federation.population", self.population, "a whole number >= 0 (0 = num_clients in simulation)")
         if not 0 <= self.user_dp_delta < 1:
             _fail("federation.user_dp_delta", self.user_dp_delta, "a number in (0, 1), or 0 for 1 / (10 x population)")
+        if self.user_dp_accountant not in ACCOUNTANTS:
+            _fail("federation.user_dp_accountant", self.user_dp_accountant, f"one of {', '.join(ACCOUNTANTS)}")
+        if self.cohort_sampling == "fixed" and self.user_dp_accountant != "rdp":
+            _fail("federation.user_dp_accountant", self.user_dp_accountant, "'rdp' with cohort_sampling = 'fixed' (only "
+                  "dp-accounting's RDP accounts a fixed-size cohort drawn without replacement)")
         if self.num_clients < self.clients_per_round:
             _fail("federation.num_clients", self.num_clients, f"at least clients_per_round = {self.clients_per_round}")
         if self.partitioner not in PARTITIONERS:

@@ -1,8 +1,9 @@
 """Federated audit: canary clients against user-level DP-FedAvg, in a simulation.
 
-The mechanism audited is the server's user-level DP (`fedtune.federation.strategy.Strategy.aggregate`:
+The mechanism audited is the server's user-level DP step (`fedtune.federation.strategy.UserLevelDP`:
 each node's update clipped to S, Gaussian noise z S on the sum, the fixed denominator,
-the user-level ledger). m canary clients (`fedtune.privacy.canaries.UpdateCanaries`),
+the user-level ledger), which the harness extends (`AuditedUserLevelDP`) and hands to the
+`Strategy` it drives. m canary clients (`fedtune.privacy.canaries.UpdateCanaries`),
 each included by a fair coin, join the rounds at the cohort's sampling rate with an
 update of S along their own adapter coordinate; the real clients train for real on their
 partitions (record-level DP-SGD, as configured), each charged to the budget its records
@@ -38,8 +39,36 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import plan_training
 from fedtune.privacy.randomness import Randomness
 from fedtune.privacy.spending import spend
-from fedtune.federation.strategy import ClientReply, Strategy, charge_user_level
+from fedtune.federation.aggregate import add_noise
+from fedtune.federation.strategy import ClientReply, Strategy, UserLevelDP, charge_user_level
 from simulations.partition import client_table, count_partitions
+
+
+class AuditedUserLevelDP(UserLevelDP):
+    """The server's user-level DP step with the audit's canary clients in it: the canaries
+    that joined a round are added to the nodes' clipped sum before the noise, and each
+    canary is scored by the released sum minus the nodes' clipped sum (which the auditing
+    server holds). `noise_off` is the audit's control: no noise, and the ledger says so
+    (charged as non-private, never less than what ran)."""
+
+    def __init__(self, ledger: PrivacyLedger, clip: float, noise_multiplier: float, randomness: Randomness,
+                 population: int = 0, *, canaries: UpdateCanaries, noise_off: bool = False):
+        super().__init__(ledger, clip, noise_multiplier, randomness, population)
+        self.canaries = canaries
+        self.noise_off = noise_off
+
+    def charge(self, server_round: int, cohort) -> None:
+        if self.noise_off:
+            self.ledger.charge_non_private(1, label=f"round {server_round} (noise OFF: audit control)")
+        else:
+            super().charge(server_round, cohort)
+
+    def noised(self, clipped_sum, reference, cohort, rng):
+        noise = 0.0 if self.noise_off else self.noise_multiplier
+        joined = self.canaries.updates(reference, self.clip, cohort.accounted_rate)
+        step = add_noise([clipped_sum] + joined, reference, self.clip, noise, cohort.expected_size, rng)
+        self.canaries.score({k: v * cohort.expected_size for k, v in step.items()}, clipped_sum, self.clip)
+        return step
 
 
 def audit_user_level(config, canaries: int = 1000, guesses: int = 200, control: str = "", confidence: float = 0.95,
@@ -75,12 +104,13 @@ def _audit_rounds(config, clients, model, data, spendings, canaries, guesses, co
     fed = config.federation
     ledgers = [spending.ledger for spending in spendings]
     randomness = Randomness.from_setting(config.dp.noise_seed)
-    strategy = Strategy(config)
     reference = trainable_state(model)
-    strategy.canaries = UpdateCanaries(reference, canaries, randomness, inject=control != "no-canaries")
-    strategy.noise_off = control == "noise-off"
+    audited = AuditedUserLevelDP.from_config(
+        config, randomness, canaries=UpdateCanaries(reference, canaries, randomness, inject=control != "no-canaries"),
+        noise_off=control == "noise-off")
+    strategy = Strategy(config, user_level=audited)
     echo(f"federated audit{' (control: ' + control + ')' if control else ''}: {clients} clients, {canaries} canary "
-         f"clients ({int(strategy.canaries.included.sum())} included), {guesses} guesses, {config.training.rounds} "
+         f"clients ({int(audited.canaries.included.sum())} included), {guesses} guesses, {config.training.rounds} "
          f"rounds, user-level clip {fed.user_dp_clip} noise {fed.user_dp_noise}")
     for server_round in range(1, config.training.rounds + 1):
         cohort = strategy.cohort(list(range(clients)), server_round)
@@ -92,7 +122,7 @@ def _audit_rounds(config, clients, model, data, spendings, canaries, guesses, co
                        label=f"federated audit round {server_round}", randomness=randomness)
             replies.append(ClientReply(node, "ok", trainable_state(model), len(data[node].train)))
         reference = strategy.aggregate(server_round, reference, replies, cohort)
-    scores, included = strategy.canaries.scores, strategy.canaries.included
+    scores, included = audited.canaries.scores, audited.canaries.included
     r, v = guess(scores, included, guesses)
     delta = strategy.user_ledger.delta
     # the claim is the planned mechanism's, charged as the strategy charges a round (a
@@ -104,8 +134,8 @@ def _audit_rounds(config, clients, model, data, spendings, canaries, guesses, co
                             best_possible_bound(canaries, r, delta, confidence))
     planned = dataclasses.replace(first.plan, noise_multiplier=fed.user_dp_noise, sample_rate=cohort.accounted_rate)
     as_included = included if control != "no-canaries" else np.zeros(canaries, dtype=bool)
-    return AuditResult(control, claim, delta, strategy.canaries.rounds, (finding,),
-                       noise_check(scores, as_included, strategy.canaries.rounds,
+    return AuditResult(control, claim, delta, audited.canaries.rounds, (finding,),
+                       noise_check(scores, as_included, audited.canaries.rounds,
                                    dataclasses.replace(planned, delta=delta), strategy.user_ledger.accountant))
 
 

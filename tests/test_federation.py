@@ -6,7 +6,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from fedtune.federation.aggregate import ServerOptimizer, weighted_mean
+from fedtune.federation.aggregate import weighted_mean
+from fedtune.federation.server_optimizers import server_optimizer
 from fedtune.config import build_config
 from fedtune.federation.server import ClientReply, FederationServer, RoundFailedError
 
@@ -94,7 +95,7 @@ def test_server_killed_after_round_1_resumes_at_round_2(tmp_path):
 def test_fedyogi_and_fedadam_move_towards_the_aggregate():
     reference, target = _state(0), _state(1)
     for kind in ("fedadam", "fedyogi"):
-        new = ServerOptimizer(kind, learning_rate=0.1).apply(reference, target)
+        new = server_optimizer(kind, learning_rate=0.1).apply(reference, target)
         for key in reference:
             moved = new[key] - reference[key]
             assert np.all(np.sign(moved[np.abs(target[key] - reference[key]) > 1e-3]) ==

@@ -183,3 +183,20 @@ def test_a_cohort_that_is_not_sampling_without_replacement_is_refused_by_the_led
     with pytest.raises(BudgetExhaustedError):
         capped.charge_without_replacement(1.0, 10, 5, 20)
     assert capped.without_replacement == [] and capped.calls == []
+
+
+@pytest.mark.parametrize("accountant", ["prv", "pld"])
+def test_a_fixed_cohort_federation_refuses_a_user_level_accountant_other_than_rdp(accountant):
+    """Only dp-accounting's RDP accounts m of N drawn without replacement: the config says
+    so in one line before any round runs, naming the field; Poisson cohorts take it."""
+    fed = {"num_clients": 10, "clients_per_round": 5, "user_dp_clip": 1.0, "user_dp_noise": 1.0, "population": 100,
+           "user_dp_accountant": accountant}
+    with pytest.raises(ConfigError) as refused:
+        build_config({"federation": {**fed, "cohort_sampling": "fixed"}})
+    message = str(refused.value)
+    assert message.startswith(f"federation.user_dp_accountant = {accountant!r}") and "'rdp'" in message
+    assert "\n" not in message
+    poisson = Strategy(build_config({"federation": {**fed, "cohort_sampling": "poisson"}}))
+    assert poisson.user_ledger.accountant == accountant
+    with pytest.raises(ConfigError, match="federation.user_dp_accountant = 'moments'"):
+        build_config({"federation": {**fed, "cohort_sampling": "poisson", "user_dp_accountant": "moments"}})

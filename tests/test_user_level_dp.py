@@ -125,3 +125,97 @@ def test_the_charge_is_checkpointed_before_the_new_adapter_is_evaluated(tmp_path
     server.finish_round(1, [ClientReply(n, "ok", _state(n), 10, 1.0) for n in (1, 2)], time.perf_counter(), 0,
                         evaluate=evaluate, cohort=cohort)
     assert seen == {"round": 1, "charged": [[1.0, 0.5, 1]], "same": True}
+
+
+def _within_clip(seed, clip=1.0):
+    """A reply whose update (reply - _state(0)) has norm below `clip`: clipping leaves it as it is."""
+    reference, rng = _state(0), np.random.default_rng(seed)
+    update = OrderedDict((k, rng.normal(size=v.shape)) for k, v in reference.items())
+    size = np.sqrt(sum(np.sum(u ** 2) for u in update.values()))
+    return OrderedDict((k, (reference[k] + update[k] * (0.8 * clip / size)).astype(np.float32)) for k in reference)
+
+
+@pytest.mark.parametrize("sampling, cohort", [
+    ("poisson", Cohort(registered=10, sampled=(1, 2, 3), method="poisson", rate=0.5, expected_size=5.0)),
+    ("fixed", Cohort(registered=10, sampled=(1, 2, 3), method="fixed", rate=0.3, expected_size=3.0)),
+])
+def test_the_plain_and_the_secure_path_release_the_same_noisy_step_and_charge_the_same(sampling, cohort):
+    """One user-level step serves both paths: the plain path clips and sums the updates,
+    the secure path gets their mean (each clipped by its node); with the same seeded noise
+    the new adapter and the ledger are the same."""
+    from fedtune.federation.aggregate import deltas, sum_updates
+    from fedtune.federation.strategy import Strategy
+
+    config = _config(sampling, noise_seed=4, clients_per_round=3)
+    reference = _state(0)
+    replies = [ClientReply(n, "ok", _within_clip(n), 10, 1.0) for n in cohort.sampled]
+    plain, secure = Strategy(config), Strategy(config)
+    by_plain = plain.aggregate(3, reference, replies, cohort)
+    total = sum_updates(deltas([r.arrays for r in replies], reference), reference)
+    mean = OrderedDict((k, v / len(replies)) for k, v in total.items())
+    by_secure = secure.aggregate_secure(3, reference, mean, len(replies), cohort)
+    assert all(np.allclose(by_plain[k], by_secure[k], rtol=0, atol=1e-6) for k in reference)
+    assert not all(np.allclose(by_plain[k], reference[k] + total[k] / cohort.expected_size, atol=1e-3)
+                   for k in reference)  # the noise is on
+    charged = [(s.user_ledger.history, s.user_ledger.without_replacement, s.user_ledger.epsilon())
+               for s in (plain, secure)]
+    assert charged[0] == charged[1] and (charged[0][0] or charged[0][1])
+
+
+def test_the_user_level_step_releases_the_same_for_either_path_given_the_same_sum():
+    """The step itself, bit for bit: the same clipped sum and seed give the same release."""
+    from fedtune.federation.aggregate import constrain_sensitivity, deltas, sum_updates
+    from fedtune.federation.strategy import Strategy
+
+    config = _config(noise_seed=8)
+    reference = _state(0)
+    updates = deltas([_state(n) for n in (1, 2, 3)], reference)  # norms above the clip: clipping matters
+    cohort = Cohort(registered=10, sampled=(1, 2, 3), method="poisson", rate=0.5, expected_size=5.0)
+    first, second = Strategy(config).user_level, Strategy(config).user_level
+    by_method = first.step(1, reference, first.clipped_sum(updates, reference), cohort)
+    by_hand = second.step(1, reference, sum_updates(constrain_sensitivity(updates, 1.0), reference), cohort)
+    assert all(np.array_equal(by_method[k], by_hand[k]) for k in reference)
+    assert first.ledger.history == second.ledger.history == [(1.0, 0.5, 1)]
+
+
+@pytest.mark.parametrize("accountant", ["prv", "pld"])
+def test_a_poisson_federation_keeps_the_user_level_accountant_it_asked_for(accountant, tmp_path):
+    from fedtune.privacy import PrivacyLedger
+
+    cohort = Cohort(registered=10, sampled=(1, 2, 3), method="poisson", rate=0.5, expected_size=5.0)
+    server, record = _run(_config(user_dp_accountant=accountant), tmp_path, 2, cohort)
+    assert server.user_ledger.accountant == accountant and server.user_ledger.history == [(1.0, 0.5, 2)]
+    expected = PrivacyLedger(accountant, 1 / 100, None)
+    expected.charge(1.0, 0.5, 2)
+    assert record["user_epsilon"] == pytest.approx(expected.epsilon(), rel=1e-12)
+    resumed = FederationServer.start_or_resume(_config(user_dp_accountant=accountant), tmp_path, _state(0),
+                                               list(_state(0)))
+    assert resumed.user_ledger.accountant == accountant
+
+
+def test_the_audit_harness_injects_its_step_and_its_noise_off_control_is_charged_as_non_private():
+    """The federated audit's canaries and noise-off control live in the harness's step,
+    handed to the Strategy; the released sum is the nodes' clipped sum plus the canaries
+    that joined, and the ledger says no noise ran."""
+    from fedtune.federation.aggregate import constrain_sensitivity, deltas, sum_updates
+    from fedtune.federation.strategy import Strategy
+    from fedtune.privacy.canaries import UpdateCanaries
+    from simulations.federated_audit import AuditedUserLevelDP
+
+    config, reference, randomness = _config(noise_seed=2), _state(0), Randomness(2)
+    canaries = UpdateCanaries(reference, 6, randomness)
+    step = AuditedUserLevelDP.from_config(config, randomness, canaries=canaries, noise_off=True)
+    strategy = Strategy(config, user_level=step)
+    assert strategy.user_level is step and not hasattr(strategy, "canaries") and not hasattr(strategy, "noise_off")
+    cohort = Cohort(registered=10, sampled=(1, 2), method="poisson", rate=1.0, expected_size=2.0)
+    replies = [ClientReply(n, "ok", _state(n), 10, 1.0) for n in (1, 2)]
+    new = strategy.aggregate(1, reference, replies, cohort)
+    nodes = sum_updates(constrain_sensitivity(deltas([r.arrays for r in replies], reference), 1.0), reference)
+    released = {k: (new[k].astype(np.float64) - reference[k]) * 2.0 for k in reference}
+    canary_part = np.concatenate([(released[k] - nodes[k]).ravel() for k in reference])  # rate 1: all included join
+    assert np.allclose(np.sort(canary_part)[-6:], np.sort(canaries.included * 1.0), atol=1e-5)
+    assert np.allclose(np.sort(canary_part)[:-6], 0.0, atol=1e-5) and canaries.included.any()
+    assert np.allclose(canaries.scores, canaries.included * 1.0, atol=1e-12) and canaries.rounds == 1
+    assert strategy.user_ledger.non_private_steps == 1 and strategy.user_ledger.history == []
+    with pytest.raises(ConfigError, match="user_dp_noise = 0"):
+        Strategy(_config(user_dp_noise=0.0, user_dp_clip=0.0), user_level=step)

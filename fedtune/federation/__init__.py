@@ -13,5 +13,6 @@ are read by config validation and never import `fedtune.config`.
     cohort             which nodes train, from secret randomness
     server             `FederationServer`: global adapter, rounds, resumable state
     checkpoint         one safetensors file per federation, replaced atomically
-    central_eval       the server's own held-out evaluation of each global adapter
+    central_eval       the server's own held-out evaluation of each global adapter, and of
+                       an instruct run's initial one (the zero-shot baseline)
 """

@@ -11,17 +11,16 @@ named tensors; `fedtune.federation.strategy` decides which of them a round uses.
 * Robustness: `capped_weights` (no reply weighs more than a multiple of the round's median
   example count) and `clip_to` (an update's norm at most a bound).
 * User-level DP (McMahan et al. 2018) in two separate steps, as pfl-research separates
-  them, so secure aggregation can later sit between them: `constrain_sensitivity` (each
-  node's update clipped to S) and `add_noise` (N(0, (z S)^2) on the sum, divided by the
-  expected cohort size).
-* `ServerOptimizer`: FedAdam / FedYogi (Reddi et al. 2021) on the aggregated update, with a
-  state that checkpoints; FedAdam bias-corrects its step as Flower's does.
+  them, so secure aggregation can sit between them: `constrain_sensitivity` (each node's
+  update clipped to S) and `add_noise` (N(0, (z S)^2) on the sum, divided by the expected
+  cohort size); `sum_updates` is the sum between them, which SecAgg+ computes instead when
+  it runs.
+* Server optimizers (FedAvg, FedAdam, FedYogi) live in `fedtune.federation.server_optimizers`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -87,7 +86,8 @@ def coordinate_median(states: Sequence[State], weights: Sequence[float] = ()) ->
     return OrderedDict((k, np.median(np.stack([s[k] for s in states]), axis=0)) for k in states[0])
 
 
-def trimmed_mean(states: Sequence[State], weights: Sequence[float] = (), cut: float = 0.2) -> "OrderedDict[str, np.ndarray]":
+def trimmed_mean(states: Sequence[State], weights: Sequence[float] = (),
+                 cut: float = 0.2) -> "OrderedDict[str, np.ndarray]":
     """Coordinate-wise mean after dropping the `cut` share at each end, unweighted (Flower's
     `aggregate_trimmed_avg`, itself scipy's `trim_mean`)."""
     if not 0 <= cut < 0.5:
@@ -131,6 +131,13 @@ def constrain_sensitivity(updates: Sequence[State], clip_norm: float) -> list["O
     return [clip_to(update, clip_norm) for update in updates]
 
 
+def sum_updates(updates: Sequence[State], reference: State) -> "OrderedDict[str, np.ndarray]":
+    """The per-tensor sum of `updates` in float64, in `reference`'s order (zeros for none):
+    the clipped sum that user-level DP releases."""
+    return OrderedDict((k, sum((np.asarray(u[k], np.float64) for u in updates), np.zeros(np.shape(v), np.float64)))
+                       for k, v in reference.items())
+
+
 def add_noise(updates: Sequence[State], reference: State, clip_norm: float, noise_multiplier: float,
               expected_clients: float, rng: np.random.Generator) -> "OrderedDict[str, np.ndarray]":
     """User-level DP, step 2: N(0, (z S)^2) on the sum, divided by the *expected* cohort
@@ -141,55 +148,6 @@ def add_noise(updates: Sequence[State], reference: State, clip_norm: float, nois
         total = sum((np.asarray(u[key], np.float64) for u in updates), np.zeros(value.shape, np.float64))
         out[key] = (total + rng.normal(0.0, noise_multiplier * clip_norm, size=value.shape)) / expected_clients
     return out
-
-
-@dataclass
-class ServerOptimizer:
-    """FedAvg (`kind="fedavg"`: take the aggregate), FedAdam or FedYogi on the update.
-
-    FedAdam's step is bias-corrected exactly as Flower's FedAdam does it (eta x sqrt(1 -
-    beta2^(t+1)) / (1 - beta1^(t+1)) in round t); FedYogi is not, as in Flower."""
-
-    kind: str = "fedavg"
-    learning_rate: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    m: dict = field(default_factory=dict)
-    v: dict = field(default_factory=dict)
-
-    KINDS = ("fedavg", "fedadam", "fedyogi")
-
-    def __post_init__(self) -> None:
-        if self.kind not in self.KINDS:
-            raise ValueError(f"server optimizer {self.kind!r}: expected one of {', '.join(self.KINDS)}")
-
-    def apply(self, global_state: State, aggregate: State, server_round: int = 1) -> "OrderedDict[str, np.ndarray]":
-        if self.kind == "fedavg":
-            return OrderedDict((k, np.asarray(aggregate[k]).astype(global_state[k].dtype)) for k in global_state)
-        step = self.learning_rate
-        if self.kind == "fedadam":
-            step *= np.sqrt(1 - self.beta2 ** (server_round + 1.0)) / (1 - self.beta1 ** (server_round + 1.0))
-        out = OrderedDict()
-        for key, current in global_state.items():
-            delta = aggregate[key].astype(np.float64) - current
-            m = self.m.get(key, np.zeros_like(delta))
-            v = self.v.get(key, np.zeros_like(delta))
-            m = self.beta1 * m + (1 - self.beta1) * delta
-            if self.kind == "fedadam":
-                v = self.beta2 * v + (1 - self.beta2) * delta**2
-            else:
-                v = v - (1 - self.beta2) * delta**2 * np.sign(v - delta**2)
-            self.m[key], self.v[key] = m, v
-            out[key] = (current + step * m / (np.sqrt(v) + self.tau)).astype(current.dtype)
-        return out
-
-    def state_arrays(self) -> dict[str, np.ndarray]:
-        return {**{f"m/{k}": v for k, v in self.m.items()}, **{f"v/{k}": v for k, v in self.v.items()}}
-
-    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.m = {k[2:]: np.asarray(v) for k, v in arrays.items() if k.startswith("m/")}
-        self.v = {k[2:]: np.asarray(v) for k, v in arrays.items() if k.startswith("v/")}
 
 
 def unflatten(vector: np.ndarray, shapes: "OrderedDict[str, tuple]") -> "OrderedDict[str, np.ndarray]":

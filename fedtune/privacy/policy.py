@@ -8,8 +8,11 @@ budget lives and which metrics may leave. The server's configuration reaches a n
 a request that names anything else is refused with `PolicyRefusal`, naming the field,
 and the node trains nothing and releases nothing.
 
-`OWNERS` lists every configuration field and who decides it; it is the one place to read
-(and the closing table of docs/deployment.md is generated from it). In train-local and
+Who decides a field is declared once, beside its default and help, in its `opt()` metadata
+(`fedtune.config`): its owner and why, and, for a field a deployed node sets itself, its
+policy key. `OWNERS` (every configuration field and who decides it), `NODE_CONFIG_KEYS` (a
+deployed node's policy keys), the `fedtune client` policy flags and the closing table of
+docs/deployment.md are generated from it, so they cannot drift apart. In train-local and
 `fedtune simulate` one config plays both roles: `NodePolicy.from_config` takes the node's
 fields from it and `server_request` the server's, so simulation runs the deployment code
 path. A `flwr run` simulation takes its nodes' policy from the node side only
@@ -22,109 +25,56 @@ import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, get_origin, get_type_hints
 
-from fedtune.config import SECTIONS, Config, build_config, toml_value
+# The owner constants live with `opt()` (config must not import the policy); importers of them here keep working.
+from fedtune.config import NODE, SECTIONS, SERVER, SERVER_ALONE, WITHIN_POLICY, Config, build_config, toml_value
 from fedtune.errors import ConfigError, FedtuneError
 
-NODE = "node"
-SERVER = "server"
-WITHIN_POLICY = "server, within the node's policy"
-SERVER_ALONE = "server alone (never sent to nodes)"
 
-# field -> (who decides, why). A test checks that every Config field is listed.
-OWNERS: dict[str, tuple[str, str]] = {
-    "model.path": (NODE, "the node loads its own local copy; a server may not name a path on the node"),
-    "model.task": (SERVER, "the federation's task"),
-    "model.max_seq_len": (SERVER, "tokens per example: compute, not privacy"),
-    "model.device": (NODE, "the node's hardware"),
-    "model.max_new_tokens": (SERVER, "answer length when scoring by generation: compute, not privacy"),
-    "adapter.method": (SERVER, "the PEFT method every node attaches (fedtune.models.adapter_methods)"),
-    "adapter.num_virtual_tokens": (SERVER, "prefix-tuning adapter shape, federation-wide"),
-    "lora.rank": (SERVER, "adapter shape: every node must match to be averaged"),
-    "lora.alpha": (SERVER, "adapter scaling, federation-wide"),
-    "lora.dropout": (SERVER, "regularisation, federation-wide"),
-    "lora.target_modules": (SERVER, "adapter shape, federation-wide"),
-    "lora.train_head": (SERVER, "what trains, federation-wide"),
-    "lora.ffa": (SERVER, "FFA-LoRA: A frozen on every node"),
-    "lora.top_layers": (SERVER, "adapter shape: which blocks carry adapters, federation-wide"),
-    "dp.enabled": (WITHIN_POLICY, "false is honoured only where the node's policy allows non-private training (never by default)"),
-    "dp.target_epsilon": (WITHIN_POLICY, "calibration target of this training: at most the node's max_epsilon"),
-    "dp.delta": (WITHIN_POLICY, "0 = the node's own; a stricter (smaller) delta is honoured, a larger one refused"),
-    "dp.noise_multiplier": (SERVER, "a fixed sigma: any value is safe, the ledger refuses what would pass the cap"),
-    "dp.max_grad_norm": (SERVER, "clipping norm C: the noise is sigma x C, privacy does not depend on C"),
-    "dp.mode": (WITHIN_POLICY, "\"distributed\" is honoured only where the node's policy joins distributed rounds (node.distributed); the node adds only its share of the noise, calibrated to its own t"),
-    "dp.distributed_bits": (SERVER, "the modulus of the integer sum: utility, not privacy (the node checks that secure aggregation carries its integers exactly)"),
-    "dp.accountant": (NODE, "how the node counts its own epsilon"),
-    "dp.grad_sample_mode": (SERVER, "how per-sample gradients are computed: the same mechanism either way"),
-    "dp.secure_mode": (NODE, "the node's random number generator"),
-    "dp.noise_seed": (NODE, "reproducible noise would let whoever knows the seed replay the release"),
-    "training.epochs": (SERVER, "local epochs per round (the noise is calibrated for them)"),
-    "training.rounds": (SERVER, "planned rounds (the noise is calibrated for them; the ledger caps any more)"),
-    "training.batch_size": (SERVER, "expected Poisson batch size"),
-    "training.learning_rate": (SERVER, "optimisation"),
-    "training.optimizer": (SERVER, "optimisation"),
-    "training.weight_decay": (SERVER, "optimisation"),
-    "training.seed": (SERVER, "LoRA init and splits, which every node must share; never the DP noise"),
-    "training.precision": (SERVER, "fp32 or bf16 forward pass"),
-    "training.physical_batch_size": (NODE, "the node's memory: the same DP-SGD step, run in chunks"),
-    "data.dataset": (NODE, "the node's data is its own"),
-    "data.path": (NODE, "the node's data is its own; a server may not name a path on the node"),
-    "data.text_column": (NODE, "which column of the node's own file holds the text"),
-    "data.label_column": (NODE, "which column of the node's own file holds the label"),
-    "data.prompt_column": (NODE, "which column of the node's own file holds the prompt"),
-    "data.response_column": (NODE, "which column of the node's own file holds the response"),
-    "data.messages_column": (NODE, "which column of the node's own file holds chat messages"),
-    "data.val_fraction": (SERVER, "the node's validation share (evaluation releases are charged anyway)"),
-    "data.eval_path": (NODE, "the node's evaluation file; a server may not name a path on the node"),
-    "data.max_examples": (NODE, "the node trains on the data it chose"),
-    "data.labels": (SERVER, "the federation's label set, so ids agree on every node"),
-    "federation.proximal_mu": (SERVER, "FedProx pull towards the global adapter: post-processing, privacy-free"),
-    **{f"federation.{name}": (SERVER_ALONE, "the server's own round settings")
-       for name in ("clients_per_round", "min_clients", "max_update_norm", "adaptive_norm_bound", "weight_cap",
-                    "aggregator", "trim_fraction", "server_optimizer", "server_learning_rate",
-                    "secure_aggregation", "secagg_threshold", "secagg_share_fraction", "secagg_clip",
-                    "secagg_clipping_range", "secagg_quantization_range",
-                    "user_dp_clip", "user_dp_noise", "cohort_sampling", "population", "user_dp_delta", "num_clients",
-                    "partitioner", "dirichlet_alpha", "partition_column", "client_files", "ray_address",
-                    "round_timeout", "central_eval_path", "central_holdout", "rows_per_client")},
-    "node.labels": (NODE, "the labels the node's data may hold: a server's label list must include them (a check of "
-                          "the request against the policy, never against the rows)"),
-    **{f"node.{name}": (NODE, "the node's own policy")
-       for name in ("max_epsilon", "budget_dir", "release_train_loss", "release_evaluation",
-                    "metric_noise_multiplier", "metric_loss_clip", "max_evaluations_per_round", "max_unreleased_rounds",
-                    "require_secure_aggregation", "secagg_max_clip", "distributed",
-                    "distributed_min_contributors")},
-}
+@dataclass(frozen=True)
+class NodeKey:
+    """One key of a deployed node's policy (its SuperNode node config, a `--policy` file)
+    and the `fedtune client` flag that sets it, read off the field's `opt()` metadata."""
 
-# A deployed node's policy keys (SuperNode node config / `fedtune client` / a policy file).
-NODE_CONFIG_KEYS: dict[str, str] = {
-    "max-epsilon": "node.max_epsilon",
-    "delta": "dp.delta",
-    "accountant": "dp.accountant",
-    "model-path": "model.path",
-    "device": "model.device",
-    "data-path": "data.path",
-    "eval-path": "data.eval_path",
-    "text-column": "data.text_column",
-    "label-column": "data.label_column",
-    "prompt-column": "data.prompt_column",
-    "response-column": "data.response_column",
-    "messages-column": "data.messages_column",
-    "physical-batch-size": "training.physical_batch_size",
-    "budget-dir": "node.budget_dir",
-    "release-train-loss": "node.release_train_loss",
-    "release-evaluation": "node.release_evaluation",
-    "metric-noise-multiplier": "node.metric_noise_multiplier",
-    "metric-loss-clip": "node.metric_loss_clip",
-    "max-evaluations-per-round": "node.max_evaluations_per_round",
-    "max-unreleased-rounds": "node.max_unreleased_rounds",
-    "require-secure-aggregation": "node.require_secure_aggregation",
-    "secagg-max-clip": "node.secagg_max_clip",
-    "labels": "node.labels",
-    "distributed": "node.distributed",
-    "distributed-min-contributors": "node.distributed_min_contributors",
-}
+    key: str    # e.g. "max-epsilon"
+    field: str  # the config field it sets, e.g. "node.max_epsilon"
+    flag: str   # the `fedtune client` flag, without its dashes: the key unless the field names another
+    help: str   # the field's help
+    client_help: str | None  # the flag's own help, where the flag needs other words than the field's
+    kind: Any   # the field's type: bool, int, float, str, or tuple[str, ...] (comma-separated text on a flag)
+    default: Any
+
+
+def _declared_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """(section.key, field, type) for every configuration field, in config order."""
+    return [(f"{section}.{f.name}", f, get_type_hints(kind)[f.name])
+            for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)]
+
+
+def _node_keys() -> tuple[NodeKey, ...]:
+    """Every field that names a `node_key`, as a policy key and its flag; two fields claiming
+    one key or one flag would make a node's policy ambiguous, so that stops the import."""
+    keys = tuple(NodeKey(f.metadata["node_key"], name, f.metadata["client_flag"] or f.metadata["node_key"],
+                         f.metadata["help"], f.metadata["client_help"], kind, f.default)
+                 for name, f, kind in _declared_fields() if f.metadata["node_key"])
+    for attribute in ("key", "flag"):
+        seen = [getattr(k, attribute) for k in keys]
+        doubled = sorted({name for name in seen if seen.count(name) > 1})
+        if doubled:  # a bug in fedtune.config, not user input
+            raise TypeError(f"node policy {attribute} {doubled[0]!r} is declared by two config fields")
+    return keys
+
+
+# field -> (who decides, why), from each field's `opt(owner=..., why=...)`; every Config field is here.
+OWNERS: dict[str, tuple[str, str]] = {name: (f.metadata["owner"], f.metadata["why"])
+                                      for name, f, _ in _declared_fields()}
+
+# A deployed node's policy keys (SuperNode node config / `fedtune client` / a policy file),
+# from each field's `opt(node_key=...)`, in config order.
+NODE_KEYS: tuple[NodeKey, ...] = _node_keys()
+NODE_CONFIG_KEYS: dict[str, str] = {k.key: k.field for k in NODE_KEYS}
+_LIST_KEYS = frozenset(k.key for k in NODE_KEYS if get_origin(k.kind) is tuple)  # comma-separated in a node config
 ALLOW_NON_PRIVATE_KEY = "allow-non-private"
 REQUEST_KEY = "fedtune-request"  # where a server message carries its request (TOML text)
 # In a SecAgg+ round the request travels in Flower's fit config, with these:
@@ -215,7 +165,7 @@ class NodePolicy:
                 raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(NODE_CONFIG_KEYS))}, "
                                   f"{ALLOW_NON_PRIVATE_KEY}, {STATE_DIR_KEY})")
             section, field = NODE_CONFIG_KEYS[key].split(".")
-            if field == "labels" and isinstance(value, str):  # node config values are scalars: "neg,pos"
+            if key in _LIST_KEYS and isinstance(value, str):  # node config values are scalars: "neg,pos"
                 value = [label.strip() for label in value.split(",") if label.strip()]
             raw.setdefault(section, {})[field] = value
         if "max_epsilon" not in raw.get("node", {}):
@@ -316,7 +266,7 @@ def _check_labels(config: Config, own: tuple[str, ...]) -> None:
 
 def ownership_table() -> list[tuple[str, str, str]]:
     """(field, who decides, why) for every configuration field, in config order."""
-    return [(name, *OWNERS[name]) for name in _all_fields()]
+    return [(name, owner, why) for name, (owner, why) in OWNERS.items()]  # OWNERS is built in config order
 
 
 def ownership_markdown() -> str:
@@ -324,7 +274,3 @@ def ownership_markdown() -> str:
     rows = ["| field | who decides | why |", "|---|---|---|"]
     rows += [f"| `{name}` | {owner} | {why} |" for name, owner, why in ownership_table()]
     return "\n".join(rows) + "\n"
-
-
-def _all_fields() -> list[str]:
-    return [f"{section}.{f.name}" for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)]

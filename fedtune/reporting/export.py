@@ -1,9 +1,14 @@
-"""`fedtune export`: a server checkpoint -> a stock PEFT adapter directory or a merged model."""
+"""`fedtune export`: a server checkpoint -> a stock PEFT adapter directory or a merged model.
+
+A federation's server exports its global adapter the same way when its last round is done
+(`export_federation`), so run-dir/adapter and `fedtune export`'s folder carry one card.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.models.adapter_io import load_state, save_adapter_dir, save_merged
 from fedtune.federation.checkpoint import load_checkpoint
@@ -13,6 +18,9 @@ from fedtune.errors import FedtuneError
 from fedtune.training.local import build_model
 from fedtune.models.base import load_tokenizer, resolve_model_path
 from fedtune.training.model_card import base_model_reference, federation_privacy_lines, model_card
+
+if TYPE_CHECKING:
+    from fedtune.federation.server import FederationServer
 
 
 def export_checkpoint(source: str | Path, out: str | Path, merged: bool = False) -> Path:
@@ -33,9 +41,7 @@ def export_checkpoint(source: str | Path, out: str | Path, merged: bool = False)
     model = build_model(config, tokenizer, num_labels)
     load_state(model, checkpoint.adapter)
     extra = {"fedtune_round.json": json.dumps({"round": checkpoint.round}, indent=2),
-             "README.md": federation_card(config, checkpoint.meta, checkpoint.round)}
-    if num_labels:
-        extra["label_map.json"] = json.dumps(LabelMap.from_config(config.data.labels).to_dict(), indent=2)
+             **_adapter_files(config, checkpoint.meta, checkpoint.round)}
     if merged:
         save_merged(model, out, tokenizer)
         for name, text in extra.items():
@@ -49,3 +55,22 @@ def federation_card(config, meta: dict, rounds: int) -> str:
     nodes = len(meta.get("node_epsilon", {}))
     return model_card(config, federation_privacy_lines(meta, config),
                       f"federated, {rounds} of {config.training.rounds} planned rounds, {nodes} nodes took part")
+
+
+def export_federation(model, server: FederationServer, out: str | Path) -> Path:
+    """A federation's end: `server`'s global adapter loaded into `model` (the run's own, built
+    from the same config) and saved as a stock PEFT adapter directory with its card and label
+    map. Its round is in the run dir's checkpoint and metrics, so no round file is added."""
+    config = server.config
+    load_state(model, server.adapter)
+    meta = {"node_epsilon": server.node_epsilon, "node_privacy": server.node_privacy, **server.strategy.state_meta()}
+    return save_adapter_dir(model, out, _adapter_files(config, meta, server.round_done),
+                            base_reference=base_model_reference(config))
+
+
+def _adapter_files(config, meta: dict, rounds: int) -> dict[str, str]:
+    """What goes beside the adapter's weights: its model card, and a classifier's label map."""
+    files = {"README.md": federation_card(config, meta, rounds)}
+    if config.task_is_classification and config.data.labels:
+        files["label_map.json"] = json.dumps(LabelMap.from_config(config.data.labels).to_dict(), indent=2)
+    return files
