@@ -36,11 +36,10 @@ from fedtune.data.named import Table
 from fedtune.errors import ConfigError
 from fedtune.federation.central_eval import central_evaluator, write_zero_shot
 from fedtune.federation.cohort import Cohort
-from fedtune.federation.server import ClientReply, FederationServer, RoundFailedError
+from fedtune.federation.server import ClientReply, FederationServer, RoundFailedError, check_federation_config
 from fedtune.federation.strategy import short_reason
 from fedtune.models.adapter_io import adapter_state, trainable_keys
 from fedtune.models.base import load_tokenizer, resolve_model_path
-from fedtune.privacy import ddgauss
 from fedtune.privacy.policy import DISTRIBUTED_FIELD, REQUEST_KEY, SECAGG_CLIP_FIELD, request_text, server_request
 from fedtune.reporting.export import export_federation
 from fedtune.reporting.progress import RoundProgress
@@ -105,40 +104,13 @@ def run_federation(grid: Grid, config: Config, run_dir: str | Path, **options) -
     """Rounds until `training.rounds`, resuming from the run dir's checkpoint; then the global
     adapter is exported and the run report written. `options`: the fields of `RunOptions`."""
     options = RunOptions(**options)
-    check_config(config)
+    check_federation_config(config)
     run = _start(grid, config, Path(run_dir), options)
     for server_round in range(run.server.round_done + 1, config.training.rounds + 1):
         record = _play_round(run, server_round)
         _after_round(run, server_round, record)
     _finish(run)
     return run.server
-
-
-def check_config(config: Config) -> None:
-    """What a federation must settle before anything runs (nodes cannot agree on it later)."""
-    if config.task_is_classification and not config.data.labels:
-        raise ConfigError("data.labels: a federation must fix its label set (e.g. labels = [\"neg\", \"pos\"]) "
-                          "so that every node maps labels to the same ids")
-    check_distributed(config)
-
-
-def check_distributed(config: Config) -> None:
-    """A distributed-DP federation's settings, checked before anything runs: the noise goes on
-    inside secure aggregation, so that must be on; user-level noise and a fixed noise
-    multiplier are the server's to set right."""
-    if config.dp.mode != "distributed":
-        return
-    if not config.federation.secure_aggregation:
-        raise ConfigError("dp.mode = 'distributed' needs federation.secure_aggregation = true: each node adds only a "
-                          "share of the noise, which is enough only inside the masked sum")
-    if not config.dp.enabled:
-        raise ConfigError("dp.mode = 'distributed' needs dp.enabled = true")
-    if not config.dp.noise_multiplier > 0:
-        raise ConfigError("dp.noise_multiplier: set the noise multiplier of a distributed-DP federation (every node "
-                          "adds its share of it; `fedtune simulate` calibrates it from dp.target_epsilon)")
-    if config.federation.user_dp_noise > 0:
-        raise ConfigError("federation.user_dp_noise: user-level noise and distributed DP are separate modes; "
-                          "choose one")
 
 
 def _start(grid: Grid, config: Config, run_dir: Path, options: RunOptions) -> _Run:
@@ -342,24 +314,13 @@ def _distributed_round(run: _Run, this: _Round, bytes_sent: int) -> dict:
     """A distributed-DP round: SecAgg+ carries each node's integer vector (its part of one
     DP-SGD step, with its noise share); the server decodes the modular sum and steps."""
     server, config = run.server, run.server.config
-    keys = list(server.travel_keys)
-    dim = int(sum(np.size(server.adapter[k]) for k in keys))
-    bits, clip = config.dp.distributed_bits, config.dp.max_grad_norm
-    granularity = ddgauss.choose_granularity(clip, bits, dim, len(this.cohort.sampled) * config.training.batch_size,
-                                             config.dp.noise_multiplier)
-    seed = int(server.randomness.numpy_generator("server", "rotation", this.number).integers(2 ** 62))
-    announced = {"granularity": granularity, "rotation_seed": seed, "keys": keys}
+    announced = server.distributed_announcement(this.number, this.cohort)
     fit_config = {**_round_config(run, this.number), DISTRIBUTED_FIELD: json.dumps(announced)}
-    secure = secure_round(run.grid, list(this.cohort.sampled), server.payload(this.number), keys, fit_config,
-                          config.federation, this.number, integer_bits=bits)
+    secure = secure_round(run.grid, list(this.cohort.sampled), server.payload(this.number), announced["keys"],
+                          fit_config, config.federation, this.number, integer_bits=config.dp.distributed_bits)
     replies = [_released(node, secure.metrics[node]) for node in secure.contributors]
-    noisy_sum = None
-    extra = {"secure_failures": [short_reason(f) for f in secure.failures]}
-    if secure.modular_sum is not None:
-        extra["wrapped_share"] = ddgauss.wrapped_share(secure.modular_sum, bits)
-        spec = ddgauss.DDGaussSpec(clip=clip, granularity=granularity, bits=bits, contributors=max(1, len(replies)),
-                                   noise_multiplier=config.dp.noise_multiplier, dim=dim)
-        noisy_sum = ddgauss.decode(secure.modular_sum, spec, seed)
+    noisy_sum, decoded = server.decode_distributed(secure.modular_sum, announced, len(replies))
+    extra = {"secure_failures": [short_reason(f) for f in secure.failures], **decoded}
     this.outcome["extra"] = {**this.outcome.get("extra", {}), **extra}
     return server.finish_distributed_round(this.number, noisy_sum, replies, this.cohort, this.started, bytes_sent,
                                            secure.reason, **this.outcome)

@@ -32,9 +32,37 @@ from fedtune.federation.cohort import Cohort
 from fedtune.config import Config, config_from_toml_text
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.federation.strategy import ClientReply, Strategy
+from fedtune.privacy import ddgauss
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
+
+
+def check_federation_config(config: Config) -> None:
+    """What a federation must settle before anything runs (nodes cannot agree on it later)."""
+    if config.task_is_classification and not config.data.labels:
+        raise ConfigError("data.labels: a federation must fix its label set (e.g. labels = [\"neg\", \"pos\"]) "
+                          "so that every node maps labels to the same ids")
+    check_distributed(config)
+
+
+def check_distributed(config: Config) -> None:
+    """A distributed-DP federation's settings, checked before anything runs: the noise goes on
+    inside secure aggregation, so that must be on; user-level noise and a fixed noise
+    multiplier are the server's to set right."""
+    if config.dp.mode != "distributed":
+        return
+    if not config.federation.secure_aggregation:
+        raise ConfigError("dp.mode = 'distributed' needs federation.secure_aggregation = true: each node adds only a "
+                          "share of the noise, which is enough only inside the masked sum")
+    if not config.dp.enabled:
+        raise ConfigError("dp.mode = 'distributed' needs dp.enabled = true")
+    if not config.dp.noise_multiplier > 0:
+        raise ConfigError("dp.noise_multiplier: set the noise multiplier of a distributed-DP federation (every node "
+                          "adds its share of it; `fedtune simulate` calibrates it from dp.target_epsilon)")
+    if config.federation.user_dp_noise > 0:
+        raise ConfigError("federation.user_dp_noise: user-level noise and distributed DP are separate modes; "
+                          "choose one")
 
 
 class RoundFailedError(FedtuneError):
@@ -143,6 +171,32 @@ class FederationServer:
             server_round, noisy_sum is not None, replies, cohort, started, bytes_sent, reason,
             lambda reference: self.strategy.aggregate_distributed(server_round, reference, noisy_sum, len(replies)),
             evaluate, evaluation, {"secure_aggregation": True, "dp_mode": "distributed", **(extra or {})})
+
+    def distributed_announcement(self, server_round: int, cohort: Cohort) -> dict:
+        """What a distributed-DP round tells its nodes: the encoding's granularity (sized for
+        the cohort's expected total batch within the modulus), this round's secret rotation
+        seed and the order of the tensors in the flat vector."""
+        config = self.config
+        keys = list(self.travel_keys)
+        dim = int(sum(np.size(self.adapter[k]) for k in keys))
+        granularity = ddgauss.choose_granularity(config.dp.max_grad_norm, config.dp.distributed_bits, dim,
+                                                 len(cohort.sampled) * config.training.batch_size,
+                                                 config.dp.noise_multiplier)
+        seed = int(self.randomness.numpy_generator("server", "rotation", server_round).integers(2 ** 62))
+        return {"granularity": granularity, "rotation_seed": seed, "keys": keys}
+
+    def decode_distributed(self, modular_sum, announced: dict, contributors: int) -> tuple:
+        """(the decoded noisy sum or None, record extras) from SecAgg+'s modular sum of the
+        contributors' integer vectors, as `announced`."""
+        if modular_sum is None:
+            return None, {}
+        config, bits = self.config, self.config.dp.distributed_bits
+        dim = int(sum(np.size(self.adapter[k]) for k in announced["keys"]))
+        spec = ddgauss.DDGaussSpec(clip=config.dp.max_grad_norm, granularity=announced["granularity"], bits=bits,
+                                   contributors=max(1, contributors), noise_multiplier=config.dp.noise_multiplier,
+                                   dim=dim)
+        return (ddgauss.decode(modular_sum, spec, announced["rotation_seed"]),
+                {"wrapped_share": ddgauss.wrapped_share(modular_sum, bits)})
 
     def _finish_masked(self, server_round: int, unmasked: bool, replies: list[ClientReply], cohort: Cohort,
                        started: float, bytes_sent: int, reason: str, combine, evaluate, evaluation: str,
