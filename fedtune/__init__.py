@@ -1,8 +1,10 @@
 """fedtune: private federated fine-tuning of LoRA adapters.
 
-The core library: configuration, data, model + LoRA, DP-SGD training, the privacy
-ledger, adapter I/O and evaluation. It never imports Flower: everything that decides a
-privacy guarantee or an aggregate is plain torch / numpy, testable without a federation.
+The core library, one package per concern, lowest first: `system`, `data`, `models`,
+`privacy`, `training`, `federation`, `reporting`, `audit`; `config` and `errors` are shared
+by all, `cli` sits on top (tests/test_layers.py keeps the arrows pointing down). It never
+imports Flower: everything that decides a privacy guarantee or an aggregate is plain
+torch / numpy, testable without a federation.
 """
 
 __version__ = "0.1.0"
