@@ -73,9 +73,10 @@ learning_rate = 0.01
 target_epsilon = 8.0
 noise_seed = 0  # reproducible noise (benchmark only): the same batches in every variant
 [federation]
-num_clients = {variant.registered}
 clients_per_round = {variant.per_round}
 min_clients = {variant.per_round}
+[simulation]
+num_clients = {variant.registered}
 rows_per_client = {ROWS_PER_CLIENT}
 central_holdout = {HELD_OUT / (rows + HELD_OUT):.6f}
 """

@@ -64,12 +64,13 @@ learning_rate = {self.learning_rate}
 [dp]
 enabled = false
 [federation]
-num_clients = {self.clients}
 clients_per_round = {self.cohort}
 min_clients = {self.cohort}
-central_holdout = {500 / (self.clients * self.rows_per_client + 500):.6f}
 user_dp_clip = {self.clip}
 user_dp_noise = {self.noise_multiplier}
+[simulation]
+num_clients = {self.clients}
+central_holdout = {500 / (self.clients * self.rows_per_client + 500):.6f}
 """
 
     def describe(self) -> str:
@@ -110,14 +111,16 @@ def run_pfl(config_path: Path, out: Path) -> None:
     from fedtune.models.base import load_tokenizer, resolve_model_path
     from simulations.partition import client_table, held_out_table
     from simulations.run import prepare_simulation
+    from simulations.settings import simulation_settings
 
     config = prepare_simulation(load_config(config_path))
     fed, training = config.federation, config.training
+    clients = simulation_settings(config).num_clients
     torch.manual_seed(training.seed)
     np.random.seed(training.seed)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
     users = {}
-    for cid in range(fed.num_clients):
+    for cid in range(clients):
         data = prepare_data(config, tokenizer, table=client_table(config, cid), validation=False)
         users[cid] = [t.numpy() for t in data.train.tensors]
     peft_model = build_model(config, tokenizer, len(config.data.labels))

@@ -98,7 +98,8 @@ def run(nodes: int, variant: str | bool, workdir: Path) -> dict:
         "data": {"dataset": "tweets", "max_examples": nodes * ROWS_PER_NODE},
         "model": {"max_seq_len": 32}, "training": {"epochs": 1, "rounds": ROUNDS, "batch_size": 8},
         "dp": {"target_epsilon": 8.0, "noise_seed": 0},
-        "federation": {"num_clients": nodes, "clients_per_round": nodes, "min_clients": nodes},
+        "federation": {"clients_per_round": nodes, "min_clients": nodes},
+        "simulation": {"num_clients": nodes},
     }
     for name, values in VARIANTS[variant].items():
         sections.setdefault(name, {}).update(values)

@@ -77,9 +77,10 @@ learning_rate = 0.01
 target_epsilon = 8.0
 noise_seed = 0  # reproducible noise (not for production): the same batches and cohorts in every variant
 [federation]
-num_clients = {variant.registered}
 clients_per_round = {variant.per_round}
 min_clients = {variant.per_round}
+[simulation]
+num_clients = {variant.registered}
 """
 
 

@@ -33,20 +33,28 @@ NODE_SECTIONS = ("model", "adapter", "lora", "dp", "training", "data", "node")  
 def config_flags(sections=NODE_SECTIONS) -> dict[str, tuple[str, str, type]]:
     """CLI flag -> (config key, help, type), generated from the config fields that name a
     flag in their metadata (`fedtune.config.opt`): the help and defaults are the fields'."""
-    import dataclasses
-    from typing import get_type_hints
-
     from fedtune.config import SECTIONS
 
     flags = {}
     for section in sections:
-        kind = SECTIONS[section]
-        hints = get_type_hints(kind)
-        for f in dataclasses.fields(kind):
-            name = f.metadata.get("flag")
-            if name:
-                help_text = f"{f.metadata['help']} ({section}.{f.name}; default {f.default!r})".replace("%", "%%")
-                flags[name] = (f"{section}.{f.name}", help_text, hints[f.name])
+        flags.update(section_flags(section, SECTIONS[section]))
+    return flags
+
+
+def section_flags(section: str, kind: type) -> dict[str, tuple[str, str, type]]:
+    """The flags of one dataclass of fields whose metadata holds "help" and "flag": a core
+    section, or a harness table (`fedtune.config.HARNESS_TABLES`) whose fields the harness
+    declares the same way. `config_from_args` turns each into a `section.key` override."""
+    import dataclasses
+    from typing import get_type_hints
+
+    hints = get_type_hints(kind)
+    flags = {}
+    for f in dataclasses.fields(kind):
+        name = f.metadata.get("flag")
+        if name:
+            help_text = f"{f.metadata['help']} ({section}.{f.name}; default {f.default!r})".replace("%", "%%")
+            flags[name] = (f"{section}.{f.name}", help_text, hints[f.name])
     return flags
 
 

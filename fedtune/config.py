@@ -6,6 +6,10 @@ data (delta < 1/n, batch <= n) run in `check_against_data`. Every error names th
 the value, in one line.
 
 Sources, later wins: built-in defaults < TOML file < CLI `--set section.key=value`.
+
+A config also carries the tables of the layers above the core (`HARNESS_TABLES`: the
+simulation harness's [simulation]) as written, so that they travel with it; the core never
+reads their keys.
 """
 
 from __future__ import annotations
@@ -65,10 +69,17 @@ def opt(default: Any, help: str, flag: str | None = None, *, owner: str, why: st
                                             "client_help": client_help})
 
 
-def _fail(key: str, value: Any, expected: str) -> None:
+def config_error(key: str, value: Any, expected: str) -> ConfigError:
+    """The one-line error of a bad value: `key = value: expected ...`, carrying the key
+    (a node refusing a request names the field). Public so that the harness's own tables
+    (`HARNESS_TABLES`) fail in the same words."""
     error = ConfigError(f"{key} = {value!r}: expected {expected}")
-    error.key = key  # a node refusing a request names the field
-    raise error
+    error.key = key
+    return error
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise config_error(key, value, expected)
 
 
 @dataclass(frozen=True)
@@ -276,7 +287,6 @@ class NodeConfig:
 
 
 COHORT_SAMPLINGS = ("fixed", "poisson")
-PARTITIONERS = ("iid", "dirichlet", "natural", "files")
 
 
 @dataclass(frozen=True)
@@ -303,19 +313,11 @@ class FederationConfig:
     user_dp_clip: float = opt(0.0, "User-level DP (DP-FedAvg): clip each client update to this norm (0 = off) ...", owner=SERVER_ALONE, why=ROUND_SETTINGS)
     user_dp_noise: float = opt(0.0, "... and add Gaussian noise of this multiplier x clip to the sum.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
     cohort_sampling: str = opt("fixed", "How the server picks each round's cohort from the nodes actually registered: \"fixed\" (clients_per_round of them, without replacement) or \"poisson\" (each node independently with rate clients_per_round / registered nodes). Both from secret randomness. User-level DP is accounted for the sampling used: Poisson with amplification at that rate; a fixed cohort of fewer nodes than registered as sampling without replacement (replace-one: one node replaced moves the sum by twice the clip), one of every registered node as full participation (q = 1).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    population: int = opt(0, "How many nodes (users) the federation has, as the operator declares it; user-level delta defaults to 1 / (10 x population). A simulation uses num_clients when 0.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    population: int = opt(0, "How many nodes (users) the federation has, as the operator declares it; user-level delta defaults to 1 / (10 x population). A simulation uses its number of clients when 0.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
     user_dp_delta: float = opt(0.0, "User-level delta; 0 = 1 / (10 x population).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
     user_dp_accountant: str = opt("rdp", "How the server counts user-level epsilon: \"rdp\" (default; the only accountant of fixed-size cohorts drawn without replacement, so the only one with cohort_sampling = \"fixed\"), or with Poisson cohorts any accountant dp.accountant names (\"prv\", \"pld\").", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    num_clients: int = opt(3, "Simulation: virtual clients and how the dataset is split among them.", flag="num_clients", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    partitioner: str = opt("iid", "\"iid\", \"dirichlet\" (over labels, alpha below), \"natural\" (one client per value of partition_column, e.g. a hospital id) or \"files\" (one client per file in client_files). With natural and files the number of clients is the number of values / files.", flag="partitioner", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration over labels: small = skewed clients.", flag="alpha", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    partition_column: str = opt("", "The column whose values make the clients of the \"natural\" partitioner.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    client_files: str = opt("", "A folder of per-client data files (.csv / .jsonl / .parquet), taken in name order.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    ray_address: str = opt("", "Ray: \"\" starts a local Ray for the simulation; \"auto\" or \"HOST:PORT\" attaches to a running Ray cluster (its workers must have fedtune installed).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
     round_timeout: float = opt(3600.0, "Seconds the server waits for a round's replies.", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    central_eval_path: str = opt("", "Central evaluation (the server scores each new global adapter on one held-out set): a file the operator owns (same columns as the clients' data) ...", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    central_holdout: float = opt(0.0, "... or, in simulation, this share of the dataset kept back before partitioning. With neither, evaluation is federated (sampled clients' validation splits).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
-    rows_per_client: int = opt(0, "Simulation, IID or Dirichlet: give each client this many training rows (a seeded sample of the pool left after the held-out share), 0 = split the whole pool. The held-out set does not depend on it, so runs that differ only here are scored on the same rows: a data-per-client curve.", flag="rows_per_client", owner=SERVER_ALONE, why=ROUND_SETTINGS)
+    central_eval_path: str = opt("", "Central evaluation (the server scores each new global adapter on one held-out set): a file the operator owns (same columns as the clients' data). A simulation may instead keep back a share of its dataset ([simulation]). With neither, evaluation is federated (sampled clients' validation splits).", owner=SERVER_ALONE, why=ROUND_SETTINGS)
 
     def __post_init__(self) -> None:
         if self.clients_per_round <= 0:
@@ -370,7 +372,8 @@ class FederationConfig:
         if self.cohort_sampling not in COHORT_SAMPLINGS:
             _fail("federation.cohort_sampling", self.cohort_sampling, f"one of {', '.join(COHORT_SAMPLINGS)}")
         if self.population < 0:
-            _fail("federation.population", self.population, "a whole number >= 0 (0 = num_clients in simulation)")
+            _fail("federation.population", self.population,
+                  "a whole number >= 0 (0 = a simulation's number of clients)")
         if not 0 <= self.user_dp_delta < 1:
             _fail("federation.user_dp_delta", self.user_dp_delta, "a number in (0, 1), or 0 for 1 / (10 x population)")
         if self.user_dp_accountant not in ACCOUNTANTS:
@@ -378,25 +381,8 @@ class FederationConfig:
         if self.cohort_sampling == "fixed" and self.user_dp_accountant != "rdp":
             _fail("federation.user_dp_accountant", self.user_dp_accountant, "'rdp' with cohort_sampling = 'fixed' (only "
                   "dp-accounting's RDP accounts a fixed-size cohort drawn without replacement)")
-        if self.num_clients < self.clients_per_round:
-            _fail("federation.num_clients", self.num_clients, f"at least clients_per_round = {self.clients_per_round}")
-        if self.partitioner not in PARTITIONERS:
-            _fail("federation.partitioner", self.partitioner, f"one of {', '.join(PARTITIONERS)}")
-        if self.partitioner == "natural" and not self.partition_column:
-            _fail("federation.partition_column", self.partition_column, "a column name when partitioner = 'natural'")
-        if self.partitioner == "files" and not self.client_files:
-            _fail("federation.client_files", self.client_files, "a folder of per-client files when partitioner = 'files'")
-        if not self.dirichlet_alpha > 0:
-            _fail("federation.dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
         if not self.round_timeout > 0:
             _fail("federation.round_timeout", self.round_timeout, "a number of seconds > 0")
-        if not 0 <= self.central_holdout < 1:
-            _fail("federation.central_holdout", self.central_holdout, "a number in [0, 1) (0 = none)")
-        if self.rows_per_client < 0:
-            _fail("federation.rows_per_client", self.rows_per_client, "a whole number >= 0 (0 = split the whole pool)")
-        if self.rows_per_client and self.partitioner in ("natural", "files"):
-            _fail("federation.rows_per_client", self.rows_per_client, f"0 with partitioner = {self.partitioner!r} "
-                  "(its clients' sizes are the data's)")
 
 
 def secagg_bound(fed: "FederationConfig") -> float:
@@ -419,8 +405,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+    # The simulation harness's [simulation] table, kept as written (`HARNESS_TABLES`). Left out
+    # of the hash, so a Config stays a cache key (simulations.partition), and compared as a
+    # value, so configs that differ only here are different configs.
+    simulation: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        for name in HARNESS_TABLES:  # a private copy, arrays as tuples: the table is as frozen as the rest
+            object.__setattr__(self, name, _harness_table(name, getattr(self, name)))
         from fedtune.models.adapter_methods import ADAPTER_METHODS
 
         method = ADAPTER_METHODS[self.adapter.method]
@@ -443,7 +435,12 @@ class Config:
         return self.model.task == "classification"
 
     def to_dict(self) -> dict:
-        return {f.name: _section_dict(getattr(self, f.name)) for f in fields(self)}
+        """{section: {key: value}}, lists for tuples; a harness table only when it holds keys,
+        so a deployment's config.toml shows no empty [simulation]."""
+        sections = {name: _section_dict(getattr(self, name)) for name in SECTIONS}
+        tables = {name: {key: list(v) if isinstance(v, tuple) else v for key, v in getattr(self, name).items()}
+                  for name in HARNESS_TABLES if getattr(self, name)}
+        return sections | tables
 
     def to_toml(self) -> str:
         lines = []
@@ -471,11 +468,37 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-SECTIONS: dict[str, type] = get_type_hints(Config)  # section name -> its dataclass
+# Tables of a config that belong to a layer above the core: the core keeps them so that they
+# travel with a config (a run directory's config.toml, a sweep cell, a record) and round-trip
+# through TOML, but never reads their keys; the harness that owns a table owns its fields,
+# defaults and validation (`simulations.settings` for [simulation]). Not sections: no flags,
+# no node policy (a node is never sent them), no Flower run-config keys of the core's own.
+HARNESS_TABLES = ("simulation",)
+
+SECTIONS: dict[str, type] = {name: kind for name, kind in get_type_hints(Config).items()
+                             if name not in HARNESS_TABLES}  # section name -> its dataclass
+
+_TABLE_SCALARS = (str, int, float, bool)
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check one raw value against its field's type; ints may stand for floats."""
+def _harness_table(name: str, values: Any) -> dict:
+    """A harness table as the core keeps it: TOML scalars and arrays of them, checked only so
+    that `to_toml` can write them back; what they mean is the harness's to check."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table of key = value, not {type(values).__name__}")
+    table = {}
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)) and all(isinstance(v, _TABLE_SCALARS) for v in value):
+            value = tuple(value)
+        elif not isinstance(value, _TABLE_SCALARS):
+            _fail(f"{name}.{key}", value, "a string, number, true / false or an array of them")
+        table[str(key)] = value
+    return table
+
+
+def coerce_value(key: str, value: Any, annotation: Any) -> Any:
+    """Check one raw value against its field's type; ints may stand for floats. Public so
+    that a harness table (`HARNESS_TABLES`) is checked with the same one-line errors."""
     origin = get_origin(annotation)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -504,19 +527,23 @@ def build_config(raw: dict[str, Any], source: str = "config") -> Config:
     """Validate a nested {section: {key: value}} mapping into a `Config`."""
     sections = {}
     for name, values in raw.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{name}] (expected one of {', '.join(SECTIONS)})")
+        if name not in SECTIONS and name not in HARNESS_TABLES:
+            raise ConfigError(f"{source}: unknown section [{name}] (expected one of "
+                              f"{', '.join([*SECTIONS, *HARNESS_TABLES])})")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{name}] must be a table of key = value")
+        if name in HARNESS_TABLES:
+            sections[name] = values  # kept as written; its harness validates it
+            continue
         section_type = SECTIONS[name]
         hints = get_type_hints(section_type)
         kwargs = {}
         for key, value in values.items():
             if key not in hints:
-                raise ConfigError(
-                    f"{source}: unknown key {name}.{key} (known: {', '.join(hints)})"
-                )
-            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+                moved = "; a simulation's own settings (its clients and their data) live in [simulation]" \
+                    if name == "federation" else ""
+                raise ConfigError(f"{source}: unknown key {name}.{key} (known: {', '.join(hints)}){moved}")
+            kwargs[key] = coerce_value(f"{name}.{key}", value, hints[key])
         sections[name] = section_type(**kwargs)
     return Config(**sections)
 

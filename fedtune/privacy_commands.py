@@ -138,7 +138,7 @@ def _run_ledger(args) -> int:
 
 # -- advise --------------------------------------------------------------------------------
 def _advise_arguments(parser) -> None:
-    parser.add_argument("--rows-per-client", type=int, required=True, help="training rows per client")
+    parser.add_argument("--rows-per-client", dest="rows", type=int, required=True, help="training rows per client")
     parser.add_argument("--clients", type=int, required=True, help="clients averaged per round")
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
@@ -182,9 +182,10 @@ def _advise_parameters(args) -> tuple[int, str]:
 def _run_advise(args) -> int:
     from fedtune.privacy.advise import advise, recommend
 
-    for name in ("rows_per_client", "clients", "rounds", "epochs", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)}: expected a whole number > 0")
+    for flag, value in (("rows-per-client", args.rows), ("clients", args.clients), ("rounds", args.rounds),
+                        ("epochs", args.epochs), ("batch-size", args.batch_size)):
+        if value <= 0:
+            raise ConfigError(f"--{flag} = {value}: expected a whole number > 0")
     if not args.epsilon > 0:
         raise ConfigError(f"--epsilon = {args.epsilon:g}: expected a number > 0")
     params, source = _advise_parameters(args)
@@ -192,7 +193,7 @@ def _run_advise(args) -> int:
     if args.data:
         coherence = _advise_probe(args)
     print(f"trainable parameters: {params:,} ({source})")
-    a = advise(args.rows_per_client, args.clients, args.rounds, args.epochs, args.batch_size, args.epsilon,
+    a = advise(args.rows, args.clients, args.rounds, args.epochs, args.batch_size, args.epsilon,
                params, args.delta, args.accountant, coherence.coherence if coherence else None)
     print(f"mechanism: noise multiplier {a.noise_multiplier:.4f}, sample rate {a.sample_rate:.4g}, "
           f"{a.steps_per_round} steps per round, {a.steps} in all, delta {a.delta:.3g} ({args.accountant})")
@@ -206,7 +207,7 @@ def _run_advise(args) -> int:
               f"run against that signal: {measured}. Reported only: on the measured points it did not make the "
               "verdict more often right (docs/results/records/advise/calibration.json)")
     print(f"verdict: {a.verdict}")
-    best = recommend(args.rows_per_client, args.clients, args.rounds, args.epochs, args.epsilon, params,
+    best = recommend(args.rows, args.clients, args.rounds, args.epochs, args.epsilon, params,
                      args.delta, args.accountant)
     if best is not None and best.batch_size != a.batch_size:
         print(f"recommended: batch size {best.batch_size} for the same rounds and epochs (noise multiplier "

@@ -1,7 +1,7 @@
 """`fedtune.simulate(...)`: a simulation from a notebook, returning its tables.
 
     import fedtune
-    result = fedtune.simulate({"dp.target_epsilon": 3, "training.rounds": 2})
+    result = fedtune.simulate({"dp.target_epsilon": 3, "training.rounds": 2, "simulation.num_clients": 5})
     result.metrics[["round", "accuracy", "epsilon_max"]]    # one row per round
     result.ledger.groupby("client").epsilon_after.max()     # every client's own ledger
     result.run_dir                                          # config.toml, adapter/, summary.md
@@ -22,6 +22,7 @@ from fedtune.config import Config, build_config, load_config, merge_overrides
 from fedtune.errors import ConfigError
 from fedtune.reporting.frames import RunResult, load_run
 from simulations.defaults import default_config_path
+from simulations.settings import simulation_settings
 
 
 def _override_list(overrides: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
@@ -48,11 +49,14 @@ def resolve_config(config: Config | str | Path | Mapping | None = None,
         config, overrides = None, {**config, **(overrides or {})}
     extra = _override_list(overrides or {})
     if isinstance(config, Config):
-        return build_config(merge_overrides(config.to_dict(), extra), source="overrides")
-    if config is not None and not isinstance(config, (str, Path)):
+        resolved = build_config(merge_overrides(config.to_dict(), extra), source="overrides")
+    elif config is not None and not isinstance(config, (str, Path)):
         raise ConfigError(f"config = {type(config).__name__}: expected a TOML path, a fedtune Config, "
                           "or a mapping of overrides")
-    return load_config(config or default_config_path(), extra)
+    else:
+        resolved = load_config(config or default_config_path(), extra)
+    simulation_settings(resolved)  # a mistake in [simulation] ("simulation.num_clients": 0) raises here too
+    return resolved
 
 
 def simulate(config: Config | str | Path | Mapping | None = None, overrides: Mapping[str, Any] | None = None, *,

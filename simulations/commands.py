@@ -9,8 +9,10 @@ from pathlib import Path
 from fedtune.cli import NODE_SECTIONS, add_config_flags, config_flags, config_from_args
 from fedtune.reporting.tracking import parse_log_to
 from simulations.defaults import default_config_path
+from simulations.settings import simulation_flags, simulation_settings
 
-SIMULATE_FLAGS = config_flags(NODE_SECTIONS + ("federation",))  # the nodes' and the federation's fields
+# the nodes' and the federation's fields, and the harness's own [simulation] table (--num-clients, ...)
+SIMULATE_FLAGS = {**config_flags(NODE_SECTIONS + ("federation",)), **simulation_flags()}
 DEFAULT_TEXT = ("simulations/default.toml (BBC News, 5 clients, all 5 every round, 5 rounds, epsilon 8); with "
                 "--task instruct, simulations/instruct.toml (SmolLM2-135M-Instruct on tweets-instruct, 5 clients)")
 
@@ -45,6 +47,7 @@ def add_run_flags(parser) -> None:
 
 def run_simulate(args) -> int:
     config = config_from_args(args, default_file=default_config_path(args.task))  # before torch and Flower load
+    simulation_settings(config)  # so is a mistake in [simulation]
     log_to = parse_log_to(args.log_to)
     from simulations.run import simulate
 
@@ -75,10 +78,11 @@ def register_sweep(subparsers) -> None:
 
 def run_sweep(args) -> int:
     config = config_from_args(args, default_file=default_config_path())
+    settings = simulation_settings(config)
     from simulations.sweep import grid, sweep
 
     log_to = parse_log_to(args.log_to)  # before any cell runs
-    cells = grid(args.epsilons, args.clients or str(config.federation.num_clients), args.partitions,
+    cells = grid(args.epsilons, args.clients or str(settings.num_clients), args.partitions,
                  args.ffa_modes, args.seeds)
     sweep(config, cells, args.out, simulate_args=("--cpus-per-client", str(args.cpus_per_client), "--engine", args.engine,
                                                   *(("--log-to", ",".join(log_to)) if log_to else ())))

@@ -11,7 +11,7 @@ a fresh clone regenerates it in seconds.
 
 The splits, fixed for every cell and seed: the dataset's rows -> 15% held-out test rows
 (seed 1) -> of the rest, 15% validation rows (seed 2) -> the pool. Each seed draws its
-clients' rows (`federation.rows_per_client`) from the pool with its own seed. Tuning runs
+clients' rows (`simulation.rows_per_client`) from the pool with its own seed. Tuning runs
 (seed 0) score on the validation rows; each method's learning rate is the best there;
 the reported cells (seeds 0, 1, 2) score on the test rows, touched once per cell.
 
@@ -86,8 +86,8 @@ def _config(method: str, rate: float, seed: int, data: Path, evaluation: Path, b
     sections.setdefault("node", {})["budget_dir"] = str(budget)
     if method in FEDERATED:
         fed = sections.setdefault("federation", {})
-        fed.update({"num_clients": SITES, "clients_per_round": SITES, "rows_per_client": ROWS,
-                    "central_eval_path": str(evaluation)})
+        fed.update({"clients_per_round": SITES, "central_eval_path": str(evaluation)})
+        sections.setdefault("simulation", {}).update({"num_clients": SITES, "rows_per_client": ROWS})
         fed.setdefault("min_clients", SITES)
         if method == "distributed":  # the server's Adam steps on the decoded gradient
             fed["server_learning_rate"] = rate

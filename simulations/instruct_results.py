@@ -35,6 +35,7 @@ from fedtune.system.atomic import atomic_write_json, atomic_write_text
 from fedtune.errors import FedtuneError
 from simulations.records import (MIN_SEEDS, RECORDS, field_error, load_record, machine_line, mean_sd, missing_field,
                                  plain_json, provenance_lines, shown, write_record)
+from simulations.settings import simulation_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_DIR = RECORDS / "instruct"
@@ -171,7 +172,8 @@ def _common(config) -> dict:
     from fedtune.system.machine import machine_description
     from simulations.defaults import default_config_path
 
-    return {"dataset": config.data.dataset, "rows_per_node": config.data.max_examples // config.federation.num_clients,
+    return {"dataset": config.data.dataset,
+            "rows_per_node": config.data.max_examples // simulation_settings(config).num_clients,
             "base_config": Path(default_config_path("instruct")).read_text(encoding="utf-8"),
             "config": config.to_toml(), "machine_description": machine_description()}
 
@@ -335,7 +337,7 @@ def prediction_lines(dataset: str) -> list[str]:
 
     config = setting_config("dp-eps8", dataset, 0)
     t, nodes = config.training, config.federation.clients_per_round
-    rows = config.data.max_examples // config.federation.num_clients
+    rows = config.data.max_examples // simulation_settings(config).num_clients
     rate = t.batch_size / rows
 
     def ratio(n: int) -> float:

@@ -2,14 +2,14 @@
 
 IID, Dirichlet(alpha) over labels, natural by a column (one client per value, e.g. a
 hospital id or a drug-review condition) and pre-split per-client files (one client per
-file, partitioned naturally by file). Seeded. When `federation.central_holdout` is set, that
+file, partitioned naturally by file). Seeded. When `simulation.central_holdout` is set, that
 share of the dataset is kept back for the server's central evaluation *before*
 partitioning, so no client ever trains on it. Each worker process partitions once (cached).
+The settings come from the config's [simulation] table (`simulations.settings`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from fedtune.config import Config
 from fedtune.data.tables import SUPPORTED_SUFFIXES, load_table, read_for_task, select, subsample, train_val_split
 from fedtune.data.named import Table, fixed_split
 from fedtune.errors import ConfigError, DataError
+from simulations.settings import simulation_settings, with_simulation
 
 FILE_COLUMN = "__client_file__"
 
@@ -27,7 +28,7 @@ FILE_COLUMN = "__client_file__"
 def _client_files(folder: str) -> list[Path]:
     path = Path(folder)
     if not path.is_dir():
-        raise DataError(f"federation.client_files = {folder!r}: not a folder")
+        raise DataError(f"simulation.client_files = {folder!r}: not a folder")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES)
     if not files:
         raise DataError(f"{folder}: no .csv, .jsonl or .parquet files (one per client expected)")
@@ -38,44 +39,44 @@ def _client_files(folder: str) -> list[Path]:
 def _builtin_split(config: Config) -> tuple[Table, Table] | None:
     """(train rows, fixed held-out rows) of a built-in task that has a fixed split, else None;
     loaded once per config (the partitioner and the held-out set both need it)."""
-    if config.data.path or config.federation.partitioner == "files":
+    if config.data.path or simulation_settings(config).partitioner == "files":
         return None
     return fixed_split(load_table(config.data, config.model.task))
 
 
 def source_table(config: Config) -> Table:
     """The whole dataset; for pre-split files, their concatenation tagged with the file."""
-    fed = config.federation
-    if fed.partitioner != "files":
+    sim = simulation_settings(config)
+    if sim.partitioner != "files":
         split = _builtin_split(config)  # a built-in instruct task trains on its train rows only
         table = split[0] if split is not None else load_table(config.data, config.model.task)
         return subsample(table, config.data.max_examples, config.training.seed)
     texts, labels, tags = [], [], []
-    for number, path in enumerate(_client_files(fed.client_files)):
+    for number, path in enumerate(_client_files(sim.client_files)):
         part = read_for_task(path, config.data, config.model.task)
         texts += part.texts
         labels += part.labels
         tags += [f"{number:05d}"] * len(part)
-    return Table(texts, labels, {FILE_COLUMN: tags}, fed.client_files)
+    return Table(texts, labels, {FILE_COLUMN: tags}, sim.client_files)
 
 
 def _partitioner(config: Config, table: Table):
-    fed, seed = config.federation, config.training.seed
-    if fed.partitioner == "dirichlet":
-        return DirichletPartitioner(num_partitions=fed.num_clients, partition_by="label", alpha=fed.dirichlet_alpha,
+    sim, seed = simulation_settings(config), config.training.seed
+    if sim.partitioner == "dirichlet":
+        return DirichletPartitioner(num_partitions=sim.num_clients, partition_by="label", alpha=sim.dirichlet_alpha,
                                     min_partition_size=2, self_balancing=True, seed=seed)
-    if fed.partitioner in ("natural", "files"):
+    if sim.partitioner in ("natural", "files"):
         return NaturalIdPartitioner(partition_by="group")
-    return IidPartitioner(num_partitions=fed.num_clients)
+    return IidPartitioner(num_partitions=sim.num_clients)
 
 
 def _group_column(config: Config, table: Table) -> list[str] | None:
-    fed = config.federation
-    column = FILE_COLUMN if fed.partitioner == "files" else fed.partition_column
-    if fed.partitioner not in ("natural", "files"):
+    sim = simulation_settings(config)
+    column = FILE_COLUMN if sim.partitioner == "files" else sim.partition_column
+    if sim.partitioner not in ("natural", "files"):
         return None
     if column not in table.extra:
-        raise DataError(f"{table.source}: federation.partition_column = {column!r} is not a column "
+        raise DataError(f"{table.source}: simulation.partition_column = {column!r} is not a column "
                         f"(columns: {', '.join(table.extra) or 'none besides text and label'})")
     return table.extra[column]
 
@@ -85,10 +86,11 @@ def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
     table = source_table(config)
     held_out = None
     split = _builtin_split(config)
+    holdout = simulation_settings(config).central_holdout
     if split is not None:
         held_out = split[1]  # the task's fixed held-out rows (never trained on) win over central_holdout
-    elif config.federation.central_holdout > 0:
-        table, held_out = train_val_split(table, config.federation.central_holdout, config.training.seed + 1)
+    elif holdout > 0:
+        table, held_out = train_val_split(table, holdout, config.training.seed + 1)
     table = _pool_of_size(table, config)
     labels = [str(x) for x in table.labels] if table.labels else [""] * len(table)
     columns = {"row": list(range(len(table))), "label": labels}
@@ -106,14 +108,14 @@ def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
 def _pool_of_size(table: Table, config: Config) -> Table:
     """The training pool cut to rows_per_client x num_clients rows (seeded), after the
     held-out share was taken: every point of a data-per-client curve scores on the same rows."""
-    fed = config.federation
-    if not fed.rows_per_client:
+    sim = simulation_settings(config)
+    if not sim.rows_per_client:
         return table
-    wanted = fed.rows_per_client * fed.num_clients
+    wanted = sim.rows_per_client * sim.num_clients
     if wanted > len(table):
-        raise ConfigError(f"federation.rows_per_client = {fed.rows_per_client}: {fed.num_clients} clients need "
+        raise ConfigError(f"simulation.rows_per_client = {sim.rows_per_client}: {sim.num_clients} clients need "
                           f"{wanted} rows, the training pool of {table.source} has {len(table)} (after the held-out "
-                          f"share); expected at most {len(table) // fed.num_clients}")
+                          f"share); expected at most {len(table) // sim.num_clients}")
     return subsample(table, wanted, config.training.seed + 2)
 
 
@@ -124,14 +126,15 @@ def count_partitions(config: Config) -> int:
 
 def with_partition_count(config: Config) -> Config:
     """Natural and file partitioning fix the number of clients; set it (and check the cohort)."""
-    if config.federation.partitioner not in ("natural", "files"):
+    partitioner = simulation_settings(config).partitioner
+    if partitioner not in ("natural", "files"):
         return config
     count = count_partitions(config)
     fed = config.federation
     if fed.clients_per_round > count:
-        raise ConfigError(f"federation.clients_per_round = {fed.clients_per_round}: the {fed.partitioner} "
+        raise ConfigError(f"federation.clients_per_round = {fed.clients_per_round}: the {partitioner} "
                           f"partitioning yields only {count} clients")
-    return config.replace(federation=dataclasses.replace(fed, num_clients=count))
+    return with_simulation(config, num_clients=count)
 
 
 def training_pool(config: Config) -> Table:
@@ -149,14 +152,14 @@ def client_table(config: Config, partition_id: int) -> Table:
 
 
 def held_out_table(config: Config) -> Table | None:
-    """The server's central evaluation set (None without `federation.central_holdout`)."""
+    """The server's central evaluation set (None without `simulation.central_holdout`)."""
     return _partitioned(config)[1]
 
 
 def partition_report(config: Config) -> list[dict]:
     """Size and label histogram of every client's partition."""
     report = []
-    for pid in range(config.federation.num_clients):
+    for pid in range(simulation_settings(config).num_clients):
         part = client_table(config, pid)
         histogram: dict[str, int] = {}
         for label in part.labels:

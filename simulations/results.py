@@ -134,9 +134,10 @@ def federated_config(cell: Cell, data: Path, evaluation: Path, budget: Path) -> 
     partition = {"partitioner": "iid"} if cell.partition == "iid" else {
         "partitioner": "dirichlet", "dirichlet_alpha": float(cell.partition.split("-", 1)[1])}
     sections.setdefault("federation", {}).update({
-        "num_clients": cell.shape.clients, "clients_per_round": cell.shape.clients,
-        "min_clients": max(1, cell.shape.clients - 2), "rows_per_client": cell.shape.rows,
-        "central_eval_path": str(evaluation), **partition})
+        "clients_per_round": cell.shape.clients, "min_clients": max(1, cell.shape.clients - 2),
+        "central_eval_path": str(evaluation)})
+    sections.setdefault("simulation", {}).update({
+        "num_clients": cell.shape.clients, "rows_per_client": cell.shape.rows, **partition})
     sections["data"] = {"path": str(data)}
     sections["node"] = {"budget_dir": str(budget)}
     return build_config(sections, source=f"results study: {cell.name}")

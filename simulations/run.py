@@ -3,7 +3,9 @@
 Every virtual client is a real Flower ClientApp (`clients.client_app.app`); each keeps
 its ledger in `RUN_DIR/clients/client-NNNNN/`, exactly as a deployed node keeps its
 `state-dir`, so privacy state persists across the ephemeral ClientApps. Ray runs locally
-unless `federation.ray_address` names a running cluster to attach to.
+unless `simulation.ray_address` names a running cluster to attach to. The harness's own
+settings (clients, partitioning, Ray, held-out share) are the config's [simulation] table
+(`simulations.settings`); every run records the table resolved, defaults included.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fedtune.reporting.run_report import DATA_SUMMARY_FILE
 from fedtune.run_config import CONFIG_KEY, FIELD_OF_KEY, RUN_DIR_KEY, UNSET, config_from_run_config
 from fedtune.reporting.tracking import parse_log_to
 from simulations.defaults import default_config_path
+from simulations.settings import RUN_CONFIG_FIELDS, simulation_settings, with_simulation
 
 flower_environment()  # before Flower's modules load (this module imports them lazily)
 
@@ -54,15 +57,18 @@ def with_labels(config: Config) -> Config:
 
 
 def prepare_simulation(config: Config) -> Config:
-    """Resolve what the data decides (labels, client count) and the population every
+    """Resolve the [simulation] table (every field written, so the run's config.toml says
+    what ran), what the data decides (labels, client count) and the population every
     virtual client belongs to, before anything runs."""
     from simulations.partition import with_partition_count
 
-    if config.data.path == "" and not config.data.dataset and config.federation.partitioner != "files":
+    config = with_simulation(config)  # validated here, before any data loads
+    if config.data.path == "" and not config.data.dataset and simulation_settings(config).partitioner != "files":
         raise ConfigError("data.dataset: a simulation needs a dataset to partition")
     config = with_partition_count(with_labels(config))
     if not config.federation.population:
-        config = config.replace(federation=dataclasses.replace(config.federation, population=config.federation.num_clients))
+        clients = simulation_settings(config).num_clients
+        config = config.replace(federation=dataclasses.replace(config.federation, population=clients))
     return with_distributed_noise(config)
 
 
@@ -80,7 +86,7 @@ def with_distributed_noise(config: Config) -> Config:
     config = config.replace(node=dataclasses.replace(config.node, distributed=True))
     if config.dp.noise_multiplier > 0:
         return config
-    smallest = min(len(client_table(config, pid)) for pid in range(config.federation.num_clients))
+    smallest = min(len(client_table(config, pid)) for pid in range(simulation_settings(config).num_clients))
     # the rows a node trains on: all of them when the server evaluates centrally, else all
     # but its validation split (as `fedtune.data.tables.train_val_split` cuts it)
     central = held_out_table(config) is not None or bool(config.federation.central_eval_path)
@@ -230,9 +236,10 @@ def _flwr_run_nodes(run_config: tuple, source: str, stamp: int) -> SimulationNod
 def flwr_run_config(run_config) -> Config:
     """The simulation a `flwr run simulations/flwr_app` run config describes (the server
     side): its `config` TOML (else the built-in default) with every `--run-config` value
-    applied and checked. Node-owned fields are refused (`_refuse_node_fields`)."""
+    applied and checked (the [simulation] table's fields too: `simulation.num-clients=10`).
+    Node-owned fields are refused (`_refuse_node_fields`)."""
     _refuse_node_fields(run_config, str(run_config.get(CONFIG_KEY) or ""), simulation_policy_source())
-    return prepare_simulation(config_from_run_config(run_config, default_config_path()))
+    return prepare_simulation(config_from_run_config(run_config, default_config_path(), extra=RUN_CONFIG_FIELDS))
 
 
 def flwr_run_setup(context) -> "NodeSetup":
@@ -262,9 +269,10 @@ def ray_backend(config: Config, num_cpus_per_client: float, num_gpus_per_client:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray-"))
     init_args: dict = {"include_dashboard": False}
-    if config.federation.ray_address:
-        check_ray_address(config.federation.ray_address)
-        init_args["address"] = config.federation.ray_address
+    address = simulation_settings(config).ray_address
+    if address:
+        check_ray_address(address)
+        init_args["address"] = address
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
     return {"client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": num_gpus_per_client},
@@ -333,11 +341,11 @@ def check_ray_address(address: str, timeout: float = 10.0) -> None:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"federation.ray_address = {address!r}: expected \"auto\" or HOST:PORT of a Ray head")
+        raise ConfigError(f"simulation.ray_address = {address!r}: expected \"auto\" or HOST:PORT of a Ray head")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise ConfigError(f"federation.ray_address = {address!r}: no Ray head answers there ({exc.strerror or exc}); "
+        raise ConfigError(f"simulation.ray_address = {address!r}: no Ray head answers there ({exc.strerror or exc}); "
                           "start one with `ray start --head` or leave the address empty for a local Ray") from None
 
 
@@ -372,13 +380,14 @@ def choose_engine(engine: str, config: Config, backend: dict) -> str:
     says why)."""
     if engine not in ENGINES:
         raise ConfigError(f"--engine = {engine!r}: expected one of {', '.join(ENGINES)}")
-    if engine == "in-process" and config.federation.ray_address:
-        raise ConfigError(f"--engine in-process: federation.ray_address = {config.federation.ray_address!r} "
+    address = simulation_settings(config).ray_address
+    if engine == "in-process" and address:
+        raise ConfigError(f"--engine in-process: simulation.ray_address = {address!r} "
                           "names a Ray cluster; leave it empty or use --engine ray")
     if engine != "auto":
         return engine
     one_worker = workers(backend) == 1 and not backend["client_resources"]["num_gpus"]
-    return "in-process" if one_worker and not config.federation.ray_address else "ray"
+    return "in-process" if one_worker and not address else "ray"
 
 
 def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
@@ -415,6 +424,6 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     with in_process_engine() if engine == "in-process" else contextlib.nullcontext() as compute:
         run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
                                                   node_time_share=share, log_to=log_to, compute=compute),
-                       client_app=client_app, num_supernodes=config.federation.num_clients,
+                       client_app=client_app, num_supernodes=simulation_settings(config).num_clients,
                        backend_config=backend)
     return run_dir

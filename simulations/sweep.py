@@ -31,6 +31,7 @@ from fedtune.system.atomic import atomic_write_json, atomic_write_text
 from fedtune.config import Config
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.reporting.run_report import read_metrics
+from simulations.settings import with_simulation
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,21 @@ class Cell:
         return f"{self.num_clients} clients, {self.partition}, {'FFA-LoRA' if self.ffa else 'LoRA'}"
 
     def config(self, base: Config) -> Config:
+        """The base config with this cell's settings; its [simulation] table resolved, so
+        the cell's cell.toml says every setting it ran with."""
         fed = base.federation
         partition = {"partitioner": "iid"} if self.partition == "iid" else {
             "partitioner": "dirichlet", "dirichlet_alpha": float(self.partition.split("-", 1)[1])}
         per_round = min(fed.clients_per_round, self.num_clients)
-        return base.replace(
+        config = base.replace(
             dp=dataclasses.replace(base.dp, enabled=not math.isinf(self.epsilon),
                                    target_epsilon=self.epsilon if math.isfinite(self.epsilon) else base.dp.target_epsilon),
-            federation=dataclasses.replace(fed, num_clients=self.num_clients, clients_per_round=per_round,
-                                           min_clients=min(fed.min_clients, per_round), **partition),
+            federation=dataclasses.replace(fed, clients_per_round=per_round,
+                                           min_clients=min(fed.min_clients, per_round)),
             lora=dataclasses.replace(base.lora, ffa=self.ffa),
             training=dataclasses.replace(base.training, seed=self.seed),
         )
+        return with_simulation(config, num_clients=self.num_clients, **partition)
 
 
 def _values(text: str, key: str, parse) -> list:
@@ -122,12 +126,17 @@ def cell_finished(run_dir: Path, rounds: int) -> bool:
 
 
 def _ran_with(config_path: Path) -> Config | None:
-    """The configuration a cell ran with (fields added since then take their defaults)."""
-    from fedtune.config import config_from_toml_text
+    """The configuration a cell ran with (fields added since then take their defaults; the
+    simulation settings it kept in [federation] before they moved count as [simulation]'s)."""
+    import tomllib
+
+    from fedtune.config import build_config
+    from simulations.settings import moved_from_federation
 
     try:
-        return config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path))
-    except FedtuneError:
+        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        return build_config(moved_from_federation(raw), source=str(config_path))
+    except (FedtuneError, tomllib.TOMLDecodeError):
         return None
 
 
@@ -176,7 +185,7 @@ def centralized_baseline(base: Config, out: Path, log=print, filename: str = "ba
     config = prepare_simulation(base.replace(dp=dataclasses.replace(base.dp, enabled=False)))
     pool, held_out = training_pool(config), held_out_table(config)
     if held_out is None:
-        raise ConfigError("federation.central_holdout: a sweep needs a held-out share (e.g. 0.15) to compare cells")
+        raise ConfigError("simulation.central_holdout: a sweep needs a held-out share (e.g. 0.15) to compare cells")
     epochs = config.training.rounds * config.training.epochs
     config = config.replace(training=dataclasses.replace(config.training, rounds=1, epochs=epochs))
     tokenizer = load_tokenizer(resolve_model_path(config.model))

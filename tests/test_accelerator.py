@@ -54,7 +54,7 @@ def test_several_virtual_clients_share_one_gpu(tiny_bert, sentiment_csv, tmp_pat
     from simulations.run import simulate
 
     config = tiny_config(tiny_bert, sentiment_csv, model={"device": "cuda"}, training={"rounds": 1, "epochs": 1},
-                         federation={"num_clients": 4, "clients_per_round": 4, "min_clients": 4})
+                         federation={"clients_per_round": 4, "min_clients": 4}, simulation={"num_clients": 4})
     run_dir = simulate(config, tmp_path / "run", num_cpus_per_client=0.5, num_gpus_per_client=0.25)
     assert len(read_metrics(run_dir)) == 1
 

@@ -233,8 +233,8 @@ def test_audit_command_bad_input_is_one_line(tiny_bert, audit_data, tmp_path, ca
 def _federation(tiny_bert, data, seed):
     return tiny_config(tiny_bert, data, dp={"noise_seed": seed, "target_epsilon": 8.0},
                        training={"rounds": 2, "epochs": 1, "batch_size": 16},
-                       federation={"num_clients": 3, "clients_per_round": 3, "min_clients": 2, "user_dp_clip": 0.5,
-                                   "user_dp_noise": 3.0, "population": 1_000_000})
+                       federation={"clients_per_round": 3, "min_clients": 2, "user_dp_clip": 0.5,
+                                   "user_dp_noise": 3.0, "population": 1_000_000}, simulation={"num_clients": 3})
 
 
 def test_canary_clients_audit_user_level_dp_and_catch_it_without_noise(tiny_bert, audit_data, tmp_path):
@@ -262,6 +262,7 @@ def test_canary_clients_audit_user_level_dp_and_catch_it_without_noise(tiny_bert
 def test_a_federation_without_user_level_dp_has_nothing_to_audit(tiny_bert, audit_data):
     from simulations.federated_audit import audit_user_level
 
-    config = tiny_config(tiny_bert, audit_data, federation={"num_clients": 3, "clients_per_round": 3, "min_clients": 2})
+    config = tiny_config(tiny_bert, audit_data, federation={"clients_per_round": 3, "min_clients": 2},
+                         simulation={"num_clients": 3})
     with pytest.raises(ConfigError, match="user_dp_noise = 0"):
         audit_user_level(config, echo=lambda line: None)

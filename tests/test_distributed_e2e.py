@@ -12,6 +12,7 @@ import pytest
 from fedtune.errors import ConfigError
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy import ddgauss_accounting as acc
+from simulations.settings import simulation_settings
 from tests.conftest import make_texts, tiny_config, write_csv
 
 
@@ -19,9 +20,9 @@ def _config(tiny_bert, tmp_path, rounds=3, **sections):
     data = write_csv(tmp_path / "rows.csv", make_texts(150, seed=4))
     raw = {"training": {"rounds": rounds, "epochs": 1, "batch_size": 8},
            "dp": {"mode": "distributed", "target_epsilon": 8.0},
-           "federation": {"num_clients": 4, "clients_per_round": 4, "min_clients": 3, "secure_aggregation": True,
-                          "secagg_threshold": 0.75, "central_holdout": 0.2, "server_optimizer": "fedadam",
-                          "server_learning_rate": 0.05},
+           "federation": {"clients_per_round": 4, "min_clients": 3, "secure_aggregation": True,
+                          "secagg_threshold": 0.75, "server_optimizer": "fedadam", "server_learning_rate": 0.05},
+           "simulation": {"num_clients": 4, "central_holdout": 0.2},
            "node": {"distributed_min_contributors": 3}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -80,10 +81,10 @@ def test_the_simulations_noise_keeps_the_smallest_node_within_its_epsilon(tiny_b
     from simulations.partition import client_table
     from simulations.run import prepare_simulation
 
-    config = prepare_simulation(_config(tiny_bert, tmp_path, rounds=4, federation={"central_holdout": holdout}))
+    config = prepare_simulation(_config(tiny_bert, tmp_path, rounds=4, simulation={"central_holdout": holdout}))
     z = config.dp.noise_multiplier
     assert z > 0 and config.node.distributed
-    smallest = min(len(client_table(config, pid)) for pid in range(config.federation.num_clients))
+    smallest = min(len(client_table(config, pid)) for pid in range(simulation_settings(config).num_clients))
     trained = smallest if holdout else smallest - max(1, round(smallest * config.data.val_fraction))
     rate = config.training.batch_size / trained
     delta = config.dp.resolved_delta(smallest)

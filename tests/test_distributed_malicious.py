@@ -40,8 +40,8 @@ def _server(tiny_bert, **dp):
     return build_config({"model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"labels": ["neg", "pos"]},
                          "training": {"epochs": 1, "batch_size": 8, "rounds": 1},
                          "dp": {"mode": "distributed", "noise_multiplier": NOISE, "distributed_bits": BITS, **dp},
-                         "federation": {"secure_aggregation": True, "num_clients": 4, "clients_per_round": 4,
-                                        "min_clients": 3}})
+                         "federation": {"secure_aggregation": True, "clients_per_round": 4, "min_clients": 3},
+                         "simulation": {"num_clients": 4}})
 
 
 @pytest.fixture(scope="module")
@@ -379,8 +379,9 @@ def test_dropouts_below_t_after_collect_halt_the_real_workflow_and_every_charge_
     config = tiny_config(tiny_bert, write_csv(tmp_path / "rows.csv", make_texts(150, seed=4)),
                          training={"rounds": 1, "epochs": 1, "batch_size": 8},
                          dp={"mode": "distributed", "target_epsilon": 8.0},
-                         federation={"num_clients": 4, "clients_per_round": 4, "min_clients": 3,
-                                     "secure_aggregation": True, "secagg_threshold": 0.75, "central_holdout": 0.2},
+                         federation={"clients_per_round": 4, "min_clients": 3, "secure_aggregation": True,
+                                     "secagg_threshold": 0.75},
+                         simulation={"num_clients": 4, "central_holdout": 0.2},
                          node={"distributed_min_contributors": 3})
     run = tmp_path / "run"
     with pytest.raises(RoundFailedError, match="round 1: secure aggregation halted"):

@@ -118,7 +118,7 @@ def test_a_ray_address_nobody_answers_at_is_a_one_line_error_at_once(tiny_bert, 
     started = time.monotonic()
     _one_line_error(["simulate", "--model", str(tiny_bert), "--data", str(sentiment_csv), "--max-seq-len", "16",
                      "--num-clients", "2", "--clients-per-round", "2", "--min-clients", "2",
-                     "--set", f'federation.ray_address="127.0.0.1:{port}"', "--out", str(tmp_path / "run")],
+                     "--set", f'simulation.ray_address="127.0.0.1:{port}"', "--out", str(tmp_path / "run")],
                     capsys, "no Ray head answers there")
     assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
 
@@ -127,7 +127,7 @@ def test_simulated_nodes_share_a_rounds_timeout_with_those_queued_behind_them():
     from fedtune.config import build_config
     from simulations.run import node_time_share
 
-    config = build_config({"federation": {"num_clients": 5, "clients_per_round": 5, "min_clients": 2}})
+    config = build_config({"federation": {"clients_per_round": 5, "min_clients": 2}, "simulation": {"num_clients": 5}})
     backend = {"client_resources": {"num_cpus": 1.0}, "init_args": {"num_cpus": 2}}
     assert node_time_share(config, backend) == 1 / 3  # 5 nodes on 2 workers: 3 in a row at most
     backend["init_args"]["num_cpus"] = 8

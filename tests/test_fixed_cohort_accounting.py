@@ -94,7 +94,7 @@ def _state(seed):
 
 
 def _strategy(**federation):
-    fed = {"num_clients": 10, "clients_per_round": 5, "min_clients": 2, "user_dp_clip": 1.0, "user_dp_noise": 1.0,
+    fed = {"clients_per_round": 5, "min_clients": 2, "user_dp_clip": 1.0, "user_dp_noise": 1.0,
            "cohort_sampling": "fixed", "population": 100, **federation}
     return Strategy(build_config({"federation": fed, "dp": {"noise_seed": 7}}))
 
@@ -189,7 +189,7 @@ def test_a_cohort_that_is_not_sampling_without_replacement_is_refused_by_the_led
 def test_a_fixed_cohort_federation_refuses_a_user_level_accountant_other_than_rdp(accountant):
     """Only dp-accounting's RDP accounts m of N drawn without replacement: the config says
     so in one line before any round runs, naming the field; Poisson cohorts take it."""
-    fed = {"num_clients": 10, "clients_per_round": 5, "user_dp_clip": 1.0, "user_dp_noise": 1.0, "population": 100,
+    fed = {"clients_per_round": 5, "user_dp_clip": 1.0, "user_dp_noise": 1.0, "population": 100,
            "user_dp_accountant": accountant}
     with pytest.raises(ConfigError) as refused:
         build_config({"federation": {**fed, "cohort_sampling": "fixed"}})

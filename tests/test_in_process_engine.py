@@ -14,10 +14,11 @@ from simulations.run import choose_engine, ray_backend
 from tests.conftest import make_texts, tiny_config, write_csv
 
 
-def _config(tiny_bert, tmp_path, **federation):
+def _config(tiny_bert, tmp_path, **simulation):
     data = write_csv(tmp_path / "rows.csv", make_texts(90, seed=4))
     return tiny_config(tiny_bert, data, training={"rounds": 2, "epochs": 1, "batch_size": 8},
-                       federation={"num_clients": 3, "clients_per_round": 3, "min_clients": 3, **federation})
+                       federation={"clients_per_round": 3, "min_clients": 3},
+                       simulation={"num_clients": 3, **simulation})
 
 
 @pytest.mark.parametrize("cpus_per_client, gpus, address, engine, chosen", [
@@ -66,6 +67,11 @@ def test_an_in_process_simulation_runs_every_client_here_without_ray(tiny_bert, 
     ledgers = [PrivacyLedger.load(p) for p in sorted((run / "clients").glob("client-*/ledger-*.json"))]
     assert len(ledgers) == 3 and all(len([c for c in ledger.calls if "steps" in c]) == 2 for ledger in ledgers)
     assert records[-1]["epsilon_max"] == pytest.approx(max(ledger.epsilon() for ledger in ledgers))
+    from fedtune.config import load_config
+    from simulations.settings import SimulationSettings, settings_table
+
+    # the run records its [simulation] table resolved: every setting, defaults included
+    assert load_config(run / "config.toml").simulation == settings_table(SimulationSettings(num_clients=3))
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     assert raybackend.RayBackend.__name__ == "RayBackend"  # Flower's own backend is back in its place

@@ -231,7 +231,7 @@ def test_a_slow_node_past_the_deadline_leaves_the_round_to_the_others(tmp_path):
     from fedtune.config import build_config
     from fedtune.federation.server import ClientReply, FederationServer
 
-    config = build_config({"federation": {"clients_per_round": 3, "min_clients": 2, "num_clients": 3}})
+    config = build_config({"federation": {"clients_per_round": 3, "min_clients": 2}})
     reference = OrderedDict([("w", np.zeros(4, np.float32))])
     server = FederationServer(config, tmp_path, reference, ["w"])
     replies = [ClientReply(n, "ok", OrderedDict([("w", np.full(4, 0.1 * n, np.float32))]), 10, 1.0) for n in (1, 2)]

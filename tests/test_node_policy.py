@@ -182,7 +182,7 @@ def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(t
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=2))
     config = tmp_path / "sim.toml"
     config.write_text(f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n[data]\npath = "{data}"\n'
-                      '[federation]\nnum_clients = 2\nclients_per_round = 2\nmin_clients = 2\n')
+                      '[federation]\nclients_per_round = 2\nmin_clients = 2\n[simulation]\nnum_clients = 2\n')
     from flwr.app import Context, RecordDict
 
     context = Context(run_id=1, node_id=9, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),

@@ -8,6 +8,7 @@ from fedtune.config import build_config
 from fedtune.errors import ConfigError, DataError
 from simulations.partition import client_table, held_out_table, partition_report
 from simulations.run import prepare_simulation
+from simulations.settings import simulation_settings
 
 
 def _write(path, rows, header=("text", "label", "site")):
@@ -25,9 +26,10 @@ def sorted_csv(tmp_path):
     return _write(tmp_path / "sorted.csv", rows)
 
 
-def _config(data, **federation):
-    return build_config({"data": {"path": str(data)}, "federation": {"num_clients": 4, "clients_per_round": 2,
-                                                                      "min_clients": 1, **federation}})
+def _config(data, clients_per_round=2, **simulation):
+    return build_config({"data": {"path": str(data)},
+                         "federation": {"clients_per_round": clients_per_round, "min_clients": 1},
+                         "simulation": {"num_clients": 4, **simulation}})
 
 
 def test_iid_clients_each_hold_both_labels_of_a_sorted_file(sorted_csv):
@@ -54,7 +56,7 @@ def test_dirichlet_skews_labels(sorted_csv):
 
 def test_natural_partition_gives_one_client_per_value(sorted_csv):
     config = prepare_simulation(_config(sorted_csv, partitioner="natural", partition_column="site"))
-    assert config.federation.num_clients == 4
+    assert simulation_settings(config).num_clients == 4
     for pid in range(4):
         sites = set(client_table(config, pid).extra["site"])
         assert len(sites) == 1
@@ -68,7 +70,8 @@ def test_pre_split_files_become_clients(tmp_path):
     for number in range(3):
         _write(folder / f"hospital-{number}.csv", [(f"note {number} {i}", "a" if i % 2 else "b", "") for i in range(10 + number)])
     config = prepare_simulation(_config(tmp_path / "unused.csv", partitioner="files", client_files=str(folder)))
-    assert config.federation.num_clients == 3
+    assert simulation_settings(config).num_clients == 3
+    assert config.simulation["num_clients"] == 3  # the resolved table the run records
     sizes = sorted(len(client_table(config, pid)) for pid in range(3))
     assert sizes == [10, 11, 12]
     assert config.data.labels == ("a", "b")
@@ -89,10 +92,12 @@ def test_central_holdout_never_reaches_a_client(sorted_csv):
 
 
 def test_partition_keys_are_validated():
-    with pytest.raises(ConfigError, match="federation.partition_column"):
-        build_config({"federation": {"partitioner": "natural"}})
-    with pytest.raises(ConfigError, match="federation.central_holdout"):
-        build_config({"federation": {"central_holdout": 1.5}})
+    with pytest.raises(ConfigError, match="simulation.partition_column"):
+        simulation_settings(build_config({"simulation": {"partitioner": "natural"}}))
+    with pytest.raises(ConfigError, match="simulation.central_holdout"):
+        simulation_settings(build_config({"simulation": {"central_holdout": 1.5}}))
+    with pytest.raises(ConfigError, match="simulation.partitioner = 'random': expected one of iid, dirichlet"):
+        partition_report(build_config({"simulation": {"partitioner": "random"}}))
 
 
 def test_rows_per_client_cuts_the_pool_and_keeps_the_held_out_rows(sorted_csv):
@@ -114,5 +119,5 @@ def test_rows_per_client_cuts_the_pool_and_keeps_the_held_out_rows(sorted_csv):
 def test_rows_per_client_beyond_the_pool_is_a_one_line_error(sorted_csv):
     with pytest.raises(ConfigError, match=r"rows_per_client = 30: 4 clients need 120 rows.*has 96.*at most 24"):
         partition_report(_config(sorted_csv, central_holdout=0.2, rows_per_client=30))
-    with pytest.raises(ConfigError, match="rows_per_client"):
-        _config(sorted_csv, partitioner="natural", partition_column="site", rows_per_client=5)
+    with pytest.raises(ConfigError, match="simulation.rows_per_client = 5: expected 0 with partitioner = 'natural'"):
+        simulation_settings(_config(sorted_csv, partitioner="natural", partition_column="site", rows_per_client=5))

@@ -13,6 +13,7 @@ from fedtune.config import build_config, config_from_toml_text
 from simulations import results
 from simulations.records import mean_sd
 from simulations.results import CURVE, RECIPES, REFERENCE_RATES, TABLE, Cell, chosen_recipe, chosen_reference, plan
+from simulations.settings import simulation_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -155,8 +156,9 @@ def test_pfl_workload_is_central_dp_fedavg_without_local_dp():
         config = config_from_toml_text(workload.toml())
         assert not config.dp.enabled
         assert config.federation.user_dp_clip == workload.clip and config.federation.user_dp_noise == workload.noise_multiplier
-        assert config.federation.clients_per_round == workload.cohort < config.federation.num_clients
-        held_out = round(config.federation.central_holdout * config.data.max_examples)
+        simulation = simulation_settings(config)
+        assert config.federation.clients_per_round == workload.cohort < simulation.num_clients
+        held_out = round(simulation.central_holdout * config.data.max_examples)
         assert held_out == 500
 
 
@@ -182,6 +184,26 @@ def test_a_finished_cell_is_matched_by_value_not_by_text(tmp_path):
     rounds = f"rounds = {config.training.rounds}"
     assert rounds in config.to_toml()
     path.write_text(config.to_toml().replace(rounds, f"rounds = {config.training.rounds + 1}"))
+    assert _ran_with(path) != config
+
+
+def test_a_cell_recorded_before_the_simulation_settings_moved_still_matches(tmp_path):
+    """A finished sweep cell's cell.toml from before [simulation] kept num_clients and the
+    partitioning in [federation]: it is the same cell, not one to run again."""
+    from simulations.sweep import Cell, _ran_with
+
+    from fedtune.config import toml_value
+
+    cell = Cell(8.0, 4, "dirichlet-0.3", False, 0)
+    config = cell.config(build_config({"simulation": {"central_holdout": 0.15}}))
+    raw = config.to_dict()
+    raw["federation"].update(raw.pop("simulation"))  # as the cell was written then
+    path = tmp_path / "cell.toml"
+    path.write_text("".join(f"[{section}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in table.items())
+                            for section, table in raw.items()))
+    assert "num_clients = 4" in path.read_text() and "[simulation]" not in path.read_text()
+    assert _ran_with(path) == config
+    path.write_text(path.read_text().replace("num_clients = 4", "num_clients = 5"))
     assert _ran_with(path) != config
 
 

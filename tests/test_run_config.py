@@ -15,6 +15,7 @@ from fedtune.run_config import config_from_run_config, declared_keys, flower_key
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = {ROOT / "pyproject.toml": "runs/federation", ROOT / "simulations" / "flwr_app" / "pyproject.toml": "runs/flwr-simulation"}
+SIMULATION_APP = ROOT / "simulations" / "flwr_app" / "pyproject.toml"
 
 
 def _declared(pyproject: Path) -> dict:
@@ -28,12 +29,41 @@ def _as_flower_passes_it(text: str, pyproject: Path = ROOT / "pyproject.toml") -
 
 
 @pytest.mark.parametrize("pyproject", list(APPS), ids=lambda p: p.parent.name)
-def test_both_apps_declare_every_field_unset(pyproject):
+def test_each_app_declares_every_field_it_takes_unset(pyproject):
+    """The deployment app: every core field. The simulation app: those and the fields of the
+    harness's [simulation] table, which the harness hands the core (`extra`)."""
+    from simulations.settings import RUN_CONFIG_FIELDS
+
+    extra = RUN_CONFIG_FIELDS if pyproject == SIMULATION_APP else None
     declared = _declared(pyproject)
-    assert set(declared) == {"config", "run-dir", "log-to", *declared_keys()}
+    assert set(declared) == {"config", "run-dir", "log-to", *declared_keys(extra)}
     assert declared["run-dir"] == APPS[pyproject]
-    assert all(declared[key] == "" for key in declared_keys())
+    assert all(declared[key] == "" for key in declared_keys(extra))
     assert len(declared_keys()) == len(OWNERS)
+    assert any(key.startswith("simulation.") for key in declared) == (extra is not None)
+
+
+def test_simulation_settings_are_run_config_keys_of_the_simulation_app_only(tmp_path):
+    """`flwr run simulations/flwr_app --run-config simulation.num-clients=4` lands in the
+    config's [simulation] table, checked by the harness; the deployment app (and the core
+    without the harness's fields) knows no such key."""
+    from simulations.settings import RUN_CONFIG_FIELDS, simulation_settings
+
+    base = tmp_path / "sim.toml"
+    base.write_text('[federation]\nclients_per_round = 2\nmin_clients = 2\n')
+    run_config = _as_flower_passes_it(f'config="{base}" simulation.num-clients=4 simulation.partitioner="dirichlet"',
+                                      SIMULATION_APP)
+    config = config_from_run_config(run_config, extra=RUN_CONFIG_FIELDS)
+    assert config.simulation == {"num_clients": 4, "partitioner": "dirichlet"}
+    assert simulation_settings(config).num_clients == 4
+    too_few = config_from_run_config(_as_flower_passes_it("simulation.num-clients=1", SIMULATION_APP),
+                                     extra=RUN_CONFIG_FIELDS)
+    with pytest.raises(ConfigError, match="simulation.num_clients = 1: expected at least federation.clients_per_round"):
+        simulation_settings(too_few)
+    with pytest.raises(ValueError, match="not present"):
+        _as_flower_passes_it("simulation.num-clients=4")  # the deployment app does not declare it
+    with pytest.raises(ConfigError, match="unknown key 'simulation.num-clients'"):
+        overrides({"simulation.num-clients": 4})  # nor does the core alone
 
 
 def test_run_config_values_override_the_toml(tmp_path):
@@ -100,7 +130,7 @@ def test_the_simulation_app_applies_the_run_config_to_server_and_virtual_nodes(t
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=2))
     base = tmp_path / "sim.toml"
     base.write_text(f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n[data]\npath = "{data}"\n'
-                    '[federation]\nnum_clients = 2\nclients_per_round = 2\nmin_clients = 2\n')
+                    '[federation]\nclients_per_round = 2\nmin_clients = 2\n[simulation]\nnum_clients = 2\n')
     pyproject = ROOT / "simulations" / "flwr_app" / "pyproject.toml"
     run_config = _as_flower_passes_it(f'config="{base}" run-dir="{tmp_path / "run"}" training.rounds=3 '
                                       'dp.target-epsilon=2.5', pyproject)

@@ -17,6 +17,7 @@ from flwr.serverapp import ServerApp
 
 from fedtune.federation.checkpoint import load_checkpoint
 from fedtune.config import build_config
+from simulations.settings import simulation_settings
 from tests.conftest import make_texts, write_csv
 
 pytestmark = pytest.mark.slow
@@ -28,8 +29,8 @@ def _config(tiny_bert, data, nodes, secure, rounds=1, **federation):
     return build_config({
         "model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"path": str(data)},
         "training": {"epochs": 1, "rounds": rounds, "batch_size": 8}, "dp": {"noise_seed": 5},
-        "federation": {"num_clients": nodes, "clients_per_round": nodes, "min_clients": 3, "central_holdout": 0.2,
-                       "secure_aggregation": secure, **federation},
+        "federation": {"clients_per_round": nodes, "min_clients": 3, "secure_aggregation": secure, **federation},
+        "simulation": {"num_clients": nodes, "central_holdout": 0.2},
     })
 
 
@@ -95,7 +96,7 @@ def _simulate(config, run_dir, drop_stage=None, drop=()):
         wrapper = DropAt(inner, drop_stage, set(drop))
         client_app = ClientApp()
         client_app.train()(lambda msg, context: wrapper(msg, context))
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.federation.num_clients,
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=simulation_settings(config).num_clients,
                    backend_config=ray_backend(config, 1.0, 0.0))
     return seen
 

@@ -86,7 +86,7 @@ def test_a_new_server_optimizer_is_one_registry_entry(monkeypatch):
 
     monkeypatch.setitem(SERVER_OPTIMIZERS, "half-step", HalfStep)
     config = build_config({"federation": {"server_optimizer": "half-step", "clients_per_round": 2, "min_clients": 1,
-                                          "num_clients": 2, "adaptive_norm_bound": 0.0, "weight_cap": 0.0}})
+                                          "adaptive_norm_bound": 0.0, "weight_cap": 0.0}})
     reference, reply = _state(0), _state(1)
     cohort = Cohort(2, (1,), "fixed", 0.5, 1.0)
     got = Strategy(config).aggregate(1, reference, [ClientReply(1, "ok", reply, 5)], cohort)

@@ -21,12 +21,13 @@ def _data(tmp_path, n=150):
     return data
 
 
-def _config(tiny_bert, data, rounds=2, **federation):
+def _config(tiny_bert, data, rounds=2, **simulation):
     return build_config({
         "model": {"path": str(tiny_bert), "max_seq_len": 16},
         "data": {"path": str(data)},
         "training": {"epochs": 1, "rounds": rounds, "batch_size": 8},
-        "federation": {"num_clients": 3, "clients_per_round": 3, "min_clients": 2, **federation},
+        "federation": {"clients_per_round": 3, "min_clients": 2},
+        "simulation": {"num_clients": 3, **simulation},
         # federated evaluation needs the virtual nodes to release metrics: noised and charged
         "node": {"release_evaluation": "dp", "release_train_loss": "dp"},
     })
@@ -113,7 +114,7 @@ def test_two_cell_sweep_writes_its_table(tiny_bert, tmp_path):
 
 def test_simulation_attaches_to_a_running_ray_cluster(tiny_bert, tmp_path):
     """A Ray head started on 127.0.0.1 (as on a cluster's head node); the simulation
-    attaches to it through `federation.ray_address` instead of starting its own Ray."""
+    attaches to it through `simulation.ray_address` instead of starting its own Ray."""
     import os
     import signal
     import socket
@@ -174,7 +175,8 @@ def test_instruct_two_nodes_two_rounds_write_every_output_and_ledgers_compose(ti
         "model": {"path": str(tiny_chat_llama), "task": "instruct", "max_seq_len": 32},
         "data": {"path": str(instruct_csv)},
         "training": {"epochs": 1, "rounds": 2, "batch_size": 8},
-        "federation": {"num_clients": 2, "clients_per_round": 2, "min_clients": 2, "central_holdout": 0.2},
+        "federation": {"clients_per_round": 2, "min_clients": 2},
+        "simulation": {"num_clients": 2, "central_holdout": 0.2},
     })
     run = simulate(config, tmp_path / "run")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

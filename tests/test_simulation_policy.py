@@ -34,7 +34,7 @@ def sim(tmp_path):
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=2))
     path = tmp_path / "sim.toml"
     path.write_text(f'[model]\nmax_seq_len = 16\n[data]\npath = "{data}"\n'
-                    '[federation]\nnum_clients = 2\nclients_per_round = 2\nmin_clients = 2\n')
+                    '[federation]\nclients_per_round = 2\nmin_clients = 2\n[simulation]\nnum_clients = 2\n')
     return path
 
 

@@ -24,7 +24,7 @@ def _state(seed, scale=1.0):
 
 
 def _config(**federation):
-    base = {"clients_per_round": 5, "min_clients": 2, "num_clients": 5, "adaptive_norm_bound": 0.0, "weight_cap": 0.0}
+    base = {"clients_per_round": 5, "min_clients": 2, "adaptive_norm_bound": 0.0, "weight_cap": 0.0}
     return build_config({"federation": {**base, **federation}})
 
 
@@ -93,7 +93,7 @@ def test_server_optimizers_match_flowers_over_three_rounds(kind):
 
 
 def test_dp_fedavg_is_clip_then_sum_then_noise_over_the_expected_cohort():
-    config = build_config({"federation": {"clients_per_round": 4, "min_clients": 1, "num_clients": 8,
+    config = build_config({"federation": {"clients_per_round": 4, "min_clients": 1,
                                           "user_dp_clip": 0.5, "user_dp_noise": 1.3, "population": 8},
                            "dp": {"noise_seed": 4}})
     cohort = Cohort(8, (1, 2, 3), "poisson", 0.5, 4.0)
@@ -191,7 +191,7 @@ def test_fedprox_pulls_each_step_towards_the_rounds_global_adapter():
 def test_a_secure_round_adds_user_level_noise_to_the_unmasked_sum():
     """SecAgg+ hands the server the mean of k clipped updates; user-level noise goes on the
     sum (k x mean), over the expected cohort, exactly as in the plain DP-FedAvg path."""
-    config = build_config({"federation": {"clients_per_round": 4, "min_clients": 1, "num_clients": 8, "population": 8,
+    config = build_config({"federation": {"clients_per_round": 4, "min_clients": 1, "population": 8,
                                           "user_dp_clip": 0.5, "user_dp_noise": 1.3, "secure_aggregation": True},
                            "dp": {"noise_seed": 4}})
     mean = OrderedDict((k, np.full(v.shape, 0.01)) for k, v in REFERENCE.items())

@@ -23,7 +23,7 @@ def _state(seed, shape=(2, 3)):
 
 
 def _config(sampling="poisson", noise_seed=-1, **federation):
-    fed = {"num_clients": 10, "clients_per_round": 5, "min_clients": 2, "user_dp_clip": 1.0, "user_dp_noise": 1.0,
+    fed = {"clients_per_round": 5, "min_clients": 2, "user_dp_clip": 1.0, "user_dp_noise": 1.0,
            "cohort_sampling": sampling, "population": 10, **federation}
     return build_config({"federation": fed, "dp": {"noise_seed": noise_seed}})
 

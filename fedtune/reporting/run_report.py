@@ -196,15 +196,18 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
     config_path = run_dir / "config.toml"
     if config_path.is_file():
         from fedtune.models.adapter_methods import describe_adapter
-        from fedtune.config import config_from_toml_text
+        from fedtune.config import HARNESS_TABLES, config_from_toml_text, toml_value
         from fedtune.training.model_card import base_model_reference, secure_aggregation_line
 
         config = config_from_toml_text(config_path.read_text(encoding="utf-8"), source=str(config_path))
         fed, dp, t = config.federation, config.dp, config.training
         data = config.data.path or config.data.dataset
-        lines += [f"- data: `{data}`, {fed.num_clients} clients ({fed.partitioner}"
-                  + (f", alpha {fed.dirichlet_alpha:g}" if fed.partitioner == "dirichlet" else "") + f"), "
-                  f"{fed.clients_per_round} per round, {len(metrics)} of {t.rounds} rounds done",
+        lines += [f"- data: `{data}`, {fed.clients_per_round} clients per round, {len(metrics)} of {t.rounds} "
+                  "rounds done",
+                  # a harness's own table (a simulation's clients and partitioning), shown as the run recorded
+                  # it: the core does not read its keys, and a deployment's config has none
+                  *(f"- {name}: " + ", ".join(f"{key} = {toml_value(value)}" for key, value in table.items())
+                    for name in HARNESS_TABLES if (table := getattr(config, name))),
                   f"- model: `{base_model_reference(config)}`, task {config.model.task}, {describe_adapter(config)}"
                   f", {t.epochs} local epoch(s), batch {t.batch_size}, lr {t.learning_rate:g}",
                   "- privacy: " + (f"record-level DP-SGD per client, target epsilon {dp.target_epsilon:g}" if dp.enabled
