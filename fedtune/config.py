@@ -496,6 +496,16 @@ def _harness_table(name: str, values: Any) -> dict:
     return table
 
 
+# scalar type -> (does a raw TOML value stand for it, what the error says is expected);
+# a bool is an int to Python, never to a config
+_SCALARS: dict[type, tuple[Any, str]] = {
+    bool: (lambda value: isinstance(value, bool), "true or false"),
+    int: (lambda value: isinstance(value, int) and not isinstance(value, bool), "a whole number"),
+    float: (lambda value: isinstance(value, (int, float)) and not isinstance(value, bool), "a number"),
+    str: (lambda value: isinstance(value, str), "a string"),
+}
+
+
 def coerce_value(key: str, value: Any, annotation: Any) -> Any:
     """Check one raw value against its field's type; ints may stand for floats. Public so
     that a harness table (`HARNESS_TABLES`) is checked with the same one-line errors."""
@@ -504,22 +514,11 @@ def coerce_value(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             _fail(key, value, "a list of strings")
         return tuple(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            _fail(key, value, "true or false")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "a whole number")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, value, "a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            _fail(key, value, "a string")
-        return value
+    if annotation in _SCALARS:
+        accepts, expected = _SCALARS[annotation]
+        if not accepts(value):
+            _fail(key, value, expected)
+        return float(value) if annotation is float else value
     raise TypeError(f"unsupported config annotation {annotation!r} for {key}")  # a bug, not user input
 
 
