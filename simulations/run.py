@@ -30,7 +30,7 @@ from fedtune.errors import ConfigError
 from fedtune.federation.server import FederationServer
 from fedtune.privacy.policy import NODE, OWNERS, WITHIN_POLICY, NodePolicy
 from fedtune.system.processes import flower_environment
-from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
+from fedtune.privacy.randomness import GENERATOR_NOTE, REPRODUCIBLE_LABEL
 from fedtune.reporting.run_report import DATA_SUMMARY_FILE
 from fedtune.run_config import CONFIG_KEY, FIELD_OF_KEY, RUN_DIR_KEY, UNSET, config_from_run_config
 from fedtune.reporting.tracking import parse_log_to
@@ -419,6 +419,8 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
         log(f"dp.noise_seed = {config.dp.noise_seed}: {REPRODUCIBLE_LABEL}")
     where = "one client at a time, in this process" if engine == "in-process" else f"{workers(backend)} Ray worker(s)"
     log(f"simulation engine: {engine} ({where})")
+    if config.dp.enabled and not config.dp.secure_mode:
+        log(GENERATOR_NOTE)
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
     share = node_time_share(config, backend)
     with in_process_engine() if engine == "in-process" else contextlib.nullcontext() as compute:

@@ -28,6 +28,11 @@ import torch
 
 REPRODUCIBLE_LABEL = "reproducible noise: not for production"
 SECRET_LABEL = "noise seeded from OS entropy per call"
+# What Opacus's "Secure RNG turned off" says (once per training call, so fedtune filters it),
+# said once per run in fedtune's words; `secure_mode` runs need no such note.
+GENERATOR_NOTE = ("DP noise and Poisson batches come from torch's generator, seeded per call from OS entropy: "
+                  "secret, but not a cryptographically secure generator (Opacus's dp.secure_mode needs torchcsprng, "
+                  "which does not install for current torch)")
 
 
 class Randomness:

@@ -24,7 +24,7 @@ from fedtune.system.atomic import atomic_write_bytes, atomic_write_text
 from fedtune.errors import FedtuneError
 from fedtune.privacy import PrivacyLedger
 from fedtune.reporting.privacy_summary import node_entries, privacy_markdown, read_released, user_entry
-from fedtune.privacy.randomness import REPRODUCIBLE_LABEL
+from fedtune.privacy.randomness import GENERATOR_NOTE, REPRODUCIBLE_LABEL
 
 METRIC_COLUMNS = ("round", "evaluation", "accuracy", "macro_f1", "loss", "perplexity", "train_loss", "epsilon_max",
                   "epsilon_mean", "user_epsilon", "clients_accepted", "clients_rejected", "clients_refused",
@@ -212,6 +212,7 @@ def _summary(run_dir: Path, metrics: list[dict], rows: list[dict], majority: flo
                   f", {t.epochs} local epoch(s), batch {t.batch_size}, lr {t.learning_rate:g}",
                   "- privacy: " + (f"record-level DP-SGD per client, target epsilon {dp.target_epsilon:g}" if dp.enabled
                                    else "**NON-PRIVATE** (no differential privacy)"),
+                  *([f"- noise generator: {GENERATOR_NOTE}"] if dp.enabled and not dp.secure_mode else []),
                   *([line] if (line := secure_aggregation_line(config)) else []),
                   ""]
     lines += ["| round | evaluation | accuracy | loss | epsilon max | seconds |", "|---|---|---|---|---|---|"]

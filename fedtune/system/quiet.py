@@ -3,10 +3,14 @@
 A run on this stack prints pages of chatter that says nothing about the run: PyTorch's
 "Full backward hook is firing" for every Opacus step on a frozen base, Opacus's "Optimal
 order is the largest alpha", transformers' deprecation notes, Flower's "DEPRECATED
-FEATURE" for the simulation entry point. Each is filtered in the code that triggers it,
-in every process (Ray workers included), so a real warning stands out. `fedtune --verbose`
-(or FEDTUNE_VERBOSE=1) shows them all. Opacus's "Secure RNG turned off" is never filtered:
-it is true (torch's generator, secretly seeded, is not a CSPRNG).
+FEATURE" for the simulation entry point and its DEBUG lines. Each is filtered in every
+process (Ray workers included), so a real warning stands out. `fedtune --verbose` (or
+FEDTUNE_VERBOSE=1) shows them all.
+
+Opacus's "Secure RNG turned off" is true (torch's generator, secretly seeded, is not a
+cryptographically secure generator), but Opacus says it once per training call: 25 times
+in a default simulation. It is filtered here and said once per run in fedtune's own words
+(`fedtune.privacy.randomness.GENERATOR_NOTE`), on the console and in summary.md.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Iterator
 
 VERBOSE_ENV = "FEDTUNE_VERBOSE"
 _HARMLESS = ("Full backward hook", "Using a non-full backward hook", "Optimal order", "is_gradient_checkpointing",
-             "First batch is empty")
+             "First batch is empty", "Secure RNG turned off")
 
 
 def verbose() -> bool:
@@ -39,16 +43,22 @@ def harmless_warnings_filtered() -> Iterator[None]:
 
 
 class _DropMatching(logging.Filter):
-    def __init__(self, *patterns: str):
+    """Drops records below `level` and those whose message holds one of `patterns`. A
+    filter, not a level: Flower sets its logger to DEBUG when it is imported, which may be
+    after this runs, and a filter stays."""
+
+    def __init__(self, *patterns: str, level: int = logging.INFO):
         super().__init__()
         self.patterns = patterns
+        self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(p in record.getMessage() for p in self.patterns)
+        return record.levelno >= self.level and not any(p in record.getMessage() for p in self.patterns)
 
 
 def quiet_libraries() -> None:
-    """Library loggers: Opacus's chatter and Flower's deprecation notices and debug lines."""
+    """Library loggers (Opacus's chatter, Flower's deprecation notices and DEBUG lines) and
+    the harmless warnings, for the whole process."""
     if verbose():
         return
     logging.getLogger("opacus").setLevel(logging.ERROR)
@@ -56,3 +66,5 @@ def quiet_libraries() -> None:
     flower.setLevel(logging.INFO)
     if not any(isinstance(f, _DropMatching) for f in flower.filters):
         flower.addFilter(_DropMatching("DEPRECATED FEATURE", "deprecated feature", "entirely in future versions"))
+    for pattern in _HARMLESS:  # also where no `harmless_warnings_filtered` block is open (accountants, planning)
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")

@@ -31,7 +31,7 @@ from fedtune.models.base import load_base_model, load_tokenizer, resolve_device,
 from fedtune.training.model_card import base_model_reference, model_card
 from fedtune.privacy import PrivacyLedger
 from fedtune.privacy.planning import DPPlan, plan_training
-from fedtune.privacy.randomness import Randomness
+from fedtune.privacy.randomness import GENERATOR_NOTE, Randomness
 from fedtune.privacy.spending import spend
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (no differential privacy)"
@@ -211,6 +211,8 @@ def train_local(
         echo(f"privacy budget of this data: {budget.ledger_path} (spent before this run: "
              f"{_epsilon_text(spent_before)}, cap {ledger.max_epsilon if ledger.max_epsilon else 'none'}); "
              f"{randomness.label}")
+        if plan.private and not config.dp.secure_mode:
+            echo(GENERATOR_NOTE)
         if node.data.majority_accuracy is not None:
             echo(f"majority-class baseline accuracy on validation: {node.data.majority_accuracy:.4f}")
         record = {}
