@@ -1,7 +1,8 @@
 """The `fedtune` command line: the core's own commands, and those other packages register.
 
-The core registers train-local, privacy, report, export and certs. The simulation harness,
-the server and the client packages register theirs (simulate, sweep, server, client)
+The core registers train-local, audit, privacy, budget, report, export, generate and
+certs. The simulation harness, the server and the client packages register theirs
+(simulate, sweep, server, client)
 through the `fedtune.commands` entry-point group, so the core never imports them: each
 entry point is a `register(subparsers)` that adds a parser whose `run(args)` does the work.
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedtune.budget_commands import add_budget_parser
 from fedtune.errors import FedtuneError
 from fedtune.privacy_commands import add_privacy_parser
 from fedtune.system.quiet import VERBOSE_ENV, quiet_libraries
@@ -91,7 +93,7 @@ def _add_audit_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "audit", help="one-run privacy audit: train once with canaries, print the epsilon lower bound beside the claim",
         description="Train this node's configuration once with canaries (each included by a fair coin), guess which "
-        "were included and print the epsilon lower bound the guesses prove at 95%% confidence (Steinke, Nasr and "
+        "were included and print the epsilon lower bound the guesses prove at 95% confidence (Steinke, Nasr and "
         "Jagielski 2023) beside the claimed epsilon, with the noise multiplier the canaries measured. Charged to the "
         "data's budget like any training; the audited adapter is never written. Exit 1 when the run is not sound or "
         "a control failed.")
@@ -120,7 +122,11 @@ def _run_audit(args) -> int:
 
 
 def _add_certs_parser(subparsers) -> None:
-    certs = subparsers.add_parser("certs", help="make development TLS certificates and SuperNode keys (not for production)")
+    certs = subparsers.add_parser(
+        "certs", help="make development TLS certificates and SuperNode keys (not for production)",
+        description="Make a development certificate authority, a SuperLink certificate for the names in --host and "
+        "one key pair per SuperNode, for trying a TLS deployment on one machine or a test network. Not for "
+        "production: use your organisation's certificate authority there.")
     certs.add_argument("--out", required=True, help="new folder for ca.crt, server.pem/.key and node-N key pairs")
     certs.add_argument("--host", action="append", help="name or IP the SuperLink is reached at (repeatable; default 127.0.0.1 and localhost)")
     certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs to make (default 2)")
@@ -137,7 +143,11 @@ def _run_certs(args) -> int:
 
 
 def _add_export_parser(subparsers) -> None:
-    export = subparsers.add_parser("export", help="turn a server checkpoint into a PEFT adapter directory or a merged model")
+    export = subparsers.add_parser(
+        "export", help="turn a server checkpoint into a PEFT adapter directory or a merged model",
+        description="Turn a federation's server checkpoint into a stock PEFT adapter directory that "
+        "transformers and peft load without fedtune, or with --merged into a plain transformers model with the "
+        "adapter merged into the base weights.")
     export.add_argument("source", help="federation run directory or its checkpoint.safetensors")
     export.add_argument("--out", required=True, help="new folder for the export")
     export.add_argument("--merged", action="store_true", help="merge LoRA into the base weights (a plain transformers model)")
@@ -152,7 +162,10 @@ def _run_export(args) -> int:
 
 
 def _add_generate_parser(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="answer prompts with an instruct adapter (greedy decoding)")
+    parser = subparsers.add_parser(
+        "generate", help="answer prompts with an instruct adapter (greedy decoding)",
+        description="Answer a prompt, or every prompt of --file, with an instruct adapter on its base model, "
+        "by greedy decoding. With --file, prints one JSON line per prompt.")
     parser.add_argument("adapter", help="a PEFT adapter directory (train-local's or simulate's adapter/, or an export)")
     parser.add_argument("prompt", nargs="?", help="the prompt (the user's turn)")
     parser.add_argument("--file", help="prompts, one per line (or a JSONL file with a \"prompt\" field)")
@@ -180,7 +193,9 @@ def _run_generate(args) -> int:
 
 def _add_report_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "report", help="rebuild a federation run's CSV tables, summary.md and plots from its raw records")
+        "report", help="rebuild a federation run's CSV tables, summary.md and plots from its raw records",
+        description="Rebuild a federation run's CSV tables, summary.md and figures from its raw records "
+        "(metrics.jsonl and the ledgers); nothing is trained, and the records are not changed.")
     parser.add_argument("run_dir", help="a run directory of fedtune simulate / fedtune server")
     parser.set_defaults(run=_run_report)
 
@@ -210,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(subparsers)
     _add_generate_parser(subparsers)
     add_privacy_parser(subparsers)
+    add_budget_parser(subparsers)
     return parser
 
 

@@ -109,7 +109,8 @@ def _run_owners(args) -> int:
 
 
 def _ledger_arguments(parser) -> None:
-    parser.add_argument("path", help="a ledger file (a budget folder's ledger-*.json, or a run's ledger.json)")
+    parser.add_argument("path", help="a ledger file (a budget folder's ledger-*.json, or a run's ledger.json; "
+                        "`fedtune budget` lists a budget folder's ledgers with the data each protects)")
 
 
 def _run_ledger(args) -> int:
@@ -247,8 +248,19 @@ PRIVACY_COMMANDS: dict[str, PrivacyCommand] = {
 
 def add_privacy_parser(subparsers) -> None:
     """`fedtune privacy`, with one subparser per entry of PRIVACY_COMMANDS."""
-    parser = subparsers.add_parser("privacy", help="privacy accounting: epsilon of a mechanism, noise for a budget")
+    parser = subparsers.add_parser(
+        "privacy", help="privacy accounting: epsilon, noise for a budget, ledgers, field owners, advice",
+        description=f"Privacy accounting without training: {_listed(list(PRIVACY_COMMANDS))} (each has its own "
+        "--help). `fedtune budget` lists a node's budgets by the data they protect.")
     sub = parser.add_subparsers(dest="privacy_command", required=True)
-    for name, command in PRIVACY_COMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.help))
+    for name, command in PRIVACY_COMMANDS.items():  # a description: each subcommand's --help says what it does
+        command.add_arguments(sub.add_parser(name, help=command.help, description=_sentence(command.help)))
     parser.set_defaults(run=lambda args: PRIVACY_COMMANDS[args.privacy_command].run(args))
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)

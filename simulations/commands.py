@@ -61,7 +61,9 @@ def register_sweep(subparsers) -> None:
         "sweep",
         help="utility-vs-privacy grid of simulations (resumable) with a centralized baseline",
         description="Run one simulation per cell of the grid (epsilon x clients x partition x FFA x seed) "
-        "on top of a base config; a re-run skips finished cells. Writes results.csv, results.md and "
+        "on top of a base config; a re-run skips finished cells. Before any cell runs it prints how many cells "
+        "there are, how many are finished and an estimate of the time left, from the mean time of the finished "
+        "cells (--dry-run prints only that, with the grid). Writes results.csv, results.md and "
         "results.png with the centralized non-private baseline as the reference row.",
     )
     add_config_flags(parser, SIMULATE_FLAGS, "base TOML config (default: simulations/default.toml)")
@@ -72,6 +74,8 @@ def register_sweep(subparsers) -> None:
     parser.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client, in every cell")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the grid (each cell done or to run) and the time estimate; run and write nothing")
     add_run_flags(parser)
     parser.set_defaults(run=run_sweep)
 
@@ -79,11 +83,17 @@ def register_sweep(subparsers) -> None:
 def run_sweep(args) -> int:
     config = config_from_args(args, default_file=default_config_path())
     settings = simulation_settings(config)
-    from simulations.sweep import grid, sweep
+    from simulations.sweep import grid, plan_sweep, sweep
 
     log_to = parse_log_to(args.log_to)  # before any cell runs
     cells = grid(args.epsilons, args.clients or str(settings.num_clients), args.partitions,
                  args.ffa_modes, args.seeds)
+    if args.dry_run:
+        plan = plan_sweep(config, cells, args.out)
+        print(f"[sweep] dry run: {len(cells)} cells into {args.out}; nothing runs and nothing is written")
+        print("\n".join(plan.grid_lines()))
+        print(plan.summary())
+        return 0
     sweep(config, cells, args.out, simulate_args=("--cpus-per-client", str(args.cpus_per_client), "--engine", args.engine,
                                                   *(("--log-to", ",".join(log_to)) if log_to else ())))
     return 0

@@ -9,6 +9,10 @@ rows together), scored on the same held-out set, for the same number of epochs.
 
 Outputs: ``OUT/results.csv`` (one row per cell), ``OUT/results.md`` (cells grouped over
 seeds: mean and spread) and ``OUT/results.png`` (accuracy vs epsilon per setting).
+
+Before any cell runs, the sweep says how many cells there are, how many a re-run skips and
+how long the rest should take: the mean measured time of this sweep's finished cells
+(`plan_sweep`), since a constant would be wrong on every machine but one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from fedtune.config import Config
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.reporting.run_report import read_metrics
 from simulations.settings import with_simulation
+
+CELL_SECONDS = "seconds.txt"  # a finished cell's wall time, written by `run_cell`
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,81 @@ def cell_finished(run_dir: Path, rounds: int) -> bool:
         return False
 
 
+def cell_done(cell: Cell, base: Config, out: Path) -> bool:
+    """Whether a re-run skips this cell: it finished every round under the configuration
+    the base gives it now (`run_cell` runs a cell again when the base changed)."""
+    run_dir = out / "cells" / cell.name
+    config = cell.config(base)
+    return not _stale(run_dir / "cell.toml", config) and cell_finished(run_dir, config.training.rounds)
+
+
+def _stale(config_path: Path, config: Config) -> bool:
+    return config_path.is_file() and _ran_with(config_path) != config
+
+
+def cell_seconds(run_dir: Path) -> float | None:
+    """How long a finished cell took: the wall time `run_cell` recorded (start-up included),
+    else, for a cell that ran before it was recorded, the sum of its rounds' own seconds."""
+    try:
+        return float((run_dir / CELL_SECONDS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    try:
+        rounds = [m.get("seconds") for m in read_metrics(run_dir)]
+    except FedtuneError:
+        return None
+    measured = [r for r in rounds if isinstance(r, (int, float))]
+    return float(sum(measured)) if measured else None
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep will do before it does it: which cells a re-run skips, and how long the
+    rest should take, judged by the cells of this sweep that already finished."""
+
+    cells: list[Cell]
+    done: list[bool]
+    seconds: list[float]  # measured times of the finished cells that recorded one
+    baseline_done: bool
+
+    @property
+    def to_run(self) -> int:
+        return self.done.count(False)
+
+    def summary(self) -> str:
+        finished = len(self.cells) - self.to_run
+        if not self.to_run:
+            rest = "nothing to run" if self.baseline_done else "only the centralized baseline to run"
+            return f"[sweep] {len(self.cells)} cells: all finished, {rest}"
+        head = f"[sweep] {len(self.cells)} cells: {finished} finished, {self.to_run} to run"
+        if not self.seconds:
+            return f"{head}; no estimate until the first cell finishes"
+        mean = statistics.mean(self.seconds)
+        cells = f"{len(self.seconds)} finished cell{'s' if len(self.seconds) != 1 else ''}"
+        return (f"{head}; estimated {_duration(mean * self.to_run)} ({self.to_run} x {_duration(mean)}, the mean "
+                f"measured time of the {cells})" + ("" if self.baseline_done else " plus the centralized baseline"))
+
+    def grid_lines(self) -> list[str]:
+        lines = [f"  {'done' if done else 'to run':6}  {cell.name}" for cell, done in zip(self.cells, self.done)]
+        return lines + [f"  {'done' if self.baseline_done else 'to run':6}  centralized non-private baseline"]
+
+
+def plan_sweep(base: Config, cells: list[Cell], out: str | Path) -> SweepPlan:
+    """Read (never write) the sweep directory: which cells are finished and their times."""
+    out = Path(out)
+    done = [cell_done(cell, base, out) for cell in cells]
+    seconds = [cell_seconds(out / "cells" / cell.name) for cell, finished in zip(cells, done) if finished]
+    return SweepPlan(cells, done, [s for s in seconds if s is not None], (out / "baseline.json").is_file())
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {round(seconds % 3600 / 60):02d} min"
+
+
 def _ran_with(config_path: Path) -> Config | None:
     """The configuration a cell ran with (fields added since then take their defaults; the
     simulation settings it kept in [federation] before they moved count as [simulation]'s)."""
@@ -145,7 +226,7 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print, simulate_args: tupl
     run_dir = out / "cells" / cell.name
     config = cell.config(base)
     config_path = run_dir / "cell.toml"
-    if config_path.is_file() and _ran_with(config_path) != config:
+    if _stale(config_path, config):
         log(f"[sweep] {cell.name}: base configuration changed since it ran; running it again")
         shutil.rmtree(run_dir)
     if cell_finished(run_dir, config.training.rounds):
@@ -164,7 +245,9 @@ def run_cell(cell: Cell, base: Config, out: Path, log=print, simulate_args: tupl
     if result.returncode != 0 or not cell_finished(run_dir, config.training.rounds):
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise FedtuneError(f"sweep cell {cell.name} failed (exit {result.returncode}): {tail}; log: {run_dir / 'simulate.log'}")
-    log(f"[sweep] {cell.name}: done in {time.perf_counter() - started:.0f} s, "
+    elapsed = time.perf_counter() - started
+    atomic_write_text(run_dir / CELL_SECONDS, f"{elapsed:.1f}\n")  # what the next run's estimate is based on
+    log(f"[sweep] {cell.name}: done in {elapsed:.0f} s, "
         f"accuracy {read_metrics(run_dir)[-1].get('accuracy', float('nan')):.4f}")
     return run_dir
 
@@ -283,8 +366,9 @@ def _plot(path: Path, groups: dict, baseline: dict) -> None:
 
 def sweep(base: Config, cells: list[Cell], out: str | Path, log=print, simulate_args: tuple[str, ...] = ()) -> list[Path]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     log(f"[sweep] {len(cells)} cells into {out}")
+    log(plan_sweep(base, cells, out).summary())  # before anything runs, so a long sweep can be stopped now
+    out.mkdir(parents=True, exist_ok=True)
     baseline = centralized_baseline(base, out, log)
     rows = [_cell_row(cell, run_cell(cell, base, out, log, simulate_args)) for cell in cells]
     written = write_tables(out, cells, rows, baseline)

@@ -116,3 +116,43 @@ def test_privacy_commands_print_inputs_and_match_the_library(capsys):
     assert code == 0 and f"noise_multiplier = {noise_for_budget(3, 1e-5, 1 / 20, 200):.6f}" in out
     code, _, err = _run(capsys, "privacy", "plan", "--epsilon", "-1", "--sample-rate", "0.1", "--steps", "5", "--delta", "1e-5")
     assert code == 2 and "target_epsilon = -1" in err
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_audit_help_shows_a_percent_sign_once(capsys):
+    """argparse formats `help` strings with %, not descriptions: a doubled %% there shows as is."""
+    text = _help(capsys, "audit")
+    assert "95%" in text and "95%%" not in text
+
+
+def test_the_privacy_help_names_every_subcommand(capsys):
+    from fedtune.privacy_commands import PRIVACY_COMMANDS
+
+    description = _help(capsys, "privacy").split("positional arguments")[0]
+    assert all(name in description for name in PRIVACY_COMMANDS), description
+
+
+def test_every_command_describes_itself_without_format_escapes(capsys):
+    """`fedtune X --help` for every command and subcommand: a description, and no %% left
+    over from escaping."""
+    import argparse
+
+    from fedtune.cli import build_parser
+
+    def parsers(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, [*path, name])
+
+    for path, parser in parsers(build_parser(), []):
+        assert path == [] or parser.description, " ".join(path)
+        assert "%%" not in parser.format_help(), " ".join(path)
+    assert "budget" in _help(capsys)

@@ -11,6 +11,7 @@ what it imports at run time) never imports `fedtune.config`.
     policy              the node's privacy policy (declared in the config fields) and what a server may request
     budget              budgets on disk that follow the records: record index, lock, journal, lost-ledger checks
     record_index        which ledger protects each record ever charged (digests only)
+    budget_listing      every budget on a machine, read-only: what `fedtune budget` shows
     spending            the one ritual before a charge: open, cap, delta, plan, persist, check the fit
     randomness          secret generators (OS entropy); reproducible ones only on request
     releases            everything that leaves a node, with its cost

@@ -6,7 +6,8 @@ a file. A budget folder (`node.budget_dir`, default `$FEDTUNE_HOME/budgets`, i.e
 
     records.sqlite               which ledger protects each record ever charged (its digest)
     ledger-<id>.json             a ledger (privacy.PrivacyLedger), replaced atomically
-    ledger-<id>.journal.jsonl    one fsynced line per charge: steps and epsilon after it
+    ledger-<id>.journal.jsonl    one fsynced line per charge: steps and epsilon after it; the
+                                 first also names the data as its operator gave it
     ledger-<id>.lock             held (flock) by the one process using this ledger
 
 Opening a budget for some rows (`BudgetStore.open`) looks each row's digest up:
@@ -134,14 +135,16 @@ class Budget:
         self.ledger_path = ledger_path
         self.journal_path = journal_path
 
-    def persist(self, ledger: PrivacyLedger | None = None) -> None:
-        """Write the ledger durably, then journal it (`train_call`'s write-ahead hook)."""
+    def persist(self, ledger: PrivacyLedger | None = None, source: str = "") -> None:
+        """Write the ledger durably, then journal it (`train_call`'s write-ahead hook).
+        `source` goes into the line only when a ledger is first written: the data as its
+        operator named it, so a person reading the folder later knows what the budget is for."""
         ledger = ledger or self.ledger
         ledger.save(self.ledger_path)
         last = ledger.calls[-1] if ledger.calls else {}
-        append_jsonl(self.journal_path, {"time": time.time(), "steps": ledger.steps, "epsilon": _json_number(ledger.epsilon()),
-                                         "label": last.get("label", ""), "entries": len(ledger.history)},
-                     private=True)
+        line = {"time": time.time(), "steps": ledger.steps, "epsilon": _json_number(ledger.epsilon()),
+                "label": last.get("label", ""), "entries": len(ledger.history)}
+        append_jsonl(self.journal_path, {**line, "source": source} if source else line, private=True)
 
 
 class BudgetStore:
@@ -161,11 +164,12 @@ class BudgetStore:
 
     @contextmanager
     def open(self, records: RecordSet, new_ledger: Callable[[], PrivacyLedger],
-             recorded_steps: Callable[[str], tuple[int, str]] | None = None) -> Iterator[Budget]:
+             recorded_steps: Callable[[str], tuple[int, str]] | None = None, source: str = "") -> Iterator[Budget]:
         """Lock the ledger that protects `records` and yield it (see the module docstring for
         which one that is). `recorded_steps(ledger_id)` is the caller's own record of steps
         charged to that ledger and where it keeps it (a node's node.json), checked like the
-        journal."""
+        journal. `source` describes the records for people (a file path, a dataset name,
+        never their contents); a new ledger's first journal line keeps it."""
         recorded_steps = recorded_steps or (lambda _: (0, ""))
         with contextlib.ExitStack() as held:
             with exclusive_lock(self.directory / "records.lock", f"the record index of {self.directory}"):
@@ -194,7 +198,7 @@ class BudgetStore:
                 ledger_path, journal_path, _ = self.paths(ledger_id)
                 budget = Budget(ledger, ledger_path, journal_path)
                 if fresh:
-                    budget.persist()  # on disk before the index points at it
+                    budget.persist(source=source)  # on disk before the index points at it
                 if set(owners) != {ledger_id} or owners[ledger_id] != len(records):
                     self.index.assign(records.digests, ledger_id)
             yield budget

@@ -91,7 +91,7 @@ def spend(config: Config, records: RecordSet, delta: float, label: str, *,
     private = config.dp.enabled
     store = BudgetStore(config.node.budget_dir or default_budget_dir())
     new = lambda: PrivacyLedger(config.dp.accountant, delta, config.max_epsilon if private else None)  # noqa: E731
-    with store.open(records, new, recorded_steps=recorded_steps) as budget:
+    with store.open(records, new, recorded_steps=recorded_steps, source=data_source(config)) as budget:
         ledger = budget.ledger
         ledger.lower_delta(delta, label=label)
         if ledger.is_private and private:
@@ -102,3 +102,15 @@ def spend(config: Config, records: RecordSet, delta: float, label: str, *,
         if plan is not None and plan.private and steps_to_fit is not None:
             spending.require_fit(plan.noise_multiplier, plan.sample_rate, steps_to_fit(plan), label)
         yield spending
+
+
+def data_source(config: Config) -> str:
+    """The node's data as its operator named it (the file's path or the named dataset, and
+    the evaluation file), never a row of it: what `fedtune budget` shows a privacy officer
+    beside a ledger whose name is only a fingerprint of the rows."""
+    data = config.data
+    parts = [f"file {Path(data.path).expanduser().resolve()}" if data.path
+             else f"dataset {data.dataset}" if data.dataset else ""]
+    if data.eval_path:
+        parts.append(f"evaluation file {Path(data.eval_path).expanduser().resolve()}")
+    return " + ".join(part for part in parts if part)
