@@ -1,12 +1,17 @@
 """Flower ClientApp: Message <-> `clients.node` calls, nothing else.
 
 What the node enforces comes from its own side, never from a message: in deployment its
-SuperNode's node config (set by the node's operator through `fedtune client`):
+SuperNode's node config (set by the node's operator through `fedtune client`; a server
+cannot set node config):
 
     state-dir     where the node keeps node.json and its lock (required)
-    data-path     the node's private CSV / JSONL / Parquet file (required)
-    max-epsilon   the node's own epsilon cap over all its training (required)
-    ...           the rest of its policy: `fedtune.privacy.policy.NODE_CONFIG_KEYS`
+    policy-file   STATE_DIR/policy.toml, the node's resolved policy (owner-only), whose keys are
+                  the `fedtune client` flags' names: data (required), max-epsilon (required),
+                  ... (`fedtune.privacy.policy.NODE_CONFIG_KEYS`)
+
+Instead of policy-file, node config may hold the policy's keys themselves (a test, a
+hand-started SuperNode); `fedtune client` never puts them there, as its command line is
+visible to every local user.
 
 The server's message carries a request (`fedtune-request`, TOML) that the node checks
 against that policy (`fedtune.privacy.policy.NodePolicy.config_for`). Replies carry exactly the
@@ -37,7 +42,18 @@ from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
 
 
 def deployment_setup(context: Context) -> NodeSetup:
-    """A deployed node's setup from its own node config. A node without a cap refuses."""
+    """A deployed node's setup from its own node config. A node without a cap refuses.
+
+    Called for every message, so the policy file is read again for every message, with the
+    same validation (`NodePolicy.from_node_config`; its errors name the file). Chosen over a
+    cache because it behaves one way however Flower runs the app: in Flower's default
+    subprocess isolation each message is handled by a new `flwr-clientapp` process, so a
+    per-process cache would be a per-message read there and a cache for the SuperNode's life
+    in process isolation. A file changed after start therefore rules from the next message
+    on; one that no longer validates makes the node answer node-error (it trains and releases
+    nothing: it fails closed). A hand edit skips `fedtune client`'s start checks (files exist,
+    rows within the declared labels) and is overwritten at its next start: change the policy
+    by restarting `fedtune client` with the new --policy file or flags."""
     node = dict(context.node_config)
     if not node.get(STATE_DIR_KEY):
         raise ConfigError("node config: state-dir is required: the folder that keeps this node's state and lock "

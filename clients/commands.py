@@ -2,8 +2,9 @@
 the `fedtune.commands` entry points (pyproject.toml).
 
 Its policy flags are generated, one per key of the node's policy, from the config fields that
-declare a `node_key` (`fedtune.config.opt`, `fedtune.privacy.policy.NODE_KEYS`): a flag, a
-policy-file key and the field it sets cannot disagree, and a new policy key is a flag at once."""
+declare a `node_key` (`fedtune.config.opt`, `fedtune.privacy.policy.NODE_KEYS`): a flag and its
+policy-file key are one name (`--data` and `data = "..."`), they and the field they set cannot
+disagree, and a new policy key is a flag at once."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ def _dest(flag: str) -> str:
 
 
 def _flag_help(key: "NodeKey") -> str:
-    """A policy flag's help: the field's own (or its `client_help`), the field it sets, the
-    policy-file key where the flag's name differs, and the default the node keeps without it."""
-    notes = [key.field] + ([f"policy key {key.key}"] if key.flag != key.key else [])
+    """A policy flag's help: the field's own (or its `client_help`), the field it sets, and the
+    default the node keeps without it. Its policy-file key is its own name."""
+    notes = [key.field]
     if not key.client_help:  # a client_help says these itself, where they matter
         if get_origin(key.kind) is tuple:
             notes.append("comma-separated")
@@ -44,7 +45,8 @@ def register_client(subparsers) -> None:
     client.add_argument("--port", type=int, default=9094, help="local port for the node's ClientApp runtime (default 9094)")
     client.add_argument("--insecure", action="store_true", help="no TLS, no key (a local test only)")
     policy = client.add_argument_group("node privacy policy (the server can only request within it)")
-    policy.add_argument("--policy", help="TOML file of policy keys (max-epsilon = 3, data-path = ..., ...); flags override it")
+    policy.add_argument("--policy", help="TOML file of policy keys, named as the flags (max-epsilon = 3, "
+                        "data = \"...\", ...; see docs/node-policy.example.toml); flags override it")
     for key in NODE_KEYS:
         name, dest, text = "--" + key.flag, _dest(key.flag), _flag_help(key)
         if key.kind is bool:  # a switch that turns the policy on; absent leaves the policy file's value
@@ -69,10 +71,11 @@ def client_policy(args) -> dict:
 
 
 def run_client(args) -> int:
+    """Validate the policy, write it to STATE_DIR/policy.toml (owner-only) and start the SuperNode
+    with only the file's path and the state dir in its node config: its command line is `ps`-visible."""
     from clients.supernode import exec_supernode, supernode_command
-    from fedtune.privacy.policy import NodePolicy
 
     policy = client_policy(args)
     command = supernode_command(args.superlink, args.state_dir, args.ca, args.key, policy, args.port, args.insecure)
-    exec_supernode(command, args.state_dir, NodePolicy.from_node_config(policy).describe())
+    exec_supernode(command, args.state_dir, policy)
     return 0  # not reached: the process became flower-supernode

@@ -90,7 +90,7 @@ class ModelConfig:
         "means the task's default: minilm (all-MiniLM-L6-v2) for classification and causal-lm, "
         "smollm2-135m-instruct for instruct.",
         flag="model", owner=NODE, why="the node loads its own local copy; a server may not name a path on the node",
-        node_key="model-path", client_flag="model")
+        node_key="model")
     task: str = opt(
         "classification",
         "\"classification\" (sequence classification), \"causal-lm\" (next-token loss on one text column) or "
@@ -352,8 +352,8 @@ class DataConfig:
         flag="dataset", owner=NODE, why="the node's data is its own")
     path: str = opt(
         "", "... or a local CSV / JSONL / Parquet file (takes precedence when set).", flag="data", owner=NODE,
-        why="the node's data is its own; a server may not name a path on the node", node_key="data-path",
-        client_flag="data", client_help="this node's training data (CSV / JSONL / Parquet)")
+        why="the node's data is its own; a server may not name a path on the node", node_key="data",
+        client_help="this node's training data (CSV / JSONL / Parquet)")
     text_column: str = opt(
         "text", "The column of the node's file that holds the text.", flag="text_column", owner=NODE,
         why="which column of the node's own file holds the text", node_key="text-column")
@@ -379,7 +379,7 @@ class DataConfig:
     eval_path: str = opt(
         "", "Optional separate evaluation file (same columns); replaces the split when set.", flag="eval_data",
         owner=NODE, why="the node's evaluation file; a server may not name a path on the node",
-        node_key="eval-path", client_flag="eval-data")
+        node_key="eval-data")
     max_examples: int = opt(
         0, "Use at most this many examples (seeded sample), 0 for all. Keeps CPU runs short.", flag="max_examples",
         owner=NODE, why="the node trains on the data it chose")

@@ -37,12 +37,12 @@ def test_server_and_client_launch_lines(tmp_path):
     assert line[line.index("--ssl-certfile") + 1].endswith("server.pem")
     data = tmp_path / "d.csv"
     data.write_text("text,label\na,b\n")
-    policy = resolve_policy({}, {"data-path": str(data), "max-epsilon": 3.0, "delta": 1e-6}, "test")
+    policy = resolve_policy({}, {"data": str(data), "max-epsilon": 3.0, "delta": 1e-6}, "test")
     line = supernode_command("fl.example.org:9092", str(tmp_path / "node"), str(tmp_path / "c" / "ca.crt"),
                              str(tmp_path / "c" / "node-1"), policy)
     config = line[line.index("--node-config") + 1]
-    assert f'data-path="{data}"' in config and "max-epsilon=3.0" in config and "state-dir=" in config
-    assert "delta=1e-06" in config
+    assert config == f'state-dir="{tmp_path / "node"}" policy-file="{tmp_path / "node" / "policy.toml"}"'
+    assert str(data) not in " ".join(line) and "max-epsilon" not in " ".join(line)  # `ps` shows every argument
     assert not (tmp_path / "node").exists()  # nothing is created before the process starts
 
 
@@ -51,12 +51,13 @@ def test_server_and_client_launch_lines(tmp_path):
     (["server", "--insecure"], "needs TLS"),
     (["client", "--superlink", "host", "--data", "x.csv", "--max-epsilon", "3", "--state-dir", "s"], "HOST:PORT"),
     (["client", "--superlink", "h:1", "--data", "/nonexistent.csv", "--max-epsilon", "3", "--state-dir", "s"],
-     "data-path = /nonexistent.csv: file not found"),
+     "data = /nonexistent.csv: file not found"),
     (["client", "--superlink", "h:1", "--data", "x.csv", "--state-dir", "s"], "max-epsilon is required"),
     (["client", "--superlink", "h:1", "--data", "x.csv", "--max-epsilon", "0", "--state-dir", "s"], "max-epsilon = 0"),
     (["client", "--superlink", "h:1", "--data", "x.csv", "--max-epsilon", "3", "--release-evaluation", "all",
       "--state-dir", "s"], "node.release_evaluation = 'all'"),
-    (["client", "--superlink", "h:1", "--policy", "/nonexistent.toml", "--state-dir", "s"], "config file not found"),
+    (["client", "--superlink", "h:1", "--policy", "/nonexistent.toml", "--state-dir", "s"],
+     "/nonexistent.toml: policy file not found"),
     (["export", "/nonexistent", "--out", "x"], "no checkpoint.safetensors"),
 ])
 def test_deployment_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
@@ -74,7 +75,7 @@ def test_client_policy_file_with_flag_override(tmp_path):
 
     data = tmp_path / "notes.csv"
     data.write_text("text,label\na,b\n")
-    (tmp_path / "policy.toml").write_text(f'max-epsilon = 3\ndata_path = "{data}"\nrelease-evaluation = "dp"\n')
+    (tmp_path / "policy.toml").write_text(f'max-epsilon = 3\ndata = "{data}"\nrelease-evaluation = "dp"\n')
     values = resolve_policy(read_policy_file(str(tmp_path / "policy.toml")), {"max-epsilon": 1.0}, "policy.toml")
     policy = NodePolicy.from_node_config({**values, "state-dir": str(tmp_path)})
     assert policy.max_epsilon == 1.0 and policy.own.node.release_evaluation == "dp" and not policy.allow_non_private
@@ -121,9 +122,9 @@ def test_a_node_may_name_a_bundled_model_in_its_policy(tmp_path):
     from clients.supernode import resolve_policy
 
     data = write_csv(tmp_path / "ward.csv", make_texts(4))
-    policy = resolve_policy({}, {"data-path": str(data), "max-epsilon": 3.0, "model-path": "smollm2-135m-instruct"},
+    policy = resolve_policy({}, {"data": str(data), "max-epsilon": 3.0, "model": "smollm2-135m-instruct"},
                             source="fedtune client")
-    assert policy["model-path"] == "smollm2-135m-instruct"
-    with pytest.raises(ConfigError, match="model-path = .*no-such-model: folder not found"):
-        resolve_policy({}, {"data-path": str(data), "max-epsilon": 3.0, "model-path": "no-such-model"},
+    assert policy["model"] == "smollm2-135m-instruct"
+    with pytest.raises(ConfigError, match="model = .*no-such-model: folder not found"):
+        resolve_policy({}, {"data": str(data), "max-epsilon": 3.0, "model": "no-such-model"},
                        source="fedtune client")

@@ -62,8 +62,8 @@ def node_config(federation, tmp_path):
     """Node `nid`'s own config: it joins distributed rounds, trusts t contributors, and
     trains only inside SecAgg+ unless told; `policy` adds or replaces node config keys."""
     def make(nid: int, t: int, **policy) -> dict:
-        return {"state-dir": str(tmp_path / f"state-{nid}"), "data-path": str(federation["data"][nid]),
-                "max-epsilon": 8.0, "model-path": str(federation["model"]), "labels": "neg,pos",
+        return {"state-dir": str(tmp_path / f"state-{nid}"), "data": str(federation["data"][nid]),
+                "max-epsilon": 8.0, "model": str(federation["model"]), "labels": "neg,pos",
                 "budget-dir": str(tmp_path / f"budgets-{nid}"), "require-secure-aggregation": True,
                 "distributed": True, "distributed-min-contributors": t, **policy}
     return make

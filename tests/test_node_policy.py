@@ -22,8 +22,8 @@ from tests.conftest import delivered, make_texts, node_context, write_csv
 def node(tiny_bert, tmp_path):
     """A deployed node's own policy (its node config), and an honest server's config."""
     data = write_csv(tmp_path / "hospital.csv", make_texts(60, seed=3))
-    node_config = {"state-dir": str(tmp_path / "state"), "data-path": str(data), "max-epsilon": 8.0, "labels": "neg,pos",
-                   "model-path": str(tiny_bert), "budget-dir": str(tmp_path / "budgets")}
+    node_config = {"state-dir": str(tmp_path / "state"), "data": str(data), "max-epsilon": 8.0, "labels": "neg,pos",
+                   "model": str(tiny_bert), "budget-dir": str(tmp_path / "budgets")}
     server = build_config({"model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"labels": ["neg", "pos"]},
                            "training": {"epochs": 1, "batch_size": 8, "rounds": 3}})
     model, _ = MODELS.get(server, 2)

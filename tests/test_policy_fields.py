@@ -33,7 +33,7 @@ def test_every_node_key_sets_a_field_the_node_decides():
     for key, name in NODE_CONFIG_KEYS.items():
         assert OWNERS[name][0] in (NODE, WITHIN_POLICY), f"{key} -> {name} is owned by {OWNERS[name][0]!r}"
     # the keys a deployed node cannot do without, and the one the old flag table had left out
-    assert {"max-epsilon", "data-path", "accountant", "metric-loss-clip"} <= set(NODE_CONFIG_KEYS)
+    assert {"max-epsilon", "data", "accountant", "metric-loss-clip"} <= set(NODE_CONFIG_KEYS)
 
 
 def test_opt_refuses_a_policy_it_cannot_honour():
@@ -77,10 +77,10 @@ def _policy_values(tmp_path) -> dict:
     data = write_csv(tmp_path / "ward.csv", make_texts(6), header=("body", "tag"))
     held_out = write_csv(tmp_path / "held-out.csv", make_texts(4, seed=1), header=("body", "tag"))
     (tmp_path / "model").mkdir()
-    return {"model-path": str(tmp_path / "model"), "device": "cpu", "delta": 1e-7, "accountant": "pld",
-            "physical-batch-size": 4, "data-path": str(data), "text-column": "body", "label-column": "tag",
+    return {"model": str(tmp_path / "model"), "device": "cpu", "delta": 1e-7, "accountant": "pld",
+            "physical-batch-size": 4, "data": str(data), "text-column": "body", "label-column": "tag",
             "prompt-column": "ask", "response-column": "answer", "messages-column": "chat",
-            "eval-path": str(held_out), "max-epsilon": 2.5, "budget-dir": str(tmp_path / "budgets"),
+            "eval-data": str(held_out), "max-epsilon": 2.5, "budget-dir": str(tmp_path / "budgets"),
             "release-train-loss": "dp", "release-evaluation": "dp", "metric-noise-multiplier": 3.5,
             "metric-loss-clip": 2.5, "require-secure-aggregation": True, "secagg-max-clip": 2.5, "labels": "neg,pos",
             "max-evaluations-per-round": 2, "distributed": True, "distributed-min-contributors": 6,

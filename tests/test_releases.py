@@ -21,8 +21,8 @@ from tests.conftest import delivered, make_texts, node_context, write_csv
 @pytest.fixture
 def node(tiny_bert, tmp_path):
     data = write_csv(tmp_path / "hospital.csv", make_texts(80, seed=6))
-    node_config = {"state-dir": str(tmp_path / "state"), "data-path": str(data), "max-epsilon": 8.0, "labels": "neg,pos",
-                   "model-path": str(tiny_bert), "budget-dir": str(tmp_path / "budgets"),
+    node_config = {"state-dir": str(tmp_path / "state"), "data": str(data), "max-epsilon": 8.0, "labels": "neg,pos",
+                   "model": str(tiny_bert), "budget-dir": str(tmp_path / "budgets"),
                    "release-train-loss": "dp", "release-evaluation": "dp", "max-evaluations-per-round": 1}
     server = build_config({"model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"labels": ["neg", "pos"]},
                            "training": {"epochs": 1, "batch_size": 8, "rounds": 2}})

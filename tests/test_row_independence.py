@@ -44,8 +44,8 @@ def _paired(tmp_path, rows, extra_row, header=("text", "label")):
 
 
 def _node(tmp_path, name, data, model, **policy):
-    return {"state-dir": str(tmp_path / f"state-{name}"), "data-path": str(data), "max-epsilon": 8.0,
-            "model-path": str(model), "budget-dir": str(tmp_path / f"budgets-{name}"), **policy}
+    return {"state-dir": str(tmp_path / f"state-{name}"), "data": str(data), "max-epsilon": 8.0,
+            "model": str(model), "budget-dir": str(tmp_path / f"budgets-{name}"), **policy}
 
 
 def _same_answer(a, b):
@@ -83,10 +83,10 @@ def test_a_node_without_declared_labels_refuses_classification_whatever_its_rows
 def test_rows_outside_the_declared_labels_stop_the_node_at_its_start(tiny_bert, tmp_path):
     """The rows meet the policy once, on the operator's console, before anything is answered."""
     d, d_plus = _paired(tmp_path, make_texts(40, seed=2), ("the patient record text", "hiv-positive"))
-    policy = {"max-epsilon": 3.0, "labels": "neg,pos", "model-path": str(tiny_bert)}
-    resolve_policy({}, {**policy, "data-path": str(d)}, "fedtune client")
+    policy = {"max-epsilon": 3.0, "labels": "neg,pos", "model": str(tiny_bert)}
+    resolve_policy({}, {**policy, "data": str(d)}, "fedtune client")
     with pytest.raises(FedtuneError, match="unknown label 'hiv-positive'") as caught:
-        resolve_policy({}, {**policy, "data-path": str(d_plus)}, "fedtune client")
+        resolve_policy({}, {**policy, "data": str(d_plus)}, "fedtune client")
     assert "\n" not in str(caught.value) and "d-plus-one.csv" in str(caught.value)
 
 

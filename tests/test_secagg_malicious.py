@@ -52,9 +52,9 @@ def new_round(federation, tmp_path):
     config keys."""
     def make(clip: float = 4.0, nodes=NODES, threshold=T, **policy) -> ScriptedRound:
         contexts = {nid: node_context({"state-dir": str(tmp_path / f"state-{nid}"),
-                                       "data-path": str(federation["data"].get(nid, federation["data"][TARGET])),
+                                       "data": str(federation["data"].get(nid, federation["data"][TARGET])),
                                        "max-epsilon": 8.0,
-                                       "model-path": str(federation["model"]), "labels": "neg,pos",
+                                       "model": str(federation["model"]), "labels": "neg,pos",
                                        "budget-dir": str(tmp_path / f"budgets-{nid}"),
                                        "require-secure-aggregation": True, **policy}, node_id=nid)
                     for nid in nodes}
@@ -316,7 +316,7 @@ def test_the_bound_is_a_key_of_the_node_policy(tmp_path):
     from fedtune.privacy.policy import NodePolicy
 
     data = write_csv(tmp_path / "rows.csv", make_texts(4))
-    node = {"data-path": str(data), "max-epsilon": 3.0}
+    node = {"data": str(data), "max-epsilon": 3.0}
     assert NodePolicy.from_node_config(node).own.node.secagg_max_clip == 8.0
     assert NodePolicy.from_node_config({**node, "secagg-max-clip": 2.5}).own.node.secagg_max_clip == 2.5
     for bad in (0.0, -1.0, float("inf"), float("nan")):

@@ -256,8 +256,8 @@ def test_a_node_that_requires_secure_aggregation_refuses_a_plain_round(tiny_bert
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=1))
     server = build_config({"model": {"path": str(tiny_bert), "max_seq_len": 16}, "data": {"labels": ["neg", "pos"]},
                            "training": {"epochs": 1, "batch_size": 8}})
-    node = {"state-dir": str(tmp_path / "state"), "data-path": str(data), "max-epsilon": 8.0, "labels": "neg,pos",
-            "model-path": str(tiny_bert), "budget-dir": str(tmp_path / "budgets"), "require-secure-aggregation": True}
+    node = {"state-dir": str(tmp_path / "state"), "data": str(data), "max-epsilon": 8.0, "labels": "neg,pos",
+            "model": str(tiny_bert), "budget-dir": str(tmp_path / "budgets"), "require-secure-aggregation": True}
     arrays = adapter_state(MODELS.get(server, 2)[0])
     reply = app(delivered("train", 1, request_text(server_request(server)), arrays), node_context(node))
     status = dict(reply.content["status"])

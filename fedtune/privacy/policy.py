@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, get_origin, get_type_hints
 
 # The owner constants live with `opt()` (config must not import the policy); importers of them here keep working.
@@ -34,12 +37,13 @@ from fedtune.errors import ConfigError, FedtuneError
 
 @dataclass(frozen=True)
 class NodeKey:
-    """One key of a deployed node's policy (its SuperNode node config, a `--policy` file)
-    and the `fedtune client` flag that sets it, read off the field's `opt()` metadata."""
+    """One key of a deployed node's policy (a policy file, the SuperNode's node config)
+    and the `fedtune client` flag that sets it, read off the field's `opt()` metadata. The
+    flag is the key: an operator who knows `--data` knows `data = ...` in a policy file."""
 
     key: str    # e.g. "max-epsilon"
     field: str  # the config field it sets, e.g. "node.max_epsilon"
-    flag: str   # the `fedtune client` flag, without its dashes: the key unless the field names another
+    flag: str   # the `fedtune client` flag, without its dashes: always the key (one naming)
     help: str   # the field's help
     client_help: str | None  # the flag's own help, where the flag needs other words than the field's
     kind: Any   # the field's type: bool, int, float, str, or tuple[str, ...] (comma-separated text on a flag)
@@ -53,11 +57,16 @@ def _declared_fields() -> list[tuple[str, dataclasses.Field, Any]]:
 
 
 def _node_keys() -> tuple[NodeKey, ...]:
-    """Every field that names a `node_key`, as a policy key and its flag; two fields claiming
-    one key or one flag would make a node's policy ambiguous, so that stops the import."""
-    keys = tuple(NodeKey(f.metadata["node_key"], name, f.metadata["client_flag"] or f.metadata["node_key"],
-                         f.metadata["help"], f.metadata["client_help"], kind, f.default)
-                 for name, f, kind in _declared_fields() if f.metadata["node_key"])
+    """Every field that names a `node_key`, as a policy key and its flag (the same name); two
+    fields claiming one key, or a flag named otherwise than its key (`client_flag`), would make
+    a node's policy read differently on a flag and in a file, so that stops the import."""
+    declared = [(name, f, kind) for name, f, kind in _declared_fields() if f.metadata["node_key"]]
+    for name, f, _ in declared:
+        if f.metadata["client_flag"] not in (None, f.metadata["node_key"]):  # a bug in fedtune.config, not user input
+            raise TypeError(f"{name}: client_flag {f.metadata['client_flag']!r} differs from its node_key "
+                            f"{f.metadata['node_key']!r}: a policy key and its flag are one name")
+    keys = tuple(NodeKey(f.metadata["node_key"], name, f.metadata["node_key"], f.metadata["help"],
+                         f.metadata["client_help"], kind, f.default) for name, f, kind in declared)
     for attribute in ("key", "flag"):
         seen = [getattr(k, attribute) for k in keys]
         doubled = sorted({name for name in seen if seen.count(name) > 1})
@@ -76,6 +85,10 @@ NODE_KEYS: tuple[NodeKey, ...] = _node_keys()
 NODE_CONFIG_KEYS: dict[str, str] = {k.key: k.field for k in NODE_KEYS}
 _LIST_KEYS = frozenset(k.key for k in NODE_KEYS if get_origin(k.kind) is tuple)  # comma-separated in a node config
 ALLOW_NON_PRIVATE_KEY = "allow-non-private"
+# The policy keys as spelled before a key and its flag became one name. Policy files and node
+# configs written with them are still read (hospitals have them), each old key with a one-line
+# notice on stderr naming the new one; this is the one place that maps them (`renamed_keys`).
+RENAMED: dict[str, str] = {"data-path": "data", "model-path": "model", "eval-path": "eval-data"}
 REQUEST_KEY = "fedtune-request"  # where a server message carries its request (TOML text)
 # In a SecAgg+ round the request travels in Flower's fit config, with these:
 SECAGG_KEYS_FIELD = "fedtune-keys"           # names of the payload's tensors, in order (JSON list)
@@ -87,6 +100,60 @@ SECAGG_CONFIRM_STAGE = "fedtune-confirm"              # "these are the survivors
 SECAGG_CONFIRMERS_FIELD = "fedtune-confirmers"        # at unmask: who sent each relayed confirmation
 SECAGG_CONFIRMATIONS_FIELD = "fedtune-confirmations"  # at unmask: the confirmations, encrypted per pair
 STATE_DIR_KEY = "state-dir"
+# Node config: the absolute path of the node's policy file (`fedtune client` writes the resolved
+# policy to STATE_DIR/policy.toml), so that no policy value is on the SuperNode's command line.
+POLICY_FILE_KEY = "policy-file"
+_NOTICED: set[tuple[str, str]] = set()  # (source, old key): each deprecation notice once per process
+
+
+def renamed_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`values` with each old key spelling (`RENAMED`) under its new name, in its place, and a
+    one-line notice on stderr naming the new key (once per source and process: a node reads its
+    node config on every message). An old and a new spelling of one key together are refused:
+    which of the two the node obeys would otherwise depend on their order."""
+    renamed: dict[str, Any] = {}
+    for key, value in values.items():
+        new = RENAMED.get(key)
+        if new is None:
+            renamed[key] = value
+            continue
+        if new in values:
+            raise ConfigError(f"{source}: {key} and {new} both set: {key} is the old name of {new}; keep only {new}")
+        if (source, key) not in _NOTICED:
+            _NOTICED.add((source, key))
+            print(f"fedtune: {source}: policy key {key} is deprecated; write {new} (the name of the flag --{new})",
+                  file=sys.stderr, flush=True)
+        renamed[new] = value
+    return renamed
+
+
+def read_policy_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A node policy file: TOML, policy keys at the top level (max-epsilon = 3, data = "..."),
+    as `fedtune client --policy` takes it and as a deployed node reads the copy in its state
+    dir (node config `policy-file`). `max_epsilon` is read as `max-epsilon`, an old spelling as
+    its new key (`renamed_keys`). Every failure is one line naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: policy file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: policy file is not UTF-8 text") from None
+    except OSError as exc:  # a folder, a file this user may not read
+        raise ConfigError(f"{path}: policy file unreadable ({exc.strerror or type(exc).__name__})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: [{key}]: a policy file has keys only (e.g. max-epsilon = 3), no tables")
+        if key.replace("_", "-") in values:
+            raise ConfigError(f"{path}: {key}: set twice (as {key.replace('_', '-')} too)")
+        values[key.replace("_", "-")] = value
+    if POLICY_FILE_KEY in values:
+        raise ConfigError(f"{path}: {POLICY_FILE_KEY}: a policy file holds the policy itself, it names no other file")
+    return renamed_keys(values, str(path))
 
 
 class PolicyRefusal(FedtuneError):
@@ -149,11 +216,15 @@ class NodePolicy:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], source: str = "node config") -> "NodePolicy":
-        """A deployed node's policy from its SuperNode node config (or a policy file):
-        keys of `NODE_CONFIG_KEYS`, `allow-non-private`, and `state-dir` (not policy)."""
+        """A deployed node's policy from its SuperNode node config: `state-dir` (not policy)
+        and `policy-file`, the file that holds the policy (as `fedtune client` starts a node),
+        or the policy's values themselves (keys of `NODE_CONFIG_KEYS`, `allow-non-private`: a
+        policy file's contents, a harness or a test that sets node config directly)."""
+        if POLICY_FILE_KEY in node_config:
+            return cls._from_policy_file(node_config, source)
         raw: dict[str, dict[str, Any]] = {"data": {"dataset": ""}}
         allow = False
-        for key, value in node_config.items():
+        for key, value in renamed_keys(node_config, source).items():
             if key == STATE_DIR_KEY:
                 continue
             if key == ALLOW_NON_PRIVATE_KEY:
@@ -163,7 +234,7 @@ class NodePolicy:
                 continue
             if key not in NODE_CONFIG_KEYS:
                 raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(NODE_CONFIG_KEYS))}, "
-                                  f"{ALLOW_NON_PRIVATE_KEY}, {STATE_DIR_KEY})")
+                                  f"{ALLOW_NON_PRIVATE_KEY}, {STATE_DIR_KEY}, {POLICY_FILE_KEY})")
             section, field = NODE_CONFIG_KEYS[key].split(".")
             if key in _LIST_KEYS and isinstance(value, str):  # node config values are scalars: "neg,pos"
                 value = [label.strip() for label in value.split(",") if label.strip()]
@@ -172,13 +243,30 @@ class NodePolicy:
             raise ConfigError(f"{source}: max-epsilon is required: a deployed node refuses to start without its own "
                               "epsilon cap (fedtune client --max-epsilon)")
         if not raw["data"].get("path"):
-            raise ConfigError(f"{source}: data-path is required: the node's own CSV / JSONL / Parquet file")
+            raise ConfigError(f"{source}: data is required: the node's own CSV / JSONL / Parquet file "
+                              "(fedtune client --data)")
         cap = raw["node"]["max_epsilon"]
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf:
             raise ConfigError(f"{source}: max-epsilon = {cap!r}: expected a finite number > 0")
         raw.setdefault("dp", {})["target_epsilon"] = cap  # a request sets its own target, up to the cap
         config = build_config(raw, source=source)
         return cls(config.replace(dp=dataclasses.replace(config.dp, enabled=True)), allow_non_private=allow)
+
+    @classmethod
+    def _from_policy_file(cls, node_config: Mapping[str, Any], source: str) -> "NodePolicy":
+        """The policy in the file node config's `policy-file` names, validated as inline values
+        are, its errors naming the file. Only the SuperNode's operator sets node config (a server
+        cannot), so the path is as trusted as the values were. The policy sits in one place: a
+        value given beside the file is refused rather than silently winning or losing."""
+        path = node_config[POLICY_FILE_KEY]
+        if not isinstance(path, str) or not os.path.isabs(path):  # the ClientApp runs in a folder of Flower's
+            raise ConfigError(f"{source}: {POLICY_FILE_KEY} = {path!r}: expected the absolute path of the node's "
+                              "policy file (fedtune client writes STATE_DIR/policy.toml)")
+        beside = [key for key in node_config if key not in (STATE_DIR_KEY, POLICY_FILE_KEY)]
+        if beside:
+            raise ConfigError(f"{source}: {beside[0]} is set beside {POLICY_FILE_KEY}: the policy lives in one "
+                              f"place; put it in {path}")
+        return cls.from_node_config(read_policy_file(path), source=path)
 
     @property
     def max_epsilon(self) -> float:
