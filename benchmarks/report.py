@@ -38,6 +38,7 @@ RECORDS = {
     "distributed": "docs/benchmark-runs/distributed_cost.json",
     "dp": "docs/dp_overhead.json",
     "simulation": "docs/simulation_efficiency.json",
+    "default_run": "docs/benchmark-runs/default_run.json",
 }
 
 # The fields the page reads, as dotted paths ("[]": every element of a list). Checked
@@ -88,7 +89,11 @@ LLM_MODES = ("fp32, hooks", "bf16, hooks", "bf16, ghost", "bf16, hooks, chunks o
              "bf16, NON-PRIVATE")
 SECAGG = MACHINE + ("results[].nodes", "results[].secure", "results[].round_seconds",
                     "results[].bytes_sent_per_node_round", "results[].bytes_received_per_node_round")
+DEFAULT_RUN = MACHINE + ("workload", "runs.in-process[].wall_seconds", "runs.in-process[].accuracy",
+                         "runs.in-process[].printed_lines", "runs.ray[].wall_seconds", "runs.ray[].accuracy",
+                         "runs.ray[].printed_lines", "summary.ray_over_in_process")
 REQUIRED = {
+    "default_run": DEFAULT_RUN,
     "full": RUN_ALL + CROSS_DEVICE + PFL,
     "quick": RUN_ALL + PFL,
     "requick": RUN_ALL,
@@ -240,6 +245,37 @@ def intro(records: dict[str, Record]) -> list[str]:
         "beside the command that wrote the record and the machine it ran on. Ratios are measured side by side "
         "in one run (both sides on the same batches or the same workload, interleaved). Timings are never "
         "asserted in tests.",
+        "",
+    ]
+
+
+def default_run(records: dict[str, Record]) -> list[str]:
+    """The README's first run on each engine: the default engine is the one measured faster."""
+    record = records["default_run"]
+    runs = record.data["runs"]
+    inner, ray = runs["in-process"], runs["ray"]
+    rows = [f"| {name} | {_seconds_list([r['wall_seconds'] for r in rs])} | "
+            f"{', '.join(format(r['accuracy'], '.4f') for r in rs)} | {max(r['printed_lines'] for r in rs)} |"
+            for name, rs in (("in-process (every core per client; the default)", inner),
+                             ("Ray (one core per client, 2 workers)" if record.data["machine"]["cores"] == 2
+                              else "Ray (one core per client)", ray))]
+    repeats = len(inner)
+    return [
+        "## The first run: `fedtune simulate` with no arguments, on each engine (`benchmarks/default_run.py`)",
+        "",
+        f"`python benchmarks/default_run.py --repeats {repeats} --json {record.path}` on {_machine(record)}: the "
+        "default config (BBC News, 5 clients, 5 rounds, epsilon 8) with `dp.noise_seed = 0`, so that both engines "
+        "train the same clients with the same batches and noise; whole-process wall time, timed from outside; "
+        f"the lines a run prints besides its progress bar. {repeats} run(s) per engine"
+        + (" (one seed only)" if repeats == 1 else "") + ".",
+        "",
+        "| engine | wall time (s) | final accuracy | lines printed |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Ray takes {record.data['summary']['ray_over_in_process']:.2f}x the in-process time here, so the default "
+        "gives every core to each client and `--engine auto` runs them one at a time in the simulation's own "
+        "process; `--cpus-per-client 1` (or a GPU share) runs them on Ray.",
         "",
     ]
 
@@ -765,7 +801,7 @@ def simulation_single(record: Record) -> list[str]:
     ]
 
 
-SECTIONS = (intro, full_run, remeasured, llm, secagg, distributed, one_command, earlier_quick, gpu, single_runs)
+SECTIONS = (intro, default_run, full_run, remeasured, llm, secagg, distributed, one_command, earlier_quick, gpu, single_runs)
 
 
 def render(root: Path = ROOT) -> str:

@@ -60,7 +60,7 @@ def resolve_config(config: Config | str | Path | Mapping | None = None,
 
 
 def simulate(config: Config | str | Path | Mapping | None = None, overrides: Mapping[str, Any] | None = None, *,
-             out: str | Path | None = None, cpus_per_client: float = 1.0, gpus_per_client: float | None = None,
+             out: str | Path | None = None, cpus_per_client: float | None = None, gpus_per_client: float | None = None,
              log_to: str | tuple[str, ...] = (), engine: str = "auto", log=print) -> RunResult:
     """Run a federation of virtual clients on this host and return its tables
     (`fedtune.reporting.frames.RunResult`: metrics, ledger, clients DataFrames and the run dir).

@@ -25,7 +25,9 @@ def register_simulate(subparsers) -> None:
     )
     add_config_flags(parser, SIMULATE_FLAGS, "TOML config (default: simulations/default.toml, or "
                      "simulations/instruct.toml with --task instruct)")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client")
+    parser.add_argument("--cpus-per-client", type=float, default=None,
+                        help="Ray CPUs per virtual client (default: every core, so clients run one at a time in this "
+                             "process, the faster engine measured on a small CPU host; 1 with a GPU share)")
     parser.add_argument("--gpus-per-client", type=float, default=None,
                         help="Ray GPU fraction per virtual client (default: 0.25 when CUDA is present, so four "
                              "clients share each GPU; 0 without one)")
@@ -73,7 +75,8 @@ def register_sweep(subparsers) -> None:
     parser.add_argument("--ffa-modes", dest="ffa_modes", default="off", help="FFA-LoRA off and/or on (default off)")
     parser.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per virtual client, in every cell")
+    parser.add_argument("--cpus-per-client", type=float, default=None,
+                        help="Ray CPUs per virtual client, in every cell (default as for simulate)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the grid (each cell done or to run) and the time estimate; run and write nothing")
     add_run_flags(parser)
@@ -94,6 +97,7 @@ def run_sweep(args) -> int:
         print("\n".join(plan.grid_lines()))
         print(plan.summary())
         return 0
-    sweep(config, cells, args.out, simulate_args=("--cpus-per-client", str(args.cpus_per_client), "--engine", args.engine,
+    cpus = ("--cpus-per-client", str(args.cpus_per_client)) if args.cpus_per_client is not None else ()
+    sweep(config, cells, args.out, simulate_args=(*cpus, "--engine", args.engine,
                                                   *(("--log-to", ",".join(log_to)) if log_to else ())))
     return 0

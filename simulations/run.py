@@ -306,6 +306,9 @@ def warm_worker() -> None:
     """Ray's setup hook in each worker process: the imports and the base-model load the
     first ClientApp call would otherwise wait for. Best effort: a failure here only means
     the first call pays for it, as it would have."""
+    from fedtune.system.quiet import quiet_libraries
+
+    quiet_libraries()  # the driver's filters do not reach a worker process
     try:
         importlib.import_module("clients.client_app")  # torch, transformers, peft, Opacus
 
@@ -349,6 +352,19 @@ def check_ray_address(address: str, timeout: float = 10.0) -> None:
                           "start one with `ray start --head` or leave the address empty for a local Ray") from None
 
 
+def cpus_per_client(requested: float | None, gpus: float) -> float:
+    """The Ray CPUs per client. Default: every core when no GPU is shared, so that `auto`
+    runs clients one at a time in this process with all cores each, which measured faster
+    than parallel Ray workers of one core each on the default run of a small CPU host
+    (benchmarks/default_run.py, docs/benchmarks.md); one core per client when clients
+    share a GPU, so that several run at once on it."""
+    if requested is None:
+        return 1.0 if gpus > 0 else float(os.cpu_count() or 1)
+    if not requested > 0:
+        raise ConfigError(f"--cpus-per-client = {requested}: expected a number of CPUs > 0")
+    return requested
+
+
 def gpus_per_client(requested: float | None) -> float:
     """The Ray GPU share per client: the default when None, else a checked fraction or count."""
     gpus = default_gpus_per_client() if requested is None else requested
@@ -390,7 +406,7 @@ def choose_engine(engine: str, config: Config, backend: dict) -> str:
     return "in-process" if one_worker and not address else "ray"
 
 
-def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1.0, num_gpus_per_client: float | None = None,
+def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float | None = None, num_gpus_per_client: float | None = None,
              log=print, log_to: str | tuple[str, ...] = (), engine: str = "auto") -> Path:
     """Run the federation `config` describes with virtual clients on this host, writing
     `run_dir`. `engine`: "ray" (Flower's Ray backend: parallel workers, GPU shares,
@@ -403,6 +419,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float = 1
     from simulations.partition import held_out_table, partition_report
 
     num_gpus_per_client = gpus_per_client(num_gpus_per_client)
+    num_cpus_per_client = cpus_per_client(num_cpus_per_client, num_gpus_per_client)
     log_to = parse_log_to(log_to if isinstance(log_to, str) else ",".join(log_to))  # fails before anything runs
     config = prepare_simulation(config)
     run_dir = Path(run_dir)

@@ -112,3 +112,21 @@ def test_a_client_app_that_raises_becomes_an_error_reply_not_a_crash():
         backend.build(lambda: app)
         with pytest.raises(ClientAppError, match="RuntimeError: out of memory on the node"):
             backend.process_message(delivered("train", 1, "", {}), node_context({}))
+
+
+def test_the_default_run_picks_the_engine_measured_faster_on_a_cpu_host(tiny_bert, tmp_path):
+    """`fedtune simulate` with no --cpus-per-client gives every core to each client, so
+    `auto` runs them one at a time in this process on a CPU-only host; a GPU share keeps one
+    core per client so that several share the GPU on Ray."""
+    from fedtune.cli import build_parser
+    from simulations.run import cpus_per_client
+
+    args = build_parser().parse_args(["simulate"])
+    assert args.cpus_per_client is None
+    cores = float(os.cpu_count() or 1)
+    assert cpus_per_client(None, 0.0) == cores and cpus_per_client(None, 0.25) == 1.0
+    assert cpus_per_client(3.0, 0.0) == 3.0
+    with pytest.raises(ConfigError, match="--cpus-per-client = 0"):
+        cpus_per_client(0.0, 0.0)
+    config = _config(tiny_bert, tmp_path)
+    assert choose_engine("auto", config, ray_backend(config, cpus_per_client(None, 0.0), 0.0)) == "in-process"

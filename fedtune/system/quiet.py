@@ -23,7 +23,7 @@ from typing import Iterator
 
 VERBOSE_ENV = "FEDTUNE_VERBOSE"
 _HARMLESS = ("Full backward hook", "Using a non-full backward hook", "Optimal order", "is_gradient_checkpointing",
-             "First batch is empty", "Secure RNG turned off")
+             "First batch is empty", "Secure RNG turned off", "Ray will no longer override accelerator")
 
 
 def verbose() -> bool:
@@ -65,6 +65,7 @@ def quiet_libraries() -> None:
     flower = logging.getLogger("flwr")
     flower.setLevel(logging.INFO)
     if not any(isinstance(f, _DropMatching) for f in flower.filters):
-        flower.addFilter(_DropMatching("DEPRECATED FEATURE", "deprecated feature", "entirely in future versions"))
+        flower.addFilter(_DropMatching("DEPRECATED FEATURE", "deprecated feature", "entirely in future versions",
+                                       "Manually terminating ClientAppActor"))  # Flower's own end of a Ray run
     for pattern in _HARMLESS:  # also where no `harmless_warnings_filtered` block is open (accountants, planning)
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
