@@ -35,6 +35,7 @@ from clients.node import (STATUS_NODE_ERROR, STATUS_POLICY_REFUSED, EvaluateOutc
                           TrainOutcome, evaluate_round, train_round)
 from clients.distributed_node import Announced, distributed_round
 from clients.secagg import is_secagg, secagg_train
+from clients.virtual_node import is_virtual, virtual_setup
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.privacy.policy import DISTRIBUTED_FIELD, REQUEST_KEY, STATE_DIR_KEY, NodePolicy, parse_request
 from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
@@ -42,7 +43,8 @@ from fedtune.privacy.releases import EVALUATE_RELEASES, TRAIN_RELEASES, checked
 
 
 def deployment_setup(context: Context) -> NodeSetup:
-    """A deployed node's setup from its own node config. A node without a cap refuses.
+    """A deployed node's setup from its own node config. A node without a cap refuses. A
+    virtual node of Flower's simulation runtime plays a demonstration site (`clients.virtual_node`).
 
     Called for every message, so the policy file is read again for every message, with the
     same validation (`NodePolicy.from_node_config`; its errors name the file). Chosen over a
@@ -55,6 +57,8 @@ def deployment_setup(context: Context) -> NodeSetup:
     rows within the declared labels) and is overwritten at its next start: change the policy
     by restarting `fedtune client` with the new --policy file or flags."""
     node = dict(context.node_config)
+    if is_virtual(node):  # `flwr run .` on Flower's local simulation runtime
+        return virtual_setup(node, context.run_id)
     if not node.get(STATE_DIR_KEY):
         raise ConfigError("node config: state-dir is required: the folder that keeps this node's state and lock "
                           "(start nodes with `fedtune client`)")

@@ -45,7 +45,7 @@ from fedtune.reporting.export import export_federation
 from fedtune.reporting.progress import RoundProgress
 from fedtune.reporting.run_report import SAMPLES_FILE, ZERO_SHOT_FILE, write_report
 from fedtune.reporting.tracking import Trackers, config_params
-from fedtune.run_config import CONFIG_KEY, RUN_DIR_KEY, config_from_run_config, log_to_of
+from fedtune.run_config import RUN_DIR_KEY, config_from_run_config, log_to_of
 from fedtune.system.atomic import append_jsonl, atomic_write_text
 from fedtune.system.memory import resident_memory_mb
 from fedtune.training.local import build_model
@@ -377,12 +377,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`flwr run . FEDERATION --run-config 'config="..." run-dir="..."'`: a deployment.
-    Simulations run through `fedtune simulate` or `flwr run simulations/flwr_app`."""
+    """`flwr run .` (the local simulation runtime, `clients.virtual_node`) or
+    `flwr run . FEDERATION` (a deployment): the federation pyproject.toml's
+    [tool.flwr.app.config] describes, with `--run-config` values; `config="/abs/fed.toml"`
+    names a fedtune TOML that decides every field it sets."""
     run_config = context.run_config
-    if not run_config.get(CONFIG_KEY):
-        raise ConfigError("run config: config is required: the federation's TOML (flwr run . FEDERATION --run-config "
-                          "'config=\"/abs/federation.toml\" run-dir=\"/abs/run\"'); for a simulation use "
-                          "`fedtune simulate` or `flwr run simulations/flwr_app`")
-    run_federation(grid, config_from_run_config(run_config), run_config.get(RUN_DIR_KEY) or "runs/federation",
-                   log_to=log_to_of(run_config))
+    notice = partial(print, "fedtune server:", flush=True)
+    run_federation(grid, config_from_run_config(run_config, toml_decides=notice),
+                   run_config.get(RUN_DIR_KEY) or "runs/federation", log_to=log_to_of(run_config))

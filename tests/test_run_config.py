@@ -11,11 +11,13 @@ from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from fedtune.errors import ConfigError
 from fedtune.privacy.policy import NODE, OWNERS
-from fedtune.run_config import config_from_run_config, declared_keys, flower_key, overrides
+from fedtune.config import load_config
+from fedtune.run_config import config_from_run_config, declaration_toml, declared_keys, flower_key, overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = {ROOT / "pyproject.toml": "runs/federation", ROOT / "simulations" / "flwr_app" / "pyproject.toml": "runs/flwr-simulation"}
 SIMULATION_APP = ROOT / "simulations" / "flwr_app" / "pyproject.toml"
+DEFAULT_FEDERATION = ROOT / "simulations" / "default.toml"
 
 
 def _declared(pyproject: Path) -> dict:
@@ -29,49 +31,71 @@ def _as_flower_passes_it(text: str, pyproject: Path = ROOT / "pyproject.toml") -
 
 
 @pytest.mark.parametrize("pyproject", list(APPS), ids=lambda p: p.parent.name)
-def test_each_app_declares_every_field_it_takes_unset(pyproject):
-    """The deployment app: every core field. The simulation app: those and the fields of the
-    harness's [simulation] table, which the harness hands the core (`extra`)."""
+def test_each_app_declares_every_field_it_takes(pyproject):
+    """The deployment app: every core field, the server's with the default federation's real
+    values (simulations/default.toml), the node's unset. The simulation app: every core field
+    and the harness's [simulation] fields (`extra`), all unset: its `config` TOML decides."""
     from simulations.settings import RUN_CONFIG_FIELDS
 
     extra = RUN_CONFIG_FIELDS if pyproject == SIMULATION_APP else None
     declared = _declared(pyproject)
     assert set(declared) == {"config", "run-dir", "log-to", *declared_keys(extra)}
     assert declared["run-dir"] == APPS[pyproject]
-    assert all(declared[key] == "" for key in declared_keys(extra))
     assert len(declared_keys()) == len(OWNERS)
     assert any(key.startswith("simulation.") for key in declared) == (extra is not None)
+    if extra is not None:
+        assert all(declared[key] == "" for key in declared_keys(extra))
+        return
+    generated = declaration_toml("runs/federation", defaults=load_config(DEFAULT_FEDERATION),
+                                 generator="python -m fedtune.run_config runs/federation simulations/default.toml")
+    assert flatten_dict(tomllib.loads(generated)["tool"]["flwr"]["app"]["config"]) == declared
+    node_keys = {flower_key(name) for name, (owner, _) in OWNERS.items() if owner == NODE}
+    assert all(declared[key] == "" for key in node_keys)
+    assert sum(declared[key] != "" for key in declared_keys()) > 40  # real values, not placeholders
 
 
-def test_simulation_settings_are_run_config_keys_of_the_simulation_app_only(tmp_path):
-    """`flwr run simulations/flwr_app --run-config simulation.num-clients=4` lands in the
-    config's [simulation] table, checked by the harness; the deployment app (and the core
-    without the harness's fields) knows no such key."""
-    from simulations.settings import RUN_CONFIG_FIELDS, simulation_settings
+def test_flwr_run_dot_runs_the_default_federation_with_no_extra_file():
+    """`flwr run .`: pyproject.toml's values are the default federation's server side, the
+    one `fedtune simulate` runs (its rows and split are the nodes' and the harness's)."""
+    deployed = config_from_run_config(_as_flower_passes_it(""), toml_decides=print).to_dict()
+    default = load_config(DEFAULT_FEDERATION).to_dict()
+    for name, (owner, _) in OWNERS.items():
+        section, key = name.split(".")
+        if owner != NODE:
+            assert deployed[section][key] == default[section][key], name
+    assert (deployed["training"]["rounds"], deployed["dp"]["target_epsilon"], deployed["model"]["max_seq_len"]) == (5, 8, 64)
+    edited = config_from_run_config(_as_flower_passes_it("training.rounds=2 dp.target-epsilon=3"), toml_decides=print)
+    assert (edited.training.rounds, edited.dp.target_epsilon, edited.training.learning_rate) == (2, 3.0, 0.01)
 
-    base = tmp_path / "sim.toml"
-    base.write_text('[federation]\nclients_per_round = 2\nmin_clients = 2\n')
-    run_config = _as_flower_passes_it(f'config="{base}" simulation.num-clients=4 simulation.partitioner="dirichlet"',
-                                      SIMULATION_APP)
-    config = config_from_run_config(run_config, extra=RUN_CONFIG_FIELDS)
-    assert config.simulation == {"num_clients": 4, "partitioner": "dirichlet"}
-    assert simulation_settings(config).num_clients == 4
-    too_few = config_from_run_config(_as_flower_passes_it("simulation.num-clients=1", SIMULATION_APP),
-                                     extra=RUN_CONFIG_FIELDS)
-    with pytest.raises(ConfigError, match="simulation.num_clients = 1: expected at least federation.clients_per_round"):
-        simulation_settings(too_few)
-    with pytest.raises(ValueError, match="not present"):
-        _as_flower_passes_it("simulation.num-clients=4")  # the deployment app does not declare it
-    with pytest.raises(ConfigError, match="unknown key 'simulation.num-clients'"):
-        overrides({"simulation.num-clients": 4})  # nor does the core alone
+
+def test_a_named_toml_decides_what_it_sets_over_pyproject_values_and_says_so(tmp_path):
+    """`config="/abs/fed.toml"` beside pyproject.toml's real values: Flower fuses pyproject and
+    --run-config values, so the TOML decides every field it sets, and one line names each
+    value it replaced; the fields it leaves out keep pyproject's."""
+    base = tmp_path / "federation.toml"
+    base.write_text('[training]\nrounds = 4\n[lora]\nrank = 4\n[dp]\ntarget_epsilon = 8.0\n')
+    said = []
+    config = config_from_run_config(_as_flower_passes_it(f'config="{base}" dp.target-epsilon=3 training.epochs=2'),
+                                    toml_decides=said.append)
+    assert (config.training.rounds, config.lora.rank, config.dp.target_epsilon) == (4, 4, 8.0)
+    assert (config.training.epochs, config.training.learning_rate, config.model.max_seq_len) == (2, 0.01, 64)
+    assert len(said) == 1 and "\n" not in said[0]
+    assert f"config = {base} decides" in said[0]
+    for replaced in ("lora.rank = 4 (not 8)", "training.rounds = 4 (not 5)", "dp.target_epsilon = 8.0 (not 3)"):
+        assert replaced in said[0]
+    quiet = []
+    config_from_run_config(_as_flower_passes_it(f'config="{base}" training.rounds=4 lora.rank=4 dp.target-epsilon=8'),
+                           toml_decides=quiet.append)
+    assert quiet == []
 
 
 def test_run_config_values_override_the_toml(tmp_path):
+    """The simulation app, whose keys are all "": a value set on the command line wins."""
     base = tmp_path / "federation.toml"
     base.write_text('[training]\nrounds = 4\nlearning_rate = 0.002\n[dp]\ntarget_epsilon = 8.0\n')
     run_config = _as_flower_passes_it(f'config="{base}" dp.target-epsilon=3 training.rounds=10 '
                                       'lora.target-modules="query,key,value" federation.secure-aggregation=true federation.min-clients=3 '
-                                      'data.labels="neg,pos"')
+                                      'data.labels="neg,pos"', SIMULATION_APP)
     config = config_from_run_config(run_config)
     assert config.dp.target_epsilon == 3.0 and config.training.rounds == 10
     assert config.training.learning_rate == 0.002  # not in the run config: the TOML's
@@ -82,8 +106,9 @@ def test_run_config_values_override_the_toml(tmp_path):
 def test_no_toml_means_the_given_default_then_the_built_in_defaults(tmp_path):
     default = tmp_path / "default.toml"
     default.write_text("[training]\nrounds = 7\n")
-    assert config_from_run_config(_as_flower_passes_it("training.epochs=2"), default).training.rounds == 7
-    assert config_from_run_config(_as_flower_passes_it("training.epochs=2")).training.epochs == 2
+    unset = _as_flower_passes_it("training.epochs=2", SIMULATION_APP)
+    assert config_from_run_config(unset, default).training.rounds == 7
+    assert config_from_run_config(unset).training.epochs == 2
 
 
 @pytest.mark.parametrize("text, names", [
