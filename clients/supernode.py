@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from clients.pinned_clientapp import install_shim, path_with_shim
 from fedtune.config import toml_value
 from fedtune.data.tables import check_declared_labels
 from fedtune.errors import ConfigError
@@ -84,6 +85,9 @@ def write_policy_file(state_dir: str | os.PathLike, policy: Mapping[str, Any]) -
     return path
 
 
+SHIM_FOLDER = "bin"  # STATE_DIR/bin/flwr-clientapp: `clients.pinned_clientapp`
+
+
 def supernode_command(superlink: str, state_dir: str, ca: str | None, key: str | None, policy: Mapping[str, Any],
                       port: int = 9094, insecure: bool = False) -> list[str]:
     """The flower-supernode command line; checks everything, creates nothing. Its node config
@@ -116,6 +120,8 @@ def exec_supernode(command: list[str], state_dir: str, policy: Mapping[str, Any]
     path = write_policy_file(state_dir, policy)
     policy_line = NodePolicy.from_node_config({POLICY_FILE_KEY: str(path)}).describe()
     flower_environment()
+    # The SuperNode runs this node's own ClientApp, never the code of the server's app bundle
+    os.environ["PATH"] = path_with_shim(install_shim(Path(state_dir) / SHIM_FOLDER))
     print(policy_line, flush=True)
     print("starting: " + " ".join(command), flush=True)
     os.execv(command[0], command)

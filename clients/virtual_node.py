@@ -9,7 +9,8 @@ no data of its own. Such a node (node config holding Flower's two simulation key
   (`DEMO_DATASET`, public BBC News articles), cut from a seeded shuffle so every shard
   holds every label (flwr-datasets' IidPartitioner cuts the same contiguous shards of a
   shuffled index; a plain permutation avoids a `datasets.Dataset` round trip per message);
-- its policy: the built-in node policy with a cap of `DEMO_MAX_EPSILON` per node, the
+- its policy: the built-in node policy, declaring the dataset's five labels, with a cap of
+  `DEMO_MAX_EPSILON` per node, the
   default federation's target; the server's request is checked against it as a deployed
   node's is (`fedtune.privacy.policy.NodePolicy.config_for`);
 - its state dir and budget: `$FLWR_HOME/fedtune-virtual-nodes/run-RUN_ID/node-NNNNN`, one
@@ -48,11 +49,15 @@ def is_virtual(node_config) -> bool:
     return PARTITION_KEY in node_config and PARTITIONS_KEY in node_config and STATE_DIR_KEY not in node_config
 
 
-@lru_cache(maxsize=8)
-def _shard(partition: int, partitions: int):
-    """Cut once per process: a simulation worker answers many messages for the same node."""
+@lru_cache(maxsize=1)
+def _demo_table():
+    """Loaded once per process: a simulation worker answers many messages."""
     config = build_config({"data": {"dataset": DEMO_DATASET}}, source="virtual node")
-    table = load_table(config.data, config.model.task)
+    return load_table(config.data, config.model.task)
+
+
+def _shard(partition: int, partitions: int):
+    table = _demo_table()
     order = np.random.default_rng(DEMO_SHUFFLE_SEED).permutation(len(table))
     return select(table, np.array_split(order, partitions)[partition].tolist())
 
@@ -72,7 +77,8 @@ def virtual_setup(node_config, run_id: int) -> NodeSetup:
         raise ConfigError(f"node config: {PARTITION_KEY} = {partition}: expected 0 to {PARTITIONS_KEY} - 1 "
                           f"({partitions - 1})")
     state_dir = _state_root() / f"run-{run_id}" / f"node-{partition:05d}"
-    config = build_config({"data": {"dataset": DEMO_DATASET}, "dp": {"target_epsilon": DEMO_MAX_EPSILON},
+    labels = sorted({str(label) for label in _demo_table().labels})  # the site declares what its rows may hold
+    config = build_config({"data": {"dataset": DEMO_DATASET, "labels": labels}, "dp": {"target_epsilon": DEMO_MAX_EPSILON},
                            "node": {"max_epsilon": DEMO_MAX_EPSILON, "budget_dir": str(state_dir)}},
                           source="virtual node")
     return NodeSetup(NodePolicy.from_config(config), state_dir, _shard(partition, partitions))

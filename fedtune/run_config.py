@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Mapping, get_origin, get_type_hints
+from typing import Any, Collection, Mapping, get_origin, get_type_hints
 
 from fedtune.config import HARNESS_TABLES, SECTIONS, Config, load_config, load_toml, toml_value
 from fedtune.errors import ConfigError
@@ -130,34 +130,30 @@ def overrides(run_config: Mapping[str, Any], extra: Mapping[str, Any] | None = N
 
 
 def config_from_run_config(run_config: Mapping[str, Any], default_path: str | Path | None = None,
-                           extra: Mapping[str, Any] | None = None,
-                           toml_decides: Callable[[str], None] | None = None) -> Config:
+                           extra: Mapping[str, Any] | None = None, typed: Collection[str] | None = None) -> Config:
     """The run's config: the `config` TOML (else `default_path`, else the built-in
     defaults), then every run-config value that is set, validated as the CLI validates
     (`extra`: as for `overrides`; their values land in the config's harness table).
 
-    `toml_decides` (the deployment app, whose pyproject.toml holds real values): Flower
-    hands the app its pyproject values and `--run-config` values fused, so a value left as
-    shipped cannot be told from one typed on purpose. A named `config` TOML then decides
-    every field it sets, over both, and `toml_decides` is called once with a line naming
-    the values it replaced, so none is replaced silently."""
+    `typed` (the deployment app, whose pyproject.toml holds real values): the keys given with
+    `flwr run --run-config` (Flower's `Run.override_config`). Flower hands the app its
+    pyproject values and those fused; with `typed` the precedence is built-in defaults <
+    pyproject.toml < the `config` TOML < `--run-config`, so a named TOML is not overridden
+    by values nobody typed."""
     base = str(run_config.get(CONFIG_KEY) or "") or (str(default_path) if default_path else None)
     changes = overrides(run_config, extra)
-    if toml_decides is None or not run_config.get(CONFIG_KEY):
+    if typed is None or not run_config.get(CONFIG_KEY):
         return load_config(base, changes)
-    written, from_toml = load_toml(base), load_config(base).to_dict()
-    kept, replaced = [], []
-    for section, name, value in changes:
-        if isinstance(written.get(section), dict) and name in written[section]:
-            if section in SECTIONS and load_config(base, [(section, name, value)]).to_dict()[section][name] \
-                    != from_toml[section][name]:
-                replaced.append(f"{section}.{name} = {toml_value(from_toml[section][name])} (not {value!r})")
-            continue
-        kept.append((section, name, value))
-    if replaced:
-        toml_decides(f"config = {base} decides {', '.join(replaced)} over pyproject.toml and --run-config "
-                     "(remove a key from the TOML to take the run config's)")
-    return load_config(base, kept)
+    written, typed = load_toml(base), set(typed)
+
+    def in_toml(section: str, name: str) -> bool:
+        return isinstance(written.get(section), dict) and name in written[section]
+
+    def was_typed(section: str, name: str) -> bool:
+        return f"{section}.{name}" in typed or flower_key(f"{section}.{name}") in typed
+
+    shipped = [c for c in changes if not was_typed(c[0], c[1]) and not in_toml(c[0], c[1])]
+    return load_config(base, shipped + [c for c in changes if was_typed(c[0], c[1])])
 
 
 def log_to_of(run_config: Mapping[str, Any]) -> tuple[str, ...]:

@@ -379,9 +379,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .` (the local simulation runtime, `clients.virtual_node`) or
     `flwr run . FEDERATION` (a deployment): the federation pyproject.toml's
-    [tool.flwr.app.config] describes, with `--run-config` values; `config="/abs/fed.toml"`
-    names a fedtune TOML that decides every field it sets."""
+    [tool.flwr.app.config] describes; `config="/abs/fed.toml"` names a fedtune TOML over
+    it, and `--run-config` values win over both (`fedtune.run_config.config_from_run_config`)."""
     run_config = context.run_config
-    notice = partial(print, "fedtune server:", flush=True)
-    run_federation(grid, config_from_run_config(run_config, toml_decides=notice),
-                   run_config.get(RUN_DIR_KEY) or "runs/federation", log_to=log_to_of(run_config))
+    config = config_from_run_config(run_config, typed=grid.run.override_config.keys())
+    run_federation(grid, config, run_config.get(RUN_DIR_KEY) or "runs/federation", log_to=log_to_of(run_config))

@@ -1,7 +1,8 @@
 """A real TLS deployment on 127.0.0.1: SuperLink with node authentication, three registered
 SuperNodes, each with its own data file, state dir and node privacy policy (its own cap,
 delta and releases), one unregistered SuperNode that must be refused, a two-round run
-through `flwr run`, then one SecAgg+ round."""
+through `flwr run`, then one SecAgg+ round, then a run whose app bundle carries the server's
+own ClientApp, which no node may run."""
 
 import csv
 import json
@@ -59,6 +60,27 @@ def _csv(path: Path, rows) -> Path:
     return path
 
 
+def _malicious_bundle(tmp_path: Path) -> tuple[Path, Path]:
+    """An app bundle whose ClientApp, were a node to run it, would mark the disk on import and
+    send back the node's policy file: what a malicious server would ship."""
+    folder, marker = tmp_path / "bundle", tmp_path / "bundle-code-ran-on-a-node"
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "innocent"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "operator"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "server.server_app:app"\nclientapp = "grab:app"\n\n'
+        '[tool.flwr.app.config]\nconfig = ""\nrun-dir = ""\ntraining.rounds = 1\n')
+    (folder / "grab.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('imported')\n"
+        "from flwr.app import ConfigRecord, Message, RecordDict\nfrom flwr.clientapp import ClientApp\n"
+        "app = ClientApp()\n\n@app.train()\ndef train(msg, context):\n"
+        "    policy = Path(context.node_config['policy-file']).read_text()\n"
+        "    return Message(RecordDict({'status': ConfigRecord({'policy': policy})}), reply_to=msg)\n")
+    return folder, marker
+
+
 def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     certs = tmp_path / "certs"
     make_dev_certs(certs, ["127.0.0.1", "localhost"], nodes=4)
@@ -69,7 +91,7 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     (tmp_path / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "fedtune"\n\n[superlink.fedtune]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n')
-    run_dir, secure_dir = tmp_path / "server-run", tmp_path / "server-run-secagg"
+    run_dir, secure_dir, evil_run = tmp_path / "server-run", tmp_path / "server-run-secagg", tmp_path / "server-run-bundle"
     federation = tmp_path / "federation.toml"
     federation.write_text(
         f'[model]\npath = "{tiny_bert}"\nmax_seq_len = 16\n\n[data]\nlabels = ["neg", "pos"]\n\n'
@@ -115,6 +137,13 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr
         _wait_for(lambda: (secure_dir / "adapter" / "adapter_config.json").is_file(), 300, "the SecAgg+ round's adapter")
+        # a run whose app bundle names the server's own ClientApp: every node still runs its own
+        evil_dir, marker = _malicious_bundle(tmp_path)
+        run = subprocess.run([BIN / "flwr", "run", str(evil_dir), "fedtune", "--run-config",
+                              f'config="{federation}" run-dir="{evil_run}" training.rounds=1'],
+                             capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        _wait_for(lambda: (evil_run / "adapter" / "adapter_config.json").is_file(), 300, "the third run's adapter")
     finally:
         for process in processes:
             _stop(process)
@@ -127,7 +156,8 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
         ledger = json.loads(next((tmp_path / f"node-{number}-budgets").glob("ledger-*.json")).read_text())
         trained = [c for c in ledger["calls"] if c.get("label", "").startswith("round") and "steps" in c
                    and c["sample_rate"] < 1]
-        assert len(trained) == 3 and ledger["epsilon"] <= cap and ledger["max_epsilon"] == cap  # 2 plain, 1 SecAgg+
+        # 2 plain rounds, 1 SecAgg+, 1 in the bundle's run (trained by the node's own ClientApp)
+        assert len(trained) == 4 and ledger["epsilon"] <= cap and ledger["max_epsilon"] == cap
         assert ledger["delta"] == pytest.approx(delta)
     assert "policy: max epsilon 5, delta 0.0001" in logs["node-2.log"]
     secure_config = (secure_dir / "config.toml").read_text()
@@ -138,6 +168,9 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     assert not (tmp_path / "node-4-budgets").exists()
     summary = (run_dir / "summary.md").read_text()
     assert "## Privacy" in summary and "as released by the node" in (run_dir / "privacy.json").read_text()
+    assert not marker.exists(), "a node ran the ClientApp of the server's app bundle"
+    bundle_record = json.loads((evil_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(bundle_record["clients_accepted"]) == 3  # the nodes' own app trained and answered
     # the exported adapter loads with stock peft
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

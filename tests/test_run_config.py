@@ -57,36 +57,31 @@ def test_each_app_declares_every_field_it_takes(pyproject):
 def test_flwr_run_dot_runs_the_default_federation_with_no_extra_file():
     """`flwr run .`: pyproject.toml's values are the default federation's server side, the
     one `fedtune simulate` runs (its rows and split are the nodes' and the harness's)."""
-    deployed = config_from_run_config(_as_flower_passes_it(""), toml_decides=print).to_dict()
+    deployed = config_from_run_config(_as_flower_passes_it(""), typed=[]).to_dict()
     default = load_config(DEFAULT_FEDERATION).to_dict()
     for name, (owner, _) in OWNERS.items():
         section, key = name.split(".")
         if owner != NODE:
             assert deployed[section][key] == default[section][key], name
     assert (deployed["training"]["rounds"], deployed["dp"]["target_epsilon"], deployed["model"]["max_seq_len"]) == (5, 8, 64)
-    edited = config_from_run_config(_as_flower_passes_it("training.rounds=2 dp.target-epsilon=3"), toml_decides=print)
+    edited = config_from_run_config(_as_flower_passes_it("training.rounds=2 dp.target-epsilon=3"),
+                                    typed=["training.rounds", "dp.target-epsilon"])
     assert (edited.training.rounds, edited.dp.target_epsilon, edited.training.learning_rate) == (2, 3.0, 0.01)
 
 
-def test_a_named_toml_decides_what_it_sets_over_pyproject_values_and_says_so(tmp_path):
-    """`config="/abs/fed.toml"` beside pyproject.toml's real values: Flower fuses pyproject and
-    --run-config values, so the TOML decides every field it sets, and one line names each
-    value it replaced; the fields it leaves out keep pyproject's."""
+def test_precedence_defaults_pyproject_toml_then_typed_values(tmp_path):
+    """`flwr run . FED --run-config 'config="/abs/fed.toml" ...'` beside pyproject.toml's real
+    values: the TOML wins over pyproject values nobody typed, a typed value over the TOML
+    (Flower's Run.override_config says which keys were typed), pyproject fills the rest."""
     base = tmp_path / "federation.toml"
     base.write_text('[training]\nrounds = 4\n[lora]\nrank = 4\n[dp]\ntarget_epsilon = 8.0\n')
-    said = []
-    config = config_from_run_config(_as_flower_passes_it(f'config="{base}" dp.target-epsilon=3 training.epochs=2'),
-                                    toml_decides=said.append)
-    assert (config.training.rounds, config.lora.rank, config.dp.target_epsilon) == (4, 4, 8.0)
-    assert (config.training.epochs, config.training.learning_rate, config.model.max_seq_len) == (2, 0.01, 64)
-    assert len(said) == 1 and "\n" not in said[0]
-    assert f"config = {base} decides" in said[0]
-    for replaced in ("lora.rank = 4 (not 8)", "training.rounds = 4 (not 5)", "dp.target_epsilon = 8.0 (not 3)"):
-        assert replaced in said[0]
-    quiet = []
-    config_from_run_config(_as_flower_passes_it(f'config="{base}" training.rounds=4 lora.rank=4 dp.target-epsilon=8'),
-                           toml_decides=quiet.append)
-    assert quiet == []
+    typed = parse_config_args([f'config="{base}" dp.target-epsilon=3 training.epochs=2 training.rounds=6'])
+    config = config_from_run_config(fuse_dicts(_declared(ROOT / "pyproject.toml"), typed), typed=typed.keys())
+    assert (config.training.rounds, config.dp.target_epsilon, config.training.epochs) == (6, 3.0, 2)  # typed
+    assert config.lora.rank == 4                                                                      # the TOML
+    assert (config.training.learning_rate, config.model.max_seq_len) == (0.01, 64)                    # pyproject
+    plain = config_from_run_config(_as_flower_passes_it(f'config="{base}"'), typed=["config"])
+    assert (plain.training.rounds, plain.lora.rank, plain.federation.clients_per_round) == (4, 4, 5)
 
 
 def test_run_config_values_override_the_toml(tmp_path):

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from fedtune.models.adapter_io import _state_key
 from fedtune.config import Config
-from fedtune.training.dp_train import _forward_loss, clear_opacus_state, physical_chunks, poisson_loader
+from fedtune.training.dp_train import _forward_loss, clear_opacus_state, physical_chunks, poisson_loader, train_mode
 from fedtune.training.losses import PerExampleLoss
 from fedtune.models.base import trainable_named_parameters
 from fedtune.privacy import ddgauss
@@ -54,7 +54,7 @@ def per_example_gradients(model, batch, config: Config, keys: list[str]) -> np.n
     criterion = PerExampleLoss(config.model.task)
     criterion.reduction = "sum"  # per-example gradients of each example's own loss
     rows: list[np.ndarray] = []
-    model.train()  # Opacus captures activations only in training mode
+    train_mode(model)  # Opacus captures activations only in training mode
     clear_opacus_state(model)
     hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
     try:
@@ -87,7 +87,7 @@ def distributed_contribution(model, dataset: Dataset, config: Config, spec: DDGa
                          f"{flat_dim(model, keys)} here")
     loader = poisson_loader(dataset, sample_rate, 1, sampling)
     batch = next(iter(loader))
-    model.train()
+    train_mode(model)
     with harmless_warnings_filtered():
         gradients = per_example_gradients(model, batch, config, keys) if len(batch[-1]) else np.zeros((0, spec.dim))
     return ddgauss.contribution(gradients, spec, rotation_seed, rounding), int(len(batch[-1]))
