@@ -113,11 +113,12 @@ class Machines:
                                               start_new_session=True))
 
     def scp(self, source: str, target: str) -> None:
+        """`scp` run on the site: `fl.example.org:PATH` is the operator's PATH, a bare path the site's."""
         def where(spec: str) -> Path:
-            machine, path = ("operator", spec.split(":", 1)[1]) if spec.startswith(f"{SERVER_HOST}:") else ("site", spec)
-            return Path(self.local(path, machine))
+            host, _, path = spec.rpartition(":")
+            return Path(self.local(path, "operator" if host == "fl.example.org" else "site"))
 
-        shutil.copy(where(self.local(source, "site")), where(self.local(target, "site")))
+        shutil.copy(where(source), where(target))
 
     def stop(self) -> None:
         for process in self.services:
@@ -129,11 +130,11 @@ class Machines:
                     os.killpg(process.pid, signal.SIGKILL)
 
 
-def _machine_of(block_index: int, blocks: list[tuple[str, str]]) -> str:
+def _machine_of(block_index: int) -> str:
     """Which machine a block runs on: the guide says so in the paragraph before it."""
     section = GUIDE.read_text().split("## Two machines, step by step", 1)[1]
     before = section.split("```")[2 * block_index]
-    said = re.findall(r"On (the operator's machine|the site)", before)
+    said = re.findall(r"[Oo]n (the operator's machine|the site)", before)
     return "operator" if said and said[-1] == "the operator's machine" else "site"
 
 
@@ -169,7 +170,7 @@ def test_the_two_machine_walkthrough_runs_as_written(tmp_path):
     ran, node_ids = [], []
     try:
         for index, (language, text) in enumerate(blocks):
-            machine = _machine_of(index, blocks)
+            machine = _machine_of(index)
             if language == "toml":
                 next(toml_targets).write_text(machines.local(text, machine))
                 continue
