@@ -143,7 +143,9 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
                               f'config="{federation}" run-dir="{evil_run}" training.rounds=1'],
                              capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
         assert run.returncode == 0, run.stdout + run.stderr
-        _wait_for(lambda: (evil_run / "adapter" / "adapter_config.json").is_file(), 300, "the third run's adapter")
+        _wait_for(lambda: (evil_run / "adapter" / "adapter_config.json").is_file() or marker.exists(), 300,
+                  "the third run's adapter")
+        assert not marker.exists(), "a node ran the ClientApp of the server's app bundle"
     finally:
         for process in processes:
             _stop(process)
