@@ -10,7 +10,9 @@ path, not the cap. Only this machine sets node config; the federation's server c
 read nor change it, and every request it sends is checked against the policy
 (`fedtune.privacy.policy`). A node refuses to start without an epsilon cap. TLS uses the
 federation's CA certificate; the node authenticates with its own private key (its public
-key is registered by the operator). The process is replaced by `flower-supernode`.
+key is registered by the operator). The process is replaced by `flower-supernode`, with
+fedtune's own `flwr-clientapp` first on its PATH (`clients.pinned_clientapp`): the node runs
+the ClientApp installed here, never the one a run's app bundle names.
 """
 
 from __future__ import annotations

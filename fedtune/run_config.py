@@ -3,15 +3,20 @@ keys onto a fedtune `Config`, with the CLI's validation and one-line errors.
 
 Flower only accepts `--run-config` keys that the app's `pyproject.toml` declares under
 `[tool.flwr.app.config]`, so each app declares every field it takes, spelled the Flower way
-(`section.key-with-hyphens`), with the value `""`: not set, the TOML named by `config` (or
-the built-in defaults) decides. The deployment app (the repository's `pyproject.toml`)
-declares the core's fields; the simulation app (`simulations/flwr_app/pyproject.toml`) also
-the fields of the harness's own table, which the harness passes in as `extra` (field name
--> type annotation, "simulation.<field>" -> int, say): the core never names them, and
-stores their values in the config's harness table (`fedtune.config.HARNESS_TABLES`) for the
-harness to validate. A test keeps the declarations identical to `declared_keys(...)`.
+(`section.key-with-hyphens`). The deployment app (the repository's `pyproject.toml`) holds
+real values there, the default federation's, for every field the server decides
+(`declaration_toml(..., defaults=...)`; a Flower user edits them in place), and `""` for
+the fields each node decides. The simulation app (`simulations/flwr_app/pyproject.toml`)
+declares every core field and the fields of the harness's own table as `""`: not set, the
+TOML named by `config` (or the harness's default) decides; the harness passes its fields in
+as `extra` (field name -> type annotation, "simulation.<field>" -> int, say): the core never
+names them, and stores their values in the config's harness table
+(`fedtune.config.HARNESS_TABLES`) for the harness to validate. Tests keep both blocks equal
+to what `declaration_toml` prints.
 
-Precedence, as for the CLI: defaults < the `config` TOML < run-config values.
+Precedence: defaults < the app's pyproject values < the `config` TOML < values typed with
+`--run-config` (Flower fuses pyproject and typed values; the deployment ServerApp passes the
+typed keys, `Run.override_config`, so a TOML is not overridden by values nobody typed).
 
 Fields a node decides (`fedtune.privacy.policy.OWNERS`: its data, its accountant, its cap,
 its noise seed, ...) are refused here with a one-line error: a run config is the operator's,
