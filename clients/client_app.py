@@ -113,14 +113,17 @@ def evaluate_release(outcome: EvaluateOutcome) -> dict:
     return checked(_common(outcome), EVALUATE_RELEASES, "evaluate")
 
 
+MISCONFIGURED = "node-error: this node is misconfigured (see the node's log)"
+
+
 def _outcome(setup_for, msg: Message, context: Context, work, outcome_type):
     """Run `work(setup, request, config_record)` for a message, or the refusal it earns:
     a node that cannot set itself up (node-error), a request that is not TOML (policy-refused)."""
     try:
         setup = setup_for(context)
-    except FedtuneError as exc:
+    except FedtuneError as exc:  # the detail names the node's files (its data's path): its log only
         print(f"fedtune node: {exc}", file=sys.stderr, flush=True)
-        return outcome_type(STATUS_NODE_ERROR, message=f"node misconfigured: {exc}"), {}
+        return outcome_type(STATUS_NODE_ERROR, message=MISCONFIGURED), {}
     try:
         record = msg.content["config"]
         request = parse_request(str(record[REQUEST_KEY]))

@@ -46,13 +46,13 @@ OWN_POLICY = "the node's own policy"
 
 
 def opt(default: Any, help: str, flag: str | None = None, *, owner: str, why: str, node_key: str | None = None,
-        client_flag: str | None = None, client_help: str | None = None) -> Any:
+        client_help: str | None = None) -> Any:
     """A config field that carries its own help (as peft's configs do), optionally the name
     of its command-line flag, and its place in the node's privacy policy, declared here once:
     `owner` (who decides it, one of `OWNER_KINDS`) and `why` make the ownership table and what
     a node refuses from a server; `node_key` (only for fields a deployed node sets itself)
-    makes its policy key and its `fedtune client` flag (`client_flag` where the flag's name
-    differs from the key, `client_help` where the flag needs other words than `help`).
+    makes its policy key and its `fedtune client` flag, one name for both (`client_help`
+    where the flag needs other words than `help`).
     `fedtune --help`, `fedtune client --help` and docs/deployment.md are generated from
     these, so none of them drifts from the fields."""
     if owner not in OWNER_KINDS:
@@ -62,11 +62,10 @@ def opt(default: Any, help: str, flag: str | None = None, *, owner: str, why: st
     if node_key and owner not in (NODE, WITHIN_POLICY):
         raise ValueError(f"node_key = {node_key!r}: only a field the node decides (owner NODE or WITHIN_POLICY) "
                          f"has a key in the node's policy, not one owned by {owner!r}")
-    if (client_flag or client_help) and not node_key:
-        raise ValueError("client_flag / client_help: only a field with a node_key has a `fedtune client` flag")
+    if client_help and not node_key:
+        raise ValueError("client_help: only a field with a node_key has a `fedtune client` flag")
     return field(default=default, metadata={"help": help, "flag": flag, "owner": owner, "why": why,
-                                            "node_key": node_key, "client_flag": client_flag,
-                                            "client_help": client_help})
+                                            "node_key": node_key, "client_help": client_help})
 
 
 def config_error(key: str, value: Any, expected: str) -> ConfigError:

@@ -95,10 +95,11 @@ def test_an_adapter_opacus_cannot_clip_is_refused_before_any_charge(node):
     assert _ledger_files(node) == before
 
 
-def test_a_node_without_a_cap_refuses_to_train(node):
+def test_a_node_without_a_cap_refuses_to_train(node, capsys):
     uncapped = {k: v for k, v in node["config"].items() if k != "max-epsilon"}
     status, _, content = _train(node, server_request(node["server"]), node_config=uncapped)
-    assert status["status"] == "node-error" and "max-epsilon is required" in status["message"]
+    assert status["status"] == "node-error" and "misconfigured" in status["message"]  # the kind, to the server
+    assert "max-epsilon is required" in capsys.readouterr().err                        # the detail, in its log
     assert "arrays" not in content and not node["budgets"].exists()
 
 
@@ -173,10 +174,9 @@ def test_the_deployment_guide_shows_the_ownership_table_of_the_code():
 def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(tiny_bert, tmp_path):
     """`flwr run` on the local simulation engine: a virtual node's rows and state dir come from
     the run's simulation config, its policy from the node side (tests/test_simulation_policy.py),
-    never from a server message; and a
-    real SuperNode started with a partition-id does not take that path."""
+    never from a server message; the deployment app there plays a demonstration site that
+    takes nothing from the run config either."""
     from clients.client_app import deployment_setup
-    from fedtune.errors import ConfigError
     from fedtune.privacy.policy import NodePolicy as Policy
 
     data = write_csv(tmp_path / "rows.csv", make_texts(40, seed=2))
@@ -187,8 +187,11 @@ def test_flwr_run_simulation_nodes_get_their_setup_from_the_run_not_the_server(t
 
     context = Context(run_id=1, node_id=9, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
                       run_config={"config": str(config), "run-dir": str(tmp_path / "run")})
-    with pytest.raises(ConfigError, match="state-dir is required"):
-        deployment_setup(context)  # outside the simulation engine, a run config never sets a node's policy
+    # the deployment app on Flower's runtime: a demonstration site whose rows and policy are
+    # its own (clients.virtual_node); the run config's data and model never reach it
+    demo = deployment_setup(context)
+    assert str(data) not in demo.table.source and len(demo.table) == 1112 and demo.policy.own.max_epsilon == 8.0
+    assert demo.policy.own.model.path != str(tiny_bert)
     from simulations.run import flwr_run_setup
 
     setup = flwr_run_setup(context)  # what the ClientApp does inside the engine's Ray actors

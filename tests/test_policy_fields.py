@@ -43,8 +43,10 @@ def test_opt_refuses_a_policy_it_cannot_honour():
         opt(0, "help", owner=SERVER, why="")
     with pytest.raises(ValueError, match="node_key"):
         opt(0, "help", owner=SERVER, why="the server's", node_key="batch-size")
-    with pytest.raises(ValueError, match="client_flag"):
-        opt(0, "help", owner=NODE, why="the node's", client_flag="batch")
+    with pytest.raises(ValueError, match="client_help"):
+        opt(0, "help", owner=NODE, why="the node's", client_help="no flag without a node_key")
+    with pytest.raises(TypeError):  # a flag named apart from its policy key cannot even be declared
+        opt(0, "help", owner=NODE, why="the node's", node_key="batch", client_flag="batch-size")
 
 
 def _client_parser():

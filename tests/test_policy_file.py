@@ -160,10 +160,13 @@ def test_a_policy_file_the_node_cannot_read_is_a_one_line_error_naming_it(tmp_pa
         # the node, named by its node config, fails the same way (and answers node-error, training nothing)
         with pytest.raises(ConfigError, match=re.escape(f"{path}: ")):
             deployment_setup(node_context({"state-dir": str(tmp_path / "state"), "policy-file": str(path)}))
+    capsys.readouterr()
     reply = app(delivered("train", 1, "", {}), node_context({"state-dir": str(tmp_path), "policy-file": str(missing)}))
     status = dict(reply.content["status"])
-    assert status["status"] == "node-error" and f"{missing}: policy file not found" in status["message"]
-    capsys.readouterr()  # the node's own log lines
+    # the server learns the kind; the node's paths (its policy's, its data's) stay in its own log
+    assert status == {"status": "node-error", "message": "node-error: this node is misconfigured (see the node's log)",
+                      "noise": ""}
+    assert f"{missing}: policy file not found" in capsys.readouterr().err
     assert main(["client", "--superlink", "h:1", "--state-dir", str(tmp_path / "s"), "--policy", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{missing}: policy file not found" in err and not (tmp_path / "s").exists()

@@ -57,14 +57,10 @@ def _declared_fields() -> list[tuple[str, dataclasses.Field, Any]]:
 
 
 def _node_keys() -> tuple[NodeKey, ...]:
-    """Every field that names a `node_key`, as a policy key and its flag (the same name); two
-    fields claiming one key, or a flag named otherwise than its key (`client_flag`), would make
-    a node's policy read differently on a flag and in a file, so that stops the import."""
+    """Every field that names a `node_key`, as a policy key and its flag (one name: `opt`
+    has no way to name them apart); two fields claiming one key would make a node's policy
+    read differently on a flag and in a file, so that stops the import."""
     declared = [(name, f, kind) for name, f, kind in _declared_fields() if f.metadata["node_key"]]
-    for name, f, _ in declared:
-        if f.metadata["client_flag"] not in (None, f.metadata["node_key"]):  # a bug in fedtune.config, not user input
-            raise TypeError(f"{name}: client_flag {f.metadata['client_flag']!r} differs from its node_key "
-                            f"{f.metadata['node_key']!r}: a policy key and its flag are one name")
     keys = tuple(NodeKey(f.metadata["node_key"], name, f.metadata["node_key"], f.metadata["help"],
                          f.metadata["client_help"], kind, f.default) for name, f, kind in declared)
     for attribute in ("key", "flag"):
