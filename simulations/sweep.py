@@ -12,7 +12,9 @@ seeds: mean and spread) and ``OUT/results.png`` (accuracy vs epsilon per setting
 
 Before any cell runs, the sweep says how many cells there are, how many a re-run skips and
 how long the rest should take: the mean measured time of this sweep's finished cells
-(`plan_sweep`), since a constant would be wrong on every machine but one.
+(`plan_sweep`); before the first cell finishes, the default run's committed benchmark record
+(`DEFAULT_RUN_RECORD`, its machine named in the line) scaled by each cell's work, since a
+bare constant would be wrong on every machine but one.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from fedtune.system.atomic import atomic_write_json, atomic_write_text
 from fedtune.config import Config
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.reporting.run_report import read_metrics
-from simulations.settings import with_simulation
+from simulations.settings import simulation_settings, with_simulation
+
+# benchmarks/default_run.py's record: the default simulation's wall time, and its machine
+DEFAULT_RUN_RECORD = Path(__file__).resolve().parents[1] / "docs" / "benchmark-runs" / "default_run.json"
 
 CELL_SECONDS = "seconds.txt"  # a finished cell's wall time, written by `run_cell`
 
@@ -158,15 +163,46 @@ def cell_seconds(run_dir: Path) -> float | None:
     return float(sum(measured)) if measured else None
 
 
+def _work(config: Config) -> float:
+    """A cell's training work relative to another's on the same data: rounds x epochs x the
+    share of clients training each round x tokens per example (the time is nearly all
+    DP-SGD steps: docs/benchmarks.md)."""
+    sim = simulation_settings(config)
+    share = min(1.0, config.federation.clients_per_round / max(1, sim.num_clients))
+    return config.training.rounds * config.training.epochs * share * config.model.max_seq_len
+
+
+def record_estimate(base: Config, cells: "list[Cell]") -> tuple[list[float], str] | None:
+    """Each cell's seconds judged by the default run's record, and where that figure comes
+    from; None without the record (an installed copy without the repository's docs)."""
+    from simulations.defaults import default_config_path
+    from fedtune.config import load_config
+
+    try:
+        record = json.loads(DEFAULT_RUN_RECORD.read_text(encoding="utf-8"))
+        seconds = float(record["summary"]["in-process"]["wall_seconds_mean"])
+        machine = f"{record['machine']['cores']}-core {record['machine']['cpu']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    default = load_config(default_config_path())
+    same_data = (base.data.path, base.data.dataset, simulation_settings(base).rows_per_client) == \
+        (default.data.path, default.data.dataset, simulation_settings(default).rows_per_client)
+    source = (f"the default run's {_duration(seconds)} on a {machine} (docs/benchmarks.md) scaled by each cell's "
+              f"rounds, clients and tokens{'' if same_data else '; for BBC News: your data scales it by its rows'}")
+    return [seconds * _work(cell.config(base)) / _work(default) for cell in cells], source
+
+
 @dataclass(frozen=True)
 class SweepPlan:
     """What a sweep will do before it does it: which cells a re-run skips, and how long the
-    rest should take, judged by the cells of this sweep that already finished."""
+    rest should take, judged by the cells of this sweep that already finished, else by the
+    default run's record (`record_estimate`)."""
 
     cells: list[Cell]
     done: list[bool]
     seconds: list[float]  # measured times of the finished cells that recorded one
     baseline_done: bool
+    prior: tuple[list[float], str] | None = None  # per cell, from the record, and its source
 
     @property
     def to_run(self) -> int:
@@ -178,12 +214,16 @@ class SweepPlan:
             rest = "nothing to run" if self.baseline_done else "only the centralized baseline to run"
             return f"[sweep] {len(self.cells)} cells: all finished, {rest}"
         head = f"[sweep] {len(self.cells)} cells: {finished} finished, {self.to_run} to run"
+        baseline = "" if self.baseline_done else " plus the centralized baseline"
         if not self.seconds:
-            return f"{head}; no estimate until the first cell finishes"
+            if self.prior is None:
+                return f"{head}; no estimate until the first cell finishes"
+            left = sum(t for t, done in zip(self.prior[0], self.done) if not done)
+            return f"{head}; estimated about {_duration(left)}{baseline}, from {self.prior[1]}"
         mean = statistics.mean(self.seconds)
         cells = f"{len(self.seconds)} finished cell{'s' if len(self.seconds) != 1 else ''}"
         return (f"{head}; estimated {_duration(mean * self.to_run)} ({self.to_run} x {_duration(mean)}, the mean "
-                f"measured time of the {cells})" + ("" if self.baseline_done else " plus the centralized baseline"))
+                f"measured time of the {cells})" + baseline)
 
     def grid_lines(self) -> list[str]:
         lines = [f"  {'done' if done else 'to run':6}  {cell.name}" for cell, done in zip(self.cells, self.done)]
@@ -195,7 +235,8 @@ def plan_sweep(base: Config, cells: list[Cell], out: str | Path) -> SweepPlan:
     out = Path(out)
     done = [cell_done(cell, base, out) for cell in cells]
     seconds = [cell_seconds(out / "cells" / cell.name) for cell, finished in zip(cells, done) if finished]
-    return SweepPlan(cells, done, [s for s in seconds if s is not None], (out / "baseline.json").is_file())
+    return SweepPlan(cells, done, [s for s in seconds if s is not None], (out / "baseline.json").is_file(),
+                     record_estimate(base, cells))
 
 
 def _duration(seconds: float) -> str:

@@ -8,8 +8,11 @@ one metrics line per round, the cell.toml it ran with, and the wall time it took
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import pytest
 
 from fedtune.cli import main
 from fedtune.config import load_config
@@ -54,8 +57,25 @@ def test_a_dry_run_prints_the_grid_and_writes_nothing(tmp_path, capsys):
     assert lines[0].startswith(f"[sweep] dry run: 4 cells into {out}")
     assert [line.split()[-1] for line in lines[1:5]] == [cell.name for cell in _cells()]
     assert all(line.strip().startswith("to run") for line in lines[1:6])
-    assert lines[-1] == "[sweep] 4 cells: 0 finished, 4 to run; no estimate until the first cell finishes"
+    assert lines[-1].startswith("[sweep] 4 cells: 0 finished, 4 to run; estimated about ")
+    assert "plus the centralized baseline, from the default run's" in lines[-1] and "docs/benchmarks.md" in lines[-1]
     assert not out.exists()
+
+
+def test_before_any_cell_finishes_the_estimate_is_the_records_scaled_by_work(tmp_path, monkeypatch):
+    """The default run's committed record, scaled by rounds x training share x tokens; no
+    record (an installed copy without docs/), no estimate rather than a made-up one."""
+    import simulations.sweep as sweep_module
+
+    record = json.loads(sweep_module.DEFAULT_RUN_RECORD.read_text())["summary"]["in-process"]["wall_seconds_mean"]
+    base = _base()
+    longer = base.replace(training=dataclasses.replace(base.training, rounds=base.training.rounds * 2))
+    cells = grid("8", "5", "iid", "off", "0")
+    seconds, source = sweep_module.record_estimate(base, cells)
+    assert seconds == [pytest.approx(record)] and "2-core" in source
+    assert sweep_module.record_estimate(longer, cells)[0] == [pytest.approx(2 * record)]
+    monkeypatch.setattr(sweep_module, "DEFAULT_RUN_RECORD", tmp_path / "missing.json")
+    assert plan_sweep(base, cells, tmp_path / "sweep").summary().endswith("no estimate until the first cell finishes")
 
 
 def test_the_estimate_is_the_mean_time_of_the_finished_cells(tmp_path, capsys):
@@ -78,7 +98,7 @@ def test_a_cell_finished_under_another_base_is_run_again(tmp_path):
     run_dir = _finish(out, cell, round_seconds=10.0, wall_seconds=60.0)
     (run_dir / "cell.toml").write_text(cell.config(_base()).to_toml().replace("seed = 0", "seed = 7"))
     plan = plan_sweep(_base(), _cells(), out)
-    assert plan.done == [False] * 4 and plan.summary().endswith("no estimate until the first cell finishes")
+    assert plan.done == [False] * 4 and "estimated about" in plan.summary() and "default run's" in plan.summary()
 
 
 def test_a_finished_sweep_says_so_before_it_starts(tmp_path):
