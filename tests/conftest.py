@@ -179,3 +179,26 @@ def node_context(node_config: dict, node_id: int = 5):
     from flwr.app import Context, RecordDict
 
     return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (the end-to-end tests' SuperLinks and SuperNodes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def stop_group(process, timeout: float = 20) -> None:
+    """Stop a process started with start_new_session=True, and everything it started, by its
+    PID: SIGTERM to its group, SIGKILL if it has not ended within `timeout`."""
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)

@@ -7,8 +7,6 @@ own ClientApp, which no node may run."""
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,30 +15,15 @@ from pathlib import Path
 import pytest
 
 from fedtune.system.certificates import make_dev_certs
-from tests.conftest import make_texts
+from tests.conftest import free_port, make_texts, stop_group
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(command, log: Path, env) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -84,7 +67,7 @@ def _malicious_bundle(tmp_path: Path) -> tuple[Path, Path]:
 def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
     certs = tmp_path / "certs"
     make_dev_certs(certs, ["127.0.0.1", "localhost"], nodes=4)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "UV_CACHE_DIR": str(tmp_path / "uv"),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     (tmp_path / "flwr-home").mkdir()
@@ -121,7 +104,7 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
                                      "--data", str(data), "--state-dir", str(tmp_path / f"node-{number}-state"),
                                      "--budget-dir", str(tmp_path / f"node-{number}-budgets"), *policies[number],
                                      "--model", str(tiny_bert),  # the node loads its own copy of the base model
-                                     "--port", str(_free_port())], tmp_path / f"node-{number}.log", env))
+                                     "--port", str(free_port())], tmp_path / f"node-{number}.log", env))
         _wait_for(lambda: "Failed to activate SuperNode" in (tmp_path / "node-4.log").read_text()
                   or processes[4].poll() is not None, 120, "the unregistered SuperNode to be refused")
         run = subprocess.run([BIN / "flwr", "run", str(ROOT), "fedtune", "--run-config",
@@ -148,7 +131,7 @@ def test_tls_superlink_two_supernodes_two_rounds(tiny_bert, tmp_path):
         assert not marker.exists(), "a node ran the ClientApp of the server's app bundle"
     finally:
         for process in processes:
-            _stop(process)
+            stop_group(process)
     logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
     assert "Failed to activate SuperNode" in logs["node-4.log"], logs["node-4.log"][-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -6,8 +6,6 @@ mode of the test's own, on a free loopback port, stopped by its PID."""
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port, stop_group
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _runs(env) -> list[dict]:
@@ -34,7 +28,7 @@ def _runs(env) -> list[dict]:
 
 
 def test_flwr_run_dot_runs_the_default_apps_on_the_local_simulation_runtime(tmp_path):
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
@@ -63,9 +57,7 @@ def test_flwr_run_dot_runs_the_default_apps_on_the_local_simulation_runtime(tmp_
         log = subprocess.run([BIN / "flwr", "log", statuses[0] and _runs(env)[0]["run-id"], "--show"],
                              capture_output=True, text=True, env=env, timeout=60).stdout if statuses else ""
     finally:
-        if superlink.poll() is None:
-            os.killpg(superlink.pid, signal.SIGTERM)
-            superlink.wait(timeout=30)
+        stop_group(superlink, timeout=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     (tmp_path / "run.log").write_text(log)
     assert statuses and statuses[0][0] == "finished:completed", (statuses, f"log: {tmp_path / 'run.log'}")

@@ -12,8 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.cli import build_parser
+from tests.conftest import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,12 +65,6 @@ def test_the_units_run_fedtune_unprivileged_and_confined(name):
 
 # -- the walk-through ----------------------------------------------------------------------
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def walkthrough_blocks() -> list[tuple[str, str]]:
     """(language, text) of every fenced block of the guide's last section, in order."""
     section = GUIDE.read_text().split("## Two machines, step by step", 1)[1]
@@ -84,7 +77,7 @@ class Machines:
 
     def __init__(self, tmp: Path):
         self.roots = {"operator": tmp / "operator", "site": tmp / "site"}
-        self.port, self.node_port = _free_port(SERVER_HOST), _free_port("127.0.0.1")
+        self.port, self.node_port = free_port(SERVER_HOST), free_port("127.0.0.1")
         self.services: list[subprocess.Popen] = []
         self.tmp = tmp
         for root in self.roots.values():
@@ -122,12 +115,7 @@ class Machines:
 
     def stop(self) -> None:
         for process in self.services:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+            stop_group(process)
 
 
 def _machine_of(block_index: int) -> str:
