@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 SHIM_NAME = "flwr-clientapp"   # the command name Flower's SuperNode launches
-INSTALLED_APP = "clients.client_app:app"
 
 
 def _installed_app_loader(*_args, **_kwargs):
