@@ -27,6 +27,7 @@ from fedtune.data.tables import check_declared_labels
 from fedtune.errors import ConfigError
 from fedtune.models.named import bundled_name
 # read_policy_file is fedtune.privacy.policy's (the node reads its file with it too), offered here beside the rest
+from fedtune.privacy.budget import remember_budget_folder
 from fedtune.privacy.policy import (ALLOW_NON_PRIVATE_KEY, NODE_KEYS, POLICY_FILE_KEY, STATE_DIR_KEY, NodePolicy,
                                     read_policy_file, renamed_keys)
 from fedtune.system.atomic import atomic_write_text
@@ -120,6 +121,8 @@ def exec_supernode(command: list[str], state_dir: str, policy: Mapping[str, Any]
     (read back from the file, as its ClientApp reads it) and become flower-supernode."""
     Path(state_dir).mkdir(parents=True, exist_ok=True)  # only now: every check has passed
     path = write_policy_file(state_dir, policy)
+    if policy.get("budget-dir"):
+        remember_budget_folder(policy["budget-dir"])  # `fedtune budget` lists it with no --dir
     policy_line = NodePolicy.from_node_config({POLICY_FILE_KEY: str(path)}).describe()
     flower_environment()
     # The SuperNode runs this node's own ClientApp, never the code of the server's app bundle

@@ -20,14 +20,16 @@ DESCRIPTION = (
     "List the privacy budgets of this machine's nodes: one row per ledger with the data it protects (as its "
     "operator named it when the budget began), the rows it protects, epsilon spent, the cap, what remains, the "
     "last charge, the accountant and delta. Reads the budget folder ($FEDTUNE_HOME/budgets, default "
-    "~/.fedtune/budgets) unless --dir names others. Read-only: safe while a node trains.")
+    "~/.fedtune/budgets) and every folder fedtune noted in $FEDTUNE_HOME/budget-folders.txt (simulation runs, "
+    "nodes' and train-local runs' own --budget-dir), unless --dir names others. Read-only: safe while a node "
+    "trains.")
 
 
 def _add_reading_flags(parser, dirs: str, as_json: str) -> None:
     parser.add_argument("--dir", dest=dirs, action="append", metavar="DIR",
                         help="a budget folder, or a run directory whose budget folders lie below it (a simulation "
                              "keeps each virtual client's in clients/client-NNNNN); repeatable (default: "
-                             "$FEDTUNE_HOME/budgets)")
+                             "$FEDTUNE_HOME/budgets and the folders noted in $FEDTUNE_HOME/budget-folders.txt)")
     parser.add_argument("--json", dest=as_json, action="store_true", help="print JSON instead of a table")
 
 
@@ -48,10 +50,11 @@ def add_budget_parser(subparsers) -> None:
 
 
 def run_budget(args) -> int:
-    from fedtune.privacy.budget import default_budget_dir
+    from fedtune.privacy.budget import default_budget_dir, remembered_budget_folders
     from fedtune.privacy.budget_listing import budget_folders
 
-    directories = [*(args.dirs or []), *(getattr(args, "show_dirs", None) or [])] or [default_budget_dir()]
+    directories = ([*(args.dirs or []), *(getattr(args, "show_dirs", None) or [])]
+                   or [default_budget_dir(), *remembered_budget_folders()])
     as_json = args.json or getattr(args, "show_json", False)
     folders, missing = budget_folders(directories)
     if args.budget_command == "show":

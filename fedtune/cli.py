@@ -270,6 +270,10 @@ def _run_train_local(args) -> int:
     from fedtune.training.local import prepare_node, train_local
 
     node = prepare_node(config)  # every input check happens here, before any write
+    if config.node.budget_dir:
+        from fedtune.privacy.budget import remember_budget_folder
+
+        remember_budget_folder(config.node.budget_dir)  # `fedtune budget` lists it with no --dir
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-local-%Y%m%d-%H%M%S")
     train_local(node, out, progress=not args.no_progress)
     return 0

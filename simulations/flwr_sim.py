@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.client_app import make_client_app
+from fedtune.privacy.budget import remember_budget_folder
 from fedtune.run_config import RUN_DIR_KEY, log_to_of
 from server.server_app import run_federation
 from simulations.partition import held_out_table
@@ -31,5 +32,6 @@ def main(grid: Grid, context: Context) -> None:
     config = flwr_run_config(run_config)
     source = simulation_policy_source()
     print(f"virtual nodes' {simulation_policy(config, source).describe()} ({POLICY_ENV}: {source})", flush=True)
-    run_federation(grid, config, run_config.get(RUN_DIR_KEY) or "runs/flwr-simulation", eval_table=held_out_table(config),
-                   log_to=log_to_of(run_config))
+    run_dir = run_config.get(RUN_DIR_KEY) or "runs/flwr-simulation"
+    remember_budget_folder(run_dir)  # `fedtune budget` lists each virtual node's budget below it
+    run_federation(grid, config, run_dir, eval_table=held_out_table(config), log_to=log_to_of(run_config))

@@ -28,6 +28,7 @@ from fedtune.config import Config, build_config, load_config, load_toml
 from fedtune.data.tables import LabelMap
 from fedtune.errors import ConfigError
 from fedtune.federation.server import FederationServer
+from fedtune.privacy.budget import remember_budget_folder
 from fedtune.privacy.policy import NODE, OWNERS, WITHIN_POLICY, NodePolicy
 from fedtune.system.processes import flower_environment
 from fedtune.privacy.randomness import GENERATOR_NOTE, REPRODUCIBLE_LABEL
@@ -429,6 +430,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float | N
     if engine == "ray":
         start_ray(config, backend)  # the workers warm up while the rest of the set-up runs
     run_dir.mkdir(parents=True, exist_ok=True)
+    remember_budget_folder(run_dir)  # `fedtune budget` lists each virtual node's budget below it
     atomic_write_json(run_dir / "partitions.json", partition_report(config))
     if config.model.task == "instruct":
         atomic_write_json(run_dir / DATA_SUMMARY_FILE, instruct_data_summary(config))

@@ -187,3 +187,27 @@ def test_a_nodes_round_records_its_data_file_as_the_source(tiny_bert, tmp_path, 
     [row] = json.loads(out)["budgets"]
     assert code == 0 and row["source"] == f"file {data.resolve()}" and row["rows"] == 40
     assert row["spent"] == pytest.approx(reply.epsilon) and row["last_charge"]["label"]
+
+
+def test_with_no_dir_every_budget_this_machines_fedtune_made_is_listed(tmp_path, capsys, monkeypatch):
+    """A train-local budget in the default folder, a simulation run's virtual nodes below its
+    run directory and a node's own --budget-dir: each run notes its folder once in
+    $FEDTUNE_HOME/budget-folders.txt, and `fedtune budget` lists them all; a deleted run is
+    no budget."""
+    from fedtune.privacy.budget import KNOWN_FOLDERS_FILE, default_budget_dir, remember_budget_folder
+
+    monkeypatch.setenv("FEDTUNE_HOME", str(tmp_path / "home"))
+    texts = [[text for text, _ in make_texts(10, seed=seed)] for seed in range(4)]
+    _charged_budget(default_budget_dir(), {"dataset": "bbc-news"}, texts[0], 3.0, ["call 1"])
+    run, node, gone = tmp_path / "runs" / "simulate-1", tmp_path / "node-budgets", tmp_path / "runs" / "deleted"
+    _charged_budget(run / "clients" / "client-00000", {"dataset": "bbc-news"}, texts[1], 8.0, ["round 1"])
+    _charged_budget(node, {"dataset": "bbc-news"}, texts[2], 5.0, ["round 1"])
+    _charged_budget(gone / "clients" / "client-00000", {"dataset": "bbc-news"}, texts[3], 8.0, ["round 1"])
+    for folder in (run, node, run, gone, default_budget_dir()):
+        remember_budget_folder(folder)
+    assert (tmp_path / "home" / KNOWN_FOLDERS_FILE).read_text().splitlines() == [str(run), str(node), str(gone)]
+    shutil.rmtree(gone)
+    code, out, _ = _run(capsys, "budget")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("3 budgets in 3 folders under ")
+    assert sorted(line.split()[3] for line in lines[2:]) == ["3", "5", "8"]  # each cap once

@@ -76,6 +76,35 @@ def default_budget_dir() -> Path:
     return fedtune_home() / "budgets"
 
 
+# Folders outside the default one that hold budgets, one absolute path a line, so that
+# `fedtune budget` with no --dir lists every budget this machine's fedtune made: a
+# simulation's run directory (each virtual node's budget lies below it), a node's or a
+# train-local run's own --budget-dir. Appended once per run, never per charge.
+KNOWN_FOLDERS_FILE = "budget-folders.txt"
+
+
+def remember_budget_folder(folder: str | Path) -> None:
+    """Note `folder` in $FEDTUNE_HOME/budget-folders.txt (once; the default folder needs no note)."""
+    folder = Path(folder).resolve()
+    if folder == default_budget_dir().resolve() or folder in remembered_budget_folders(existing=False):
+        return
+    path = fedtune_home() / KNOWN_FOLDERS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:  # one short line: an append is atomic
+        handle.write(f"{folder}\n")
+
+
+def remembered_budget_folders(existing: bool = True) -> list[Path]:
+    """The folders noted by `remember_budget_folder`, in order, once each (`existing`: only
+    those still on disk: a deleted simulation run is no budget to list)."""
+    try:
+        lines = (fedtune_home() / KNOWN_FOLDERS_FILE).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    folders = list(dict.fromkeys(Path(line) for line in lines if line.strip()))
+    return [f for f in folders if f.is_dir()] if existing else folders
+
+
 def record_digest(text: str) -> bytes:
     """A record's identity in the budget: SHA-256 of its text (for instruct data, prompt and
     response together). Nothing a server may request (the task, the label column) changes it."""
