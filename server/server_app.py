@@ -160,14 +160,14 @@ def _play_round(run: _Run, server_round: int) -> dict:
     round that fails is recorded in failures.jsonl before it stops the run."""
     started = time.perf_counter()
     fed = run.server.config.federation
-    nodes = _wait_for_nodes(run.grid, fed.min_clients, timeout=fed.round_timeout)
-    cohort = run.server.strategy.cohort([int(n) for n in nodes], server_round)
-    payload = _arrays_record(run.server.payload(server_round))
-    evaluate = run.central if run.central is not None else partial(_federated_evaluation, run, list(cohort.sampled),
-                                                                     server_round)
-    outcome = dict(evaluate=evaluate, evaluation="central" if run.central else "federated",
-                   extra={"resident_mb": resident_memory_mb()})
     with failures_recorded(run.run_dir, server_round, run.options.log):
+        nodes = _wait_for_nodes(run.grid, fed.min_clients, fed.round_timeout, server_round, run.options.log)
+        cohort = run.server.strategy.cohort([int(n) for n in nodes], server_round)
+        payload = _arrays_record(run.server.payload(server_round))
+        evaluate = run.central if run.central is not None else partial(_federated_evaluation, run,
+                                                                         list(cohort.sampled), server_round)
+        outcome = dict(evaluate=evaluate, evaluation="central" if run.central else "federated",
+                       extra={"resident_mb": resident_memory_mb()})
         return _train_and_aggregate(run, _Round(server_round, cohort, started, outcome), payload)
 
 
@@ -352,12 +352,28 @@ def _released(node: int, metrics: dict) -> ClientReply:
                        noise=str(reply.get("noise", "")))
 
 
-def _wait_for_nodes(grid: Grid, needed: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
+NODES_HINT_AFTER = 10.0  # seconds of waiting before the server says what it waits for
+
+
+def _wait_for_nodes(grid: Grid, needed: int, timeout: float, server_round: int, log) -> list[int]:
+    """The connected nodes, once `needed` (federation.min_clients) are; said once after a few
+    seconds of waiting, and a failed round (before anything is sent) at the round's timeout.
+    Flower's local simulation runtime connects all its virtual nodes at once, so a wait there
+    means too few of them (Flower's default is 2)."""
+    started = time.monotonic()
+    said = False
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= needed or time.monotonic() > deadline:
+        if len(nodes) >= needed:
             return nodes
+        waited = time.monotonic() - started
+        if waited > timeout:
+            raise RoundFailedError(f"round {server_round}: {len(nodes)} node(s) connected in {timeout:.0f} s, "
+                                   f"federation.min_clients = {needed}")
+        if not said and waited > NODES_HINT_AFTER:
+            log(f"waiting for nodes: {len(nodes)} connected, federation.min_clients = {needed} (on Flower's local "
+                f"simulation runtime, start more: flwr run . --federation-config num-supernodes={max(needed, 5)})")
+            said = True
         time.sleep(1.0)
 
 
