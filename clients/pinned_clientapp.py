@@ -9,10 +9,12 @@ may leave. Flower's own defence (`--trusted-entities`, signed bundles) needs a S
 that vouches for bundles, which the open-source SuperLink does not.
 
 So `fedtune client` starts the SuperNode with this module in front of Flower's
-`flwr-clientapp` on its PATH (`install_shim`). It is Flower's runner with two seams replaced,
-kept here in one module as a contribution to Flower would keep them:
+`flwr-clientapp` on its PATH (`install_shim`). It is Flower's runner with three seams
+replaced, kept here in one module as a contribution to Flower would keep them:
 
-- the bundle is not installed (no file of it is written on this machine); and
+- the bundle is not installed (no file of it is written on this machine);
+- nor are the dependencies it lists, even where runtime dependency installation was
+  allowed (they would be packages of the submitter's choosing); and
 - the ClientApp is always `clients.client_app:app` from fedtune as installed on this
   machine, whatever the bundle names. The run's config still comes from the bundle (the
   server's requests, checked by the node's policy as always).
@@ -46,7 +48,9 @@ def _installed_app_loader(*_args, **_kwargs):
 
 
 def _no_install(*_args, **_kwargs) -> None:
-    """Stand-in for `flwr.cli.install.install_from_fab`: the server's bundle is never unpacked."""
+    """Stand-in for `flwr.cli.install.install_from_fab` and for the runner's
+    `install_app_dependencies`: neither the server's bundle nor the packages it names are
+    installed here (None: no per-run environment to clean up)."""
 
 
 def main() -> None:
@@ -55,6 +59,7 @@ def main() -> None:
 
     runtime.get_load_client_app_fn = _installed_app_loader
     runtime.install_from_fab = _no_install
+    runtime.install_app_dependencies = _no_install
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     flwr_clientapp()

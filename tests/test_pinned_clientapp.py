@@ -23,17 +23,19 @@ def test_the_loader_returns_the_installed_app_whatever_the_bundle_says():
     assert load("operator/innocent", "1.0.0", "f" * 64) is app
 
 
-def test_the_runner_is_flowers_with_the_two_seams_replaced(monkeypatch):
+def test_the_runner_is_flowers_with_the_three_seams_replaced(monkeypatch):
     import flwr.supernode.runtime.run_clientapp as runtime
 
     monkeypatch.setattr(runtime, "get_load_client_app_fn", runtime.get_load_client_app_fn)
     monkeypatch.setattr(runtime, "install_from_fab", runtime.install_from_fab)
+    monkeypatch.setattr(runtime, "install_app_dependencies", runtime.install_app_dependencies)
     monkeypatch.setattr(sys, "argv", [SHIM_NAME, "--help"])
     with pytest.raises(SystemExit) as done:
         pinned_clientapp.main()
     assert done.value.code == 0
     assert runtime.get_load_client_app_fn is pinned_clientapp._installed_app_loader
     assert runtime.install_from_fab is pinned_clientapp._no_install
+    assert runtime.install_app_dependencies is pinned_clientapp._no_install
 
 
 def test_the_shim_is_owner_only_isolated_and_first_on_path(tmp_path):
