@@ -8,9 +8,14 @@ the node's code, and with it every check of the node's policy: its cap, its ledg
 may leave. Flower's own defence (`--trusted-entities`, signed bundles) needs a SuperLink
 that vouches for bundles, which the open-source SuperLink does not.
 
-So `fedtune client` starts the SuperNode with this module in front of Flower's
-`flwr-clientapp` on its PATH (`install_shim`). It is Flower's runner with three seams
-replaced, kept here in one module as a contribution to Flower would keep them:
+So `fedtune client` starts the SuperNode with a PATH that holds one folder only,
+STATE_DIR/bin (`install_shim`): `flower-superexec` (Flower's, by its absolute path),
+`flwr-clientapp` (this module) and, for every other kind of task Flower 1.41 can launch
+(`flwr-agentapp`, `flwr-serverapp`, ...), a command that refuses: an AgentApp run would
+otherwise install and run the submitter's code as stock Flower does. No stock Flower
+command is reachable by name, so a shim that cannot run (a moved interpreter, a noexec
+mount) fails closed instead of falling through to Flower's own. The runner is Flower's with
+three seams replaced, kept here in one module as a contribution to Flower would keep them:
 
 - the bundle is not installed (no file of it is written on this machine);
 - nor are the dependencies it lists, even where runtime dependency installation was
@@ -28,11 +33,18 @@ another one or another app.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import sys
 from pathlib import Path
 
-SHIM_NAME = "flwr-clientapp"   # the command name Flower's SuperNode launches
+from fedtune.system.atomic import atomic_write_text
+
+SHIM_NAME = "flwr-clientapp"     # the command Flower's SuperExec launches for a ClientApp task
+SUPEREXEC = "flower-superexec"   # the command the SuperNode launches first, by name too
+REFUSED_TASKS = ("flwr-serverapp", "flwr-simulation", "flwr-agentapp", "flwr-model", "flwr-connector")
+ORIGINAL_PATH = "FEDTUNE_NODE_PATH"  # the PATH the node was started with, for fedtune's own code
+SEAMS = ("get_load_client_app_fn", "install_from_fab", "install_app_dependencies")
 
 
 def _installed_app_loader(*_args, **_kwargs):
@@ -57,32 +69,51 @@ def main() -> None:
     """`flwr-clientapp`, as Flower runs it, with the node's own app (module docstring)."""
     import flwr.supernode.runtime.run_clientapp as runtime
 
+    missing = [name for name in SEAMS if not hasattr(runtime, name)]
+    if missing:  # a Flower that moved them: refuse to run rather than run its stock loader
+        raise SystemExit(f"fedtune node: this Flower's ClientApp runner has no {', '.join(missing)}; "
+                         "the node cannot pin its own ClientApp and runs none")
     runtime.get_load_client_app_fn = _installed_app_loader
     runtime.install_from_fab = _no_install
     runtime.install_app_dependencies = _no_install
+    if ORIGINAL_PATH in os.environ:  # fedtune's own code runs with the node's PATH
+        os.environ["PATH"] = os.environ[ORIGINAL_PATH]
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     flwr_clientapp()
 
 
-def shim_text(python: str) -> str:
-    # -I: isolated mode: neither PYTHONPATH, the user's site folder nor the working directory
-    # (where a file could shadow fedtune's modules) reaches sys.path.
-    return f"#!{python} -I\nfrom clients.pinned_clientapp import main\nmain()\n"
+def _script(body: str) -> str:
+    return f"#!/bin/sh\n{body}\n"
 
 
-def install_shim(folder: str | os.PathLike, python: str = sys.executable) -> Path:
-    """Write `folder/flwr-clientapp` (owner-only) for the SuperNode's PATH; returns the folder."""
-    folder = Path(folder)
+def commands(python: str, superexec: str) -> dict[str, str]:
+    """STATE_DIR/bin's files: POSIX sh scripts with absolute, quoted paths (a Python path with a
+    space would break a `#!python` line, and a shim that cannot start must not fall through)."""
+    runner = f"exec {shlex.quote(python)} -I -c 'from clients.pinned_clientapp import main; main()' \"$@\""
+    scripts = {SUPEREXEC: _script(f'exec {shlex.quote(superexec)} "$@"'), SHIM_NAME: _script(runner)}
+    for name in REFUSED_TASKS:
+        scripts[name] = _script(f"echo 'fedtune node: refused a {name} task: this node runs only its own ClientApp' "
+                                ">&2\nexit 1")
+    return scripts
+
+
+def install_shim(folder: str | os.PathLike, python: str = sys.executable, superexec: str | None = None) -> Path:
+    """Write STATE_DIR/bin (owner-only) and return it, resolved: the SuperNode's whole PATH."""
+    folder = Path(folder).resolve()
+    if os.pathsep in str(folder):
+        raise ValueError(f"{folder}: a PATH entry cannot hold {os.pathsep!r}")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    shim = folder / SHIM_NAME
-    shim.write_text(shim_text(python))
-    shim.chmod(stat.S_IRWXU)
+    folder.chmod(0o700)
+    superexec = superexec or str(Path(python).parent / SUPEREXEC)
+    for name, text in commands(python, superexec).items():
+        atomic_write_text(folder / name, text)
+        (folder / name).chmod(stat.S_IRWXU)
     return folder
 
 
-def path_with_shim(folder: str | os.PathLike, path: str | None = None) -> str:
-    """PATH with the shim's folder first, then the rest, this Python's own bin folder included
-    (a service's PATH may not hold it, and Flower needs its other commands there)."""
-    rest = path if path is not None else os.environ.get("PATH", "")
-    return os.pathsep.join([str(folder), str(Path(sys.executable).parent), *([rest] if rest else [])])
+def node_environment(folder: Path, environ: dict | None = None) -> dict:
+    """The SuperNode's environment: PATH is the shim folder alone; the PATH it had is kept
+    for fedtune's own code (`main` restores it inside the pinned runner)."""
+    environ = dict(os.environ if environ is None else environ)
+    return {**environ, ORIGINAL_PATH: environ.get("PATH", os.defpath), "PATH": str(folder)}

@@ -12,7 +12,8 @@ read nor change it, and every request it sends is checked against the policy
 federation's CA certificate; the node authenticates with its own private key (its public
 key is registered by the operator). The process is replaced by `flower-supernode`, with
 fedtune's own `flwr-clientapp` first on its PATH (`clients.pinned_clientapp`): the node runs
-the ClientApp installed here, never the one a run's app bundle names.
+the ClientApp installed here, never the one a run's app bundle names, and no other kind
+of task (the SuperNode's PATH is STATE_DIR/bin alone).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from clients.pinned_clientapp import install_shim, path_with_shim
+from clients.pinned_clientapp import install_shim, node_environment
 from fedtune.config import toml_value
 from fedtune.data.tables import check_declared_labels
 from fedtune.errors import ConfigError
@@ -126,7 +127,7 @@ def exec_supernode(command: list[str], state_dir: str, policy: Mapping[str, Any]
     policy_line = NodePolicy.from_node_config({POLICY_FILE_KEY: str(path)}).describe()
     flower_environment()
     # The SuperNode runs this node's own ClientApp, never the code of the server's app bundle
-    os.environ["PATH"] = path_with_shim(install_shim(Path(state_dir) / SHIM_FOLDER))
+    environment = node_environment(install_shim(Path(state_dir) / SHIM_FOLDER))
     print(policy_line, flush=True)
     print("starting: " + " ".join(command), flush=True)
-    os.execv(command[0], command)
+    os.execve(command[0], command, environment)

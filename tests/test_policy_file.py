@@ -69,7 +69,8 @@ def test_fedtune_client_writes_the_file_and_starts_the_supernode_with_its_path(p
                                                                                monkeypatch):
     """The whole command, up to the exec (the one call replaced: it would end the test process)."""
     started = []
-    monkeypatch.setattr(os, "execv", lambda path, argv: started.append(argv))
+    environments = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: (started.append(argv), environments.append(env)))
     monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")  # restored after the test
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     state = tmp_path / "node-1"
@@ -83,6 +84,9 @@ def test_fedtune_client_writes_the_file_and_starts_the_supernode_with_its_path(p
     assert read_policy_file(written) == {"data": policy["data"], "max-epsilon": CAP, "labels": "neg,pos"}
     out = capsys.readouterr().out
     assert f"node policy: max epsilon {CAP:g}" in out and "policy-file=" in out and policy["data"] not in out
+    # the SuperNode's whole PATH is its shim folder (clients.pinned_clientapp); its own PATH kept aside
+    [environment] = environments
+    assert environment["PATH"] == str(state.resolve() / "bin") and environment["FEDTUNE_NODE_PATH"] == os.environ["PATH"]
 
 
 def test_a_client_app_reads_the_policy_file_as_it_read_inline_values(policy, tmp_path):
