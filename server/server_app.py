@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -162,7 +162,7 @@ def _play_round(run: _Run, server_round: int) -> dict:
     fed = run.server.config.federation
     with failures_recorded(run.run_dir, server_round, run.options.log):
         nodes = _wait_for_nodes(run.grid, fed.min_clients, fed.round_timeout, server_round, run.options.log)
-        cohort = run.server.strategy.cohort([int(n) for n in nodes], server_round)
+        cohort = run.server.strategy.cohort(nodes, server_round)
         payload = _arrays_record(run.server.payload(server_round))
         evaluate = run.central if run.central is not None else partial(_federated_evaluation, run,
                                                                          list(cohort.sampled), server_round)
@@ -355,7 +355,7 @@ def _released(node: int, metrics: dict) -> ClientReply:
 NODES_HINT_AFTER = 10.0  # seconds of waiting before the server says what it waits for
 
 
-def _wait_for_nodes(grid: Grid, needed: int, timeout: float, server_round: int, log) -> list[int]:
+def _wait_for_nodes(grid: Grid, needed: int, timeout: float, server_round: int, log) -> Collection[int]:
     """The connected nodes, once `needed` (federation.min_clients) are; said once after a few
     seconds of waiting, and a failed round (before anything is sent) at the round's timeout.
     Flower's local simulation runtime connects all its virtual nodes at once, so a wait there
@@ -363,7 +363,7 @@ def _wait_for_nodes(grid: Grid, needed: int, timeout: float, server_round: int, 
     started = time.monotonic()
     said = False
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = grid.get_node_ids()  # a set; a range from a lazily registered simulated population
         if len(nodes) >= needed:
             return nodes
         waited = time.monotonic() - started

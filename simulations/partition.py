@@ -2,7 +2,13 @@
 
 IID, Dirichlet(alpha) over labels, natural by a column (one client per value, e.g. a
 hospital id or a drug-review condition) and pre-split per-client files (one client per
-file, partitioned naturally by file). Seeded. When `simulation.central_holdout` is set, that
+file, partitioned naturally by file). Seeded. A client's rows are cut when it is first
+asked for (flwr-datasets' partitioners cut one partition at a time), so a population costs
+its data, not its size. "sampled" is for populations larger than the data (cross-device:
+a million phones): each client holds `rows_per_client` rows drawn from the pool by a seed
+of its own (the run's seed and its number), so nothing is kept per client at all and a
+client's rows are the same whenever, and in whichever process, it is sampled; clients may
+share rows, as no real population of that size would, which a study says when it uses it. When `simulation.central_holdout` is set, that
 share of the dataset is kept back for the server's central evaluation *before*
 partitioning, so no client ever trains on it. Each worker process partitions once (cached).
 The settings come from the config's [simulation] table (`simulations.settings`).
@@ -13,6 +19,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
@@ -23,6 +30,7 @@ from fedtune.errors import ConfigError, DataError
 from simulations.settings import simulation_settings, with_simulation
 
 FILE_COLUMN = "__client_file__"
+SAMPLED_STREAM = 0x5A4D  # "sampled" clients' rows: a seed stream of their own (the run's seed, this, the client)
 
 
 def _client_files(folder: str) -> list[Path]:
@@ -83,6 +91,7 @@ def _group_column(config: Config, table: Table) -> list[str] | None:
 
 @lru_cache(maxsize=4)
 def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
+    """(training pool, held-out rows or None, flwr-datasets partitioner; None for "sampled")."""
     table = source_table(config)
     held_out = None
     split = _builtin_split(config)
@@ -91,6 +100,12 @@ def _partitioned(config: Config) -> tuple[Table, Table | None, object]:
         held_out = split[1]  # the task's fixed held-out rows (never trained on) win over central_holdout
     elif holdout > 0:
         table, held_out = train_val_split(table, holdout, config.training.seed + 1)
+    sim = simulation_settings(config)
+    if sim.partitioner == "sampled":
+        if sim.rows_per_client > len(table):
+            raise ConfigError(f"simulation.rows_per_client = {sim.rows_per_client}: the training pool of {table.source} "
+                              f"has {len(table)} rows (after the held-out share); expected at most {len(table)}")
+        return table, held_out, None
     table = _pool_of_size(table, config)
     labels = [str(x) for x in table.labels] if table.labels else [""] * len(table)
     columns = {"row": list(range(len(table))), "label": labels}
@@ -121,7 +136,8 @@ def _pool_of_size(table: Table, config: Config) -> Table:
 
 def count_partitions(config: Config) -> int:
     """How many clients the configured partitioning yields (natural / files: the data says)."""
-    return _partitioned(config)[2].num_partitions
+    partitioner = _partitioned(config)[2]
+    return simulation_settings(config).num_clients if partitioner is None else partitioner.num_partitions
 
 
 def with_partition_count(config: Config) -> Config:
@@ -147,8 +163,25 @@ def client_table(config: Config, partition_id: int) -> Table:
     """Rows of virtual client `partition_id` (0-based), cut once per worker process: a
     cross-device population is sampled again and again."""
     table, _, partitioner = _partitioned(config)
-    rows = partitioner.load_partition(partition_id)["row"]
+    if partitioner is None:  # "sampled": the client's own seeded draw from the pool
+        rng = np.random.default_rng([config.training.seed, SAMPLED_STREAM, partition_id])
+        rows = np.sort(rng.choice(len(table), size=simulation_settings(config).rows_per_client, replace=False))
+    else:
+        rows = partitioner.load_partition(partition_id)["row"]
     return select(table, rows)
+
+
+def smallest_partition(config: Config) -> int:
+    """The fewest rows any client holds, without cutting a million partitions where the
+    partitioner says it: "sampled" clients all hold rows_per_client, flwr-datasets' IID
+    shards differ by at most one row."""
+    sim = simulation_settings(config)
+    table, _, partitioner = _partitioned(config)
+    if partitioner is None:
+        return sim.rows_per_client
+    if sim.partitioner == "iid":
+        return len(table) // sim.num_clients
+    return min(len(client_table(config, pid)) for pid in range(count_partitions(config)))
 
 
 def held_out_table(config: Config) -> Table | None:
@@ -156,10 +189,12 @@ def held_out_table(config: Config) -> Table | None:
     return _partitioned(config)[1]
 
 
-def partition_report(config: Config) -> list[dict]:
-    """Size and label histogram of every client's partition."""
+def partition_report(config: Config, limit: int | None = None) -> list[dict]:
+    """Size and label histogram of every client's partition (of the first `limit` only,
+    when given: a cross-device population is described by a sample, not cut whole)."""
     report = []
-    for pid in range(simulation_settings(config).num_clients):
+    clients = simulation_settings(config).num_clients
+    for pid in range(clients if limit is None else min(limit, clients)):
         part = client_table(config, pid)
         histogram: dict[str, int] = {}
         for label in part.labels:

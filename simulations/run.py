@@ -82,12 +82,12 @@ def with_distributed_noise(config: Config) -> Config:
     if config.dp.mode != "distributed":
         return config
     from fedtune.privacy import ddgauss_accounting
-    from simulations.partition import client_table, held_out_table
+    from simulations.partition import held_out_table, smallest_partition
 
     config = config.replace(node=dataclasses.replace(config.node, distributed=True))
     if config.dp.noise_multiplier > 0:
         return config
-    smallest = min(len(client_table(config, pid)) for pid in range(simulation_settings(config).num_clients))
+    smallest = smallest_partition(config)
     # the rows a node trains on: all of them when the server evaluates centrally, else all
     # but its validation split (as `fedtune.data.tables.train_val_split` cuts it)
     central = held_out_table(config) is not None or bool(config.federation.central_eval_path)
@@ -388,6 +388,8 @@ def instruct_data_summary(config: Config) -> dict:
             for name, table in parts.items() if table is not None}
 
 
+PARTITIONS_DESCRIBED = 1000  # partitions.json: a cross-device population is described by its first clients
+
 ENGINES = ("auto", "in-process", "ray")
 
 
@@ -417,6 +419,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float | N
     from clients.client_app import make_client_app
     from server.server_app import make_server_app
     from simulations.in_process import in_process_engine
+    from simulations.lazy_population import lazy_population
     from simulations.partition import held_out_table, partition_report
 
     num_gpus_per_client = gpus_per_client(num_gpus_per_client)
@@ -431,7 +434,11 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float | N
         start_ray(config, backend)  # the workers warm up while the rest of the set-up runs
     run_dir.mkdir(parents=True, exist_ok=True)
     remember_budget_folder(run_dir)  # `fedtune budget` lists each virtual node's budget below it
-    atomic_write_json(run_dir / "partitions.json", partition_report(config))
+    clients = simulation_settings(config).num_clients
+    atomic_write_json(run_dir / "partitions.json", partition_report(config, limit=PARTITIONS_DESCRIBED))
+    if clients > PARTITIONS_DESCRIBED:
+        log(f"partitions.json describes the first {PARTITIONS_DESCRIBED:,} of {clients:,} clients "
+            "(each client's rows are cut when it is first sampled)")
     if config.model.task == "instruct":
         atomic_write_json(run_dir / DATA_SUMMARY_FILE, instruct_data_summary(config))
     if config.dp.noise_seed >= 0:
@@ -442,7 +449,7 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float | N
         log(GENERATOR_NOTE)
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
     share = node_time_share(config, backend)
-    with in_process_engine() if engine == "in-process" else contextlib.nullcontext() as compute:
+    with lazy_population(), in_process_engine() if engine == "in-process" else contextlib.nullcontext() as compute:
         run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
                                                   node_time_share=share, log_to=log_to, compute=compute),
                        client_app=client_app, num_supernodes=simulation_settings(config).num_clients,

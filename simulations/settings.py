@@ -27,7 +27,7 @@ from fedtune.config import Config, coerce_value, config_error
 from fedtune.errors import ConfigError
 
 TABLE = "simulation"  # the config table these settings live in (one of fedtune.config.HARNESS_TABLES)
-PARTITIONERS = ("iid", "dirichlet", "natural", "files")
+PARTITIONERS = ("iid", "dirichlet", "natural", "files", "sampled")
 
 
 def setting(default: Any, help: str, flag: str | None = None) -> Any:
@@ -43,7 +43,9 @@ class SimulationSettings:
                                flag="num_clients")
     partitioner: str = setting(
         "iid", "\"iid\", \"dirichlet\" (over labels, alpha below), \"natural\" (one client per value of "
-        "partition_column, e.g. a hospital id) or \"files\" (one client per file in client_files). With natural and "
+        "partition_column, e.g. a hospital id), \"files\" (one client per file in client_files) or \"sampled\" (each "
+        "client holds rows_per_client rows drawn from the pool by a seed of its own, made when the client is first "
+        "sampled: a cross-device population larger than the data, whose clients may share rows). With natural and "
         "files the number of clients is the number of values / files.", flag="partitioner")
     dirichlet_alpha: float = setting(0.5, "Dirichlet concentration over labels: small = skewed clients.", flag="alpha")
     partition_column: str = setting("", "The column whose values make the clients of the \"natural\" partitioner.")
@@ -58,7 +60,7 @@ class SimulationSettings:
         "federated (sampled clients' validation splits).")
     rows_per_client: int = setting(
         0, "Simulation, IID or Dirichlet: give each client this many training rows (a seeded sample of the pool left "
-        "after the held-out share), 0 = split the whole pool. The held-out set does not depend on it, so runs that "
+        "after the held-out share), 0 = split the whole pool; \"sampled\": each client's rows, drawn for it alone. The held-out set does not depend on it, so runs that "
         "differ only here are scored on the same rows: a data-per-client curve.", flag="rows_per_client")
 
     def __post_init__(self) -> None:
@@ -79,6 +81,9 @@ class SimulationSettings:
         if self.rows_per_client < 0:
             raise config_error(f"{TABLE}.rows_per_client", self.rows_per_client,
                                "a whole number >= 0 (0 = split the whole pool)")
+        if self.partitioner == "sampled" and not self.rows_per_client:
+            raise config_error(f"{TABLE}.rows_per_client", self.rows_per_client,
+                               "a whole number > 0 with partitioner = 'sampled' (each client's rows)")
         if self.rows_per_client and self.partitioner in ("natural", "files"):
             raise config_error(f"{TABLE}.rows_per_client", self.rows_per_client,
                                f"0 with partitioner = {self.partitioner!r} (its clients' sizes are the data's)")

@@ -19,6 +19,7 @@ what the accountant may assume:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,9 +56,11 @@ class Cohort:
         return "without replacement" if self.without_replacement else "full participation"
 
 
-def draw_cohort(node_ids: list[int], clients_per_round: int, method: str, rng: np.random.Generator) -> Cohort:
-    """Sample a round's cohort from `node_ids` (ids may exceed int64: never through numpy)."""
-    nodes = sorted(node_ids)
+def draw_cohort(node_ids: Iterable[int], clients_per_round: int, method: str, rng: np.random.Generator) -> Cohort:
+    """Sample a round's cohort from `node_ids` (ids may exceed int64: never through numpy).
+    A `range` is used as it is: a simulated population registered lazily hands its node ids
+    as one, and sorting a million of them would build a million ints every round."""
+    nodes = node_ids if isinstance(node_ids, range) else sorted(node_ids)
     registered = len(nodes)
     if registered == 0:
         return Cohort(0, (), method, 0.0, 0.0)

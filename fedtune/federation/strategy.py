@@ -38,7 +38,7 @@ import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -224,7 +224,7 @@ class Strategy:
         self.user_level.ledger = ledger
 
     # -- configure a round -----------------------------------------------------------
-    def cohort(self, node_ids: list[int], server_round: int) -> Cohort:
+    def cohort(self, node_ids: Iterable[int], server_round: int) -> Cohort:
         fed = self.config.federation
         return draw_cohort(node_ids, fed.clients_per_round, fed.cohort_sampling,
                            self.randomness.numpy_generator("server", "cohort", server_round))
