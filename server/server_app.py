@@ -219,7 +219,7 @@ def _reply(message: Message) -> ClientReply:
     )
 
 
-POLL_FIRST, POLL_MAX = 0.01, 0.1  # seconds between pulls: a reply waits at most POLL_MAX to be seen
+POLL_FIRST, POLL_MAX = 0.01, 0.05  # seconds between pulls: a reply waits at most POLL_MAX to be seen
 
 
 def send_and_watch(grid: Grid, messages: list[Message], timeout: float, on_reply) -> list[Message]:

@@ -106,3 +106,35 @@ def test_top_layers_adapts_only_the_last_blocks_and_trains_under_dp(tiny_bert, s
 def test_top_layers_beyond_the_model_is_a_one_line_error(tiny_bert, sentiment_csv):
     with pytest.raises(ModelError, match=r"lora.top_layers = 3: the model has 2 transformer blocks"):
         prepare_node(tiny_config(tiny_bert, sentiment_csv, lora={"top_layers": 3}))
+
+
+def test_loading_through_the_kept_views_equals_peft_own_load_and_follows_changes(tiny_bert, sentiment_csv):
+    """The state views kept between calls write what peft's `set_peft_model_state_dict`
+    writes (same logits), are read again once the parameters change (a frozen tensor leaves
+    the trainable keys), and a refused state still writes nothing."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from fedtune.models.adapter_io import _views, adapter_state, trainable_keys
+
+    ours, theirs = (prepare_node(tiny_config(tiny_bert, sentiment_csv)) for _ in range(2))
+    assert _views(ours.model).direct
+    rng = np.random.default_rng(0)
+    state = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in adapter_state(ours.model).items()}
+    load_state(ours.model, state)
+    set_peft_model_state_dict(theirs.model, {k: torch.as_tensor(v) for k, v in state.items()})
+    ours.model.eval(), theirs.model.eval()
+    assert torch.equal(_logits(ours.model, ours), _logits(theirs.model, ours))
+    assert all(np.array_equal(adapter_state(ours.model)[k], state[k]) for k in state)
+    assert all(np.array_equal(get_peft_model_state_dict(ours.model)[k].numpy(), state[k]) for k in state)
+
+    frozen = next(k for k in trainable_keys(ours.model) if "lora_A" in k)
+    for name, parameter in ours.model.named_parameters():
+        if "lora_A" in name and name.replace(".default", "") == frozen:
+            parameter.requires_grad_(False)
+    assert frozen not in trainable_keys(ours.model) and frozen not in trainable_state(ours.model)
+
+    before = adapter_state(ours.model)
+    bad = {**{k: v + 1 for k, v in state.items()}, frozen: np.zeros((1, 1), np.float32)}
+    with pytest.raises(ModelError, match="shape"):
+        load_state(ours.model, bad)
+    assert all(np.array_equal(adapter_state(ours.model)[k], before[k]) for k in before)

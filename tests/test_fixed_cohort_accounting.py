@@ -200,3 +200,15 @@ def test_a_fixed_cohort_federation_refuses_a_user_level_accountant_other_than_rd
     assert poisson.user_ledger.accountant == accountant
     with pytest.raises(ConfigError, match="federation.user_dp_accountant = 'moments'"):
         build_config({"federation": {**fed, "cohort_sampling": "poisson", "user_dp_accountant": "moments"}})
+
+
+def test_the_cached_curves_compose_to_dp_accountings_own_figure_exactly():
+    """The ledger composes each event's RDP curve, computed once, times its count; it must
+    equal dp-accounting composing the events itself, mixed histories included."""
+    from fedtune.privacy.accountants import _replace_one_accountant, without_replacement_epsilon
+
+    history = ((1.1, 1.0, 3), (0.9, 1.0, 0))
+    entries = ((0.8, 1000, 10, 7), (1.3, 50, 10, 2), (0.8, 1000, 10, 4))
+    for delta in (1e-3, 1e-6):
+        assert without_replacement_epsilon(history, entries, delta) == \
+            _replace_one_accountant(history, entries).get_epsilon(delta)
