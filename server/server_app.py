@@ -64,7 +64,7 @@ class RunOptions:
     (`fedtune.reporting.tracking`) fed with each round's record, as metrics.jsonl is.
     `compute(fn)` runs the server's own model work (central evaluation) where the caller
     wants it: an in-process simulation runs it on the thread its clients train on
-    (`simulations.in_process.ComputeThread`).
+    (`simulations.in_process.ComputeSlots`).
     """
 
     log: Callable[[str], None] = print

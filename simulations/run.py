@@ -324,11 +324,11 @@ def warm_worker() -> None:
         pass
 
 
-def node_time_share(config: Config, backend: dict) -> float:
-    """Each virtual node's share of a round's timeout: the cohort queues for the Ray workers
-    (CPUs / CPUs per client), so with W workers and a cohort of K a node gets 1 / ceil(K / W)
+def node_time_share(config: Config, at_once: int) -> float:
+    """Each virtual node's share of a round's timeout: the cohort queues for the W clients
+    that train at once (`clients_at_once`), so with a cohort of K a node gets 1 / ceil(K / W)
     of the timeout, and a slow node stops before the others it queues ahead of time out."""
-    return 1.0 / math.ceil(config.federation.clients_per_round / workers(backend))
+    return 1.0 / math.ceil(config.federation.clients_per_round / max(1, at_once))
 
 
 def workers(backend: dict) -> int:
@@ -393,10 +393,17 @@ PARTITIONS_DESCRIBED = 1000  # partitions.json: a cross-device population is des
 ENGINES = ("auto", "in-process", "ray")
 
 
-def choose_engine(engine: str, config: Config, backend: dict) -> str:
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_engine(engine: str, config: Config, backend: dict, gpus: int | None = None) -> str:
     """`auto`: in this process when Ray would run one client at a time on this host (every
-    core per client, no GPU share, no cluster), Ray otherwise (`simulations.in_process`
-    says why)."""
+    core per client, no GPU share, no cluster) or when clients share this host's one GPU
+    (several at once, one CUDA stream each); Ray otherwise (several GPUs, a cluster, several
+    CPU workers). `simulations.in_process` says why."""
     if engine not in ENGINES:
         raise ConfigError(f"--engine = {engine!r}: expected one of {', '.join(ENGINES)}")
     address = simulation_settings(config).ray_address
@@ -405,8 +412,22 @@ def choose_engine(engine: str, config: Config, backend: dict) -> str:
                           "names a Ray cluster; leave it empty or use --engine ray")
     if engine != "auto":
         return engine
-    one_worker = workers(backend) == 1 and not backend["client_resources"]["num_gpus"]
-    return "in-process" if one_worker and not address else "ray"
+    if address:
+        return "ray"
+    share = backend["client_resources"]["num_gpus"]
+    if share:
+        return "in-process" if (gpu_count() if gpus is None else gpus) == 1 and share < 1 else "ray"
+    return "in-process" if workers(backend) == 1 else "ray"
+
+
+def clients_at_once(engine: str, backend: dict) -> int:
+    """How many virtual clients train at once: Ray's workers, or the in-process engine's
+    slots (1 / the GPU share per client on a GPU; the CPUs over the CPUs per client on a CPU,
+    which is 1 unless --cpus-per-client asked for less than every core)."""
+    share = backend["client_resources"]["num_gpus"]
+    if engine == "in-process" and share:
+        return max(1, int(1 / share)) if share < 1 else 1
+    return workers(backend)
 
 
 def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float | None = None, num_gpus_per_client: float | None = None,
@@ -443,13 +464,21 @@ def simulate(config: Config, run_dir: str | Path, num_cpus_per_client: float | N
         atomic_write_json(run_dir / DATA_SUMMARY_FILE, instruct_data_summary(config))
     if config.dp.noise_seed >= 0:
         log(f"dp.noise_seed = {config.dp.noise_seed}: {REPRODUCIBLE_LABEL}")
-    where = "one client at a time, in this process" if engine == "in-process" else f"{workers(backend)} Ray worker(s)"
+    at_once = clients_at_once(engine, backend)
+    if engine == "ray":
+        where = f"{at_once} Ray worker(s)"
+    elif at_once == 1:
+        where = "one client at a time, in this process"
+    else:
+        where = (f"{at_once} clients at a time in this process, "
+                 f"{'one CUDA stream each' if backend['client_resources']['num_gpus'] else 'one thread each'}")
     log(f"simulation engine: {engine} ({where})")
     if config.dp.enabled and not config.dp.secure_mode:
         log(GENERATOR_NOTE)
     client_app = make_client_app(SimulationNodes(config, str(run_dir)))
-    share = node_time_share(config, backend)
-    with lazy_population(), in_process_engine() if engine == "in-process" else contextlib.nullcontext() as compute:
+    share = node_time_share(config, at_once)
+    with lazy_population(), \
+            in_process_engine(at_once) if engine == "in-process" else contextlib.nullcontext() as compute:
         run_simulation(server_app=make_server_app(config, run_dir, eval_table=held_out_table(config), log=log,
                                                   node_time_share=share, log_to=log_to, compute=compute),
                        client_app=client_app, num_supernodes=simulation_settings(config).num_clients,

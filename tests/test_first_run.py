@@ -128,7 +128,5 @@ def test_simulated_nodes_share_a_rounds_timeout_with_those_queued_behind_them():
     from simulations.run import node_time_share
 
     config = build_config({"federation": {"clients_per_round": 5, "min_clients": 2}, "simulation": {"num_clients": 5}})
-    backend = {"client_resources": {"num_cpus": 1.0}, "init_args": {"num_cpus": 2}}
-    assert node_time_share(config, backend) == 1 / 3  # 5 nodes on 2 workers: 3 in a row at most
-    backend["init_args"]["num_cpus"] = 8
-    assert node_time_share(config, backend) == 1.0
+    assert node_time_share(config, 2) == 1 / 3  # 5 nodes on 2 workers: 3 in a row at most
+    assert node_time_share(config, 8) == 1.0

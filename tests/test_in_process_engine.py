@@ -21,21 +21,26 @@ def _config(tiny_bert, tmp_path, **simulation):
                        simulation={"num_clients": 3, **simulation})
 
 
-@pytest.mark.parametrize("cpus_per_client, gpus, address, engine, chosen", [
-    (None, 0.0, "", "auto", "in-process"),   # every core per client: one at a time
-    (1.0, 0.0, "", "auto", "ray"),           # several at once (on 2+ cores)
-    (None, 0.25, "", "auto", "ray"),         # GPU shares are Ray's
-    (None, 0.0, "auto", "auto", "ray"),      # a cluster is Ray's
-    (1.0, 0.0, "", "in-process", "in-process"),
-    (None, 0.0, "", "ray", "ray"),
+@pytest.mark.parametrize("cpus_per_client, gpus, devices, address, engine, chosen, at_once", [
+    (None, 0.0, 0, "", "auto", "in-process", 1),   # every core per client: one at a time
+    (1.0, 0.0, 0, "", "auto", "ray", 2),           # several at once on the CPU (on 2+ cores): Ray's workers
+    (1.0, 0.25, 1, "", "auto", "in-process", 4),   # a quarter of the host's one GPU each: four streams here
+    (1.0, 0.25, 2, "", "auto", "ray", 2),          # several GPUs are Ray's
+    (1.0, 1.0, 1, "", "auto", "ray", 2),           # a whole GPU per client: nothing to share
+    (None, 0.0, 0, "auto", "auto", "ray", 1),      # a cluster is Ray's
+    (1.0, 0.0, 0, "", "in-process", "in-process", 2),  # asked for: two threads here, a core each
+    (None, 0.0, 0, "", "ray", "ray", 1),
 ])
-def test_auto_picks_in_process_only_when_ray_would_run_one_client_at_a_time(tiny_bert, tmp_path, cpus_per_client, gpus,
-                                                                            address, engine, chosen):
-    if cpus_per_client == 1.0 and (os.cpu_count() or 1) < 2 and chosen == "ray":
-        pytest.skip("one core: one client at a time either way")
+def test_auto_picks_in_process_when_clients_run_one_at_a_time_or_share_one_gpu(tiny_bert, tmp_path, cpus_per_client,
+                                                                               gpus, devices, address, engine, chosen,
+                                                                               at_once):
+    from simulations.run import clients_at_once
+
     config = _config(tiny_bert, tmp_path, ray_address=address)
-    backend = ray_backend(config, cpus_per_client or os.cpu_count() or 1, gpus)
-    assert choose_engine(engine, config, backend) == chosen
+    backend = ray_backend(config, cpus_per_client or 2, gpus)
+    backend["init_args"]["num_cpus"] = 2  # a 2-core host's worker counts, whatever runs the test
+    assert choose_engine(engine, config, backend, gpus=devices) == chosen
+    assert clients_at_once(chosen, backend) == at_once
 
 
 def test_engine_mistakes_are_one_line_errors(tiny_bert, tmp_path):
@@ -54,7 +59,7 @@ def test_an_in_process_simulation_runs_every_client_here_without_ray(tiny_bert, 
     from fedtune.training.model_cache import MODELS
     from simulations.run import simulate
 
-    MODELS._entry = None  # an earlier test may have left this very model cached
+    MODELS.clear()  # an earlier test may have left this very model cached
     loads = MODELS.loads
     lines = []
     run = simulate(_config(tiny_bert, tmp_path), tmp_path / "run", num_cpus_per_client=os.cpu_count() or 1,
@@ -80,9 +85,9 @@ def test_an_in_process_simulation_runs_every_client_here_without_ray(tiny_bert, 
 def test_the_compute_thread_runs_work_in_order_on_one_thread_and_passes_errors_back():
     import threading
 
-    from simulations.in_process import ComputeThread
+    from simulations.in_process import ComputeSlots
 
-    compute = ComputeThread()
+    compute = ComputeSlots()
     try:
         threads = {compute(lambda: threading.get_ident()) for _ in range(5)}
         assert len(threads) == 1 and threading.get_ident() not in threads

@@ -200,13 +200,13 @@ def test_a_restarted_node_continues_its_ledger_and_refuses_past_its_budget(node)
     config = node["config"].replace(training=dataclasses.replace(node["config"].training, rounds=2))
     epsilons = []
     for server_round in (1, 2):
-        MODELS._entry = None  # what a process restart does to the cache
+        MODELS.clear()  # what a process restart does to the cache
         outcome = _round(node, "state", server_round, config=config)
         assert outcome.status == "ok"
         epsilons.append(outcome.epsilon)
     ledger = _ledger(node)
     assert epsilons[0] < epsilons[1] == ledger.epsilon() <= config.dp.target_epsilon
-    MODELS._entry = None
+    MODELS.clear()
     refused = _round(node, "state", 3, config=config)
     assert refused.status == "budget-exhausted" and refused.arrays is None and "exhausted" in refused.message
     assert _ledger(node).epsilon() == epsilons[1]  # never reset, never grown

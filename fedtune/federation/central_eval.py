@@ -86,7 +86,7 @@ def central_evaluator(config: Config, model, tokenizer, table: Table | None = No
     or else the operator's `federation.central_eval_path`; None when there is neither, and
     evaluation is federated. `compute(fn)` runs its model work where the caller wants it:
     an in-process simulation runs it on the thread its clients train on
-    (`simulations.in_process.ComputeThread`)."""
+    (`simulations.in_process.ComputeSlots`)."""
     table = table if table is not None else central_table(config)
     if table is None:
         return None

@@ -138,7 +138,10 @@ class FederationServer:
         """Validate, aggregate, checkpoint, evaluate the new global (`evaluate(adapter)`), log.
 
         `cohort` is how the round's nodes were drawn (default: a fixed-size cohort of the
-        nodes that replied); user-level DP is accounted for it."""
+        nodes that replied); user-level DP is accounted for it. Replies are taken in node
+        order, not arrival order: float sums depend on their order, and a run replayed from
+        its seeds must aggregate the same whichever node answered first."""
+        replies = sorted(replies, key=lambda r: r.node_id)
         cohort = cohort or Cohort(len(replies), tuple(r.node_id for r in replies), "fixed", 1.0, float(len(replies)))
         reference = OrderedDict((k, self.adapter[k]) for k in self.travel_keys)
         screened = self.strategy.screen(replies, reference)
