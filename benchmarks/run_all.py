@@ -58,8 +58,11 @@ GOALS = {
     "reload": (">=", 1.0),
     "memory": ("<=", 1.1),
     "cross_device": (">=", 2.0),
-    "pfl_wall": ("<=", 1.1),
+    "pfl_wall": ("<=", 1.0),
     "pfl_round": ("<=", 1.0),
+    "population_memory": ("<=", 1.1),
+    "population_startup": ("<=", 1.2),
+    "population_round": ("<=", 1.2),
 }
 
 
