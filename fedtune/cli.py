@@ -104,7 +104,8 @@ def _add_audit_parser(subparsers) -> None:
     parser.add_argument("--input-canaries", type=int, default=0, help="random-token records (black-box), default 0")
     parser.add_argument("--input-guesses", type=int, default=0, help="guesses on input canaries")
     parser.add_argument("--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)")
-    parser.add_argument("--controls", default="", help="comma list: noise-off (bundled public data only), no-canaries")
+    parser.add_argument("--controls", default="", help="comma list: noise-off, noise-halved, unnoised-step, public-sample "
+                        "(each leaks by design: bundled public data only), no-canaries")
     parser.add_argument("--out", help="folder for audit.json and audit.md (default: runs/audit-<time>)")
     parser.set_defaults(run=_run_audit)
 

@@ -35,8 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORD_DIR = RECORDS / "audit"
 REPORT = ROOT / "docs" / "audit.md"
 EPSILONS = (1.0, 3.0, 8.0)
-DESIGN = {"canaries": 1000, "guesses": 200, "input_canaries": 100, "input_guesses": 50}
-CONTROLS = ("none", "noise-off", "no-canaries")  # "none" is the audit itself, as `AuditResult.to_dict` names it
+DESIGN = {"canaries": 20000, "guesses": 1000, "input_canaries": 100, "input_guesses": 50}
+# "none" is the audit itself, as `AuditResult.to_dict` names it; then the leaking controls and no-canaries
+CONTROLS = ("none", "noise-off", "noise-halved", "unnoised-step", "public-sample", "no-canaries")
+CONTROLS_AT = {1.0: ("noise-off", "noise-halved"), 3.0: ("noise-off", "noise-halved"),
+               8.0: CONTROLS[1:]}
 REQUIRED = ("epsilon", "control", "design", "claimed_epsilon", "delta", "findings", "noise", "passed", "verdict",
             "seconds", "config", "versions", "machine")
 FINDING_FIELDS = ("kind", "canaries", "included", "guesses", "correct", "lower_bound", "best_possible")
@@ -63,8 +66,7 @@ def _name(epsilon: float, control: str) -> str:
 def measured_here(epsilon: float) -> bool:
     """Whether this epsilon's audit and controls all have records measured by this code (a
     recovered record is re-run, so that the command replaces it)."""
-    controls = CONTROLS if epsilon == EPSILONS[-1] else CONTROLS[:2]
-    paths = [RECORD_DIR / f"{_name(epsilon, c)}.json" for c in controls]
+    paths = [RECORD_DIR / f"{_name(epsilon, c)}.json" for c in ("none",) + CONTROLS_AT[epsilon]]
     return all(p.is_file() and "provenance" not in json.loads(p.read_text(encoding="utf-8")) for p in paths)
 
 
@@ -77,9 +79,8 @@ def audit_epsilon(epsilon: float, folder: Path, log=print) -> None:
     if (folder / "audit.json").exists():
         return
     config = node_config(epsilon, folder / "budget")
-    controls = ("noise-off", "no-canaries") if epsilon == EPSILONS[-1] else ("noise-off",)
     started = time.monotonic()
-    audit_node(config, AuditDesign(**DESIGN), controls, folder, echo=log, table=client_table(config, 0))
+    audit_node(config, AuditDesign(**DESIGN), CONTROLS_AT[epsilon], folder, echo=log, table=client_table(config, 0))
     (folder / "seconds.txt").write_text(f"{time.monotonic() - started:.0f}\n")
 
 
@@ -103,7 +104,7 @@ def write_epsilon_records(epsilon: float, folder: Path) -> list[Path]:
 
 
 def run(out: Path, log=print) -> None:
-    for epsilon in EPSILONS:
+    for epsilon in sorted(EPSILONS, reverse=True):  # the default node's epsilon (8) first
         if measured_here(epsilon):
             log(f"[audit] epsilon {epsilon:g}: measured before, kept")
             continue

@@ -266,3 +266,16 @@ def test_a_federation_without_user_level_dp_has_nothing_to_audit(tiny_bert, audi
                          simulation={"num_clients": 3})
     with pytest.raises(ConfigError, match="user_dp_noise = 0"):
         audit_user_level(config, echo=lambda line: None)
+
+
+@pytest.mark.parametrize("control", ["noise-halved", "unnoised-step", "public-sample"])
+def test_each_leaking_control_is_caught_by_the_bound_itself(tiny_bert, audit_data, control):
+    """The claim stays the planned one while the mechanism leaks by a known route: half the
+    noise, the last step released without noise, the canaries' Poisson draws known to the
+    auditor. The bound alone (not the measured noise) must exceed the claim."""
+    base = _config(tiny_bert, audit_data, seed=21)
+    config = base.replace(lora=dataclasses.replace(base.lora, rank=64),  # room for 16,000 one-coordinate canaries
+                          training=dataclasses.replace(base.training, batch_size=4))  # q = 1/16: sampling matters
+    result = _audit(config, AuditDesign(canaries=16000, guesses=1000), control)
+    assert result.lower_bound > result.claimed_epsilon, result.verdict()[1]
+    assert result.verdict()[0] and "caught" in result.verdict()[1]

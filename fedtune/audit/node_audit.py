@@ -15,9 +15,14 @@ grow like log(guesses) (a noise-off run at epsilon 8 is beyond any one-run (epsi
 delta) audit's reach at a node's delta), while the measured noise multiplier shows a
 missing or too small noise at once; the verdict uses both.
 
-Controls (`--controls`): `noise-off` (bundled public data only: the same audit with the
-noise multiplier set to 0, which the audit must flag) and `no-canaries` (coins drawn,
-nothing inserted: the bound must be about zero and the noise must measure as planned).
+Controls (`--controls`). Leaking ones, each on bundled public data only and charged to a
+scratch ledger, whose claim stays the planned one while the mechanism leaks by a known
+route; the bound itself must exceed the claim: `noise-off` (noise multiplier 0),
+`noise-halved` (half the planned noise), `unnoised-step` (the last step released without
+noise, an uncharged step) and `public-sample` (the canaries' Poisson draws known to the
+auditor, as a logged batch composition would make them: no amplification by sampling).
+And `no-canaries` (coins drawn, nothing inserted: the bound must be about zero and the
+noise must measure as planned).
 
 An audit trains on the node's data under DP, so it is charged to that data's budget like
 any training (the ledger never under-counts); its adapter is never written or released.
@@ -41,13 +46,18 @@ from fedtune.training.losses import PerExampleLoss
 from fedtune.models.base import trainable_named_parameters
 from fedtune.privacy.accountants import compute_epsilon
 from fedtune.audit.bounds import best_possible_bound, epsilon_lower_bound
+from fedtune.audit.estimators import ScoreAudit, encode_scores
 from fedtune.privacy.canaries import GradientCanaries, guess, input_canaries
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import DPPlan, plan_training
 from fedtune.privacy.randomness import Randomness
 from fedtune.privacy.spending import require_fit as fits
 
-CONTROLS = ("noise-off", "no-canaries")
+# Controls whose mechanism leaks by a known route while the claim stays the planned one: the
+# audit must catch each. They train on a bundled public dataset only, charged to a scratch
+# ledger (what they really spend is more than the claim, by design).
+LEAKING = ("noise-off", "noise-halved", "unnoised-step", "public-sample")
+CONTROLS = LEAKING + ("no-canaries",)
 NOISE_CHECK_CONFIDENCE = 0.999  # the measured noise multiplier's acceptance interval (chi-square)
 ABOUT_ZERO = 0.5  # the no-canary control's bound must stay below this
 
@@ -83,12 +93,28 @@ class CanaryFinding:
     included: int
     guesses: int
     correct: int
-    lower_bound: float  # epsilon, at the audit's confidence
+    lower_bound: float  # epsilon, at the audit's confidence (Steinke et al., the design's guesses)
     best_possible: float  # the bound if every guess were right: what this design can ever prove
+    # the tighter estimators (`fedtune.audit.estimators`), from the scores at the best
+    # threshold; NaN in a record written before they existed
+    fdp_bound: float = math.nan  # f-DP one-run epsilon lower bound (Gaussian trade-off curve claimed)
+    fdp_ceiling: float = math.nan  # the f-DP bound if every included canary outscored every excluded one
+    gdp_mu: float = math.nan  # Gaussian DP: lower confidence bound on mu (Clopper-Pearson, all thresholds)
+    gdp_epsilon: float = math.nan  # that mu's epsilon at the audit's delta: an estimate (assumes a Gaussian curve)
+    gdp_ceiling: float = math.nan
+    # the raw scores (`fedtune.audit.estimators.encode_scores`) of the included and the
+    # excluded canaries: a report recomputes every estimator from them
+    scores_included: str = dataclasses.field(default="", repr=False)
+    scores_excluded: str = dataclasses.field(default="", repr=False)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.guesses
+
+    @property
+    def tightest_bound(self) -> float:
+        """The larger of the two proofs (Steinke's and the f-DP bound); not the estimate."""
+        return max(self.lower_bound, 0.0 if math.isnan(self.fdp_bound) else self.fdp_bound)
 
 
 @dataclass(frozen=True)
@@ -120,7 +146,7 @@ class AuditResult:
 
     @property
     def lower_bound(self) -> float:
-        return max(f.lower_bound for f in self.findings)
+        return max(f.tightest_bound for f in self.findings)
 
     def verdict(self) -> tuple[bool, str]:
         """(passed, why): for the audit, sound; for a control, the audit behaved as it must."""
@@ -128,11 +154,11 @@ class AuditResult:
         noise = (f"measured noise multiplier {self.noise.measured_noise:.3f} vs planned {self.noise.planned_noise:.3f} "
                  f"(accepted {self.noise.low:.3f}-{self.noise.high:.3f}; epsilon of the mechanism as measured "
                  f"{self.noise.epsilon_as_measured:.3f})")
-        if self.control == "noise-off":
-            caught = bound > claim or not self.noise.as_planned
+        if self.control in LEAKING:  # caught by the bound itself: a leak need not show in the measured noise
+            caught = bound > claim
             why = (f"lower bound {bound:.3f} {'>' if bound > claim else '<='} claimed {claim:.3f}; {noise}")
             return caught, ("the audit caught the broken mechanism: " if caught
-                            else "control FAILED: the audit did not notice the noise was off: ") + why
+                            else f"control FAILED: the bound did not catch the {self.control} leak: ") + why
         if self.control == "no-canaries":
             ok = bound < ABOUT_ZERO and self.noise.as_planned
             return ok, ((f"about zero as it must be: lower bound {bound:.3f}; " if ok else
@@ -179,12 +205,27 @@ def noise_check(scores: np.ndarray, included: np.ndarray, steps: int, plan: DPPl
     return NoiseCheck(plan.noise_multiplier, measured, low, high, plan.sample_rate, rate, floor, measured_epsilon)
 
 
+def design_ceilings(included: int, excluded: int, guesses: int, delta: float, confidence: float) -> dict[str, float]:
+    """What each estimator can ever show with this many canaries in and out: the figure if
+    every included canary outscored every excluded one. Known before training."""
+    perfect = ScoreAudit(np.ones(max(included, 1)), np.zeros(max(excluded, 1)))
+    return {"steinke": best_possible_bound(included + excluded, guesses, delta, confidence),
+            "fdp": perfect.fdp(confidence, delta), "gdp": perfect.gdp(confidence, delta)[1]}
+
+
 def _finding(kind: str, scores: np.ndarray, included: np.ndarray, guesses: int, delta: float,
              confidence: float) -> CanaryFinding:
     r, v = guess(scores, included, guesses)
+    ceilings = design_ceilings(int(included.sum()), int((~included).sum()), guesses, delta, confidence)
+    estimates = dict(fdp_bound=math.nan, gdp_mu=math.nan, gdp_epsilon=math.nan)
+    if included.any() and (~included).any():
+        game = ScoreAudit(scores[included], scores[~included])
+        mu, epsilon = game.gdp(confidence, delta)
+        estimates = dict(fdp_bound=game.fdp(confidence, delta), gdp_mu=mu, gdp_epsilon=epsilon)
+    estimates.update(scores_included=encode_scores(scores[included]), scores_excluded=encode_scores(scores[~included]))
     return CanaryFinding(kind, len(scores), int(included.sum()), r, v,
-                         epsilon_lower_bound(len(scores), r, v, delta, confidence),
-                         best_possible_bound(len(scores), r, delta, confidence))
+                         epsilon_lower_bound(len(scores), r, v, delta, confidence), ceilings["steinke"],
+                         fdp_ceiling=ceilings["fdp"], gdp_ceiling=ceilings["gdp"], **estimates)
 
 
 def _vocabulary(tokenizer) -> tuple[int, int]:
@@ -237,7 +278,8 @@ def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callabl
             train = TensorDataset(*(torch.cat([a, b[keep]]) for a, b in zip(train.tensors, canary_rows.tensors)))
     planned = plan_training(config, len(train), delta=ledger.delta)
     claim = claimed_epsilon(config, planned)
-    plan = dataclasses.replace(planned, noise_multiplier=0.0) if control == "noise-off" else planned
+    noise = {"noise-off": 0.0, "noise-halved": planned.noise_multiplier / 2}.get(control, planned.noise_multiplier)
+    plan = dataclasses.replace(planned, noise_multiplier=noise)
     total = plan.steps_per_call * plan.planned_calls
     require_fit = require_fit or (lambda *mechanism: fits(ledger, *mechanism))
     require_fit(plan.noise_multiplier, plan.sample_rate, total,
@@ -245,6 +287,8 @@ def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callabl
                 "training; audit a copy of the data's shape to spend nothing of it)")
     parameters = [p for _, p in trainable_named_parameters(model)]
     canaries = GradientCanaries(parameters, design.canaries, randomness, inject=control != "no-canaries")
+    if control == "unnoised-step":
+        canaries.unnoised_step = plan.steps_per_call * plan.planned_calls - 1  # the last step, released without noise
     before = _losses(model, canary_rows, config.model.task) if canary_rows is not None else None
     echo(f"fedtune audit{' (control: ' + control + ')' if control else ''}: {design.canaries} gradient canaries "
          f"({int(canaries.included.sum())} included), {design.guesses} guesses"
@@ -252,11 +296,16 @@ def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callabl
             f"{design.input_guesses} guesses" if design.input_canaries else "")
          + f"; {len(train)} training rows, sigma {plan.noise_multiplier:.4f}, q {plan.sample_rate:.4g}, "
          f"{plan.steps_per_call * plan.planned_calls} steps, claimed epsilon {claim:.3f} at delta {plan.delta:.3g}")
+    reach = design_ceilings(int(canaries.included.sum()), int((~canaries.included).sum()), design.guesses, plan.delta,
+                            design.confidence)
+    echo(f"  what this design can show at most ({design.confidence:.0%} confidence): Steinke bound {reach['steinke']:.3f}, "
+         f"f-DP bound {reach['fdp']:.3f}, Gaussian DP estimate {reach['gdp']:.3f} (claimed {claim:.3f})")
     for call in range(1, plan.planned_calls + 1):
         train_call(model, train, config, plan, ledger, persist, label=f"audit{'-' + control if control else ''} "
                    f"call {call}", randomness=randomness, canaries=canaries)
     steps = canaries.steps
-    findings = [_finding("gradient (white-box)", canaries.scores, canaries.included, design.guesses, plan.delta,
+    white_box = canaries.public_sample_scores if control == "public-sample" else canaries.likelihood_scores
+    findings = [_finding("gradient (white-box)", white_box, canaries.included, design.guesses, plan.delta,
                          design.confidence)]
     if canary_rows is not None:
         scores = before - _losses(model, canary_rows, config.model.task)  # how far each canary's loss fell
@@ -289,8 +338,9 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
     if unknown:
         raise ConfigError(f"audit --controls {','.join(controls)}: unknown {unknown[0]!r}; expected "
                           f"{' and/or '.join(CONTROLS)}")
-    if "noise-off" in controls and (config.data.path or table is not None and not config.data.dataset):
-        raise ConfigError(f"audit --controls noise-off: trains WITHOUT noise, so only on a bundled public dataset "
+    leaking = [c for c in controls if c in LEAKING]
+    if leaking and (config.data.path or table is not None and not config.data.dataset):
+        raise ConfigError(f"audit --controls {leaking[0]}: leaks by design, so only on a bundled public dataset "
                           f"(data.path is {config.data.path!r}); run it on e.g. --dataset bbc-news")
     out = Path(out)
     if (out / "audit.json").exists():
@@ -298,12 +348,12 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
     results = []
     for control in ("",) + tuple(controls):
         node = prepare_node(config, table)
-        if control == "noise-off":
+        if control in LEAKING:
             scratch = new_ledger(config, node.plan, node.data.fingerprint)
             scratch.max_epsilon = None
             out.mkdir(parents=True, exist_ok=True)
-            results.append(run_audit(node, design, scratch, lambda ledger: ledger.save(out / "noise-off-ledger.json"),
-                                     control, echo))
+            results.append(run_audit(node, design, scratch,
+                                     lambda ledger, name=control: ledger.save(out / f"{name}-ledger.json"), control, echo))
         else:
             with spend(config, node.data.record_set, node.plan.delta, f"audit{' control ' + control if control else ''}") \
                     as spending:
@@ -316,10 +366,18 @@ def audit_node(config, design: AuditDesign, controls: tuple[str, ...], out, echo
     return results
 
 
+def _estimates(f: CanaryFinding) -> str:
+    """The tighter estimators of one finding, each with its design's ceiling."""
+    if math.isnan(f.fdp_bound):
+        return ""
+    return (f"; f-DP bound {f.fdp_bound:.3f} (at most {f.fdp_ceiling:.3f}); Gaussian DP estimate mu >= {f.gdp_mu:.3f}, "
+            f"epsilon {f.gdp_epsilon:.3f} (at most {f.gdp_ceiling:.3f})")
+
+
 def report_line(result: AuditResult) -> str:
     findings = "; ".join(f"{f.kind}: {f.correct}/{f.guesses} right ({f.accuracy:.1%}) of {f.canaries} canaries, "
-                         f"lower bound {f.lower_bound:.3f} (this design proves at most {f.best_possible:.3f})"
-                         for f in result.findings)
+                         f"Steinke bound {f.lower_bound:.3f} (this design proves at most {f.best_possible:.3f})"
+                         + _estimates(f) for f in result.findings)
     name = f"control {result.control}" if result.control else "audit"
     return f"{name}: claimed epsilon {result.claimed_epsilon:.3f} (delta {result.delta:.3g}); {findings}; " \
            f"{result.verdict()[1]}"
@@ -327,15 +385,17 @@ def report_line(result: AuditResult) -> str:
 
 def audit_markdown(results: list[AuditResult]) -> str:
     """The audit's table: lower bound beside the claim, for the audit and each control."""
-    lines = ["| run | claimed epsilon | delta | canaries | guesses | right | lower bound (95%) | design's maximum | "
-             "noise measured / planned | epsilon as measured | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | claimed epsilon | delta | canaries | guesses right | Steinke bound / max | f-DP bound / max | "
+             "Gaussian DP mu, epsilon estimate / max | noise measured / planned | epsilon as measured | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         passed, why = r.verdict()
         for f in r.findings:
             lines.append(f"| {r.control or 'audit'} ({f.kind}) | {r.claimed_epsilon:.3f} | {r.delta:.3g} | {f.canaries} "
-                         f"({f.included} in) | {f.guesses} | {f.correct} ({f.accuracy:.1%}) | {f.lower_bound:.3f} | "
-                         f"{f.best_possible:.3f} | {r.noise.measured_noise:.3f} / {r.noise.planned_noise:.3f} | "
-                         f"{r.noise.epsilon_as_measured:.3f} | "
+                         f"({f.included} in) | {f.correct}/{f.guesses} ({f.accuracy:.1%}) | {f.lower_bound:.3f} / "
+                         f"{f.best_possible:.3f} | {f.fdp_bound:.3f} / {f.fdp_ceiling:.3f} | {f.gdp_mu:.3f}, "
+                         f"{f.gdp_epsilon:.3f} / {f.gdp_ceiling:.3f} | {r.noise.measured_noise:.3f} / "
+                         f"{r.noise.planned_noise:.3f} | {r.noise.epsilon_as_measured:.3f} | "
                          f"{'pass' if passed else 'FAIL'}: {why.split(':')[0]} |")
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,8 @@ receives them as an explicit argument that every other caller leaves at None.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
@@ -56,6 +58,11 @@ class GradientCanaries:
         self.included = coin_flips(count, rng, include)
         self.inject = inject  # False: the no-canary control (coins drawn, nothing inserted)
         self.scores = np.zeros(count)
+        self.likelihood_scores = np.zeros(count)  # the white-box likelihood-ratio scores (see `attach`)
+        # what an auditor who also saw each canary's Poisson draws would score (the
+        # public-sample control): the likelihood ratio over the steps that drew it, unsubsampled
+        self.public_sample_scores = np.zeros(count)
+        self.unnoised_step: int | None = None  # a leaking control: this step's noise left out
         self.steps = 0
         self._draws = randomness.torch_generator("audit", "gradient canary sampling")
         starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -80,7 +87,8 @@ class GradientCanaries:
 
         def add_noise_with_canaries():
             clip = dp_optimizer.max_grad_norm
-            sampled = (torch.rand(self.count, generator=self._draws) < sampled_rate) & torch.as_tensor(self.included)
+            drawn = torch.rand(self.count, generator=self._draws) < sampled_rate
+            sampled = drawn & torch.as_tensor(self.included)
             sampled &= self.inject
             records = []
             for index, ids, offsets in self._by_parameter:
@@ -88,13 +96,37 @@ class GradientCanaries:
                 records.append(flat[offsets].clone())
                 contribution = sampled[ids].to(flat.dtype) * clip
                 flat.index_add_(0, offsets.to(flat.device), contribution.to(flat.device))
-            noise_step()
+            planned_sigma = dp_optimizer.noise_multiplier
+            if self.steps == self.unnoised_step:
+                dp_optimizer.noise_multiplier = 0.0
+            try:
+                sigma = float(dp_optimizer.noise_multiplier)
+                noise_step()
+            finally:
+                dp_optimizer.noise_multiplier = planned_sigma
             for (index, ids, offsets), own in zip(self._by_parameter, records):
                 released = parameters[index].grad.reshape(-1)[offsets.to(own.device)]
-                self.scores[ids.numpy()] += ((released - own) / clip).double().cpu().numpy()
+                observed = ((released - own) / clip).double().cpu().numpy()
+                self.scores[ids.numpy()] += observed
+                self.likelihood_scores[ids.numpy()] += step_log_likelihood_ratio(observed, sampled_rate, sigma)
+                self.public_sample_scores[ids.numpy()] += np.where(
+                    drawn[ids].numpy(), step_log_likelihood_ratio(observed, 1.0, sigma), 0.0)
             self.steps += 1
 
         dp_optimizer.add_noise = add_noise_with_canaries
+
+
+def step_log_likelihood_ratio(observed: np.ndarray, rate: float, sigma: float) -> np.ndarray:
+    """log P(x | canary included) / P(x | excluded) for one step's observation x of each
+    canary's coordinate (in clipping norms): x ~ N(0, sigma^2) excluded, the mixture
+    (1 - q) N(0, sigma^2) + q N(1, sigma^2) included. Summed over the steps, the most
+    powerful test of included against excluded (Neyman-Pearson): the white-box score whose
+    trade-off is the mechanism's own, where the plain sum of x throws the sampling away.
+    Without noise (sigma 0) an observation is 0 or 1 exactly: +inf for 1, log(1 - q) for 0."""
+    if sigma <= 0:
+        return np.where(observed > 0.5, np.inf, math.log1p(-rate) if rate < 1 else -np.inf)
+    shifted = (2 * observed - 1) / (2 * sigma ** 2)
+    return np.logaddexp(math.log1p(-rate) if rate < 1 else -np.inf, math.log(rate) + shifted)
 
 
 def input_canaries(count: int, length: int, vocab: tuple[int, int], num_labels: int, randomness: Randomness,
