@@ -92,15 +92,17 @@ def _add_train_parser(subparsers) -> None:
 def _add_audit_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "audit", help="one-run privacy audit: train once with canaries, print the epsilon lower bound beside the claim",
-        description="Train this node's configuration once with canaries (each included by a fair coin), guess which "
-        "were included and print the epsilon lower bound the guesses prove at 95% confidence (Steinke, Nasr and "
-        "Jagielski 2023) beside the claimed epsilon, with the noise multiplier the canaries measured. Charged to the "
-        "data's budget like any training; the audited adapter is never written. Exit 1 when the run is not sound or "
-        "a control failed.")
+        description="Train this node's configuration once with canaries (each included by a fair coin), read which "
+        "were included from their scores and print, at 95% confidence and beside the claimed epsilon, the Steinke "
+        "bound (Steinke, Nasr and Jagielski 2023), the f-DP one-run bound (Mahloujifar, Melis and Chaudhuri 2025) "
+        "and a Gaussian DP estimate, each with the most its design can show, and the noise multiplier the canaries "
+        "measured. Charged to the data's budget like any training; the audited adapter is never written. Exit 1 when "
+        "the run is not sound or a control failed.")
     add_config_flags(parser, TRAIN_FLAGS, "TOML config file ([model] [lora] [dp] [training] [data] [node])")
-    parser.add_argument("--canaries", type=int, default=1000, help="gradient canaries (white-box), default 1000")
-    parser.add_argument("--guesses", type=int, default=200,
-                        help="guesses on gradient canaries, fixed before training: half 'in', half 'out' (default 200)")
+    parser.add_argument("--canaries", type=int, default=10000,
+                        help="gradient canaries (white-box, one adapter coordinate each), default 10000")
+    parser.add_argument("--guesses", type=int, default=1000, help="the Steinke bound's guesses on gradient canaries, "
+                        "fixed before training: half 'in', half 'out' (default 1000)")
     parser.add_argument("--input-canaries", type=int, default=0, help="random-token records (black-box), default 0")
     parser.add_argument("--input-guesses", type=int, default=0, help="guesses on input canaries")
     parser.add_argument("--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)")

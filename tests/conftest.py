@@ -3,6 +3,7 @@ bundled MiniLM tokenizer, so nothing is downloaded) and small labelled data file
 
 from __future__ import annotations
 
+import json
 import csv
 import os
 import random
@@ -72,6 +73,20 @@ def _save_tiny(kind: str, directory: Path, tokenizer_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, tokenizer_dir) -> Path:
     return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_without_dropout(tiny_bert, tmp_path_factory):
+    """The tiny model with its dropout at 0 (attention dropout too): for tests that need every
+    row's gradient, or every client's training, free of torch's process-wide generator."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
+    shutil.copytree(tiny_bert, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -214,7 +214,7 @@ def test_audit_command_writes_its_table_and_exits_by_its_verdict(tiny_bert, audi
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--guesses", "2000"], "--guesses 2000: expected 1 to --canaries (1000)"),
+    (["--guesses", "20000"], "--guesses 20000: expected 1 to --canaries (10000)"),
     (["--controls", "noise-off"], "only on a bundled public dataset"),
     (["--controls", "loud"], "unknown 'loud'"),
     (["--input-canaries", "10"], "needs --input-guesses"),

@@ -54,21 +54,6 @@ def test_each_slot_holds_its_own_model(tiny_bert, sentiment_csv):
     MODELS.clear()
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_without_dropout(tiny_bert, tmp_path_factory):
-    """The tiny model with its dropout at 0: dropout (attention dropout too) draws from torch's
-    process-wide generator, whose draws concurrent clients interleave; everything privacy
-    draws comes from per-call generators, and that is what this compares."""
-    import shutil
-
-    copy = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
-    shutil.copytree(tiny_bert, copy)
-    config = json.loads((copy / "config.json").read_text())
-    config.update(attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
-    (copy / "config.json").write_text(json.dumps(config))
-    return copy
-
-
 def _run(tiny_bert, data, out, cpus_per_client):
     from simulations.run import simulate
 

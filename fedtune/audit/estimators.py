@@ -79,14 +79,21 @@ def gdp_epsilon(mu: float, delta: float) -> float:
 
 def _fdp_falsifies(m: int, r: int, v: int, mu: float, significance: float) -> float:
     """Positive when `v` right of `r` guesses (of `m` canaries) rule out mu-GDP at
-    `significance`: the paper's recursion over how many of the right guesses an adversary
-    on the curve could reconstruct, with the trade-off's inverse x -> Phi(Phi^-1(x) - mu)."""
+    `significance` (`_curve_falsifies` with the Gaussian curve)."""
     if math.isinf(mu):
         return -1.0
+    return _curve_falsifies(m, r, v, lambda x: float(norm.cdf(norm.ppf(x) - mu)), significance)
+
+
+def _curve_falsifies(m: int, r: int, v: int, raise_to, significance: float) -> float:
+    """Positive when `v` right of `r` guesses (of `m` canaries) rule out the trade-off curve
+    f at `significance`: the paper's recursion over how many of the right guesses an
+    adversary on the curve could reconstruct; `raise_to(x)` is f(1 - x) (for mu-GDP,
+    Phi(Phi^-1(x) - mu))."""
     right = significance * v / m
     wrong = significance * (r - v) / m
     for i in range(v - 1, -1, -1):
-        raised = max(wrong, float(norm.cdf(norm.ppf(right) - mu)))
+        raised = max(wrong, raise_to(right))
         if raised == wrong:
             break  # from here on nothing changes
         right = min(right + i / (r - i) * (raised - wrong), 1.0)
@@ -229,3 +236,4 @@ def encode_scores(scores) -> str:
 
 def decode_scores(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(float)
+

@@ -2,10 +2,12 @@
 
 Every epsilon fedtune prints is an upper bound computed from parameters. An audit asks
 the training itself: it inserts canaries (`fedtune.privacy.canaries`), each included by a
-fair coin, trains once with the node's own configuration and data, guesses which canaries
-were included (the number of guesses fixed before training) and turns the right guesses
-into a lower bound on epsilon at 95% confidence (`fedtune.audit.bounds`). If the
-mechanism ran as accounted, the lower bound stays below the claimed epsilon.
+fair coin, trains once with the node's own configuration and data, and reads which
+canaries were included from their scores, three ways side by side at 95% confidence: the
+Steinke bound on a number of guesses fixed before training (`fedtune.audit.bounds`), the
+f-DP one-run bound and the Gaussian DP estimate at the best threshold
+(`fedtune.audit.estimators`). Each design's ceilings are printed before training. If the
+mechanism ran as accounted, the bounds stay below the claimed epsilon.
 
 Beside the bound, the white-box gradient canaries measure the mechanism directly: the
 scores of the excluded canaries are pure DP noise, N(0, sigma^2 * steps) in units of the
@@ -66,8 +68,8 @@ ABOUT_ZERO = 0.5  # the no-canary control's bound must stay below this
 class AuditDesign:
     """What an audit inserts and how many guesses it makes, fixed before training."""
 
-    canaries: int = 1000  # gradient canaries (white-box), one adapter coordinate each
-    guesses: int = 200  # of the gradient canaries: half "included" (top scores), half "excluded"
+    canaries: int = 10000  # gradient canaries (white-box), one adapter coordinate each
+    guesses: int = 1000  # of the gradient canaries (Steinke): half "included" (top scores), half "excluded"
     input_canaries: int = 0  # random-token records (black-box); 0 = none
     input_guesses: int = 0
     confidence: float = 0.95
