@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedtune.audit.node_audit import TABLE_HEADER, markdown_row
 from fedtune.system.atomic import atomic_write_text
 from fedtune.errors import FedtuneError
 from simulations.records import (RECORDS, field_error, load_record, machine_line, missing_field, plain_json,
@@ -134,28 +135,11 @@ def load_records(folder: Path = RECORD_DIR) -> list[dict]:
                                           if r["control"] in CONTROLS else len(CONTROLS)))
 
 
-def _figure(finding: dict, value: str, ceiling: str) -> str:
-    """'value / ceiling' for an estimator the record carries, '-' where it predates it."""
-    if finding.get(value) is None or finding.get(ceiling) is None:
-        return "-"
-    return f"{float(finding[value]):.3f} / {float(finding[ceiling]):.3f}"
+def table_header() -> list[str]:
+    return TABLE_HEADER.split("\n")
 
 
-def _gdp(finding: dict) -> str:
-    if finding.get("gdp_mu") is None or finding.get("gdp_epsilon") is None:
-        return "-"
-    return f"{float(finding['gdp_mu']):.3f}, {float(finding['gdp_epsilon']):.3f} / {float(finding['gdp_ceiling']):.3f}"
-
-
-def table_row(record: dict, finding: dict) -> str:
-    """One finding as `fedtune audit` prints it (`fedtune.audit.node_audit.audit_markdown`), from the record."""
-    noise, run = record["noise"], "audit" if record["control"] == "none" else record["control"]
-    verdict = f"{'pass' if record['passed'] else 'FAIL'}: {record['verdict'].split(':')[0]}"
-    return (f"| {run} ({finding['kind']}) | {float(record['claimed_epsilon']):.3f} | {float(record['delta']):.3g} | "
-            f"{finding['canaries']} ({finding['included']} in) | {finding['correct']}/{finding['guesses']} "
-            f"({finding['correct'] / finding['guesses']:.1%}) | {_figure(finding, 'lower_bound', 'best_possible')} | "
-            f"{_figure(finding, 'fdp_bound', 'fdp_ceiling')} | {_gdp(finding)} | {float(noise['measured_noise']):.3f} / "
-            f"{float(noise['planned_noise']):.3f} | {float(noise['epsilon_as_measured']):.3f} | {verdict} |")
+table_row = markdown_row  # a record is `AuditResult.to_dict` with its provenance: the command's own rows
 
 
 def epsilon_section(epsilon: float, records: list[dict]) -> list[str]:
@@ -163,10 +147,7 @@ def epsilon_section(epsilon: float, records: list[dict]) -> list[str]:
     mine = [r for r in records if float(r["epsilon"]) == epsilon]
     if not mine:
         return [f"## Epsilon {epsilon:g}", "", "not run", ""]
-    lines = [f"## Epsilon {epsilon:g}", "",
-             "| run | claimed epsilon | delta | canaries | guesses right | Steinke bound / max | f-DP bound / max | "
-             "Gaussian DP mu, epsilon estimate / max | noise measured / planned | epsilon as measured | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"## Epsilon {epsilon:g}", "", *table_header()]
     lines += [table_row(r, f) for r in mine for f in r["findings"]] + [""]
     return lines + tightest_lines(mine) + [f"- {r['control']}: {r['verdict']}" for r in mine] + [""]
 

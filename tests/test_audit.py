@@ -257,6 +257,9 @@ def test_canary_clients_audit_user_level_dp_and_catch_it_without_noise(tiny_bert
     assert broken.verdict()[0] and "caught" in broken.verdict()[1]
     silent = audit_user_level(scratch(config, "no-canaries"), control="no-canaries", **quiet)
     assert silent.lower_bound < 0.5 and silent.verdict()[0]
+    finding = sound.findings[0]  # every estimator beside the Steinke bound, each with its ceiling
+    assert 0 <= finding.fdp_bound <= finding.fdp_ceiling and 0 <= finding.gdp_epsilon <= finding.gdp_ceiling
+    assert broken.findings[0].fdp_bound > broken.findings[0].lower_bound  # the f-DP bound is the tighter proof
 
 
 def test_a_federation_without_user_level_dp_has_nothing_to_audit(tiny_bert, audit_data):
@@ -279,3 +282,34 @@ def test_each_leaking_control_is_caught_by_the_bound_itself(tiny_bert, audit_dat
     result = _audit(config, AuditDesign(canaries=16000, guesses=1000), control)
     assert result.lower_bound > result.claimed_epsilon, result.verdict()[1]
     assert result.verdict()[0] and "caught" in result.verdict()[1]
+
+
+def test_the_user_level_audit_catches_halved_noise(tiny_bert, audit_data, tmp_path):
+    """The server halves its noise while the claim stays the planned one: the bound must
+    exceed the claim (every user in every round, so the curve is Gaussian: mu doubles)."""
+    from simulations.federated_audit import audit_user_level
+
+    base = _federation(tiny_bert, audit_data, seed=23)
+    config = base.replace(lora=dataclasses.replace(base.lora, rank=32),  # room for 6,000 canary coordinates
+                          training=dataclasses.replace(base.training, rounds=4),
+                          node=dataclasses.replace(base.node, budget_dir=str(tmp_path / "budgets")))
+    halved = audit_user_level(config, canaries=6000, guesses=1000, control="noise-halved", echo=lambda line: None)
+    assert halved.lower_bound > halved.claimed_epsilon, halved.verdict()[1]
+    assert halved.verdict()[0] and "caught" in halved.verdict()[1]
+
+
+def test_the_user_level_audit_prepares_only_the_users_it_samples(tiny_bert, tmp_path):
+    """A population of 32 users with 2 sampled a round: only the users the rounds drew have
+    their rows prepared and a budget folder of their own."""
+    from simulations.federated_audit import audit_user_level
+
+    data = write_csv(tmp_path / "rows.csv", make_texts(64, seed=5))
+    config = tiny_config(tiny_bert, data, dp={"noise_seed": 23, "target_epsilon": 8.0},
+                         training={"rounds": 2, "epochs": 1, "batch_size": 2},
+                         federation={"clients_per_round": 2, "min_clients": 1, "user_dp_clip": 0.5,
+                                     "user_dp_noise": 1.0, "population": 1000},
+                         simulation={"num_clients": 32}, node={"budget_dir": str(tmp_path / "budgets")},
+                         data={"labels": ["neg", "pos"]})  # declared: a user's 2 rows may hold one class
+    audit_user_level(config, canaries=100, guesses=20, echo=lambda line: None)
+    folders = sorted(p.name for p in (tmp_path / "budgets").iterdir() if p.name.startswith("client-"))
+    assert 1 <= len(folders) <= 2 * 2  # at most the sampled users, never the population

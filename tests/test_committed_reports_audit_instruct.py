@@ -8,13 +8,21 @@ import shutil
 import pytest
 
 from fedtune.errors import FedtuneError
-from simulations import audit_table, instruct_results
+from simulations import audit_table, federated_audit_table, instruct_results
 
 
 def test_the_audit_report_is_its_records():
     records = audit_table.load_records()
     assert records, "docs/results/records/audit/ holds no records"
     assert audit_table.REPORT.read_text(encoding="utf-8") == audit_table.report(records)
+
+
+def test_the_user_level_audit_report_is_its_records():
+    records = federated_audit_table.load_records()
+    assert {r["control"] for r in records} == set(federated_audit_table.RUNS), "a user-level audit run has no record"
+    assert federated_audit_table.REPORT.read_text(encoding="utf-8") == federated_audit_table.report(records)
+    audit = next(r for r in records if r["control"] == "none")
+    assert audit["users"] == 1000 and float(audit["delta"]) <= 1e-4  # a delta that is not vacuous at this population
 
 
 def test_the_instruct_report_is_its_records():

@@ -176,7 +176,8 @@ class UpdateCanaries:
         self.count, self.inject, self.rounds = count, inject, 0
         self.coordinates = np.sort(rng.choice(total, size=count, replace=False))
         self.included = coin_flips(count, rng, include)
-        self.scores = np.zeros(count)
+        self.scores = np.zeros(count)  # the plain sum of each round's observation (the noise check reads it)
+        self.likelihood_scores = np.zeros(count)  # the white-box likelihood-ratio score (the estimators read it)
         self._draws = randomness.numpy_generator("audit", "canary client sampling")
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
 
@@ -196,10 +197,15 @@ class UpdateCanaries:
             flat[offsets] += joined[ids] * clip
         return [total]
 
-    def score(self, released_sum: dict[str, np.ndarray], nodes_sum: dict[str, np.ndarray], clip: float) -> None:
-        """Add this round's released noisy sum minus the real nodes' clipped sum, per canary."""
+    def score(self, released_sum: dict[str, np.ndarray], nodes_sum: dict[str, np.ndarray], clip: float,
+              sample_rate: float = 1.0, noise_multiplier: float = 0.0) -> None:
+        """Add this round's released noisy sum minus the real nodes' clipped sum, per canary
+        (in clipping norms: 1 if the canary joined, plus N(0, z^2)), and its log likelihood
+        ratio under the planned rate and noise multiplier (`step_log_likelihood_ratio`)."""
         for key, ids, offsets in self._locate():
             released = np.asarray(released_sum[key], np.float64).reshape(-1)[offsets]
             own = np.asarray(nodes_sum[key], np.float64).reshape(-1)[offsets]
-            self.scores[ids] += (released - own) / clip
+            observed = (released - own) / clip
+            self.scores[ids] += observed
+            self.likelihood_scores[ids] += step_log_likelihood_ratio(observed, sample_rate, noise_multiplier)
         self.rounds += 1
