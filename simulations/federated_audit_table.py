@@ -22,23 +22,21 @@ rendered from those records alone.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
-from fedtune.errors import FedtuneError
-from fedtune.system.atomic import atomic_write_text
-from simulations.audit_table import FINDING_FIELDS, NOISE_FIELDS, table_header, table_row, tightest_lines
-from simulations.records import (RECORDS, field_error, load_record, machine_line, missing_field, plain_json, shown,
-                                 write_record)
+from simulations.audit_table import (FINDING_FIELDS, NOISE_FIELDS, leaks_sentence, table_header, table_row,
+                                     tightest_lines)
+from simulations.records import (RECORDS, field_error, load_record, machine_line, missing_field, plain_json,
+                                 report_command, shown, write_record)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_DIR = RECORDS / "audit-user-level"
 REPORT = ROOT / "docs" / "audit-user-level.md"
 USERS = 1000
 SETTINGS = (("data", "dataset", "tweets"), ("data", "labels", ["negative", "neutral", "positive"]),
-            ("simulation", "num_clients", USERS), ("simulation", "partitioner", "iid"), ("simulation", "rows_per_client", 8),
+            ("simulation", "num_clients", USERS), ("simulation", "partitioner", "iid"),
+            ("simulation", "rows_per_client", 8),
             ("model", "max_seq_len", 32), ("federation", "population", USERS),
             ("federation", "cohort_sampling", "poisson"), ("federation", "clients_per_round", 20),
             ("federation", "min_clients", 1), ("federation", "user_dp_clip", 1.0),
@@ -93,7 +91,8 @@ def report(records: list[dict]) -> str:
     if not records:
         return "# User-level audit\n\nNo records yet: run `python -m simulations.federated_audit_table`.\n"
     first = records[0]
-    never = (1 - SETTING["clients_per_round"] / USERS) ** SETTING["rounds"]  # a canary that never joins
+    rate = SETTING["clients_per_round"] / USERS
+    never = (1 - rate) ** SETTING["rounds"]  # an included canary that never joins
     lines = ["# User-level audit: canary clients at 1,000 users", "",
              "Written by `python -m simulations.federated_audit_table --report-only` from the records in "
              "`docs/results/records/audit-user-level/` (do not edit by hand). What canary clients (Andrew et al., "
@@ -108,11 +107,13 @@ def report(records: list[dict]) -> str:
              *table_header(), *[table_row(r, f) for r in records for f in r["findings"]], "",
              *tightest_lines(records), *[f"- {r['control']}: {r['verdict']}" for r in records], "",
              "## Reading the table", "",
-             f"- Sampling hides a user: a canary client joins a round with probability 0.02, so in 10 rounds most "
-             "included canaries never join at all ({never:.0%} of them) and nothing can tell them from excluded ones. The "
-             "claimed epsilon is driven by the rare canary that joins several times; a one-run audit sees the bulk. "
-             "Even a perfect adversary's bound is far below a claim made with amplification by sampling, which is why "
-             "the leaking controls matter: halving the noise must push the bound above the unchanged claim.",
+             f"- Sampling hides a user: a canary client joins a round with probability {rate:g}, so in "
+             f"{SETTING['rounds']} rounds most included canaries never join at all ({never:.0%} of them) and nothing "
+             "can tell them from excluded ones. The claimed epsilon is driven by the rare canary that joins several "
+             "times; a one-run audit sees the bulk, so its bounds sit far below a claim made with amplification by "
+             "sampling. What it can do is catch a leak: the leaking controls keep the planned claim, and the proof "
+             "must exceed the planned mechanism's tight epsilon (in brackets after the claim: the privacy loss "
+             "distribution's, where the ledger's accountant is RDP). " + leaks_sentence(records),
              "- 'Epsilon as measured' puts the noise multiplier the excluded canaries measured through the user-level "
              "accountant with the planned rate and rounds.", "",
              f"Machine: {machine_line(records)}. Wall time: "
@@ -121,19 +122,9 @@ def report(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="User-level audit table: canary clients at 1,000 simulated users")
-    parser.add_argument("--out", default="runs/audit-user-level", help="budgets and logs (default runs/audit-user-level)")
-    parser.add_argument("--report-only", action="store_true", help="only write docs/audit-user-level.md from the records")
-    args = parser.parse_args(argv)
-    try:
-        if not args.report_only:
-            run(Path(args.out))
-        atomic_write_text(REPORT, report(load_records()))
-    except FedtuneError as error:
-        print(f"federated_audit_table: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {shown(REPORT)}")
-    return 0
+    return report_command(argv, name="federated_audit_table", description=__doc__.splitlines()[0],
+                          default_out="runs/audit-user-level", report_path=REPORT, run=run,
+                          render=lambda: report(load_records()))
 
 
 if __name__ == "__main__":

@@ -203,3 +203,28 @@ def provenance_lines(records: list[dict], rerun: str) -> list[str]:
             f"{text}. Their numbers are those the earlier report printed (rounded as it printed them), and what it did "
             f"not print is not recorded. `{rerun}` re-runs them and replaces these records with measured ones."
             for text, count in counts.items()]
+
+
+def report_command(argv, *, name: str, description: str, default_out: str, report_path: Path, run, render) -> int:
+    """The command of a study whose report is its records: `run(out)` measures what has no
+    record yet (skipped with --report-only), then `render()` writes `report_path`. A user's
+    mistake is one line naming it and exit 2."""
+    import argparse
+    import sys
+
+    from fedtune.system.atomic import atomic_write_text
+
+    parser = argparse.ArgumentParser(prog=f"python -m simulations.{name}", description=description)
+    parser.add_argument("--out", default=default_out, help=f"where the runs train (default {default_out})")
+    parser.add_argument("--report-only", action="store_true",
+                        help=f"only write {shown(report_path)} from the committed records")
+    args = parser.parse_args(argv)
+    try:
+        if not args.report_only:
+            run(Path(args.out))
+        atomic_write_text(report_path, render())
+    except FedtuneError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {shown(report_path)}")
+    return 0

@@ -204,7 +204,7 @@ def test_the_audit_harness_injects_its_step_and_its_noise_off_control_is_charged
 
     config, reference, randomness = _config(noise_seed=2), _state(0), Randomness(2)
     canaries = UpdateCanaries(reference, 6, randomness)
-    step = AuditedUserLevelDP.from_config(config, randomness, canaries=canaries, noise_off=True)
+    step = AuditedUserLevelDP.from_config(config, randomness, canaries=canaries, leak="noise-off")
     strategy = Strategy(config, user_level=step)
     assert strategy.user_level is step and not hasattr(strategy, "canaries") and not hasattr(strategy, "noise_off")
     cohort = Cohort(registered=10, sampled=(1, 2), method="poisson", rate=1.0, expected_size=2.0)
