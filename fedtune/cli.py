@@ -94,8 +94,9 @@ def _add_audit_parser(subparsers) -> None:
         "audit", help="one-run privacy audit: train once with canaries, print the epsilon lower bound beside the claim",
         description="Train this node's configuration once with canaries (each included by a fair coin), read which "
         "were included from their scores and print, at 95% confidence and beside the claimed epsilon, the Steinke "
-        "bound (Steinke, Nasr and Jagielski 2023), the f-DP one-run bound (Mahloujifar, Melis and Chaudhuri 2025) "
-        "and a Gaussian DP estimate, each with the most its design can show, and the noise multiplier the canaries "
+        "bound (Steinke, Nasr and Jagielski 2023), the f-DP one-run bound (Mahloujifar, Melis and Chaudhuri 2025), "
+        "the curve test (the planned mechanism's own trade-off curve) and a Gaussian DP estimate, each with the most "
+        "its design can show, the planned mechanism's tight (PLD) epsilon, and the noise multiplier the canaries "
         "measured. Charged to the data's budget like any training; the audited adapter is never written. Exit 1 when "
         "the run is not sound or a control failed.")
     add_config_flags(parser, TRAIN_FLAGS, "TOML config file ([model] [lora] [dp] [training] [data] [node])")

@@ -22,6 +22,7 @@ are also used by `simulations.instruct_results`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -149,8 +150,14 @@ def epsilon_section(epsilon: float, records: list[dict]) -> list[str]:
 
 
 def _proof(record: dict) -> float:
-    """A run's tightest proven lower bound: the Steinke or the f-DP bound, whichever is higher."""
-    return max(max(float(f["lower_bound"]), float(f.get("fdp_bound") or 0.0)) for f in record["findings"])
+    """A run's tightest proven lower bound: the Steinke bound, the f-DP bound or the curve test,
+    whichever is highest (`CanaryFinding.tightest_bound`)."""
+    def value(finding: dict, key: str) -> float:
+        number = finding.get(key)
+        return 0.0 if number is None or math.isnan(float(number)) else float(number)
+
+    return max(max(value(f, "lower_bound"), value(f, "fdp_bound"), value(f, "curve_epsilon"))
+               for f in record["findings"])
 
 
 def _estimate(record: dict) -> float:
@@ -269,6 +276,12 @@ def header_lines(records: list[dict]) -> list[str]:
             "- **f-DP bound** (Mahloujifar, Melis and Chaudhuri, ICML 2025): the Gaussian trade-off curve an (epsilon, "
             "delta) Gaussian mechanism has, tested against the same game; a proof for a mechanism whose curve lies "
             "above it, as DP-SGD's accounted one does.",
+            "- **Curve test**: the planned mechanism's own trade-off curve (its Poisson-subsampled Gaussian steps, read "
+            "from the privacy loss distribution) tested at every threshold's Clopper-Pearson error rates; the "
+            "smallest noise multiplier whose mechanism of that shape the scores rule out, and that mechanism's "
+            "epsilon. A proof where the canaries' scores are independent, as the white-box canaries' are by "
+            "construction (each on its own coordinate, with its own noise, coin and Poisson draws, the records' "
+            "clipped sum taken out); it exceeds the tight epsilon exactly when the planned mechanism is ruled out.",
             "- **Gaussian DP estimate**: a lower confidence bound on mu from every threshold's Clopper-Pearson error "
             "rates (the canaries' scores are independent samples), and its epsilon at delta: an estimate, exact only "
             "if the mechanism's curve is Gaussian.", "",

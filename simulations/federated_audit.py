@@ -169,13 +169,14 @@ def _audit_rounds(config, clients: _Clients, canaries, guesses, control, confide
     claimed = PrivacyLedger(strategy.user_ledger.accountant, delta, None)
     claim = charge_user_level(claimed, fed.user_dp_noise, cohort, config.training.rounds)
     as_included = included if control != "no-canaries" else np.zeros(canaries, dtype=bool)
+    # the tight epsilon and the curve test where fedtune's PLD covers the sampling that ran
+    # (Poisson, or every node every round); a fixed cohort without replacement is held to the claim
+    mechanism = None if cohort.without_replacement else (fed.user_dp_noise, cohort.accounted_rate,
+                                                         config.training.rounds)
     finding = canary_finding("canary clients (white-box, user level)", audited.canaries.likelihood_scores,
-                             included, guesses, delta, confidence)
+                             included, guesses, delta, confidence, mechanism)
     planned = dataclasses.replace(first.plan, noise_multiplier=fed.user_dp_noise, sample_rate=cohort.accounted_rate)
-    # the tight epsilon where fedtune's PLD accountant covers the sampling that ran (Poisson, or
-    # every node every round); a fixed cohort without replacement is held to the claim
-    tight = (math.nan if cohort.without_replacement else
-             tight_epsilon(fed.user_dp_noise, cohort.accounted_rate, config.training.rounds, delta))
+    tight = math.nan if mechanism is None else tight_epsilon(*mechanism, delta)
     return AuditResult(control, claim, delta, audited.canaries.rounds, (finding,),
                        noise_check(audited.canaries.scores, as_included, audited.canaries.rounds,
                                    dataclasses.replace(planned, delta=delta), strategy.user_ledger.accountant), tight)

@@ -22,6 +22,12 @@ read the same canary game more sharply:
   Gaussian, which DP-SGD's nearly is (its composition tends to GDP): an estimate, not a
   proof, and the report says so.
 
+* **Curve test** (`ScoreAudit.rejects_curve`, `tradeoff_from_pld`): where the scores are
+  independent, any trade-off curve can be tested at every threshold's Clopper-Pearson
+  rates, in particular the planned mechanism's own (its privacy loss distribution's), not
+  its Gaussian approximation: `fedtune.audit.node_audit.curve_test` searches the noise
+  multiplier of the planned shape the scores rule out.
+
 Written from the papers (no maintained package installs without JAX); the score-based
 searches follow jax_privacy's `CanaryScoreAuditor` conventions (one-sided guesses, the
 ROC's convex hull, Bonferroni over its thresholds), and a test reproduces the numbers its
@@ -33,6 +39,7 @@ from __future__ import annotations
 import base64
 import math
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import brentq
@@ -210,13 +217,27 @@ class ScoreAudit:
                 lambda eps: _fdp_falsifies(m, r, v, _mu_of_claim(eps, d), s), low),
             significance, delta)
 
+    def _rate_bounds(self, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+        """(false positive rate, false negative rate) upper confidence bounds at every hull
+        threshold, Clopper-Pearson at a Bonferroni correction over 2 x thresholds: all hold
+        together with probability `confidence` when the scores are independent."""
+        corrected = _check_confidence(confidence) / (2 * len(self.true_positives))
+        return (_clopper_pearson_upper(self.false_positives, self.negatives, corrected),
+                _clopper_pearson_upper(self.positives - self.true_positives, self.positives, corrected))
+
+    def rejects_curve(self, tradeoff: Callable[[np.ndarray], np.ndarray], confidence: float = 0.95) -> bool:
+        """Whether the scores rule out, at `confidence`, every mechanism whose trade-off curve
+        lies on or above `tradeoff` (FNR >= tradeoff(FPR) at every threshold): some
+        threshold's FNR upper bound lies below the curve at its FPR upper bound. With
+        independent scores, a mechanism on the curve is ruled out with probability at most
+        1 - confidence."""
+        false_positive_rate, false_negative_rate = self._rate_bounds(confidence)
+        return bool(np.any(false_negative_rate < tradeoff(false_positive_rate)))
+
     def gdp(self, confidence: float = 0.95, delta: float = 1e-5) -> tuple[float, float]:
         """(mu, epsilon at delta): the Gaussian DP estimate, a lower confidence bound on mu
         from every threshold's Clopper-Pearson rates (Bonferroni over 2 x thresholds)."""
-        significance = _check_confidence(confidence)
-        corrected = significance / (2 * len(self.true_positives))
-        false_negative_rate = _clopper_pearson_upper(self.positives - self.true_positives, self.positives, corrected)
-        false_positive_rate = _clopper_pearson_upper(self.false_positives, self.negatives, corrected)
+        false_positive_rate, false_negative_rate = self._rate_bounds(confidence)
         usable = np.maximum(false_negative_rate, false_positive_rate) < 1 - delta
         if not usable.any():
             return 0.0, 0.0
@@ -226,6 +247,43 @@ class ScoreAudit:
         # ones: it over-estimates near chance, and is left out.)
         mu = max(0.0, float(np.max(norm.isf(false_positive_rate[usable]) - norm.ppf(false_negative_rate[usable]))))
         return mu, gdp_epsilon(mu, delta)
+
+
+EPSILON_GRID = np.linspace(-10.0, 60.0, 3501)  # where a trade-off curve is read from its hockey-stick divergences
+
+
+def tradeoff_from_pld(distribution, epsilons: np.ndarray = EPSILON_GRID) -> Callable[[np.ndarray], np.ndarray]:
+    """The trade-off curve of a privacy loss distribution (dp-accounting's), from its
+    hockey-stick divergences: beta(alpha) = max over epsilon of 1 - delta(epsilon) -
+    e^epsilon alpha (Dong, Roth and Su, Proposition 2.12). Over a finite grid of epsilon
+    and from pessimistic deltas the curve only comes out lower: a mechanism is ruled out
+    less readily, never more."""
+    deltas = np.asarray(distribution.get_delta_for_epsilon(epsilons), float)
+    growth = np.exp(epsilons)
+
+    def tradeoff(alpha: np.ndarray) -> np.ndarray:
+        alpha = np.asarray(alpha, float)
+        return np.clip(np.max(1.0 - deltas[None, :] - growth[None, :] * alpha[:, None], axis=1), 0.0, 1.0)
+
+    return tradeoff
+
+
+def least_private_ruled_out(rejects: Callable[[float], bool], planned: float, low_factor: float = 1 / 4,
+                            high_factor: float = 8.0, steps: int = 14) -> float:
+    """The smallest noise multiplier sigma whose mechanism `rejects(sigma)` rules out
+    (rejection grows with sigma: more noise, a higher curve), searched between
+    planned x low_factor and planned x high_factor by bisection in log sigma: the mechanism
+    that ran is less private than the one at that sigma. inf where none is ruled out; the
+    low end where even that is."""
+    low, high = planned * low_factor, planned * high_factor
+    if not rejects(high):
+        return math.inf
+    if rejects(low):
+        return low
+    for _ in range(steps):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if rejects(middle) else (middle, high)
+    return high
 
 
 def encode_scores(scores) -> str:

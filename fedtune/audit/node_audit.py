@@ -3,10 +3,11 @@
 Every epsilon fedtune prints is an upper bound computed from parameters. An audit asks
 the training itself: it inserts canaries (`fedtune.privacy.canaries`), each included by a
 fair coin, trains once with the node's own configuration and data, and reads which
-canaries were included from their scores, three ways side by side at 95% confidence: the
+canaries were included from their scores, four ways side by side at 95% confidence: the
 Steinke bound on a number of guesses fixed before training (`fedtune.audit.bounds`), the
 f-DP one-run bound and the Gaussian DP estimate at the best threshold
-(`fedtune.audit.estimators`). Each design's ceilings are printed before training. If the
+(`fedtune.audit.estimators`), and the curve test (`curve_test`: the planned mechanism's own
+trade-off curve held against the scores, a proof because they are independent). Each design's ceilings are printed before training. If the
 mechanism ran as accounted, the bounds stay below the claimed epsilon, and below the
 planned mechanism's tight epsilon (the privacy loss distribution's, `tight_epsilon`) where
 the node's accountant is looser: a proven epsilon above that is a leak.
@@ -48,9 +49,9 @@ from fedtune.training.dp_train import train_call
 from fedtune.errors import ConfigError
 from fedtune.training.losses import PerExampleLoss
 from fedtune.models.base import trainable_named_parameters
-from fedtune.privacy.accountants import compute_epsilon
+from fedtune.privacy.accountants import compute_epsilon, subsampled_gaussian_pld
 from fedtune.audit.bounds import best_possible_bound, epsilon_lower_bound
-from fedtune.audit.estimators import ScoreAudit, encode_scores
+from fedtune.audit.estimators import ScoreAudit, encode_scores, least_private_ruled_out, tradeoff_from_pld
 from fedtune.privacy.canaries import GradientCanaries, guess, input_canaries
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.privacy.planning import DPPlan, plan_training
@@ -64,6 +65,9 @@ LEAKING = ("noise-off", "noise-halved", "unnoised-step", "public-sample")
 CONTROLS = LEAKING + ("no-canaries",)
 NOISE_CHECK_CONFIDENCE = 0.999  # the measured noise multiplier's acceptance interval (chi-square)
 ABOUT_ZERO = 0.5  # the no-canary control's bound must stay below this
+# the curve test's loss discretisation: pessimistic, so coarser only lowers the curve (a
+# mechanism is ruled out less readily); 3e-3 keeps a test to a fraction of a second
+CURVE_INTERVAL = 3e-3
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,11 @@ class CanaryFinding:
     gdp_mu: float = math.nan  # Gaussian DP: lower confidence bound on mu (Clopper-Pearson, all thresholds)
     gdp_epsilon: float = math.nan  # that mu's epsilon at the audit's delta: an estimate (assumes a Gaussian curve)
     gdp_ceiling: float = math.nan
+    # the curve test (`curve_test`, independent scores only): the smallest noise multiplier
+    # whose mechanism of the planned shape the scores rule out, and that mechanism's epsilon
+    curve_noise: float = math.nan
+    curve_epsilon: float = math.nan
+    curve_ceiling: float = math.nan
     # the raw scores (`fedtune.audit.estimators.encode_scores`) of the included and the
     # excluded canaries: a report recomputes every estimator from them
     scores_included: str = dataclasses.field(default="", repr=False)
@@ -117,8 +126,9 @@ class CanaryFinding:
 
     @property
     def tightest_bound(self) -> float:
-        """The larger of the two proofs (Steinke's and the f-DP bound); not the estimate."""
-        return max(self.lower_bound, 0.0 if math.isnan(self.fdp_bound) else self.fdp_bound)
+        """The largest of the proofs (Steinke's, the f-DP bound and the curve test); not the
+        Gaussian DP estimate."""
+        return max(self.lower_bound, *(0.0 if math.isnan(x) else x for x in (self.fdp_bound, self.curve_epsilon)))
 
 
 @dataclass(frozen=True)
@@ -234,29 +244,60 @@ def noise_check(scores: np.ndarray, included: np.ndarray, steps: int, plan: DPPl
     return NoiseCheck(plan.noise_multiplier, measured, low, high, plan.sample_rate, rate, floor, measured_epsilon)
 
 
-def design_ceilings(included: int, excluded: int, guesses: int, delta: float, confidence: float) -> dict[str, float]:
+def curve_test(game: ScoreAudit, mechanism: tuple[float, float, int], delta: float,
+               confidence: float) -> tuple[float, float]:
+    """(noise, epsilon): the smallest noise multiplier sigma such that the scores rule out
+    (at `confidence`) the mechanism of the planned shape, `mechanism` = (planned sigma, q,
+    steps) of Poisson-subsampled Gaussian steps, at sigma, and that mechanism's epsilon at
+    `delta` (PLD). Its trade-off curve comes from the privacy loss distribution
+    (`fedtune.audit.estimators.tradeoff_from_pld`), so the test holds the scores to the
+    planned mechanism's own curve rather than a Gaussian one; valid where the canaries'
+    scores are independent, which the white-box canaries' are by construction (each on a
+    coordinate of its own, with its own noise, coin and Poisson draws, the records' clipped
+    sum taken out). The planned mechanism is ruled out exactly when the epsilon comes out
+    above its tight epsilon: a leak, proven with a false-alarm rate of 1 - confidence.
+    (inf, 0) where nothing is ruled out."""
+    planned, rate, steps = mechanism
+
+    def rejects(sigma: float) -> bool:
+        distribution = subsampled_gaussian_pld(sigma, rate, steps, CURVE_INTERVAL)
+        return game.rejects_curve(tradeoff_from_pld(distribution), confidence)
+
+    sigma = least_private_ruled_out(rejects, planned)
+    return sigma, (0.0 if math.isinf(sigma) else compute_epsilon(sigma, rate, steps, delta, "pld"))
+
+
+def design_ceilings(included: int, excluded: int, guesses: int, delta: float, confidence: float,
+                    mechanism: tuple[float, float, int] | None = None) -> dict[str, float]:
     """What each estimator can ever show with this many canaries in and out: the figure if
     every included canary outscored every excluded one. Known before training."""
     perfect = ScoreAudit(np.ones(max(included, 1)), np.zeros(max(excluded, 1)))
-    return {"steinke": best_possible_bound(included + excluded, guesses, delta, confidence),
-            "fdp": perfect.fdp(confidence, delta), "gdp": perfect.gdp(confidence, delta)[1]}
+    ceilings = {"steinke": best_possible_bound(included + excluded, guesses, delta, confidence),
+                "fdp": perfect.fdp(confidence, delta), "gdp": perfect.gdp(confidence, delta)[1], "curve": math.nan}
+    if mechanism is not None and mechanism[0] > 0:
+        ceilings["curve"] = curve_test(perfect, mechanism, delta, confidence)[1]
+    return ceilings
 
 
 def canary_finding(kind: str, scores: np.ndarray, included: np.ndarray, guesses: int, delta: float,
-                   confidence: float) -> CanaryFinding:
+                   confidence: float, mechanism: tuple[float, float, int] | None = None) -> CanaryFinding:
     """What `scores` prove about the canaries' coins, every estimator side by side with its
-    ceiling, the raw scores kept (also the federated audit's finding)."""
+    ceiling, the raw scores kept (also the federated audit's finding). `mechanism`: the
+    planned (sigma, q, steps), for the curve test, where the scores are independent."""
     r, v = guess(scores, included, guesses)
-    ceilings = design_ceilings(int(included.sum()), int((~included).sum()), guesses, delta, confidence)
+    ceilings = design_ceilings(int(included.sum()), int((~included).sum()), guesses, delta, confidence, mechanism)
     estimates = dict(fdp_bound=math.nan, gdp_mu=math.nan, gdp_epsilon=math.nan)
     if included.any() and (~included).any():
         game = ScoreAudit(scores[included], scores[~included])
         mu, epsilon = game.gdp(confidence, delta)
         estimates = dict(fdp_bound=game.fdp(confidence, delta), gdp_mu=mu, gdp_epsilon=epsilon)
+        if mechanism is not None and mechanism[0] > 0:
+            estimates["curve_noise"], estimates["curve_epsilon"] = curve_test(game, mechanism, delta, confidence)
     estimates.update(scores_included=encode_scores(scores[included]), scores_excluded=encode_scores(scores[~included]))
     return CanaryFinding(kind, len(scores), int(included.sum()), r, v,
                          epsilon_lower_bound(len(scores), r, v, delta, confidence), ceilings["steinke"],
-                         fdp_ceiling=ceilings["fdp"], gdp_ceiling=ceilings["gdp"], **estimates)
+                         fdp_ceiling=ceilings["fdp"], gdp_ceiling=ceilings["gdp"], curve_ceiling=ceilings["curve"],
+                         **estimates)
 
 
 def _vocabulary(tokenizer) -> tuple[int, int]:
@@ -329,17 +370,19 @@ def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callabl
          + f"; {len(train)} training rows, sigma {plan.noise_multiplier:.4f}, q {plan.sample_rate:.4g}, "
          f"{total} steps, claimed epsilon {claim:.3f} (the planned mechanism's tight epsilon {tight:.3f}) at delta "
          f"{plan.delta:.3g}")
+    mechanism = (planned.noise_multiplier, planned.sample_rate, total)  # the planned one: the curve test's shape
     reach = design_ceilings(int(canaries.included.sum()), int((~canaries.included).sum()), design.guesses, plan.delta,
-                            design.confidence)
+                            design.confidence, mechanism)
     echo(f"  what this design can show at most ({design.confidence:.0%} confidence): Steinke bound {reach['steinke']:.3f}, "
-         f"f-DP bound {reach['fdp']:.3f}, Gaussian DP estimate {reach['gdp']:.3f} (claimed {claim:.3f})")
+         f"f-DP bound {reach['fdp']:.3f}, curve test {reach['curve']:.3f}, Gaussian DP estimate {reach['gdp']:.3f} "
+         f"(claimed {claim:.3f})")
     for call in range(1, plan.planned_calls + 1):
         train_call(model, train, config, plan, ledger, persist, label=f"audit{'-' + control if control else ''} "
                    f"call {call}", randomness=randomness, canaries=canaries)
     steps = canaries.steps
     white_box = canaries.public_sample_scores if control == "public-sample" else canaries.likelihood_scores
     findings = [canary_finding("gradient (white-box)", white_box, canaries.included, design.guesses, plan.delta,
-                               design.confidence)]
+                               design.confidence, mechanism)]
     if canary_rows is not None:
         scores = before - _losses(model, canary_rows, config.model.task)  # how far each canary's loss fell
         findings.append(canary_finding("input (black-box)", scores, canary_coins, design.input_guesses, plan.delta,
@@ -403,8 +446,10 @@ def _estimates(f: CanaryFinding) -> str:
     """The tighter estimators of one finding, each with its design's ceiling."""
     if math.isnan(f.fdp_bound):
         return ""
-    return (f"; f-DP bound {f.fdp_bound:.3f} (at most {f.fdp_ceiling:.3f}); Gaussian DP estimate mu >= {f.gdp_mu:.3f}, "
-            f"epsilon {f.gdp_epsilon:.3f} (at most {f.gdp_ceiling:.3f})")
+    curve = ("" if math.isnan(f.curve_epsilon) else
+             f"; curve test {f.curve_epsilon:.3f} (noise <= {f.curve_noise:.3f}; at most {f.curve_ceiling:.3f})")
+    return (f"; f-DP bound {f.fdp_bound:.3f} (at most {f.fdp_ceiling:.3f}){curve}; Gaussian DP estimate mu >= "
+            f"{f.gdp_mu:.3f}, epsilon {f.gdp_epsilon:.3f} (at most {f.gdp_ceiling:.3f})")
 
 
 def report_line(result: AuditResult) -> str:
@@ -418,13 +463,13 @@ def report_line(result: AuditResult) -> str:
 
 
 TABLE_HEADER = ("| run | claimed epsilon (tight) | delta | canaries | guesses right | Steinke bound / max | "
-                "f-DP bound / max | Gaussian DP mu, epsilon estimate / max | noise measured / planned | "
-                "epsilon as measured | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|")
+                "f-DP bound / max | curve test / max | Gaussian DP mu, epsilon estimate / max | noise measured / "
+                "planned | epsilon as measured | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _figure(finding: dict, value: str, ceiling: str) -> str:
     """'value / ceiling' for an estimator the record carries, '-' where it predates it."""
-    if finding.get(value) is None or finding.get(ceiling) is None:
+    if any(finding.get(key) is None or math.isnan(float(finding[key])) for key in (value, ceiling)):
         return "-"
     return f"{float(finding[value]):.3f} / {float(finding[ceiling]):.3f}"
 
@@ -445,7 +490,8 @@ def markdown_row(result: dict, finding: dict) -> str:
     return (f"| {run} ({finding['kind']}) | {claimed} | {float(result['delta']):.3g} | "
             f"{finding['canaries']} ({finding['included']} in) | {finding['correct']}/{finding['guesses']} "
             f"({finding['correct'] / finding['guesses']:.1%}) | {_figure(finding, 'lower_bound', 'best_possible')} | "
-            f"{_figure(finding, 'fdp_bound', 'fdp_ceiling')} | {_gdp(finding)} | {float(noise['measured_noise']):.3f} / "
+            f"{_figure(finding, 'fdp_bound', 'fdp_ceiling')} | {_figure(finding, 'curve_epsilon', 'curve_ceiling')} | "
+            f"{_gdp(finding)} | {float(noise['measured_noise']):.3f} / "
             f"{float(noise['planned_noise']):.3f} | {float(noise['epsilon_as_measured']):.3f} | {verdict} |")
 
 

@@ -111,6 +111,18 @@ def pld_epsilon(history, delta: float, interval: float = PLD_INTERVAL) -> float:
     return _dp_accounting_epsilon(pld.PLDAccountant(value_discretization_interval=interval), history, delta)
 
 
+def subsampled_gaussian_pld(noise_multiplier: float, sample_rate: float, steps: int, interval: float = PLD_INTERVAL):
+    """dp-accounting's privacy loss distribution of `steps` Poisson-subsampled Gaussian steps
+    (pessimistic: its hockey-stick divergences never fall below the true ones, in both the
+    add and the remove direction): what an audit reads the mechanism's trade-off curve from."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    one = privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=float(noise_multiplier), sampling_prob=float(min(sample_rate, 1.0)),
+        value_discretization_interval=interval, pessimistic_estimate=True, use_connect_dots=True)
+    return one.self_compose(int(steps))
+
+
 def _dp_accounting_epsilon(counter, history, delta: float) -> float:
     """Compose a (sigma, q, steps) history into a dp-accounting accountant: Poisson-subsampled
     Gaussian steps, or plain Gaussian releases where q = 1."""
