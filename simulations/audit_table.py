@@ -223,7 +223,8 @@ def reading_lines(records: list[dict]) -> list[str]:
             f"every excluded one; it is computed before training. The Steinke bound grows only like log(guesses) and its "
             f"delta term grows with the canaries: with {design['guesses']} guesses at this node's delta (1/(10 n), about "
             f"{_delta_text(float(records[0]['delta']))}) it cannot reach a claim of 8 at all. The f-DP bound tests a "
-            "whole trade-off curve and can.",
+            "whole trade-off curve and can; the curve test, holding the scores to the planned mechanism's own curve "
+            "rather than a Gaussian one, comes closest.",
             "- The leaking controls keep the planned claim while the mechanism leaks by a known route: `noise-off` "
             "(no noise), `noise-halved` (half the noise), `unnoised-step` (the last step released without noise: an "
             "uncharged step), `public-sample` (the canaries' Poisson draws known to the auditor, as logged batch "
@@ -268,7 +269,8 @@ def header_lines(records: list[dict]) -> list[str]:
             "`docs/results/records/audit/`, one per audit run (do not edit by hand). What `fedtune audit` proves about "
             "client 0 of `fedtune simulate`'s defaults (BBC News, 5 IID clients of ~380 articles, 5 rounds x 1 "
             "epoch of DP-SGD, batch 32, sequence 64) from one training run, beside the epsilon the node claims for "
-            "that training: three estimators side by side, each at 95% confidence and each with what the design could "
+            "that training: four estimators side by side (three proofs and an estimate), each at 95% confidence and "
+            "each with what the design could "
             "show at most (its ceiling, known before training), and the noise multiplier the white-box canaries "
             "measured beside the planned one.", "",
             "- **Steinke bound** (Steinke, Nasr and Jagielski, NeurIPS 2023): an (epsilon, delta) claim tested against "

@@ -59,6 +59,7 @@ def federation_config(budget_dir: Path):
 def run(out: Path, log=print) -> None:
     """Each run without a record: the audit and its controls, each in its own budget folder
     (the users' rows are public tweets; every run charges them as any training)."""
+    from fedtune.system.machine import machine_description
     from simulations.federated_audit import audit_user_level
 
     for control in RUNS:
@@ -70,7 +71,7 @@ def run(out: Path, log=print) -> None:
         result = audit_user_level(config, DESIGN["canaries"], DESIGN["guesses"], "" if control == "none" else control,
                                   echo=log)
         record = {**result.to_dict(), "design": DESIGN, "users": USERS, "seconds": round(time.monotonic() - started),
-                  "config": config.to_toml()}
+                  "config": config.to_toml(), "machine_description": machine_description()}
         log(f"[user-level audit] wrote {shown(write_record(RECORD_DIR, control, plain_json(record)))}")
 
 
