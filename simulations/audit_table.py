@@ -150,14 +150,22 @@ def epsilon_section(epsilon: float, records: list[dict]) -> list[str]:
 
 
 def _proof(record: dict) -> float:
-    """A run's tightest proven lower bound: the Steinke bound, the f-DP bound or the curve test,
-    whichever is highest (`CanaryFinding.tightest_bound`)."""
+    """A run's tightest proven epsilon lower bound: the Steinke or the f-DP bound
+    (`CanaryFinding.tightest_bound`)."""
     def value(finding: dict, key: str) -> float:
         number = finding.get(key)
         return 0.0 if number is None or math.isnan(float(number)) else float(number)
 
-    return max(max(value(f, "lower_bound"), value(f, "fdp_bound"), value(f, "curve_epsilon"))
-               for f in record["findings"])
+    return max(max(value(f, "lower_bound"), value(f, "fdp_bound")) for f in record["findings"])
+
+
+def _ruled_out(record: dict) -> bool:
+    """Whether the curve test ruled the planned mechanism out (a proof of a leak)."""
+    return any(f.get("curve_rejects_planned") for f in record["findings"])
+
+
+def _curve(record: dict) -> float:
+    return max(float(f.get("curve_epsilon") or 0.0) for f in record["findings"])
 
 
 def _estimate(record: dict) -> float:
@@ -178,15 +186,20 @@ def tightest_lines(records: list[dict]) -> list[str]:
     if not audit or not any(f.get("fdp_bound") is not None for f in audit[0]["findings"]):
         return []
     record = audit[0]
-    claim, proof, estimate = float(record["claimed_epsilon"]), _proof(record), _estimate(record)
+    claim, proof, curve, estimate = (float(record["claimed_epsilon"]), _proof(record), _curve(record),
+                                     _estimate(record))
     tight = record.get("tight_epsilon")
 
     def share(value: float) -> str:
         text = f"{value / claim:.0%} of the claimed {claim:.3f}"
         return text + (f", {value / float(tight):.0%} of the tight {float(tight):.3f}" if tight is not None else "")
 
-    return [f"The audit's tightest proven lower bound (95%): **{proof:.3f}**, {share(proof)}; the Gaussian DP "
-            f"estimate: **{estimate:.3f}**, {share(estimate)}.", ""]
+    lines = [f"The audit's tightest proven epsilon lower bound (95%): **{proof:.3f}**, {share(proof)}."]
+    if any(f.get("curve_rejects_planned") is not None for f in record["findings"]):
+        lines.append(f"The curve test {'rules out' if _ruled_out(record) else 'does not rule out'} the planned "
+                     f"mechanism, and among mechanisms of its shape it proves epsilon >= **{curve:.3f}**, {share(curve)}.")
+    lines.append(f"The Gaussian DP estimate: {estimate:.3f}, {share(estimate)}.")
+    return [" ".join(lines), ""]
 
 
 def _and(items: list[str]) -> str:
@@ -199,15 +212,16 @@ def leaks_sentence(records: list[dict]) -> str:
     if not leaking:
         return ""
     name = lambda r: f"{r['control']} at {float(r['epsilon']):g}" if "epsilon" in r else r["control"]  # noqa: E731
-    caught = [name(r) for r in leaking if _proof(r) > _limit(r)]
-    flagged = [name(r) for r in leaking if _proof(r) <= _limit(r) < _estimate(r)]
-    missed = [name(r) for r in leaking if max(_proof(r), _estimate(r)) <= _limit(r)]
-    parts = [f"The proof exceeded the tight epsilon for {_and(caught)}" if caught
-             else "The proof exceeded no leaking control's tight epsilon"]
-    if flagged:
-        parts.append(f"the Gaussian DP estimate (not a proof) exceeded it for {_and(flagged)}")
+    caught = [name(r) for r in leaking if _proof(r) > _limit(r) or _ruled_out(r)]
+    missed = [name(r) for r in leaking if not (_proof(r) > _limit(r) or _ruled_out(r))]
+    by_bound = [name(r) for r in leaking if _proof(r) > _limit(r)]
+    by_curve = [name(r) for r in leaking if _ruled_out(r)]
+    parts = [f"A proof caught {_and(caught)}" if caught else "No proof caught a leaking control"]
+    if caught:
+        parts.append(f"the curve test caught {_and(by_curve) if by_curve else 'none'}, an epsilon lower bound "
+                     f"(Steinke or f-DP) {_and(by_bound) if by_bound else 'none'}")
     if missed:
-        parts.append(f"neither did for {_and(missed)}")
+        parts.append(f"nothing caught {_and(missed)}")
     return "; ".join(parts) + "."
 
 
@@ -228,12 +242,14 @@ def reading_lines(records: list[dict]) -> list[str]:
             "- The leaking controls keep the planned claim while the mechanism leaks by a known route: `noise-off` "
             "(no noise), `noise-halved` (half the noise), `unnoised-step` (the last step released without noise: an "
             "uncharged step), `public-sample` (the canaries' Poisson draws known to the auditor, as logged batch "
-            "compositions would make them: no amplification by sampling). Each must be caught by the bound itself, "
-            "not by the measured noise (which a leak need not move). " + leaks_sentence(records),
-            "- The bounds are held to the planned mechanism's tight epsilon (the privacy loss distribution's, in "
+            "compositions would make them: no amplification by sampling). Each must be caught by a proof, not by "
+            "the measured noise (which a leak need not move). " + leaks_sentence(records),
+            "- The proofs are held to the planned mechanism's tight epsilon (the privacy loss distribution's, in "
             "brackets after the claim) where the node's accountant (RDP by default) is looser: a proven epsilon above "
-            "the tight one shows a leak even while it stays below the printed claim. The proof keeps its 95% "
-            "confidence: the correct mechanism passes with a false-alarm rate of at most 5%.",
+            "the tight one shows a leak even while it stays below the printed claim. Each proof is at 95% "
+            "confidence; the verdict fails the audit if any of them (or the noise check) does, so its false-alarm "
+            "rate is at most the sum of theirs. The curve test's Bonferroni correction runs over the ROC's convex "
+            "hull, read off the same scores (jax_privacy's convention), not over thresholds fixed in advance.",
             "- 'Epsilon as measured' puts the measured noise multiplier's 95% lower confidence bound through the "
             "node's accountant with the planned sample rate and steps: the claim re-derived from the noise the "
             "training really added.",
@@ -279,11 +295,12 @@ def header_lines(records: list[dict]) -> list[str]:
             "delta) Gaussian mechanism has, tested against the same game; a proof for a mechanism whose curve lies "
             "above it, as DP-SGD's accounted one does.",
             "- **Curve test**: the planned mechanism's own trade-off curve (its Poisson-subsampled Gaussian steps, read "
-            "from the privacy loss distribution) tested at every threshold's Clopper-Pearson error rates; the "
-            "smallest noise multiplier whose mechanism of that shape the scores rule out, and that mechanism's "
-            "epsilon. A proof where the canaries' scores are independent, as the white-box canaries' are by "
-            "construction (each on its own coordinate, with its own noise, coin and Poisson draws, the records' "
-            "clipped sum taken out); it exceeds the tight epsilon exactly when the planned mechanism is ruled out.",
+            "from the privacy loss distribution) tested at every threshold's Clopper-Pearson error rates. Valid "
+            "because the white-box canaries' scores are independent by construction (each on its own coordinate, "
+            "with its own noise, coin and Poisson draws, the records' clipped sum taken out). Whether it rules out "
+            "the planned mechanism is a proof of a leak; its epsilon (of the least private mechanism of the planned "
+            "shape the scores do not rule out) is a lower bound among mechanisms of that shape, and an estimate for "
+            "a leak of another shape.",
             "- **Gaussian DP estimate**: a lower confidence bound on mu from every threshold's Clopper-Pearson error "
             "rates (the canaries' scores are independent samples), and its epsilon at delta: an estimate, exact only "
             "if the mechanism's curve is Gaussian.", "",

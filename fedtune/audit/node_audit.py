@@ -110,8 +110,11 @@ class CanaryFinding:
     gdp_mu: float = math.nan  # Gaussian DP: lower confidence bound on mu (Clopper-Pearson, all thresholds)
     gdp_epsilon: float = math.nan  # that mu's epsilon at the audit's delta: an estimate (assumes a Gaussian curve)
     gdp_ceiling: float = math.nan
-    # the curve test (`curve_test`, independent scores only): the smallest noise multiplier
-    # whose mechanism of the planned shape the scores rule out, and that mechanism's epsilon
+    # the curve test (`curve_test`, independent scores only): whether the scores rule out the
+    # planned mechanism itself (a proof of a leak), the smallest noise multiplier of the
+    # planned shape they rule out, and that mechanism's epsilon (a lower bound on epsilon
+    # among mechanisms of the planned shape: an estimate for any other)
+    curve_rejects_planned: bool | None = None
     curve_noise: float = math.nan
     curve_epsilon: float = math.nan
     curve_ceiling: float = math.nan
@@ -126,9 +129,9 @@ class CanaryFinding:
 
     @property
     def tightest_bound(self) -> float:
-        """The largest of the proofs (Steinke's, the f-DP bound and the curve test); not the
-        Gaussian DP estimate."""
-        return max(self.lower_bound, *(0.0 if math.isnan(x) else x for x in (self.fdp_bound, self.curve_epsilon)))
+        """The larger of the two proofs of an epsilon (Steinke's and the f-DP bound); not the
+        curve test's figure nor the Gaussian DP estimate, which hold within a family only."""
+        return max(self.lower_bound, 0.0 if math.isnan(self.fdp_bound) else self.fdp_bound)
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,11 @@ class AuditResult:
         return max(f.tightest_bound for f in self.findings)
 
     @property
+    def curve_finding(self) -> CanaryFinding | None:
+        """The finding whose curve test ran (the white-box canaries'), if any."""
+        return next((f for f in self.findings if f.curve_rejects_planned is not None), None)
+
+    @property
     def reference(self) -> tuple[float, str]:
         """What a proven lower bound must stay below: the planned mechanism's tight epsilon
         where it is below the claim (a leak beyond it is a leak, whatever the node's
@@ -175,27 +183,39 @@ class AuditResult:
             return tight, f"the planned mechanism's tight epsilon {tight:.3f} (claimed {claim:.3f})"
         return claim, f"claimed {claim:.3f}"
 
+    def _curve_text(self) -> tuple[bool, str]:
+        """(ruled out, words): the curve test's verdict on the planned mechanism."""
+        finding = self.curve_finding
+        if finding is None:
+            return False, ""
+        if finding.curve_rejects_planned:
+            return True, (f"the planned mechanism is ruled out (noise <= {finding.curve_noise:.3f} vs planned "
+                          f"{self.noise.planned_noise:.3f}; that mechanism's epsilon {finding.curve_epsilon:.3f})")
+        return False, f"the planned mechanism is not ruled out (curve test epsilon {finding.curve_epsilon:.3f})"
+
     def verdict(self) -> tuple[bool, str]:
-        """(passed, why): for the audit, sound; for a control, the audit behaved as it must."""
+        """(passed, why): for the audit, sound; for a control, the audit behaved as it must.
+        A leak is shown by a proof: an epsilon lower bound (Steinke, f-DP) above the limit,
+        or the curve test ruling the planned mechanism out; the noise check beside them."""
         bound = self.lower_bound
         limit, named = self.reference
+        ruled_out, curve = self._curve_text()
+        proven = bound > limit or ruled_out
+        proofs = f"lower bound {bound:.3f} {'>' if bound > limit else '<='} {named}" + (f"; {curve}" if curve else "")
         noise = (f"measured noise multiplier {self.noise.measured_noise:.3f} vs planned {self.noise.planned_noise:.3f} "
                  f"(accepted {self.noise.low:.3f}-{self.noise.high:.3f}; epsilon of the mechanism as measured "
                  f"{self.noise.epsilon_as_measured:.3f})")
-        if self.control in LEAKING:  # caught by the bound itself: a leak need not show in the measured noise
-            caught = bound > limit
-            why = f"lower bound {bound:.3f} {'>' if caught else '<='} {named}; {noise}"
-            return caught, ("the audit caught the broken mechanism: " if caught
-                            else f"control FAILED: the bound did not catch the {self.control} leak: ") + why
+        if self.control in LEAKING:  # caught by a proof: a leak need not show in the measured noise
+            return proven, ("the audit caught the broken mechanism: " if proven
+                            else f"control FAILED: no proof caught the {self.control} leak: ") + f"{proofs}; {noise}"
         if self.control == "no-canaries":
-            ok = bound < ABOUT_ZERO and self.noise.as_planned
+            ok = bound < ABOUT_ZERO and not ruled_out and self.noise.as_planned
             return ok, ((f"about zero as it must be: lower bound {bound:.3f}; " if ok else
-                         f"control FAILED: with nothing inserted the audit reported lower bound {bound:.3f}; ") + noise)
-        sound = bound <= limit and self.noise.as_planned
-        if sound:
-            return True, f"sound: lower bound {bound:.3f} <= {named}; {noise}"
-        reason = f"lower bound {bound:.3f} > {named}" if bound > limit else "the noise did not measure as planned"
-        return False, f"NOT sound: {reason}; {noise}"
+                         f"control FAILED: with nothing inserted the audit reported lower bound {bound:.3f}"
+                         f"{'; ' + curve if curve else ''}; ") + noise)
+        if not proven and self.noise.as_planned:
+            return True, f"sound: {proofs}; {noise}"
+        return False, f"NOT sound: {proofs if proven else 'the noise did not measure as planned'}; {noise}"
 
     def to_dict(self) -> dict:
         passed, why = self.verdict()
@@ -245,18 +265,22 @@ def noise_check(scores: np.ndarray, included: np.ndarray, steps: int, plan: DPPl
 
 
 def curve_test(game: ScoreAudit, mechanism: tuple[float, float, int], delta: float,
-               confidence: float) -> tuple[float, float]:
-    """(noise, epsilon): the smallest noise multiplier sigma such that the scores rule out
-    (at `confidence`) the mechanism of the planned shape, `mechanism` = (planned sigma, q,
-    steps) of Poisson-subsampled Gaussian steps, at sigma, and that mechanism's epsilon at
-    `delta` (PLD). Its trade-off curve comes from the privacy loss distribution
-    (`fedtune.audit.estimators.tradeoff_from_pld`), so the test holds the scores to the
-    planned mechanism's own curve rather than a Gaussian one; valid where the canaries'
-    scores are independent, which the white-box canaries' are by construction (each on a
-    coordinate of its own, with its own noise, coin and Poisson draws, the records' clipped
-    sum taken out). The planned mechanism is ruled out exactly when the epsilon comes out
-    above its tight epsilon: a leak, proven with a false-alarm rate of 1 - confidence.
-    (inf, 0) where nothing is ruled out."""
+               confidence: float) -> tuple[bool, float, float]:
+    """(ruled out, noise, epsilon) for `mechanism` = (planned sigma, q, steps) of
+    Poisson-subsampled Gaussian steps. The trade-off curve of such a mechanism comes from
+    its privacy loss distribution (`fedtune.audit.estimators.tradeoff_from_pld`), and the
+    scores are held to it at every threshold; valid where the canaries' scores are
+    independent, which the white-box canaries' are by construction (each on a coordinate
+    of its own, with its own noise, coin and Poisson draws, the records' clipped sum taken
+    out).
+
+    * ruled out: whether the scores rule out the planned mechanism itself at `confidence`:
+      a proof that the mechanism that ran leaks more than the planned one (false alarm at
+      most 1 - confidence, up to the thresholds being read off the same scores);
+    * noise: the smallest sigma of the planned shape the scores rule out (inf if none);
+    * epsilon: that mechanism's epsilon at `delta` (PLD): a lower bound on the epsilon of
+      any mechanism of the planned shape that could have given these scores. For a
+      mechanism of another shape (a leak) it is an estimate, not a bound."""
     planned, rate, steps = mechanism
 
     def rejects(sigma: float) -> bool:
@@ -264,7 +288,8 @@ def curve_test(game: ScoreAudit, mechanism: tuple[float, float, int], delta: flo
         return game.rejects_curve(tradeoff_from_pld(distribution), confidence)
 
     sigma = least_private_ruled_out(rejects, planned)
-    return sigma, (0.0 if math.isinf(sigma) else compute_epsilon(sigma, rate, steps, delta, "pld"))
+    epsilon = 0.0 if math.isinf(sigma) else compute_epsilon(sigma, rate, steps, delta, "pld")
+    return rejects(planned), sigma, epsilon
 
 
 def design_ceilings(included: int, excluded: int, guesses: int, delta: float, confidence: float,
@@ -275,7 +300,7 @@ def design_ceilings(included: int, excluded: int, guesses: int, delta: float, co
     ceilings = {"steinke": best_possible_bound(included + excluded, guesses, delta, confidence),
                 "fdp": perfect.fdp(confidence, delta), "gdp": perfect.gdp(confidence, delta)[1], "curve": math.nan}
     if mechanism is not None and mechanism[0] > 0:
-        ceilings["curve"] = curve_test(perfect, mechanism, delta, confidence)[1]
+        ceilings["curve"] = curve_test(perfect, mechanism, delta, confidence)[2]
     return ceilings
 
 
@@ -292,7 +317,8 @@ def canary_finding(kind: str, scores: np.ndarray, included: np.ndarray, guesses:
         mu, epsilon = game.gdp(confidence, delta)
         estimates = dict(fdp_bound=game.fdp(confidence, delta), gdp_mu=mu, gdp_epsilon=epsilon)
         if mechanism is not None and mechanism[0] > 0:
-            estimates["curve_noise"], estimates["curve_epsilon"] = curve_test(game, mechanism, delta, confidence)
+            (estimates["curve_rejects_planned"], estimates["curve_noise"],
+             estimates["curve_epsilon"]) = curve_test(game, mechanism, delta, confidence)
     estimates.update(scores_included=encode_scores(scores[included]), scores_excluded=encode_scores(scores[~included]))
     return CanaryFinding(kind, len(scores), int(included.sum()), r, v,
                          epsilon_lower_bound(len(scores), r, v, delta, confidence), ceilings["steinke"],
@@ -447,7 +473,8 @@ def _estimates(f: CanaryFinding) -> str:
     if math.isnan(f.fdp_bound):
         return ""
     curve = ("" if math.isnan(f.curve_epsilon) else
-             f"; curve test {f.curve_epsilon:.3f} (noise <= {f.curve_noise:.3f}; at most {f.curve_ceiling:.3f})")
+             f"; curve test: planned mechanism {'RULED OUT' if f.curve_rejects_planned else 'not ruled out'}, "
+             f"epsilon {f.curve_epsilon:.3f} (noise <= {f.curve_noise:.3f}; at most {f.curve_ceiling:.3f})")
     return (f"; f-DP bound {f.fdp_bound:.3f} (at most {f.fdp_ceiling:.3f}){curve}; Gaussian DP estimate mu >= "
             f"{f.gdp_mu:.3f}, epsilon {f.gdp_epsilon:.3f} (at most {f.gdp_ceiling:.3f})")
 
