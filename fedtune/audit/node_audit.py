@@ -15,14 +15,16 @@ the node's accountant is looser: a proven epsilon above that is a leak.
 Beside the bound, the white-box gradient canaries measure the mechanism directly: the
 scores of the excluded canaries are pure DP noise, N(0, sigma^2 * steps) in units of the
 clipping norm, so their spread is a measured noise multiplier; the included canaries'
-mean score minus the excluded ones' is q * steps, a measured sample rate. A bound can only
-grow like log(guesses) (a noise-off run at epsilon 8 is beyond any one-run (epsilon,
-delta) audit's reach at a node's delta), while the measured noise multiplier shows a
-missing or too small noise at once; the verdict uses both.
+mean score minus the excluded ones' is q * steps, a measured sample rate. The Steinke bound
+can only grow like log(guesses) (a claim of 8 is beyond its reach at a node's delta); the
+f-DP bound and the curve test reach it. The measured noise multiplier shows a missing or
+too small noise at once, a leak by another route not at all; the verdict uses all of them.
 
 Controls (`--controls`). Leaking ones, each on bundled public data only and charged to a
 scratch ledger, whose claim stays the planned one while the mechanism leaks by a known
-route; the bound itself must exceed the claim (the tight epsilon where it is lower): `noise-off` (noise multiplier 0),
+route; a proof must catch it (an epsilon lower bound above the claim, or the tight epsilon
+where that is lower, or the curve test ruling the planned mechanism out): `noise-off`
+(noise multiplier 0),
 `noise-halved` (half the planned noise), `unnoised-step` (the last step released without
 noise, an uncharged step) and `public-sample` (the canaries' Poisson draws known to the
 auditor, as a logged batch composition would make them: no amplification by sampling).
