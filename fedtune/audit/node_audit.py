@@ -162,8 +162,8 @@ class AuditResult:
     steps: int
     findings: tuple[CanaryFinding, ...]
     noise: NoiseCheck
-    # the planned mechanism's epsilon by the tightest accountant (`tight_epsilon`): the least
-    # epsilon it is proven to have; nan where none is tighter than the claim
+    # the planned mechanism's epsilon by the tightest accountant (`tight_epsilon`): the
+    # smallest upper bound fedtune can prove for it; nan where none is computed
     tight_epsilon: float = math.nan
 
     @property
