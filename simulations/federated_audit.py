@@ -12,10 +12,11 @@ by each round's released noisy sum minus the real nodes' clipped sum (1 if it jo
 N(0, z^2)), summed as a log likelihood ratio under the planned rate and noise (Andrew et al.,
 ICLR 2024, estimate user-level epsilon from such canary clients in one federated run), and
 the estimators `fedtune audit` uses (`fedtune.audit.node_audit.canary_finding`: the Steinke
-bound, the f-DP one-run bound and the Gaussian DP estimate) turn the scores into lower
-bounds on the user-level epsilon, beside what the user-level ledger claims. Controls:
-`noise-off` and `noise-halved` keep the planned claim while the mechanism leaks (each must
-be caught by the bound), `no-canaries` draws the coins and inserts nothing.
+bound, the f-DP one-run bound, the curve test against the planned Poisson-subsampled
+Gaussian rounds and the Gaussian DP estimate) read the scores, beside what the user-level
+ledger claims and the planned mechanism's tight epsilon. Controls: `noise-off` and
+`noise-halved` keep the planned claim while the mechanism leaks (a proof must catch each),
+`no-canaries` draws the coins and inserts nothing.
 
 A client's rows are prepared, and its budget entered, when it is first sampled, so a
 population of 1,000 users costs only the clients the rounds draw

@@ -307,12 +307,14 @@ def design_ceilings(included: int, excluded: int, guesses: int, delta: float, co
 
 
 def canary_finding(kind: str, scores: np.ndarray, included: np.ndarray, guesses: int, delta: float,
-                   confidence: float, mechanism: tuple[float, float, int] | None = None) -> CanaryFinding:
+                   confidence: float, mechanism: tuple[float, float, int] | None = None,
+                   ceilings: dict[str, float] | None = None) -> CanaryFinding:
     """What `scores` prove about the canaries' coins, every estimator side by side with its
     ceiling, the raw scores kept (also the federated audit's finding). `mechanism`: the
     planned (sigma, q, steps), for the curve test, where the scores are independent."""
     r, v = guess(scores, included, guesses)
-    ceilings = design_ceilings(int(included.sum()), int((~included).sum()), guesses, delta, confidence, mechanism)
+    if ceilings is None:  # `design_ceilings` of this finding, where the caller has not printed them already
+        ceilings = design_ceilings(int(included.sum()), int((~included).sum()), guesses, delta, confidence, mechanism)
     estimates = dict(fdp_bound=math.nan, gdp_mu=math.nan, gdp_epsilon=math.nan)
     if included.any() and (~included).any():
         game = ScoreAudit(scores[included], scores[~included])
@@ -410,7 +412,7 @@ def run_audit(node, design: AuditDesign, ledger: PrivacyLedger, persist: Callabl
     steps = canaries.steps
     white_box = canaries.public_sample_scores if control == "public-sample" else canaries.likelihood_scores
     findings = [canary_finding("gradient (white-box)", white_box, canaries.included, design.guesses, plan.delta,
-                               design.confidence, mechanism)]
+                               design.confidence, mechanism, ceilings=reach)]
     if canary_rows is not None:
         scores = before - _losses(model, canary_rows, config.model.task)  # how far each canary's loss fell
         findings.append(canary_finding("input (black-box)", scores, canary_coins, design.input_guesses, plan.delta,
