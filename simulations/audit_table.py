@@ -4,7 +4,7 @@ The node is client 0 of `fedtune simulate`'s defaults (BBC News, 5 IID clients o
 articles, 5 rounds x 1 local epoch, its own DP-SGD), audited at epsilon 8 (the default
 node's), then 1 and 3, with 20,000 gradient canaries (1,000 Steinke guesses) plus 100 input
 canaries (50 guesses), and controls: the leaking ones (noise off, noise halved, one step
-released without noise, the Poisson sample made public: each must be caught by the bound)
+released without noise, the Poisson sample made public: a proof must catch each)
 and nothing inserted (the bounds must be about zero); every control at epsilon 8, the
 noise ones at 1 and 3. Every audit trains a fresh model on the client's rows; budgets live in the output folder.
 
@@ -149,14 +149,17 @@ def epsilon_section(epsilon: float, records: list[dict]) -> list[str]:
     return lines + tightest_lines(mine) + [f"- {r['control']}: {r['verdict']}" for r in mine] + [""]
 
 
+def _largest(record: dict, *keys: str) -> float:
+    """The largest of these figures over a record's findings; 0 where absent or not a number
+    (a record from before an estimator existed, a finding it does not apply to)."""
+    values = [float(f[key]) for f in record["findings"] for key in keys if f.get(key) is not None]
+    return max([v for v in values if not math.isnan(v)], default=0.0)
+
+
 def _proof(record: dict) -> float:
     """A run's tightest proven epsilon lower bound: the Steinke or the f-DP bound
     (`CanaryFinding.tightest_bound`)."""
-    def value(finding: dict, key: str) -> float:
-        number = finding.get(key)
-        return 0.0 if number is None or math.isnan(float(number)) else float(number)
-
-    return max(max(value(f, "lower_bound"), value(f, "fdp_bound")) for f in record["findings"])
+    return _largest(record, "lower_bound", "fdp_bound")
 
 
 def _ruled_out(record: dict) -> bool:
@@ -165,11 +168,11 @@ def _ruled_out(record: dict) -> bool:
 
 
 def _curve(record: dict) -> float:
-    return max(float(f.get("curve_epsilon") or 0.0) for f in record["findings"])
+    return _largest(record, "curve_epsilon")
 
 
 def _estimate(record: dict) -> float:
-    return max(float(f.get("gdp_epsilon") or 0.0) for f in record["findings"])
+    return _largest(record, "gdp_epsilon")
 
 
 def _limit(record: dict) -> float:
